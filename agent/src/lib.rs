@@ -1,1 +1,27 @@
-//! placeholder
+//! # nimbus-agent
+//!
+//! The host agent: enrolls once with a join token (TLS, CA pin), persists its
+//! identity, brings up the embedded WireGuard tunnel to the coordinator and
+//! keeps one fleet stream open inside it.
+//!
+//! # Layout
+//! * `config`    — file + flag configuration, validated as a whole.
+//! * `identity`  — `identity.json` and `wg.key` in the state directory (0600).
+//! * `enroll`    — the Enrollment client (pinned TLS), also used for the
+//!   revocation check of an agent whose tunnel stays dead.
+//! * `run`       — tunnel, reconnect loop with backoff and jitter, heartbeats.
+//! * `inventory` — basic host facts read from `/proc` and `/etc`.
+//! * `error`     — `AgentError` and the documented exit codes.
+
+pub mod config;
+pub mod enroll;
+pub mod error;
+pub mod identity;
+pub mod inventory;
+pub mod run;
+
+pub use config::Config;
+pub use error::AgentError;
+
+/// Version reported to the coordinator.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

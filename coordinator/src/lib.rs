@@ -1,1 +1,40 @@
-//! placeholder
+//! # nimbus-coordinator
+//!
+//! Holds fleet state and serves three gRPC services:
+//!
+//! * **Enrollment** (`enroll`) — TLS on the public address; trades a join
+//!   token for a node identity and adds the node as a WireGuard peer.
+//! * **Fleet** (`fleet`) — one stream per agent, reachable only inside the
+//!   WireGuard overlay (listener bound to the TUN device).
+//! * **Admin** (`admin`) — for `nimbusctl`, on a Unix socket (0600).
+//!
+//! # Layout
+//! * `config`   — file + flag configuration, validated as a whole.
+//! * `server`   — start-up order, serving, draining (`start`, `run`).
+//! * `context`  — the shared `Ctx` the services hold.
+//! * `sessions` — open fleet streams and in-memory last-seen, flushed in batches.
+//! * `state`    — typed repository (nodes, tokens, IP allocations) over `store`.
+//! * `store`    — the transactional key-value trait and its sled backend.
+//! * `token`    — join token format and hashing.
+//! * `ipam`     — overlay address plan.
+//! * `error`    — `CoordError` and the one mapping to `tonic::Status`.
+
+pub mod admin;
+pub mod config;
+pub mod context;
+pub mod enroll;
+pub mod error;
+pub mod fleet;
+pub mod ipam;
+pub mod server;
+pub mod sessions;
+pub mod state;
+pub mod store;
+pub mod token;
+
+pub use config::Config;
+pub use error::CoordError;
+pub use server::{Running, run, start};
+
+/// Version reported by the binaries.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,249 @@
+//! The agent's life: load or create its identity, bring up the tunnel, keep
+//! one fleet stream open (reconnecting with backoff and jitter), and stop on
+//! shutdown or revocation.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net};
+use nimbus_proto::agent_message::Msg as AgentMsg;
+use nimbus_proto::coordinator_message::Msg as CoordMsg;
+use nimbus_proto::fleet_client::FleetClient;
+use nimbus_proto::{AgentMessage, DesiredStateRequest, Heartbeat, Hello, NodeStatus};
+use rand::Rng as _;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::Config;
+use crate::enroll::{self, HostFacts};
+use crate::error::AgentError;
+use crate::identity::{self, Identity};
+use crate::inventory;
+
+/// WireGuard persistent keepalive towards the coordinator (keeps NAT state).
+pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
+/// First reconnect delay; doubles up to [`MAX_BACKOFF`], with jitter.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(500);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// Heartbeats that may go unanswered before the stream counts as dead.
+pub const MISSED_ACKS: u32 = 3;
+
+/// Hooks the binary uses for systemd notification; tests pass no-ops.
+pub trait Events: Send + Sync {
+    fn connected(&self, _id: &Identity) {}
+    fn disconnected(&self, _why: &str) {}
+}
+
+pub struct NoEvents;
+impl Events for NoEvents {}
+
+fn read_trimmed(p: &str) -> Option<String> {
+    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).or_else(|| read_trimmed("/etc/hostname")).unwrap_or_else(|| "unknown".into())
+}
+
+/// Get an identity: the persisted one, or a new one from enrollment.
+async fn identity(cfg: &Config, key: &tunnel::PublicKey) -> Result<Identity, AgentError> {
+    if let Some(id) = identity::load(&cfg.state_dir)? {
+        tracing::info!(node = %id.node_name, node_id = %id.node_id, overlay_ip = %id.overlay_ip, "identity loaded; not enrolling again");
+        return Ok(id);
+    }
+    let token = cfg.token.as_deref().ok_or(AgentError::NoToken)?;
+    enroll::check_token_shape(token)?;
+    let addr = cfg.coordinator.as_deref().ok_or_else(|| AgentError::Config(vec!["--coordinator HOST:PORT is required to enroll".into()]))?;
+    let pin = cfg.ca_pin.as_ref().ok_or_else(|| AgentError::Config(vec!["--ca-pin is required to enroll (printed by `nimbusctl token create`)".into()]))?;
+    let host = hostname();
+    let machine_id = cfg.machine_id.clone().or_else(|| read_trimmed("/etc/machine-id")).unwrap_or_default();
+    let facts = HostFacts {
+        node_name: cfg.node_name.clone().unwrap_or_else(|| host.clone()),
+        hostname: host,
+        machine_id,
+        agent_version: crate::VERSION.into(),
+    };
+    tracing::info!(coordinator = %addr, node = %facts.node_name, "enrolling");
+    let id = enroll::enroll(addr, pin, token, key, facts).await?;
+    identity::save(&cfg.state_dir, &id)?;
+    tracing::info!(node = %id.node_name, node_id = %id.node_id, overlay_ip = %id.overlay_ip, "enrolled");
+    Ok(id)
+}
+
+/// Run until `shutdown` resolves (Ok) or the node is revoked / cannot start (Err).
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn Events) -> Result<(), AgentError> {
+    identity::prepare_state_dir(&cfg.state_dir)?;
+    let secret = tunnel::load_or_create_secret(&cfg.state_dir.join(identity::KEY_FILE))?;
+    let public = tunnel::PublicKey::from(&secret);
+    let id = identity(&cfg, &public).await?;
+    let coordinator_key = tunnel::public_key_from_base64(&id.coordinator_public_key)?;
+
+    let tun = tunnel::Tunnel::start(tunnel::TunnelConfig {
+        private_key: secret,
+        listen: cfg.wg_listen,
+        tun_name: cfg.tun_name.clone(),
+        address: id.overlay_ip,
+        prefix_len: id.overlay_prefix_len,
+        mtu: id.mtu,
+    })
+    .await?;
+    tun.add_peer(tunnel::PeerConfig {
+        public_key: coordinator_key,
+        endpoint: Some(id.coordinator_wg_endpoint),
+        allowed_ips: vec![IpNet::V4(Ipv4Net::from(id.coordinator_overlay_ip))],
+        persistent_keepalive: Some(PERSISTENT_KEEPALIVE_SECS),
+    })?;
+    tracing::info!(tun = %tun.device_name(), udp = %tun.local_udp_addr(), coordinator = %id.coordinator_wg_endpoint, "tunnel up");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let result = tokio::select! {
+        r = stay_connected(&cfg, &id, &public, stop_rx, events) => r,
+        _ = shutdown => {
+            let _ = stop_tx.send(true);
+            Ok(())
+        }
+    };
+    tun.shutdown().await;
+    result
+}
+
+/// Reconnect forever; return only on revocation.
+async fn stay_connected(cfg: &Config, id: &Identity, key: &tunnel::PublicKey, stop: watch::Receiver<bool>, events: &dyn Events) -> Result<(), AgentError> {
+    let mut backoff = MIN_BACKOFF;
+    let mut last_ok = Instant::now();
+    let mut last_check = Instant::now();
+    loop {
+        match session(id, stop.clone(), events).await {
+            Ok(()) => {
+                last_ok = Instant::now();
+                backoff = MIN_BACKOFF;
+            }
+            Err(SessionError::Revoked(reason)) => return Err(AgentError::Revoked(reason)),
+            Err(SessionError::Failed { established, why }) => {
+                if established {
+                    last_ok = Instant::now();
+                    backoff = MIN_BACKOFF;
+                }
+                events.disconnected(&why);
+                tracing::warn!(reason = %why, retry_in = ?backoff, "fleet stream down; reconnecting");
+            }
+        }
+        if *stop.borrow() {
+            return Ok(());
+        }
+        // The tunnel has stayed dead for a while: maybe we were revoked while offline.
+        if last_ok.elapsed() >= cfg.revocation_check_after && last_check.elapsed() >= cfg.revocation_check_after.min(Duration::from_secs(60)) {
+            last_check = Instant::now();
+            check_revoked(id, key).await?;
+        }
+        let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+        tokio::time::sleep(jittered).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn check_revoked(id: &Identity, key: &tunnel::PublicKey) -> Result<(), AgentError> {
+    let pin = match pki::Pin::parse(&id.ca_pin) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "stored CA pin unreadable; cannot ask about revocation");
+            return Ok(());
+        }
+    };
+    match enroll::status(&id.enroll_endpoint, &pin, key).await {
+        Ok((NodeStatus::Revoked, reason)) => Err(AgentError::Revoked(reason)),
+        Ok((NodeStatus::Unknown, _)) => {
+            tracing::error!(
+                "the coordinator does not know this node's key (its state was lost or the node was deleted); \
+                 to enroll again remove the state directory and start with a new token"
+            );
+            Ok(())
+        }
+        Ok(_) => {
+            tracing::info!("the coordinator still admits this node; the tunnel is down for another reason");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot ask the enrollment endpoint about revocation");
+            Ok(())
+        }
+    }
+}
+
+enum SessionError {
+    Revoked(String),
+    Failed { established: bool, why: String },
+}
+
+fn failed(established: bool, why: impl std::fmt::Display) -> SessionError {
+    SessionError::Failed { established, why: why.to_string() }
+}
+
+/// One fleet stream, from connect to its end.
+async fn session(id: &Identity, mut stop: watch::Receiver<bool>, events: &dyn Events) -> Result<(), SessionError> {
+    let target = SocketAddr::new(IpAddr::V4(id.coordinator_overlay_ip), id.fleet_port);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+        .map_err(|e| failed(false, e))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    let channel = endpoint.connect().await.map_err(|e| failed(false, format!("cannot connect to {target} through the tunnel: {e}")))?;
+    let mut client = FleetClient::new(channel);
+
+    let (tx, rx) = mpsc::channel::<AgentMessage>(16);
+    let send = |m: AgentMsg| AgentMessage { msg: Some(m) };
+    let _ = tx.try_send(send(AgentMsg::Hello(Hello { node_id: id.node_id.clone(), agent_version: crate::VERSION.into() })));
+    let _ = tx.try_send(send(AgentMsg::Inventory(inventory::collect(Path::new("/"), &hostname()))));
+    let mut inbound = client.channel(ReceiverStream::new(rx)).await.map_err(|s| failed(false, s.message()))?.into_inner();
+
+    let interval = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
+        Ok(Ok(Some(m))) => match m.msg {
+            Some(CoordMsg::Welcome(w)) => Duration::from_secs(u64::from(w.heartbeat_interval_secs.max(1))),
+            Some(CoordMsg::Revoked(r)) => return Err(SessionError::Revoked(r.reason)),
+            _ => return Err(failed(false, "the coordinator did not start with Welcome")),
+        },
+        Ok(Ok(None)) => return Err(failed(false, "the coordinator closed the stream")),
+        Ok(Err(s)) => return Err(failed(false, s.message())),
+        Err(_) => return Err(failed(false, "no Welcome within 10 s")),
+    };
+    tracing::info!(node = %id.node_name, "fleet stream open");
+    events.connected(id);
+    match client.get_desired_state(DesiredStateRequest {}).await {
+        Ok(d) => tracing::info!(generation = d.get_ref().generation, "desired state pulled"),
+        Err(s) => tracing::warn!(error = %s.message(), "cannot pull desired state"),
+    }
+
+    let mut tick = tokio::time::interval(interval);
+    let mut seq = 0u64;
+    let mut last_ack = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if last_ack.elapsed() > interval * MISSED_ACKS {
+                    return Err(failed(true, format!("no heartbeat answer for {:?}", last_ack.elapsed())));
+                }
+                seq += 1;
+                if tx.send(send(AgentMsg::Heartbeat(Heartbeat { seq }))).await.is_err() {
+                    return Err(failed(true, "stream closed"));
+                }
+            }
+            m = inbound.message() => match m {
+                Ok(Some(m)) => match m.msg {
+                    Some(CoordMsg::HeartbeatAck(_)) => last_ack = Instant::now(),
+                    Some(CoordMsg::Revoked(r)) => {
+                        tracing::error!(reason = %r.reason, "the coordinator revoked this node");
+                        return Err(SessionError::Revoked(r.reason));
+                    }
+                    Some(CoordMsg::DesiredState(d)) => tracing::info!(generation = d.generation, "desired state pushed"),
+                    Some(CoordMsg::Welcome(_)) | None => {}
+                },
+                Ok(None) => return Err(failed(true, "the coordinator closed the stream")),
+                Err(s) => return Err(failed(true, s.message())),
+            },
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The Admin service for `nimbusctl`, served on a local Unix socket (0600).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nimbus_proto::admin_server::Admin;
+use nimbus_proto::coordinator_message::Msg as CoordMsg;
+use nimbus_proto::{
+    CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, GetNodeRequest, Inventory, ListNodesRequest, ListNodesResponse,
+    ListTokensRequest, ListTokensResponse, Node, RevokeNodeRequest, RevokeNodeResponse, RevokeTokenRequest, RevokeTokenResponse,
+    Revoked, TokenInfo,
+};
+use tonic::{Request, Response, Status};
+
+use crate::context::{Ctx, key_display, key_from_id};
+use crate::state::{NodeRecord, NodeStatus, TokenRecord};
+
+/// Longest token lifetime `token create` accepts.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long revocation waits for the agent to close its stream after the
+/// Revoked message before the peer is removed anyway.
+const REVOKE_GRACE: Duration = Duration::from_secs(2);
+
+pub struct AdminService {
+    ctx: Arc<Ctx>,
+}
+
+impl AdminService {
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        Self { ctx }
+    }
+
+    fn node_view(&self, n: NodeRecord) -> Node {
+        let connected = self.ctx.sessions.is_connected(&n.id);
+        let state = match (n.status, connected) {
+            (NodeStatus::Revoked, _) => "revoked",
+            (_, true) => "connected",
+            _ => "lost",
+        };
+        let last_seen = self
+            .ctx
+            .sessions
+            .last_seen(&n.id)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+            .or(n.last_seen)
+            .unwrap_or(0);
+        let stats = key_from_id(&n.public_key).and_then(|k| self.ctx.tunnel.peer_stats(&k));
+        Node {
+            id: n.id,
+            name: n.name,
+            overlay_ip: n.overlay_ip.to_string(),
+            state: state.into(),
+            last_seen_unix: last_seen,
+            agent_version: n.agent_version,
+            hostname: n.hostname,
+            machine_id: n.machine_id,
+            wg_public_key: key_display(&n.public_key),
+            enrolled_at_unix: n.enrolled_at,
+            labels: n.labels.into_iter().collect(),
+            inventory: n.inventory.map(|i| Inventory {
+                hostname: i.hostname,
+                cpus: i.cpus,
+                memory_bytes: i.memory_bytes,
+                kernel: i.kernel,
+                os_release: i.os_release,
+            }),
+            underlay_endpoint: stats.as_ref().and_then(|s| s.endpoint).map(|e| e.to_string()).unwrap_or_default(),
+            rx_bytes: stats.as_ref().map(|s| s.rx_bytes).unwrap_or(0),
+            tx_bytes: stats.as_ref().map(|s| s.tx_bytes).unwrap_or(0),
+            handshake_age_secs: stats.and_then(|s| s.last_handshake_age).map(|d| d.as_secs()).unwrap_or(0),
+        }
+    }
+}
+
+fn token_view(t: TokenRecord) -> TokenInfo {
+    TokenInfo {
+        id: t.id,
+        created_at_unix: t.created_at,
+        expires_at_unix: t.expires_at,
+        uses_total: t.uses_total,
+        uses_left: t.uses_left,
+        revoked: t.revoked,
+        labels: t.labels.into_iter().collect(),
+        description: t.description,
+    }
+}
+
+fn check_label(k: &str, v: &str) -> Result<(), Status> {
+    let ok_key = !k.is_empty() && k.len() <= 63 && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    let ok_val = v.len() <= 63 && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok_key && ok_val {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "label `{k}={v}` is invalid: keys and values are at most 63 characters of [A-Za-z0-9-_.] (keys may also use /)"
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<CreateTokenResponse>, Status> {
+        let r = req.into_inner();
+        let ttl = Duration::from_secs(r.ttl_secs);
+        if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+            return Err(Status::invalid_argument("ttl must be between 1s and 30 days"));
+        }
+        if r.uses == 0 || r.uses > 10_000 {
+            return Err(Status::invalid_argument("uses must be between 1 and 10000"));
+        }
+        for (k, v) in &r.labels {
+            check_label(k, v)?;
+        }
+        let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
+        let description = crate::fleet::clip(r.description, 256);
+        let (token, rec) = self
+            .ctx
+            .state(move |s| s.create_token(ttl, r.uses, labels, description, SystemTime::now()))
+            .await?;
+        tracing::info!(token_id = %rec.id, uses = rec.uses_total, expires_at = rec.expires_at, "join token created");
+        Ok(Response::new(CreateTokenResponse {
+            token: token.to_string_secret(),
+            token_id: rec.id,
+            ca_pin: self.ctx.ca_pin.to_string(),
+            expires_at_unix: rec.expires_at,
+            enroll_endpoints: vec![self.ctx.config.enroll_endpoint()],
+        }))
+    }
+
+    async fn list_tokens(&self, _req: Request<ListTokensRequest>) -> Result<Response<ListTokensResponse>, Status> {
+        let tokens = self.ctx.state(|s| s.list_tokens()).await?;
+        Ok(Response::new(ListTokensResponse { tokens: tokens.into_iter().map(token_view).collect() }))
+    }
+
+    async fn revoke_token(&self, req: Request<RevokeTokenRequest>) -> Result<Response<RevokeTokenResponse>, Status> {
+        let id = req.into_inner().id;
+        let rec = self.ctx.state(move |s| s.revoke_token(&id)).await?;
+        tracing::info!(token_id = %rec.id, "join token revoked");
+        Ok(Response::new(RevokeTokenResponse { token: Some(token_view(rec)) }))
+    }
+
+    async fn list_nodes(&self, _req: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
+        let nodes = self.ctx.state(|s| s.list_nodes()).await?;
+        Ok(Response::new(ListNodesResponse { nodes: nodes.into_iter().map(|n| self.node_view(n)).collect() }))
+    }
+
+    async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        let name = req.into_inner().name;
+        let shown = name.clone();
+        match self.ctx.state(move |s| s.node_by_name(&name)).await? {
+            Some(n) => Ok(Response::new(self.node_view(n))),
+            None => Err(Status::not_found(format!("no node named `{shown}`; list nodes with `nimbusctl nodes`"))),
+        }
+    }
+
+    async fn revoke_node(&self, req: Request<RevokeNodeRequest>) -> Result<Response<RevokeNodeResponse>, Status> {
+        let r = req.into_inner();
+        let reason = if r.reason.is_empty() { "revoked by an operator".to_string() } else { crate::fleet::clip(r.reason, 256) };
+        let name = r.name;
+        let why = reason.clone();
+        let node = self.ctx.state(move |s| s.revoke_node(&name, &why, SystemTime::now())).await?;
+        let was_connected = self.ctx.sessions.send(
+            &node.id,
+            CoordinatorMessage { msg: Some(CoordMsg::Revoked(Revoked { reason: reason.clone() })) },
+        );
+        if was_connected {
+            // Give the Revoked message time to cross the tunnel; the agent
+            // closes its stream when it has it.
+            let deadline = tokio::time::Instant::now() + REVOKE_GRACE;
+            while self.ctx.sessions.is_connected(&node.id) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.ctx.sessions.kick(&node.id);
+        if let Some(k) = key_from_id(&node.public_key) {
+            self.ctx.tunnel.remove_peer(&k);
+        }
+        tracing::warn!(node = %node.name, node_id = %node.id, %reason, was_connected, "node revoked; WireGuard peer removed");
+        Ok(Response::new(RevokeNodeResponse { node: Some(self.node_view(node)), was_connected }))
+    }
+}

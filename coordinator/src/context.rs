@@ -1,0 +1,57 @@
+//! Shared server context: everything the three gRPC services and the
+//! background tasks reach through one `Arc<Ctx>`.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use base64::Engine as _;
+
+use crate::config::Config;
+use crate::sessions::Sessions;
+use crate::state::{State, StateError};
+
+pub struct Ctx {
+    pub config: Config,
+    pub state: Arc<State>,
+    pub sessions: Sessions,
+    pub tunnel: tunnel::Tunnel,
+    pub coordinator_ip: Ipv4Addr,
+    pub ca_pin: pki::Pin,
+}
+
+impl Ctx {
+    /// Run a blocking state operation off the async threads.
+    pub async fn state<T, F>(&self, f: F) -> Result<T, tonic::Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&State) -> Result<T, StateError> + Send + 'static,
+    {
+        let state = Arc::clone(&self.state);
+        match tokio::task::spawn_blocking(move || f(&state)).await {
+            Ok(r) => r.map_err(tonic::Status::from),
+            Err(e) => {
+                tracing::error!(error = %e, "state task failed");
+                Err(tonic::Status::internal("internal error; see the coordinator log"))
+            }
+        }
+    }
+}
+
+/// The store's key encoding of a WireGuard public key (URL-safe base64, no padding).
+pub fn key_id(key: &tunnel::PublicKey) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_bytes())
+}
+
+/// The conventional (wg(8)) display form of a key stored as [`key_id`].
+pub fn key_display(key_id: &str) -> String {
+    match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(key_id) {
+        Ok(b) => base64::engine::general_purpose::STANDARD.encode(b),
+        Err(_) => key_id.to_string(),
+    }
+}
+
+/// Decode a stored key id back into a public key.
+pub fn key_from_id(key_id: &str) -> Option<tunnel::PublicKey> {
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(key_id).ok()?;
+    tunnel::public_key_from_bytes(&b).ok()
+}

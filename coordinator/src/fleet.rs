@@ -1,0 +1,180 @@
+//! The Fleet service: one bidirectional stream per agent, served only on the
+//! overlay address through the tunnel device.
+//!
+//! **Invariant:** the node a stream belongs to is derived from the overlay
+//! source address of the TCP connection. The tunnel only delivers packets whose
+//! source lies in the sending peer's allowed IPs (its own /32), so the address
+//! proves the WireGuard key. Ids inside messages are only compared with that.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nimbus_proto::agent_message::Msg as AgentMsg;
+use nimbus_proto::coordinator_message::Msg as CoordMsg;
+use nimbus_proto::fleet_server::Fleet;
+use nimbus_proto::{AgentMessage, CoordinatorMessage, DesiredState, DesiredStateRequest, HeartbeatAck, Welcome};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::context::Ctx;
+use crate::state::{InventoryRecord, NodeRecord, NodeStatus};
+
+/// How long a new stream may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Queue depth of messages pushed to one agent.
+const PUSH_QUEUE: usize = 64;
+
+pub struct FleetService {
+    ctx: Arc<Ctx>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl FleetService {
+    pub fn new(ctx: Arc<Ctx>, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { ctx, shutdown }
+    }
+}
+
+/// Find the active node behind an overlay source address.
+async fn node_for(ctx: &Ctx, remote: Option<SocketAddr>) -> Result<NodeRecord, Status> {
+    let ip = match remote.map(|a| a.ip()) {
+        Some(IpAddr::V4(ip)) => ip,
+        other => {
+            tracing::warn!(remote = ?other, "fleet connection without an IPv4 overlay source refused");
+            return Err(Status::permission_denied("not an overlay peer"));
+        }
+    };
+    let node = ctx.state(move |s| s.node_by_ip(ip)).await?;
+    match node {
+        Some(n) if n.status == NodeStatus::Active => Ok(n),
+        Some(n) => {
+            tracing::warn!(node = %n.name, %ip, "fleet connection from a revoked node refused");
+            Err(Status::permission_denied("this node was revoked"))
+        }
+        None => {
+            tracing::warn!(%ip, "fleet connection from an unknown overlay address refused");
+            Err(Status::permission_denied("unknown overlay address"))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Fleet for FleetService {
+    type ChannelStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    async fn channel(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::ChannelStream>, Status> {
+        let node = node_for(&self.ctx, req.remote_addr()).await?;
+        let mut inbound = req.into_inner();
+        // The first message must be Hello, and it must name the node the
+        // tunnel says this is.
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(AgentMessage { msg: Some(AgentMsg::Hello(h)) }))) => h,
+            Ok(Ok(_)) => return Err(Status::invalid_argument("the first message on the fleet stream must be Hello")),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
+        };
+        if hello.node_id != node.id {
+            tracing::warn!(
+                node = %node.name, node_id = %node.id, claimed = %hello.node_id,
+                "fleet stream claims another node's id: refused"
+            );
+            return Err(Status::permission_denied("node id does not match the WireGuard peer of this connection"));
+        }
+        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        let welcome = CoordinatorMessage {
+            msg: Some(CoordMsg::Welcome(Welcome {
+                node_id: node.id.clone(),
+                node_name: node.name.clone(),
+                heartbeat_interval_secs: u32::try_from(self.ctx.config.heartbeat_interval.as_secs()).unwrap_or(u32::MAX).max(1),
+            })),
+        };
+        if tx.send(Ok(welcome)).await.is_err() {
+            return Err(Status::cancelled("stream closed"));
+        }
+        let sid = self.ctx.sessions.open(&node.id, tx.clone(), SystemTime::now());
+        tracing::info!(node = %node.name, node_id = %node.id, version = %hello.agent_version, "agent connected");
+        let ctx = Arc::clone(&self.ctx);
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = shutdown.changed() => break,
+                };
+                match msg {
+                    Ok(Some(m)) => {
+                        ctx.sessions.touch(&node.id, SystemTime::now());
+                        handle(&ctx, &node, &hello.agent_version, m, &tx).await;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(node = %node.name, error = %e, "fleet stream error");
+                        break;
+                    }
+                }
+            }
+            ctx.sessions.close(&node.id, sid);
+            tracing::info!(node = %node.name, "agent disconnected");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get_desired_state(&self, req: Request<DesiredStateRequest>) -> Result<Response<DesiredState>, Status> {
+        let node = node_for(&self.ctx, req.remote_addr()).await?;
+        Ok(Response::new(DesiredState { generation: 0, labels: node.labels.into_iter().collect() }))
+    }
+}
+
+async fn handle(ctx: &Arc<Ctx>, node: &NodeRecord, version: &str, m: AgentMessage, tx: &mpsc::Sender<Result<CoordinatorMessage, Status>>) {
+    match m.msg {
+        Some(AgentMsg::Heartbeat(hb)) => {
+            let ack = CoordinatorMessage { msg: Some(CoordMsg::HeartbeatAck(HeartbeatAck { seq: hb.seq })) };
+            let _ = tx.try_send(Ok(ack));
+        }
+        Some(AgentMsg::Inventory(inv)) => {
+            let rec = InventoryRecord {
+                hostname: clip(inv.hostname, 253),
+                cpus: inv.cpus,
+                memory_bytes: inv.memory_bytes,
+                kernel: clip(inv.kernel, 256),
+                os_release: clip(inv.os_release, 256),
+            };
+            let id = node.id.clone();
+            let version = clip(version.to_string(), 64);
+            if let Err(e) = ctx.state(move |s| s.set_inventory(&id, rec, &version)).await {
+                tracing::warn!(node = %node.name, error = %e.message(), "inventory not stored");
+            } else {
+                tracing::debug!(node = %node.name, "inventory stored");
+            }
+        }
+        Some(AgentMsg::Hello(_)) => tracing::debug!(node = %node.name, "repeated Hello ignored"),
+        None => tracing::debug!(node = %node.name, "empty agent message ignored"),
+    }
+}
+
+/// Bound a string from the network to `max` bytes (on a char boundary),
+/// dropping control characters.
+pub fn clip(s: String, max: usize) -> String {
+    let mut out: String = s.chars().filter(|c| !c.is_control()).collect();
+    if out.len() > max {
+        let mut cut = max;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip;
+
+    #[test]
+    fn clip_bounds_and_strips_control() {
+        assert_eq!(clip("ab\ncd".into(), 10), "abcd");
+        assert_eq!(clip("ééé".into(), 3), "é");
+    }
+}

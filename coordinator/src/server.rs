@@ -1,0 +1,253 @@
+//! Start-up, serving and draining of the coordinator.
+//!
+//! Order matters and is chosen so that a bad input fails before anything is
+//! left half-made: data dir → store → CA → enrollment listener → admin
+//! socket → tunnel (TUN + UDP) → fleet listener (bound to the TUN device).
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nimbus_proto::admin_server::AdminServer;
+use nimbus_proto::enrollment_server::EnrollmentServer;
+use nimbus_proto::fleet_server::FleetServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+
+use crate::admin::AdminService;
+use crate::config::Config;
+use crate::context::{Ctx, key_from_id};
+use crate::enroll::{EnrollmentService, peer_for};
+use crate::error::{CoordError, listen_hint};
+use crate::fleet::FleetService;
+use crate::ipam::OverlayPlan;
+use crate::state::{NodeStatus, State};
+use crate::store::{SledStore, Store};
+
+/// A coordinator that has bound everything and is serving.
+pub struct Running {
+    pub ctx: Arc<Ctx>,
+    pub enroll_addr: SocketAddr,
+    store: Arc<dyn Store>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), CoordError>>>,
+}
+
+/// Create `dir` (mode 0700) if missing and check it is writable.
+pub fn prepare_data_dir(dir: &Path) -> Result<(), CoordError> {
+    let err = |source| CoordError::DataDir { path: dir.to_path_buf(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"").map_err(err)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+fn bind_admin_socket(path: &Path) -> Result<UnixListener, CoordError> {
+    let err = |reason: String| CoordError::AdminSocket { path: path.to_path_buf(), reason };
+    if let Some(parent) = path.parent() {
+        if !parent.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| err(format!("cannot create directory {}: {e}", parent.display())))?;
+        }
+    }
+    if path.exists() {
+        // A live coordinator answers; a stale socket from a crash does not.
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(err("another coordinator is serving this socket: stop it or choose another --admin-socket".into())),
+            Err(_) => std::fs::remove_file(path).map_err(|e| err(format!("cannot remove the stale socket: {e}")))?,
+        }
+    }
+    let l = UnixListener::bind(path).map_err(|e| err(format!("cannot bind: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(format!("cannot chmod 0600: {e}")))?;
+    Ok(l)
+}
+
+/// A TCP listener that only accepts connections arriving through `device`
+/// (SO_BINDTODEVICE). Binding to the overlay address alone is not enough:
+/// Linux accepts packets for a local address on any interface.
+fn bind_to_device(addr: SocketAddr, device: &str) -> std::io::Result<TcpListener> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.bind_device(Some(device.as_bytes()))?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    sock.set_nonblocking(true)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Serve a tonic router on `incoming` until the shutdown signal.
+macro_rules! spawn_server {
+    ($router:expr, $incoming:expr, $shutdown:expr, $what:literal) => {{
+        let mut rx = $shutdown.clone();
+        let router = $router;
+        let incoming = $incoming;
+        tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.changed().await;
+                })
+                .await
+                .map_err(|source| CoordError::Serve { what: $what, source })
+        })
+    }};
+}
+
+/// Bind everything and start serving. Returns once the coordinator is ready.
+pub async fn start(config: Config) -> Result<Running, CoordError> {
+    prepare_data_dir(&config.data_dir)?;
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir.join("state"))?);
+    let overlay = OverlayPlan::new(config.overlay_cidr).map_err(|e| CoordError::Config(vec![e.to_string()]))?;
+    let coordinator_ip = overlay.coordinator_ip;
+    let state = Arc::new(State::new(Arc::clone(&store), overlay));
+
+    let (identity, ca_pin) = match &config.tls {
+        None => {
+            let ca = pki::CertificateAuthority::load_or_create(&config.data_dir.join("pki"))?;
+            let sans = vec![config.advertise_address.to_string()];
+            (ca.issue_server_identity(&sans)?, ca.pin())
+        }
+        Some(files) => {
+            let ca_pem = std::fs::read(&files.ca).map_err(|source| CoordError::DataDir { path: files.ca.clone(), source })?;
+            (pki::ServerIdentity::from_files(&files.cert, &files.key)?, pki::Pin::of_pem(&ca_pem)?)
+        }
+    };
+
+    let enroll_listener = TcpListener::bind(config.enroll_listen).await.map_err(|source| CoordError::Listen {
+        what: "enrollment (TLS)",
+        addr: config.enroll_listen.to_string(),
+        hint: listen_hint(&source),
+        source,
+    })?;
+    let enroll_addr = enroll_listener.local_addr().unwrap_or(config.enroll_listen);
+    let admin_listener = bind_admin_socket(&config.admin_socket)?;
+
+    let wg_key = tunnel::load_or_create_secret(&config.data_dir.join("wg.key"))?;
+    let tunnel = tunnel::Tunnel::start(tunnel::TunnelConfig {
+        private_key: wg_key,
+        listen: config.wg_listen,
+        tun_name: config.tun_name.clone(),
+        address: coordinator_ip,
+        prefix_len: config.overlay_cidr.prefix_len(),
+        mtu: config.mtu,
+    })
+    .await;
+    let tunnel = match tunnel {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = std::fs::remove_file(&config.admin_socket);
+            return Err(e.into());
+        }
+    };
+
+    let fleet_addr = SocketAddr::new(IpAddr::V4(coordinator_ip), config.fleet_port);
+    let fleet_listener = match bind_to_device(fleet_addr, tunnel.device_name()) {
+        Ok(l) => l,
+        Err(source) => {
+            let _ = std::fs::remove_file(&config.admin_socket);
+            tunnel.shutdown().await;
+            return Err(CoordError::Listen { what: "fleet (overlay)", addr: fleet_addr.to_string(), hint: listen_hint(&source), source });
+        }
+    };
+
+    let ctx = Arc::new(Ctx { config, state, sessions: crate::sessions::Sessions::new(), tunnel, coordinator_ip, ca_pin });
+
+    // Every active node is a WireGuard peer again after a restart.
+    let nodes = ctx.state(|s| s.list_nodes()).await.map_err(|e| CoordError::Config(vec![e.message().to_string()]))?;
+    let mut peers = 0usize;
+    for n in nodes.iter().filter(|n| n.status == NodeStatus::Active) {
+        match key_from_id(&n.public_key) {
+            Some(k) => {
+                ctx.tunnel.add_peer(peer_for(n, k))?;
+                peers += 1;
+            }
+            None => tracing::error!(node = %n.name, "stored public key is invalid; node skipped"),
+        }
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let tls = tonic::transport::ServerTlsConfig::new().identity(identity.tonic_identity());
+    let enroll_srv = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(|source| CoordError::Serve { what: "enrollment", source })?
+        .timeout(Duration::from_secs(30))
+        .add_service(EnrollmentServer::new(EnrollmentService::new(Arc::clone(&ctx))));
+    tasks.push(spawn_server!(enroll_srv, TcpListenerStream::new(enroll_listener), shutdown_rx, "enrollment"));
+
+    let fleet_srv = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(FleetServer::new(FleetService::new(Arc::clone(&ctx), shutdown_rx.clone())));
+    tasks.push(spawn_server!(fleet_srv, TcpListenerStream::new(fleet_listener), shutdown_rx, "fleet"));
+
+    let admin_srv = tonic::transport::Server::builder().add_service(AdminServer::new(AdminService::new(Arc::clone(&ctx))));
+    tasks.push(spawn_server!(admin_srv, UnixListenerStream::new(admin_listener), shutdown_rx, "admin"));
+
+    tasks.push(tokio::spawn(flush_last_seen(Arc::clone(&ctx), shutdown_rx)));
+
+    tracing::info!(
+        enroll = %enroll_addr, wg = %ctx.tunnel.local_udp_addr(), fleet = %fleet_addr,
+        admin = %ctx.config.admin_socket.display(), peers, ca_pin = %ctx.ca_pin,
+        "coordinator serving"
+    );
+    Ok(Running { ctx, enroll_addr, store, shutdown_tx, tasks })
+}
+
+/// Write in-memory last-seen times to the store in batches.
+async fn flush_last_seen(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) -> Result<(), CoordError> {
+    let mut tick = tokio::time::interval(ctx.config.last_seen_flush);
+    loop {
+        let stop = tokio::select! {
+            _ = tick.tick() => false,
+            _ = shutdown.changed() => true,
+        };
+        let batch = ctx.sessions.take_dirty();
+        if !batch.is_empty() {
+            let b = batch.clone();
+            if let Err(e) = ctx.state(move |s| s.persist_last_seen(&b)).await {
+                tracing::warn!(error = %e.message(), "last-seen batch not written; will retry");
+                ctx.sessions.restore_dirty(&batch);
+            }
+        }
+        if stop {
+            return Ok(());
+        }
+    }
+}
+
+impl Running {
+    /// Stop accepting, close streams, flush state, remove the TUN and socket.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        for t in self.tasks {
+            match tokio::time::timeout(Duration::from_secs(10), t).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "task ended with an error"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "task panicked"),
+                Err(_) => tracing::warn!("task did not stop within 10 s"),
+            }
+        }
+        if let Err(e) = self.store.flush() {
+            tracing::warn!(error = %e, "final store flush failed");
+        }
+        let _ = std::fs::remove_file(&self.ctx.config.admin_socket);
+        self.ctx.tunnel.clone().shutdown().await;
+    }
+}
+
+/// Serve until `shutdown` resolves, then drain.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), CoordError> {
+    let running = start(config).await?;
+    shutdown.await;
+    running.shutdown().await;
+    Ok(())
+}

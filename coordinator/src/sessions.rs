@@ -1,0 +1,161 @@
+//! Live fleet sessions: which node has an open stream right now, a sender to
+//! push messages down it, and last-seen times kept in memory and written to
+//! the store in batches (never one disk write per heartbeat).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use nimbus_proto::CoordinatorMessage;
+use tokio::sync::mpsc;
+
+struct Session {
+    id: u64,
+    tx: mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    sessions: HashMap<String, Session>,
+    last_seen: HashMap<String, SystemTime>,
+    dirty: HashSet<String>,
+}
+
+/// Registry of open fleet streams, keyed by node id.
+#[derive(Default)]
+pub struct Sessions {
+    inner: Mutex<Inner>,
+}
+
+/// Proof of registration; pass it back to [`Sessions::close`] so a newer
+/// stream of the same node is not removed by an older one ending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionId(u64);
+
+impl Sessions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A poisoned lock only means a panic elsewhere; the maps stay usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Register a stream for `node_id`, replacing (and thereby closing) any
+    /// older stream of the same node.
+    pub fn open(&self, node_id: &str, tx: mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>, now: SystemTime) -> SessionId {
+        let mut g = self.lock();
+        g.next_id += 1;
+        let id = g.next_id;
+        g.sessions.insert(node_id.to_string(), Session { id, tx });
+        g.last_seen.insert(node_id.to_string(), now);
+        g.dirty.insert(node_id.to_string());
+        SessionId(id)
+    }
+
+    /// Remove the stream if it is still the registered one.
+    pub fn close(&self, node_id: &str, sid: SessionId) {
+        let mut g = self.lock();
+        if g.sessions.get(node_id).is_some_and(|s| s.id == sid.0) {
+            g.sessions.remove(node_id);
+        }
+    }
+
+    /// Drop the stream of `node_id` whatever it is (revocation).
+    pub fn kick(&self, node_id: &str) {
+        self.lock().sessions.remove(node_id);
+    }
+
+    pub fn is_connected(&self, node_id: &str) -> bool {
+        self.lock().sessions.contains_key(node_id)
+    }
+
+    pub fn connected_count(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    /// Record activity (in memory only).
+    pub fn touch(&self, node_id: &str, now: SystemTime) {
+        let mut g = self.lock();
+        g.last_seen.insert(node_id.to_string(), now);
+        g.dirty.insert(node_id.to_string());
+    }
+
+    pub fn last_seen(&self, node_id: &str) -> Option<SystemTime> {
+        self.lock().last_seen.get(node_id).copied()
+    }
+
+    /// Take the last-seen entries changed since the previous call.
+    pub fn take_dirty(&self) -> Vec<(String, SystemTime)> {
+        let mut g = self.lock();
+        let dirty = std::mem::take(&mut g.dirty);
+        dirty
+            .into_iter()
+            .filter_map(|id| g.last_seen.get(&id).map(|t| (id, *t)))
+            .collect()
+    }
+
+    /// Put entries back after a failed flush so they are retried.
+    pub fn restore_dirty(&self, batch: &[(String, SystemTime)]) {
+        let mut g = self.lock();
+        for (id, _) in batch {
+            g.dirty.insert(id.clone());
+        }
+    }
+
+    /// Queue a message for the node's stream. Returns false when the node has
+    /// no open stream or its queue is full.
+    pub fn send(&self, node_id: &str, msg: CoordinatorMessage) -> bool {
+        let tx = self.lock().sessions.get(node_id).map(|s| s.tx.clone());
+        match tx {
+            Some(tx) => tx.try_send(Ok(msg)).is_ok(),
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_stream_survives_older_close() {
+        let s = Sessions::new();
+        let (tx1, _r1) = mpsc::channel(1);
+        let (tx2, _r2) = mpsc::channel(1);
+        let now = SystemTime::now();
+        let a = s.open("n1", tx1, now);
+        let b = s.open("n1", tx2, now);
+        s.close("n1", a);
+        assert!(s.is_connected("n1"));
+        s.close("n1", b);
+        assert!(!s.is_connected("n1"));
+    }
+
+    #[test]
+    fn dirty_last_seen_is_batched_once() {
+        let s = Sessions::new();
+        let now = SystemTime::now();
+        s.touch("a", now);
+        s.touch("a", now);
+        s.touch("b", now);
+        let mut batch = s.take_dirty();
+        batch.sort();
+        assert_eq!(batch.len(), 2);
+        assert!(s.take_dirty().is_empty());
+        s.restore_dirty(&batch);
+        assert_eq!(s.take_dirty().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn send_reaches_the_stream() {
+        let s = Sessions::new();
+        let (tx, mut rx) = mpsc::channel(4);
+        s.open("n1", tx, SystemTime::now());
+        assert!(s.send("n1", CoordinatorMessage::default()));
+        assert!(rx.recv().await.is_some());
+        assert!(!s.send("other", CoordinatorMessage::default()));
+    }
+}
