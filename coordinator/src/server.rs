@@ -106,7 +106,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir.join("state"))?);
     let overlay = OverlayPlan::new(config.overlay_cidr).map_err(|e| CoordError::Config(vec![e.to_string()]))?;
     let coordinator_ip = overlay.coordinator_ip;
-    let state = Arc::new(State::new(Arc::clone(&store), overlay));
+    let state = Arc::new(State::open(Arc::clone(&store), overlay)?);
 
     let (identity, ca_pin) = match &config.tls {
         None => {
