@@ -75,13 +75,13 @@ pub async fn enroll(addr: &str, pin: &pki::Pin, token: &str, key: &tunnel::Publi
         .map_err(|s| status_err(addr, s))?
         .into_inner();
     let bad = |what: &str| AgentError::Other(format!("the coordinator's enrollment answer has an invalid {what}; is it a compatible version?"));
-    let coordinator_key = tunnel::public_key_from_bytes(&r.coordinator_wg_public_key).map_err(|_| bad("WireGuard key"))?;
+    let coordinator_key = tunnel::keys::public_key_from_bytes(&r.coordinator_wg_public_key).map_err(|_| bad("WireGuard key"))?;
     Ok(Identity {
         node_id: r.node_id,
         node_name: r.node_name,
         overlay_ip: r.overlay_ip.parse::<Ipv4Addr>().map_err(|_| bad("overlay IP"))?,
         overlay_prefix_len: u8::try_from(r.overlay_prefix_len).ok().filter(|p| *p <= 32).ok_or_else(|| bad("prefix length"))?,
-        coordinator_public_key: tunnel::public_key_to_base64(&coordinator_key),
+        coordinator_public_key: tunnel::keys::public_key_to_base64(&coordinator_key),
         coordinator_wg_endpoint: r.coordinator_wg_endpoint.parse::<SocketAddr>().map_err(|_| bad("WireGuard endpoint"))?,
         coordinator_overlay_ip: r.coordinator_overlay_ip.parse::<Ipv4Addr>().map_err(|_| bad("coordinator overlay IP"))?,
         fleet_port: u16::try_from(r.fleet_port).ok().filter(|p| *p != 0).ok_or_else(|| bad("fleet port"))?,

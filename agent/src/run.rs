@@ -75,10 +75,10 @@ async fn identity(cfg: &Config, key: &tunnel::PublicKey) -> Result<Identity, Age
 /// Run until `shutdown` resolves (Ok) or the node is revoked / cannot start (Err).
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn Events) -> Result<(), AgentError> {
     identity::prepare_state_dir(&cfg.state_dir)?;
-    let secret = tunnel::load_or_create_secret(&cfg.state_dir.join(identity::KEY_FILE))?;
+    let secret = tunnel::keys::load_or_create_secret(&cfg.state_dir.join(identity::KEY_FILE))?;
     let public = tunnel::PublicKey::from(&secret);
     let id = identity(&cfg, &public).await?;
-    let coordinator_key = tunnel::public_key_from_base64(&id.coordinator_public_key)?;
+    let coordinator_key = tunnel::keys::public_key_from_base64(&id.coordinator_public_key)?;
 
     let tun = tunnel::Tunnel::start(tunnel::TunnelConfig {
         private_key: secret,

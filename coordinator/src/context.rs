@@ -53,5 +53,5 @@ pub fn key_display(key_id: &str) -> String {
 /// Decode a stored key id back into a public key.
 pub fn key_from_id(key_id: &str) -> Option<tunnel::PublicKey> {
     let b = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(key_id).ok()?;
-    tunnel::public_key_from_bytes(&b).ok()
+    tunnel::keys::public_key_from_bytes(&b).ok()
 }

@@ -39,7 +39,7 @@ impl Enrollment for EnrollmentService {
     async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
         let remote = req.remote_addr();
         let r = req.into_inner();
-        let key = tunnel::public_key_from_bytes(&r.wg_public_key)
+        let key = tunnel::keys::public_key_from_bytes(&r.wg_public_key)
             .map_err(|_| Status::invalid_argument("wg_public_key must be a 32-byte X25519 public key"))?;
         let input = EnrollInput {
             public_key_b64url: key_id(&key),
@@ -78,7 +78,7 @@ impl Enrollment for EnrollmentService {
     /// Unauthenticated by design: it reveals only whether a public key is
     /// admitted, and its answer is protected by the pinned TLS channel.
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let key = tunnel::public_key_from_bytes(&req.into_inner().wg_public_key)
+        let key = tunnel::keys::public_key_from_bytes(&req.into_inner().wg_public_key)
             .map_err(|_| Status::invalid_argument("wg_public_key must be a 32-byte X25519 public key"))?;
         let id = key_id(&key);
         let (revoked, node) = self

@@ -93,7 +93,7 @@ impl Fleet for FleetService {
         if tx.send(Ok(welcome)).await.is_err() {
             return Err(Status::cancelled("stream closed"));
         }
-        let sid = self.ctx.sessions.open(&node.id, tx.clone(), SystemTime::now());
+        let (sid, cancel) = self.ctx.sessions.open(&node.id, tx.clone(), SystemTime::now());
         tracing::info!(node = %node.name, node_id = %node.id, version = %hello.agent_version, "agent connected");
         let ctx = Arc::clone(&self.ctx);
         let mut shutdown = self.shutdown.clone();
@@ -102,6 +102,7 @@ impl Fleet for FleetService {
                 let msg = tokio::select! {
                     m = inbound.message() => m,
                     _ = shutdown.changed() => break,
+                    _ = cancel.notified() => break,
                 };
                 match msg {
                     Ok(Some(m)) => {

@@ -28,6 +28,9 @@ use crate::ipam::OverlayPlan;
 use crate::state::{NodeStatus, State};
 use crate::store::{SledStore, Store};
 
+/// How long draining may take on SIGTERM before open connections are cut.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
 /// A coordinator that has bound everything and is serving.
 pub struct Running {
     pub ctx: Arc<Ctx>,
@@ -115,7 +118,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
             (ca.issue_server_identity(&sans)?, ca.pin())
         }
         Some(files) => {
-            let ca_pem = std::fs::read(&files.ca).map_err(|source| CoordError::DataDir { path: files.ca.clone(), source })?;
+            let ca_pem = std::fs::read_to_string(&files.ca).map_err(|source| CoordError::DataDir { path: files.ca.clone(), source })?;
             (pki::ServerIdentity::from_files(&files.cert, &files.key)?, pki::Pin::of_pem(&ca_pem)?)
         }
     };
@@ -129,7 +132,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
     let enroll_addr = enroll_listener.local_addr().unwrap_or(config.enroll_listen);
     let admin_listener = bind_admin_socket(&config.admin_socket)?;
 
-    let wg_key = tunnel::load_or_create_secret(&config.data_dir.join("wg.key"))?;
+    let wg_key = tunnel::keys::load_or_create_secret(&config.data_dir.join("wg.key"))?;
     let tunnel = tunnel::Tunnel::start(tunnel::TunnelConfig {
         private_key: wg_key,
         listen: config.wg_listen,
@@ -228,12 +231,18 @@ impl Running {
     /// Stop accepting, close streams, flush state, remove the TUN and socket.
     pub async fn shutdown(self) {
         let _ = self.shutdown_tx.send(true);
-        for t in self.tasks {
-            match tokio::time::timeout(Duration::from_secs(10), t).await {
+        // Connections to agents whose tunnel is gone never close cleanly:
+        // give the servers one shared deadline, then stop waiting.
+        let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+        for mut t in self.tasks {
+            match tokio::time::timeout_at(deadline, &mut t).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => tracing::warn!(error = %e, "task ended with an error"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "task panicked"),
-                Err(_) => tracing::warn!("task did not stop within 10 s"),
+                Err(_) => {
+                    tracing::warn!("task did not stop within the drain deadline; aborted");
+                    t.abort();
+                }
             }
         }
         if let Err(e) = self.store.flush() {

@@ -7,11 +7,15 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use nimbus_proto::CoordinatorMessage;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{Notify, mpsc};
 
 struct Session {
     id: u64,
     tx: mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>,
+    /// Tells the stream's task to end (revocation, replacement).
+    cancel: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -43,16 +47,19 @@ impl Sessions {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Register a stream for `node_id`, replacing (and thereby closing) any
-    /// older stream of the same node.
-    pub fn open(&self, node_id: &str, tx: mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>, now: SystemTime) -> SessionId {
+    /// Register a stream for `node_id`, ending any older stream of the same
+    /// node. The returned `Notify` fires when the stream must end.
+    pub fn open(&self, node_id: &str, tx: mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>, now: SystemTime) -> (SessionId, Arc<Notify>) {
         let mut g = self.lock();
         g.next_id += 1;
         let id = g.next_id;
-        g.sessions.insert(node_id.to_string(), Session { id, tx });
+        let cancel = Arc::new(Notify::new());
+        if let Some(old) = g.sessions.insert(node_id.to_string(), Session { id, tx, cancel: Arc::clone(&cancel) }) {
+            old.cancel.notify_one();
+        }
         g.last_seen.insert(node_id.to_string(), now);
         g.dirty.insert(node_id.to_string());
-        SessionId(id)
+        (SessionId(id), cancel)
     }
 
     /// Remove the stream if it is still the registered one.
@@ -63,9 +70,11 @@ impl Sessions {
         }
     }
 
-    /// Drop the stream of `node_id` whatever it is (revocation).
+    /// End the stream of `node_id` whatever it is (revocation).
     pub fn kick(&self, node_id: &str) {
-        self.lock().sessions.remove(node_id);
+        if let Some(s) = self.lock().sessions.remove(node_id) {
+            s.cancel.notify_one();
+        }
     }
 
     pub fn is_connected(&self, node_id: &str) -> bool {
@@ -126,12 +135,29 @@ mod tests {
         let (tx1, _r1) = mpsc::channel(1);
         let (tx2, _r2) = mpsc::channel(1);
         let now = SystemTime::now();
-        let a = s.open("n1", tx1, now);
-        let b = s.open("n1", tx2, now);
+        let (a, cancel_a) = s.open("n1", tx1, now);
+        let (b, _) = s.open("n1", tx2, now);
+        // The older stream is told to end when replaced.
+        tokio_test_notified(&cancel_a);
         s.close("n1", a);
         assert!(s.is_connected("n1"));
         s.close("n1", b);
         assert!(!s.is_connected("n1"));
+    }
+
+    fn tokio_test_notified(n: &Notify) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(1), n.notified()).await.expect("notified") });
+    }
+
+    #[tokio::test]
+    async fn kick_tells_the_stream_to_end() {
+        let s = Sessions::new();
+        let (tx, _rx) = mpsc::channel(1);
+        let (_, cancel) = s.open("n1", tx, SystemTime::now());
+        s.kick("n1");
+        assert!(!s.is_connected("n1"));
+        tokio::time::timeout(std::time::Duration::from_secs(1), cancel.notified()).await.expect("notified");
     }
 
     #[test]

@@ -1,0 +1,189 @@
+//! The coordinator's key-value store, shaped like etcd so that an etcd backend can replace sled without
+//! touching callers: point reads, prefix scans, and compare-and-swap transactions
+//! ([`Txn`]: if every [`Compare`] holds, apply every [`Op`]).
+//!
+//! # Key layout
+//!
+//! Keys and values are UTF-8. `crate::state` is the only writer; [`keys`] builds every key.
+//!
+//! | key                              | value                                            |
+//! |----------------------------------|--------------------------------------------------|
+//! | `meta/schema`                    | `"1"`: layout version                            |
+//! | `nodes/<node id>`                | `NodeRecord` JSON                                |
+//! | `node-by-key/<wg pubkey b64url>` | node id, for active nodes only                   |
+//! | `node-by-name/<name>`            | node id                                          |
+//! | `ip/<a.b.c.d>`                   | node id owning that overlay address              |
+//! | `tokens/<token id>`              | `TokenRecord` JSON (secret stored as SHA-256 hex)|
+//! | `revoked-keys/<wg pubkey b64url>`| id of the revoked node that used the key         |
+//!
+//! Public keys are canonical base64url without padding (43 characters for 32 bytes). Node ids are
+//! `n` + 12 × `[a-z0-9]`; token ids are 10 × `[a-z0-9]`.
+//!
+//! # Backends
+//! * [`SledStore`] (`sled.rs`): embedded, one process per data directory, every transaction flushed to disk
+//!   before it is acknowledged.
+
+mod sled;
+
+use std::io;
+use std::path::PathBuf;
+
+pub use self::sled::SledStore;
+
+/// Errors from a store backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory could not be created or written.
+    #[error(
+        "data directory {} is not writable: {source}; check ownership/permissions or choose another --data-dir",
+        path.display()
+    )]
+    NotWritable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the data directory.
+    #[error(
+        "another nimbus-coordinator is using {}; stop it first or choose another --data-dir",
+        path.display()
+    )]
+    Locked { path: PathBuf },
+    /// The backend found corrupt data.
+    #[error(
+        "state store in {} is corrupt: {detail}; restore the data directory from a backup",
+        path.display()
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    /// An I/O error while reading or writing the store.
+    #[error("state store I/O error in {}: {source}; check the disk holding --data-dir (space, health)", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Any other backend failure.
+    #[error("state store failure: {0}")]
+    Backend(String),
+}
+
+/// A condition checked atomically at the start of a [`Txn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compare {
+    /// The key exists with exactly this value: `Equals(key, value)`.
+    Equals(Vec<u8>, Vec<u8>),
+    /// The key does not exist.
+    Absent(Vec<u8>),
+    /// The key exists (any value).
+    Present(Vec<u8>),
+}
+
+/// A write applied by a [`Txn`] whose compares all hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `Put(key, value)`.
+    Put(Vec<u8>, Vec<u8>),
+    /// Delete the key (no error when absent).
+    Delete(Vec<u8>),
+}
+
+/// Compare-and-swap transaction. Builder style:
+/// `Txn::new().if_absent(k).put(k, v)`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Txn {
+    pub compares: Vec<Compare>,
+    pub ops: Vec<Op>,
+}
+
+impl Txn {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a compare.
+    pub fn when(mut self, c: Compare) -> Self {
+        self.compares.push(c);
+        self
+    }
+
+    /// Adds an op.
+    pub fn then(mut self, op: Op) -> Self {
+        self.ops.push(op);
+        self
+    }
+
+    /// Requires `key` to hold exactly `value`.
+    pub fn if_equals(self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        self.when(Compare::Equals(key.into(), value.into()))
+    }
+
+    /// Requires `key` to be absent.
+    pub fn if_absent(self, key: impl Into<Vec<u8>>) -> Self {
+        self.when(Compare::Absent(key.into()))
+    }
+
+    /// Requires `key` to be present.
+    pub fn if_present(self, key: impl Into<Vec<u8>>) -> Self {
+        self.when(Compare::Present(key.into()))
+    }
+
+    /// Writes `value` at `key`.
+    pub fn put(self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        self.then(Op::Put(key.into(), value.into()))
+    }
+
+    /// Deletes `key`.
+    pub fn delete(self, key: impl Into<Vec<u8>>) -> Self {
+        self.then(Op::Delete(key.into()))
+    }
+}
+
+/// One `(key, value)` pair of a scan.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// A transactional key-value store.
+pub trait Store: Send + Sync + 'static {
+    /// The value at `key`, if any.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every `(key, value)` whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError>;
+    /// Atomically: if every compare holds, apply every op and return `Ok(true)`; otherwise apply nothing,
+    /// `Ok(false)`. A successful transaction is durable when this returns.
+    fn txn(&self, txn: Txn) -> Result<bool, StoreError>;
+    /// Durably persist everything committed so far.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// Builders for every key of the layout in the module doc.
+pub mod keys {
+    use std::net::Ipv4Addr;
+
+    pub const SCHEMA: &[u8] = b"meta/schema";
+    /// Current value of [`SCHEMA`].
+    pub const SCHEMA_VERSION: &[u8] = b"1";
+    pub const NODES: &str = "nodes/";
+    pub const NODE_BY_KEY: &str = "node-by-key/";
+    pub const NODE_BY_NAME: &str = "node-by-name/";
+    pub const IP: &str = "ip/";
+    pub const TOKENS: &str = "tokens/";
+    pub const REVOKED_KEYS: &str = "revoked-keys/";
+
+    pub fn node(id: &str) -> Vec<u8> {
+        format!("{NODES}{id}").into_bytes()
+    }
+    pub fn node_by_key(key_b64url: &str) -> Vec<u8> {
+        format!("{NODE_BY_KEY}{key_b64url}").into_bytes()
+    }
+    pub fn node_by_name(name: &str) -> Vec<u8> {
+        format!("{NODE_BY_NAME}{name}").into_bytes()
+    }
+    pub fn ip(ip: Ipv4Addr) -> Vec<u8> {
+        format!("{IP}{ip}").into_bytes()
+    }
+    pub fn token(id: &str) -> Vec<u8> {
+        format!("{TOKENS}{id}").into_bytes()
+    }
+    pub fn revoked_key(key_b64url: &str) -> Vec<u8> {
+        format!("{REVOKED_KEYS}{key_b64url}").into_bytes()
+    }
+}
