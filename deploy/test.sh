@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The test suite, as CI runs it: unit tests and the end-to-end tests across
-# network namespaces. Needs root (namespaces, TUN devices); root-only tests
-# FAIL instead of skipping because NIMBUS_REQUIRE_ROOT_TESTS=1.
+# The test suite, as CI runs it: unit tests and the end-to-end tests across network namespaces.
+# Needs root (namespaces, TUN devices); root-only tests FAIL instead of skipping because
+# NIMBUS_REQUIRE_ROOT_TESTS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
-./deploy/deps.sh
+[[ -d "$HOME/.cargo/bin" ]] && export PATH="$HOME/.cargo/bin:$PATH"
+command -v cargo >/dev/null 2>&1 || {
+    echo "test.sh: cargo not found: install Rust with rustup (https://rustup.rs)" >&2
+    exit 1
+}
+# The tests lint deploy/*.sh with the shellcheck package.
+./deploy/deps.sh shellcheck
 # The e2e tests start the real binaries from target/debug.
 cargo build --workspace --bins --locked
-NIMBUS_REQUIRE_ROOT_TESTS=1 cargo test --workspace --locked -- --test-threads=2
+NIMBUS_REQUIRE_ROOT_TESTS=1 cargo test --workspace --locked

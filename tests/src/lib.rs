@@ -1,1 +1,41 @@
-//! placeholder
+//! Multi-host harness for polynimbus: network namespaces joined by a bridge, daemons started inside them,
+//! and the fixtures the end-to-end tests and the local lab (`nimbus-lab`) share.
+//!
+//! # Layout
+//! - [`error`]: [`HarnessError`], the single error type (messages say what to do).
+//! - [`wait`]: one patience setting ([`patience`], env `NIMBUS_E2E_PATIENCE_SECS`) and [`eventually`] /
+//!   [`poll_until`] instead of sleeps.
+//! - [`mod@env`]: [`require_root`] (skip or fail privileged tests), where the daemon binaries are ([`bin_dir`],
+//!   [`binary`]).
+//! - [`netns`]: [`Netns`] — `ip netns add`, `exec`, `bind_tcp`, `ping`, `tcp_connect`, delete on drop.
+//! - [`topology`]: [`Lab`] — a switch namespace with a bridge and hosts with `eth0` on it; nothing is ever
+//!   created in the root namespace; everything is deleted on drop, also while unwinding.
+//! - [`process`]: [`Process`] — a daemon in a namespace with a log file, signals and exit codes;
+//!   [`run_with_timeout`] for short commands.
+//! - [`fleet`]: [`Fleet`] — coordinator + agents + `nimbusctl`, logs dumped when a test panics.
+//! - [`lab`]: `nimbus-lab up/down/status` (the binary only parses flags).
+//! - [`state`]: [`LabState`] file and [`teardown_from_state`] for `nimbus-lab down`.
+//!
+//! Invariant: the harness only ever signals PIDs it started (checked against `/proc/PID/exe` and the start
+//! time when they come from a state file), and only deletes namespaces it named.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod env;
+pub mod error;
+pub mod fleet;
+pub mod lab;
+pub mod netns;
+pub mod process;
+pub mod state;
+pub mod topology;
+pub mod wait;
+
+pub use env::{Binaries, bin_dir, binary, require_root};
+pub use error::{HarnessError, Result};
+pub use fleet::{Fleet, FleetOptions, JoinToken, agent_name};
+pub use netns::Netns;
+pub use process::{Process, ProcessBuilder, run_with_timeout};
+pub use state::{LabState, ProcessRecord, TeardownReport, teardown_from_state};
+pub use topology::{Host, Lab, LabBuilder};
+pub use wait::{Attempt, eventually, eventually_patiently, patience, poll_until};

@@ -1,0 +1,1005 @@
+//! The polynimbus fixture: a coordinator and N agents on a [`Lab`], driven through `nimbusctl`.
+//!
+//! Shared by the end-to-end tests (temp work dir, everything removed on drop, logs dumped on panic) and by
+//! `nimbus-lab` (fixed work dir, detached processes, state journaled to a file after every step).
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::env::{Binaries, bin_dir};
+use crate::error::{HarnessError, Result};
+use crate::netns::Netns;
+use crate::process::{COMMAND_TIMEOUT, Process, ProcessBuilder, describe, run_with_timeout};
+use crate::state::{LabState, STATE_FORMAT, now_unix};
+use crate::topology::{Lab, LabBuilder, TEST_SUBNET, host_addr};
+use crate::wait::{Attempt, DEFAULT_POLL, patience, poll_until};
+
+/// Host role of the coordinator.
+pub const COORD_ROLE: &str = "coord";
+/// Enrollment (TCP/TLS) port on the underlay.
+pub const ENROLL_PORT: u16 = 7443;
+/// WireGuard (UDP) port on the underlay.
+pub const WG_PORT: u16 = 51820;
+/// Fleet gRPC port, on the coordinator's overlay address only.
+pub const FLEET_PORT: u16 = 7000;
+/// The coordinator's overlay address (first host of the default overlay 100.96.0.0/16).
+pub const OVERLAY_COORDINATOR: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 1);
+/// TUN device name used on every host.
+pub const TUN_NAME: &str = "nimbus0";
+/// Underlay host number of the coordinator (`.1`).
+pub const COORD_HOST: u8 = 1;
+/// Agent `i` gets underlay host number `AGENT_HOST_BASE + i` (`.11`, `.12`, ...).
+pub const AGENT_HOST_BASE: u8 = 10;
+/// Most agents a fleet can have (the /24 ends at .254).
+pub const MAX_AGENTS: usize = 200;
+/// The file in an agent's state dir that holds its enrolled identity.
+pub const IDENTITY_FILE: &str = "identity.json";
+/// Environment variable: set to `1` to keep a test fleet's temp work dir (logs, data) after it is dropped.
+pub const KEEP_ENV: &str = "NIMBUS_E2E_KEEP";
+
+/// Node name of agent `i` (1-based): `agent-i`.
+pub fn agent_name(i: usize) -> String {
+    format!("agent-{i}")
+}
+
+/// Whether `ip` is in the default overlay 100.96.0.0/16.
+pub fn in_overlay(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    o[0] == 100 && o[1] == 96
+}
+
+/// The `overlay_ip` of a node object, accepting `"100.96.0.2"` or `"100.96.0.2/32"`.
+pub fn overlay_ip(node: &Value) -> std::result::Result<Ipv4Addr, String> {
+    let text = node
+        .get("overlay_ip")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("node without overlay_ip: {node}"))?;
+    let addr = text.split('/').next().unwrap_or(text);
+    addr.parse()
+        .map_err(|e| format!("overlay_ip {text:?} is not an IPv4 address: {e}"))
+}
+
+/// A string field of a JSON object, or "" (for messages and comparisons).
+pub fn str_field<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+/// A join token as returned by `nimbusctl -o json token create`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinToken {
+    /// The secret token string passed to `nimbus-agent --token`.
+    pub token: String,
+    /// Its id, for `token list` / `token revoke`.
+    pub id: String,
+    /// `sha256:HEX` pin of the coordinator's CA, for `--ca-pin`.
+    pub ca_pin: String,
+    /// The full JSON answer.
+    pub json: Value,
+}
+
+impl JoinToken {
+    /// A copy with another token string (e.g. a malformed one).
+    pub fn with_token(&self, token: &str) -> JoinToken {
+        JoinToken {
+            token: token.to_string(),
+            ..self.clone()
+        }
+    }
+
+    /// A copy with another CA pin (e.g. a wrong one).
+    pub fn with_pin(&self, pin: &str) -> JoinToken {
+        JoinToken {
+            ca_pin: pin.to_string(),
+            ..self.clone()
+        }
+    }
+}
+
+/// How to build a [`Fleet`].
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// Agent hosts to create (`agent-1..=agents`); agents themselves start with [`Fleet::start_agent`].
+    pub agents: usize,
+    /// The underlay /24 (default [`TEST_SUBNET`]).
+    pub subnet: Ipv4Addr,
+    /// Namespace prefix (default unique per test, `nbe2e-PID-N`).
+    pub prefix: Option<String>,
+    /// Work dir for data, state, logs and the admin socket (default: a fresh temp dir, removed on drop).
+    pub work_dir: Option<PathBuf>,
+    /// Where the daemon binaries are (default [`bin_dir`]).
+    pub bin_dir: Option<PathBuf>,
+    /// Spawn daemons in their own session so [`Fleet::detach`] can leave them running (the lab).
+    pub detached: bool,
+    /// Journal the state here after every step, so `teardown_from_state` can undo a half-finished `up`.
+    pub state_file: Option<PathBuf>,
+    /// Start the coordinator (and wait for its admin socket) while building.
+    pub start_coordinator: bool,
+    /// Extra coordinator arguments.
+    pub coordinator_args: Vec<String>,
+}
+
+impl FleetOptions {
+    /// Defaults for a test: `agents` hosts on 192.0.2.0/24, unique names, temp dir, coordinator started.
+    pub fn test(agents: usize) -> FleetOptions {
+        FleetOptions {
+            agents,
+            subnet: TEST_SUBNET,
+            prefix: None,
+            work_dir: None,
+            bin_dir: None,
+            detached: false,
+            state_file: None,
+            start_coordinator: true,
+            coordinator_args: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Work {
+    Temp(tempfile::TempDir),
+    Fixed(PathBuf),
+}
+
+impl Work {
+    fn path(&self) -> &Path {
+        match self {
+            Work::Temp(t) => t.path(),
+            Work::Fixed(p) => p,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LogEntry {
+    name: String,
+    path: PathBuf,
+    command_line: String,
+}
+
+/// A coordinator and agents in a lab. Dropping it stops every process (agents first), deletes the
+/// topology, and — if the thread is panicking — prints every process log first.
+#[derive(Debug)]
+pub struct Fleet {
+    opts: FleetOptions,
+    bins: Binaries,
+    // Declared before `lab` and `work`, but Drop stops processes explicitly anyway.
+    coordinator: Option<Process>,
+    agents: BTreeMap<usize, Process>,
+    lab: Option<Lab>,
+    work: Option<Work>,
+    logs: Vec<LogEntry>,
+    id_seed: u64,
+}
+
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl Fleet {
+    /// Topology with `n_agents` agent hosts, coordinator started and answering `nimbusctl`.
+    ///
+    /// # Panics
+    /// On any setup error (message says what to do, e.g. build the binaries).
+    pub fn start(n_agents: usize) -> Fleet {
+        Fleet::new(FleetOptions::test(n_agents))
+            .unwrap_or_else(|e| panic!("starting the fleet: {e}"))
+    }
+
+    /// Topology only (no coordinator), for tests that run the coordinator themselves.
+    ///
+    /// # Panics
+    /// On any setup error.
+    pub fn setup(n_agents: usize) -> Fleet {
+        let opts = FleetOptions {
+            start_coordinator: false,
+            ..FleetOptions::test(n_agents)
+        };
+        Fleet::new(opts).unwrap_or_else(|e| panic!("setting up the lab: {e}"))
+    }
+
+    /// [`Fleet::start`], then a token with `n_agents` uses, all agents started and connected.
+    ///
+    /// # Panics
+    /// On any error or when the agents do not connect within the patience.
+    pub fn with_connected_agents(n_agents: usize) -> (Fleet, JoinToken) {
+        let mut fleet = Fleet::start(n_agents);
+        let uses = u32::try_from(n_agents.max(1)).unwrap_or(u32::MAX);
+        let token = fleet.create_token("1h", uses);
+        for i in 1..=n_agents {
+            fleet.start_agent(i, Some(&token), &[]);
+        }
+        let names: Vec<String> = (1..=n_agents).map(agent_name).collect();
+        fleet.wait_connected(&names);
+        (fleet, token)
+    }
+
+    /// Builds the fleet as `opts` says.
+    pub fn new(opts: FleetOptions) -> Result<Fleet> {
+        if opts.agents > MAX_AGENTS {
+            return Err(HarnessError::Misuse(format!(
+                "{} agents requested: at most {MAX_AGENTS} fit the /24 underlay",
+                opts.agents
+            )));
+        }
+        let bins = Binaries::in_dir(&opts.bin_dir.clone().unwrap_or_else(bin_dir))?;
+        let work = match &opts.work_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
+                Work::Fixed(dir.clone())
+            }
+            None => Work::Temp(
+                tempfile::Builder::new()
+                    .prefix("nimbus-e2e-")
+                    .tempdir()
+                    .map_err(|e| HarnessError::io("creating a temp work dir", e))?,
+            ),
+        };
+        let mut builder: LabBuilder =
+            Lab::builder().host(COORD_ROLE, host_addr(opts.subnet, COORD_HOST));
+        if let Some(prefix) = &opts.prefix {
+            builder = builder.prefix(prefix.clone());
+        }
+        for i in 1..=opts.agents {
+            builder = builder.host(agent_name(i), Fleet::agent_ip_in(opts.subnet, i));
+        }
+        let mut fleet = Fleet {
+            bins,
+            coordinator: None,
+            agents: BTreeMap::new(),
+            lab: None,
+            work: Some(work),
+            logs: Vec::new(),
+            id_seed: 0,
+            opts,
+        };
+        // Never adopt (and later delete) namespaces that someone else created under a fixed prefix.
+        if fleet.opts.prefix.is_some()
+            && let Some(taken) = builder
+                .planned_namespaces()
+                .into_iter()
+                .find(|n| Netns::exists(n))
+        {
+            return Err(HarnessError::NamespaceExists(taken));
+        }
+        // Journal the planned namespaces before creating any, so an interrupted `up` can be undone.
+        if fleet.opts.state_file.is_some() && fleet.opts.prefix.is_some() {
+            let mut planned = fleet.state();
+            planned.namespaces = builder.planned_namespaces();
+            fleet.save_state(&planned)?;
+        }
+        let lab = builder.build()?;
+        fleet.id_seed = fnv1a(lab.prefix());
+        fleet.lab = Some(lab);
+        fleet.journal()?;
+        if fleet.opts.start_coordinator {
+            fleet.try_start_coordinator()?;
+        }
+        Ok(fleet)
+    }
+
+    fn agent_ip_in(subnet: Ipv4Addr, i: usize) -> Ipv4Addr {
+        let host = u8::try_from(usize::from(AGENT_HOST_BASE) + i).unwrap_or(u8::MAX);
+        host_addr(subnet, host)
+    }
+
+    // ----- layout -------------------------------------------------------------------------------
+
+    /// The topology.
+    pub fn lab(&self) -> &Lab {
+        match &self.lab {
+            Some(lab) => lab,
+            None => panic!("the fleet was detached"),
+        }
+    }
+
+    /// The topology, mutable (e.g. to add an intruder host).
+    pub fn lab_mut(&mut self) -> &mut Lab {
+        match &mut self.lab {
+            Some(lab) => lab,
+            None => panic!("the fleet was detached"),
+        }
+    }
+
+    /// The binaries in use.
+    pub fn bins(&self) -> &Binaries {
+        &self.bins
+    }
+
+    /// The work dir (data, state, logs, admin socket).
+    pub fn work_dir(&self) -> &Path {
+        self.work
+            .as_ref()
+            .map_or(Path::new("/nonexistent"), Work::path)
+    }
+
+    /// Directory of all process logs.
+    pub fn log_dir(&self) -> PathBuf {
+        self.work_dir().join("logs")
+    }
+
+    /// The coordinator's admin socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.work_dir().join("admin.sock")
+    }
+
+    /// The coordinator's data dir.
+    pub fn coordinator_data_dir(&self) -> PathBuf {
+        self.work_dir().join("coordinator").join("data")
+    }
+
+    /// The coordinator's underlay address (`.1`).
+    pub fn coordinator_ip(&self) -> Ipv4Addr {
+        host_addr(self.opts.subnet, COORD_HOST)
+    }
+
+    /// The enrollment endpoint agents dial (`COORD_IP:7443`).
+    pub fn enroll_endpoint(&self) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.coordinator_ip(), ENROLL_PORT))
+    }
+
+    /// The Fleet service endpoint inside the tunnel (`100.96.0.1:7000`).
+    pub fn fleet_endpoint(&self) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(OVERLAY_COORDINATOR, FLEET_PORT))
+    }
+
+    /// The coordinator's namespace.
+    pub fn coordinator_ns(&self) -> &Netns {
+        self.lab().host(COORD_ROLE).ns()
+    }
+
+    /// Agent `i`'s namespace.
+    pub fn agent_ns(&self, i: usize) -> &Netns {
+        self.lab().host(&agent_name(i)).ns()
+    }
+
+    /// Agent `i`'s underlay address (`.10+i`).
+    pub fn agent_ip(&self, i: usize) -> Ipv4Addr {
+        Fleet::agent_ip_in(self.opts.subnet, i)
+    }
+
+    /// Agent `i`'s state dir.
+    pub fn agent_state_dir(&self, i: usize) -> PathBuf {
+        self.work_dir().join(agent_name(i)).join("state")
+    }
+
+    /// Agent `i`'s machine id (32 hex chars, distinct per agent and per lab).
+    pub fn agent_machine_id(&self, i: usize) -> String {
+        format!("{:016x}{:016x}", self.id_seed, i)
+    }
+
+    fn next_log(&mut self, name: &str) -> PathBuf {
+        let runs = self.logs.iter().filter(|l| l.name == name).count();
+        let file = if runs == 0 {
+            format!("{name}.log")
+        } else {
+            format!("{name}.{}.log", runs + 1)
+        };
+        self.log_dir().join(file)
+    }
+
+    fn spawn(&mut self, name: &str, ns: &str, program: &Path, args: &[String]) -> Result<Process> {
+        let log = self.next_log(name);
+        let mut builder = ProcessBuilder::new(name, program, &log)
+            .netns_name(ns)
+            .args(args)
+            .detached(self.opts.detached);
+        // The daemons read NIMBUS_* (config file, data dir, ...) from the environment: a developer's
+        // shell settings must not leak into the fleet. Flags alone define it.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("NIMBUS_") {
+                builder = builder.env_remove(key);
+            }
+        }
+        let process = builder.spawn()?;
+        self.logs.push(LogEntry {
+            name: name.to_string(),
+            path: log,
+            command_line: process.command_line().to_string(),
+        });
+        Ok(process)
+    }
+
+    // ----- coordinator --------------------------------------------------------------------------
+
+    /// The coordinator's command-line arguments for data dir `data_dir` (ports, advertise address, admin
+    /// socket, TUN name, text logs, plus [`FleetOptions::coordinator_args`]).
+    pub fn coordinator_args(&self, data_dir: &Path) -> Vec<String> {
+        let ip = self.coordinator_ip();
+        let mut args = vec![
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--enroll-listen".into(),
+            format!("{ip}:{ENROLL_PORT}"),
+            "--wg-listen".into(),
+            format!("{ip}:{WG_PORT}"),
+            "--advertise-address".into(),
+            ip.to_string(),
+            "--admin-socket".into(),
+            self.admin_socket().display().to_string(),
+            "--tun-name".into(),
+            TUN_NAME.into(),
+            "--log-format".into(),
+            "text".into(),
+        ];
+        args.extend(self.opts.coordinator_args.iter().cloned());
+        args
+    }
+
+    /// A [`Command`] running the coordinator in its namespace with `args` (for startup-failure tests).
+    pub fn coordinator_command(&self, args: &[String]) -> Command {
+        let mut cmd = self.coordinator_ns().exec(&self.bins.coordinator);
+        cmd.args(args);
+        cmd
+    }
+
+    /// Starts (or restarts) the coordinator with the fleet's data dir and waits until `nimbusctl nodes`
+    /// answers. Fails at once if it exits.
+    pub fn try_start_coordinator(&mut self) -> Result<&Process> {
+        if self.coordinator.as_ref().is_some_and(Process::is_running) {
+            return Err(HarnessError::Misuse(
+                "the coordinator is already running: kill or terminate it first".into(),
+            ));
+        }
+        let data_dir = self.coordinator_data_dir();
+        if let Some(parent) = data_dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| HarnessError::io(format!("creating {}", parent.display()), e))?;
+        }
+        let args = self.coordinator_args(&data_dir);
+        let ns = self.coordinator_ns().name().to_string();
+        let program = self.bins.coordinator.clone();
+        let process = self.spawn("coordinator", &ns, &program, &args)?;
+        self.coordinator = Some(process);
+        self.journal()?;
+        poll_until(
+            "the coordinator's admin socket to answer `nimbusctl nodes`",
+            patience(),
+            DEFAULT_POLL,
+            || {
+                if let Some(p) = &self.coordinator
+                    && let Some(status) = p.try_status()
+                {
+                    return Attempt::Fail(format!(
+                        "the coordinator exited ({}); its log:\n{}",
+                        Process::describe_status(Some(status)),
+                        tail(&p.log(), 40)
+                    ));
+                }
+                match self.try_ctl_json(&["nodes"]) {
+                    Ok(_) => Attempt::Done(()),
+                    Err(e) => Attempt::Retry(e.to_string()),
+                }
+            },
+        )?;
+        self.coordinator
+            .as_ref()
+            .ok_or_else(|| HarnessError::GaveUp {
+                what: "the coordinator".into(),
+                reason: "vanished".into(),
+            })
+    }
+
+    /// [`Fleet::try_start_coordinator`], panicking on error.
+    pub fn start_coordinator(&mut self) -> &Process {
+        if let Err(e) = self.try_start_coordinator() {
+            panic!("starting the coordinator: {e}");
+        }
+        self.coordinator()
+    }
+
+    /// The coordinator process.
+    ///
+    /// # Panics
+    /// If it was never started.
+    pub fn coordinator(&self) -> &Process {
+        match &self.coordinator {
+            Some(p) => p,
+            None => panic!("the coordinator was not started"),
+        }
+    }
+
+    // ----- nimbusctl ----------------------------------------------------------------------------
+
+    /// Runs `nimbusctl --socket SOCK ARGS...` (from the root namespace), with a 30 s limit.
+    pub fn try_ctl(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new(&self.bins.ctl);
+        cmd.arg("--socket").arg(self.admin_socket()).args(args);
+        run_with_timeout(&mut cmd, COMMAND_TIMEOUT)
+    }
+
+    /// [`Fleet::try_ctl`]; the [`Output`] is returned whatever the exit status.
+    ///
+    /// # Panics
+    /// If nimbusctl cannot be run or hangs.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.try_ctl(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `nimbusctl -o json ARGS...`, requiring exit 0 and JSON on stdout.
+    pub fn try_ctl_json(&self, args: &[&str]) -> Result<Value> {
+        let mut full = vec!["-o", "json"];
+        full.extend_from_slice(args);
+        let out = self.try_ctl(&full)?;
+        let what = format!("nimbusctl {}", full.join(" "));
+        if !out.status.success() {
+            let mut cmd = Command::new(&self.bins.ctl);
+            cmd.args(&full);
+            return Err(HarnessError::CommandFailed {
+                command: describe(&cmd),
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| HarnessError::BadOutput {
+            what,
+            reason: format!(
+                "stdout is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            ),
+        })
+    }
+
+    /// [`Fleet::try_ctl_json`], panicking on error.
+    pub fn ctl_json(&self, args: &[&str]) -> Value {
+        self.try_ctl_json(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `nimbusctl -o json token create --ttl TTL --uses USES`.
+    pub fn try_create_token(&self, ttl: &str, uses: u32) -> Result<JoinToken> {
+        let uses = uses.to_string();
+        let json = self.try_ctl_json(&["token", "create", "--ttl", ttl, "--uses", &uses])?;
+        let field = |key: &str| -> Result<String> {
+            json.get(key)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| HarnessError::BadOutput {
+                    what: "nimbusctl -o json token create".into(),
+                    reason: format!("no string field {key:?} in {json}"),
+                })
+        };
+        Ok(JoinToken {
+            token: field("token")?,
+            id: field("token_id")?,
+            ca_pin: field("ca_pin")?,
+            json: json.clone(),
+        })
+    }
+
+    /// [`Fleet::try_create_token`], panicking on error.
+    pub fn create_token(&self, ttl: &str, uses: u32) -> JoinToken {
+        self.try_create_token(ttl, uses)
+            .unwrap_or_else(|e| panic!("creating a token: {e}"))
+    }
+
+    /// `nimbusctl -o json token list`.
+    pub fn tokens(&self) -> Vec<Value> {
+        as_array(self.ctl_json(&["token", "list"]), "token list")
+    }
+
+    /// The `token list` entry with id `id`.
+    ///
+    /// # Panics
+    /// If there is none.
+    pub fn token(&self, id: &str) -> Value {
+        let tokens = self.tokens();
+        tokens
+            .iter()
+            .find(|t| str_field(t, "id") == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("token {id} not in `token list`: {tokens:?}"))
+    }
+
+    /// `nimbusctl -o json nodes`.
+    pub fn try_nodes(&self) -> Result<Vec<Value>> {
+        let value = self.try_ctl_json(&["nodes"])?;
+        match value {
+            Value::Array(nodes) => Ok(nodes),
+            other => Err(HarnessError::BadOutput {
+                what: "nimbusctl -o json nodes".into(),
+                reason: format!("expected a JSON array, got {other}"),
+            }),
+        }
+    }
+
+    /// [`Fleet::try_nodes`], panicking on error.
+    pub fn nodes(&self) -> Vec<Value> {
+        self.try_nodes().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The node called `name` from `nodes`, if listed.
+    pub fn node(&self, name: &str) -> Option<Value> {
+        self.nodes()
+            .into_iter()
+            .find(|n| str_field(n, "name") == name)
+    }
+
+    // ----- agents -------------------------------------------------------------------------------
+
+    /// Agent `i`'s arguments: enrollment endpoint, token and pin (if given), state dir, node name,
+    /// machine id, TUN name, text logs, then `extra`.
+    pub fn agent_args(&self, i: usize, token: Option<&JoinToken>, extra: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            "--coordinator".to_string(),
+            self.enroll_endpoint().to_string(),
+        ];
+        if let Some(t) = token {
+            args.extend([
+                "--token".to_string(),
+                t.token.clone(),
+                "--ca-pin".into(),
+                t.ca_pin.clone(),
+            ]);
+        }
+        args.extend([
+            "--state-dir".to_string(),
+            self.agent_state_dir(i).display().to_string(),
+            "--node-name".into(),
+            agent_name(i),
+            "--machine-id".into(),
+            self.agent_machine_id(i),
+            "--tun-name".into(),
+            TUN_NAME.into(),
+            "--log-format".into(),
+            "text".into(),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Starts agent `i` in its namespace (replacing, i.e. stopping, a previous process for it).
+    /// Without a token it relies on the identity in its state dir.
+    pub fn try_start_agent(
+        &mut self,
+        i: usize,
+        token: Option<&JoinToken>,
+        extra: &[&str],
+    ) -> Result<&Process> {
+        if let Some(old) = self.agents.remove(&i) {
+            old.stop(crate::process::STOP_GRACE);
+        }
+        let state_dir = self.agent_state_dir(i);
+        std::fs::create_dir_all(&state_dir)
+            .map_err(|e| HarnessError::io(format!("creating {}", state_dir.display()), e))?;
+        let args = self.agent_args(i, token, extra);
+        let ns = self.lab().try_host(&agent_name(i))?.ns().name().to_string();
+        let program = self.bins.agent.clone();
+        let process = self.spawn(&agent_name(i), &ns, &program, &args)?;
+        self.agents.insert(i, process);
+        self.journal()?;
+        self.agents.get(&i).ok_or_else(|| HarnessError::GaveUp {
+            what: agent_name(i),
+            reason: "vanished".into(),
+        })
+    }
+
+    /// [`Fleet::try_start_agent`], panicking on error.
+    pub fn start_agent(&mut self, i: usize, token: Option<&JoinToken>, extra: &[&str]) -> &Process {
+        if let Err(e) = self.try_start_agent(i, token, extra) {
+            panic!("starting {}: {e}", agent_name(i));
+        }
+        self.agent(i)
+    }
+
+    /// Agent `i`'s current process.
+    ///
+    /// # Panics
+    /// If it was never started.
+    pub fn agent(&self, i: usize) -> &Process {
+        self.agents
+            .get(&i)
+            .unwrap_or_else(|| panic!("{} was not started", agent_name(i)))
+    }
+
+    /// Waits (patience) for agent `i` to exit, then checks the exit code and that its log mentions `needle`
+    /// (case-insensitive). Returns the log.
+    ///
+    /// # Panics
+    /// If it is still running, exits differently, or the log lacks `needle` (the message includes the log).
+    pub fn expect_agent_exit(&self, i: usize, code: i32, needle: &str) -> String {
+        let agent = self.agent(i);
+        let status = agent.wait_exit(patience());
+        let log = agent.log();
+        let name = agent_name(i);
+        match status.and_then(|s| s.code()) {
+            Some(c) if c == code => {}
+            _ => panic!(
+                "{name}: expected exit code {code}, got {} after {:?}; log:\n{}",
+                Process::describe_status(status),
+                patience(),
+                tail(&log, 60)
+            ),
+        }
+        assert!(
+            log.to_lowercase().contains(&needle.to_lowercase()),
+            "{name} exited {code} but its log does not mention {needle:?}:\n{}",
+            tail(&log, 60)
+        );
+        log
+    }
+
+    /// Whether agent `i`'s state dir holds an identity ([`IDENTITY_FILE`]).
+    pub fn agent_has_identity(&self, i: usize) -> bool {
+        self.agent_state_dir(i).join(IDENTITY_FILE).exists()
+    }
+
+    /// Waits until every node in `names` is listed as `connected`; fails early when one of our agent
+    /// processes (or the coordinator) exits. `progress` gets a status line on every poll.
+    pub fn try_wait_connected(
+        &self,
+        names: &[String],
+        timeout: Duration,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Vec<Value>> {
+        let what = format!("{} to be connected", names.join(", "));
+        poll_until(&what, timeout, DEFAULT_POLL, || {
+            if let Some(c) = &self.coordinator
+                && let Some(status) = c.try_status()
+            {
+                return Attempt::Fail(format!(
+                    "the coordinator exited ({})",
+                    Process::describe_status(Some(status))
+                ));
+            }
+            for (i, p) in &self.agents {
+                if names.contains(&agent_name(*i))
+                    && let Some(status) = p.try_status()
+                {
+                    return Attempt::Fail(format!(
+                        "{} exited ({}); its log:\n{}",
+                        agent_name(*i),
+                        Process::describe_status(Some(status)),
+                        tail(&p.log(), 40)
+                    ));
+                }
+            }
+            let nodes = match self.try_nodes() {
+                Ok(n) => n,
+                Err(e) => return Attempt::Retry(e.to_string()),
+            };
+            let mut found = Vec::new();
+            let mut waiting = Vec::new();
+            for name in names {
+                match nodes.iter().find(|n| str_field(n, "name") == name) {
+                    Some(n) if str_field(n, "state") == "connected" => found.push(n.clone()),
+                    Some(n) => waiting.push(format!("{name} is {:?}", str_field(n, "state"))),
+                    None => waiting.push(format!("{name} is not listed")),
+                }
+            }
+            let line = format!(
+                "{}/{} connected{}",
+                found.len(),
+                names.len(),
+                if waiting.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", waiting.join(", "))
+                }
+            );
+            progress(&line);
+            if waiting.is_empty() {
+                Attempt::Done(found)
+            } else {
+                Attempt::Retry(line)
+            }
+        })
+    }
+
+    /// Waits (patience) until every node in `names` is `connected`; returns their node objects in order.
+    ///
+    /// # Panics
+    /// On timeout or when an agent exits, with the reason.
+    pub fn wait_connected<S: AsRef<str>>(&self, names: &[S]) -> Vec<Value> {
+        let names: Vec<String> = names.iter().map(|s| s.as_ref().to_string()).collect();
+        self.try_wait_connected(&names, patience(), &mut |_| {})
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Waits (patience) until node `name` has state `state`.
+    ///
+    /// # Panics
+    /// On timeout.
+    pub fn wait_node_state(&self, name: &str, state: &str) -> Value {
+        let what = format!("{name} to be {state}");
+        poll_until(&what, patience(), DEFAULT_POLL, || match self.try_nodes() {
+            Err(e) => Attempt::Retry(e.to_string()),
+            Ok(nodes) => match nodes.into_iter().find(|n| str_field(n, "name") == name) {
+                Some(n) if str_field(&n, "state") == state => Attempt::Done(n),
+                Some(n) => Attempt::Retry(format!("{name} is {:?}", str_field(&n, "state"))),
+                None => Attempt::Retry(format!("{name} is not listed")),
+            },
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    // ----- logs and state -----------------------------------------------------------------------
+
+    /// Every log written so far (including earlier runs of restarted processes), last 200 lines each.
+    pub fn dump_logs(&self) -> String {
+        let mut out = String::new();
+        for entry in &self.logs {
+            let text = std::fs::read(&entry.path)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "===== {} ({}) =====\n$ {}\n{}\n",
+                entry.name,
+                entry.path.display(),
+                entry.command_line,
+                tail(&text, 200)
+            ));
+        }
+        out
+    }
+
+    /// A snapshot of what exists now, as a [`LabState`].
+    pub fn state(&self) -> LabState {
+        let mut processes: Vec<_> = self.coordinator.iter().map(Process::record).collect();
+        processes.extend(self.agents.values().map(Process::record));
+        let mut data_dirs = vec![self.work_dir().join("coordinator")];
+        data_dirs.extend((1..=self.opts.agents).map(|i| self.work_dir().join(agent_name(i))));
+        LabState {
+            format: STATE_FORMAT,
+            created_at_unix: now_unix(),
+            work_dir: self.work_dir().to_path_buf(),
+            admin_socket: self.admin_socket(),
+            nimbusctl: self.bins.ctl.clone(),
+            namespaces: self.lab.as_ref().map(Lab::namespaces).unwrap_or_default(),
+            processes,
+            data_dirs,
+            log_dir: self.log_dir(),
+        }
+    }
+
+    fn save_state(&self, state: &LabState) -> Result<()> {
+        match &self.opts.state_file {
+            Some(path) => state.save(path),
+            None => Ok(()),
+        }
+    }
+
+    fn journal(&self) -> Result<()> {
+        self.save_state(&self.state())
+    }
+
+    /// Leaves everything running (processes must have been spawned detached), writes the final state
+    /// file if one is configured, and returns the state.
+    pub fn detach(mut self) -> Result<LabState> {
+        if !self.opts.detached {
+            return Err(HarnessError::Misuse(
+                "only a fleet built with `detached: true` can be detached".into(),
+            ));
+        }
+        let state = self.state();
+        self.save_state(&state)?;
+        if let Some(c) = self.coordinator.take() {
+            c.detach()?;
+        }
+        for (_, a) in std::mem::take(&mut self.agents) {
+            a.detach()?;
+        }
+        if let Some(lab) = self.lab.take() {
+            lab.persist();
+        }
+        if let Some(Work::Temp(t)) = self.work.take() {
+            let _ = t.keep();
+        }
+        Ok(state)
+    }
+
+    /// Stops every process: SIGTERM to all agents, then the coordinator; SIGKILL after `grace`.
+    pub fn stop_all(&mut self, grace: Duration) {
+        for agent in self.agents.values() {
+            let _ = agent.terminate();
+        }
+        let deadline = Instant::now() + grace;
+        for agent in self.agents.values() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if agent.wait_exit(left).is_none() {
+                agent.stop(Duration::ZERO);
+            }
+        }
+        self.agents.clear();
+        if let Some(c) = self.coordinator.take() {
+            c.stop(grace);
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // Stop first, so the dump includes what the daemons logged while shutting down.
+        self.stop_all(crate::process::STOP_GRACE);
+        if std::thread::panicking() && !self.logs.is_empty() {
+            eprintln!(
+                "\n----- process logs (test failed) -----\n{}",
+                self.dump_logs()
+            );
+        }
+        if let Some(mut lab) = self.lab.take()
+            && let Err(e) = lab.teardown()
+        {
+            eprintln!("nimbus-e2e: warning: {e}");
+        }
+        if let Some(Work::Temp(t)) = self.work.take()
+            && std::env::var(KEEP_ENV).is_ok_and(|v| v == "1")
+        {
+            eprintln!("nimbus-e2e: keeping {}", t.keep().display());
+        }
+    }
+}
+
+fn as_array(value: Value, what: &str) -> Vec<Value> {
+    match value {
+        Value::Array(items) => items,
+        other => panic!("nimbusctl -o json {what}: expected a JSON array, got {other}"),
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    let mut out = String::new();
+    if start > 0 {
+        out.push_str(&format!("[... {start} earlier lines ...]\n"));
+    }
+    out.push_str(&lines[start..].join("\n"));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn overlay_ip_accepts_plain_and_cidr_forms() {
+        assert_eq!(
+            overlay_ip(&json!({"overlay_ip": "100.96.0.7"})),
+            Ok(Ipv4Addr::new(100, 96, 0, 7))
+        );
+        assert_eq!(
+            overlay_ip(&json!({"overlay_ip": "100.96.1.2/32"})),
+            Ok(Ipv4Addr::new(100, 96, 1, 2))
+        );
+        assert!(overlay_ip(&json!({"overlay_ip": "nope"})).is_err());
+        assert!(overlay_ip(&json!({})).is_err());
+        assert!(in_overlay(Ipv4Addr::new(100, 96, 255, 1)));
+        assert!(!in_overlay(Ipv4Addr::new(100, 97, 0, 1)));
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        assert_eq!(tail("a\nb\nc", 2), "[... 1 earlier lines ...]\nb\nc");
+        assert_eq!(tail("a\nb", 5), "a\nb");
+    }
+
+    #[test]
+    fn join_token_variants_keep_other_fields() {
+        let t = JoinToken {
+            token: "nimbus1.x".into(),
+            id: "t1".into(),
+            ca_pin: "sha256:aa".into(),
+            json: json!({}),
+        };
+        assert_eq!(t.with_token("nimbus1.zz").ca_pin, "sha256:aa");
+        assert_eq!(t.with_pin("sha256:bb").token, "nimbus1.x");
+    }
+
+    #[test]
+    fn machine_ids_are_32_hex_chars() {
+        let id = format!("{:016x}{:016x}", fnv1a("nbe2e-1-0"), 3usize);
+        assert_eq!(id.len(), 32);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(fnv1a("nbe2e-1-0"), fnv1a("nbe2e-1-1"));
+    }
+}
