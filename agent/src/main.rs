@@ -138,7 +138,7 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "agent stopped");
+            // One line on stderr (journald keeps it); not repeated through the logger.
             eprintln!("nimbus-agent: {e}");
             ExitCode::from(e.exit_code())
         }

@@ -103,7 +103,7 @@ fn main() -> ExitCode {
     match rt.block_on(serve(args, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "coordinator stopped");
+            // One line on stderr (journald keeps it); not repeated through the logger.
             eprintln!("nimbus-coordinator: {e}");
             ExitCode::from(e.exit_code() as u8)
         }

@@ -148,11 +148,24 @@ impl Netns {
     ///
     /// Uses a short-lived thread that `setns`es, so the calling thread's namespace is untouched.
     pub fn bind_tcp(&self, addr: SocketAddr) -> Result<TcpListener> {
+        let name = self.name.clone();
+        self.run_in(move || TcpListener::bind(addr))?
+            .map_err(|e| HarnessError::io(format!("binding {addr} in namespace {name}"), e))
+    }
+
+    /// Run `f` on a short-lived thread that has entered this namespace, so the
+    /// sockets it creates live here (e.g. a gRPC client that must use an
+    /// agent's tunnel).
+    pub fn run_in<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
         let path = Path::new(NETNS_DIR).join(&self.name);
         let file = std::fs::File::open(&path)
             .map_err(|e| HarnessError::io(format!("opening namespace {}", path.display()), e))?;
         let name = self.name.clone();
-        let joined = std::thread::spawn(move || -> Result<TcpListener> {
+        let joined = std::thread::spawn(move || -> Result<T> {
             // SAFETY: setns on a valid, open namespace fd affects only this (short-lived) thread.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
             if rc != 0 {
@@ -161,14 +174,13 @@ impl Netns {
                     std::io::Error::last_os_error(),
                 ));
             }
-            TcpListener::bind(addr)
-                .map_err(|e| HarnessError::io(format!("binding {addr} in namespace {name}"), e))
+            Ok(f())
         })
         .join();
         joined.unwrap_or_else(|_| {
             Err(HarnessError::io(
-                "binding in namespace",
-                std::io::Error::other("binder thread panicked"),
+                "running in namespace",
+                std::io::Error::other("thread in namespace panicked"),
             ))
         })
     }

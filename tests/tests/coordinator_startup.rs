@@ -83,3 +83,62 @@ fn a_bad_config_file_exits_64() {
         describe(&out)
     );
 }
+
+#[test]
+fn a_tun_device_that_cannot_be_created_is_a_startup_error_and_leaves_nothing_behind() {
+    if !require_root() {
+        return;
+    }
+    let fleet = Fleet::setup(0);
+    // Another kind of interface already holds the TUN name.
+    fleet
+        .coordinator_ns()
+        .ip(["link", "add", e2e::fleet::TUN_NAME, "type", "bridge"])
+        .unwrap();
+    let out = run_coordinator(
+        &fleet,
+        &fleet.coordinator_args(&fleet.coordinator_data_dir()),
+    );
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(e2e::fleet::TUN_NAME)).collect();
+    assert!(
+        lines.iter().any(|l| l.contains("TUN")),
+        "stderr needs a line naming the TUN device and the cause:\n{}",
+        describe(&out)
+    );
+    assert!(
+        !fleet.admin_socket().exists(),
+        "a failed start must not leave its admin socket behind"
+    );
+}
+
+#[test]
+fn every_bad_config_key_is_reported_at_once() {
+    if !require_root() {
+        return;
+    }
+    let fleet = Fleet::setup(0);
+    let config = fleet.work_dir().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        "mtu = \"big\"\nfleet_prot = 7000\noverlay_cidr = \"100.96.0.0/40\"\n[tls]\nweird = 1\n",
+    )
+    .unwrap();
+    let mut args = fleet.coordinator_args(&fleet.coordinator_data_dir());
+    args.extend(["--config".to_string(), config.display().to_string()]);
+    let out = run_coordinator(&fleet, &args);
+    assert_eq!(out.status.code(), Some(64), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in ["mtu", "fleet_prot", "tls"] {
+        assert!(
+            stderr.lines().any(|l| l.contains(key)),
+            "{key} is not reported:\n{}",
+            describe(&out)
+        );
+    }
+    assert!(
+        !fleet.admin_socket().exists(),
+        "nothing binds before the configuration is valid"
+    );
+}

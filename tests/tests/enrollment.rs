@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use e2e::fleet::{OVERLAY_COORDINATOR, agent_name, in_overlay, overlay_ip, str_field};
-use e2e::{Fleet, eventually_patiently, require_root};
+use e2e::{Fleet, eventually_patiently, patience, require_root};
 use serde_json::Value;
 
 /// The node objects of `names`, once each reports an inventory.
@@ -147,4 +147,18 @@ fn a_wrong_ca_pin_is_refused() {
         1,
         "a refused handshake does not consume a use"
     );
+}
+
+#[test]
+fn an_unreachable_coordinator_is_reported_with_exit_69() {
+    if !require_root() {
+        return;
+    }
+    let mut fleet = Fleet::start(1);
+    let token = fleet.create_token("1h", 1);
+    fleet.coordinator().kill9().unwrap();
+    fleet.coordinator().wait_exit(patience());
+    fleet.start_agent(1, Some(&token), &[]);
+    fleet.expect_agent_exit(1, 69, "cannot reach the coordinator");
+    assert!(!fleet.agent_has_identity(1));
 }

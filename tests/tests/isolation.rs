@@ -54,3 +54,60 @@ fn fleet_service_is_unreachable_from_the_underlay() {
     // The legitimate path still works afterwards.
     fleet.agent_ns(1).tcp_connect(fleet_addr).unwrap();
 }
+
+/// A Hello over agent-1's tunnel that claims to be agent-2 is refused and logged: the coordinator knows
+/// the node from the WireGuard peer (overlay source address), never from what the message says.
+#[test]
+fn a_stream_claiming_another_nodes_id_is_refused() {
+    use nimbus_proto::agent_message::Msg;
+    use nimbus_proto::fleet_client::FleetClient;
+    use nimbus_proto::{AgentMessage, Hello};
+
+    if !require_root() {
+        return;
+    }
+    let (fleet, _token) = Fleet::with_connected_agents(2);
+    let id_of = |name: &str| e2e::fleet::str_field(&fleet.node(name).expect("node listed"), "id").to_string();
+    let (id1, id2) = (id_of("agent-1"), id_of("agent-2"));
+    let target = format!("http://{}", fleet.fleet_endpoint());
+
+    let claim = |claimed: String| {
+        let target = target.clone();
+        fleet
+            .agent_ns(1)
+            .run_in(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async move {
+                    let mut client = FleetClient::connect(target).await.map_err(|e| e.to_string())?;
+                    let hello = AgentMessage {
+                        msg: Some(Msg::Hello(Hello { node_id: claimed, agent_version: "spoof".into() })),
+                    };
+                    // Keep the request stream open so only the coordinator's verdict ends the call.
+                    let outbound = tokio_stream::StreamExt::chain(
+                        tokio_stream::iter(vec![hello]),
+                        tokio_stream::pending(),
+                    );
+                    match client.channel(outbound).await {
+                        Ok(_) => Ok(()),
+                        Err(status) => Err(status),
+                    }
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+                })
+            })
+            .unwrap()
+    };
+
+    let refused = claim(id2.clone()).expect_err("a Hello naming agent-2 through agent-1's tunnel must be refused");
+    assert!(refused.starts_with("PermissionDenied"), "{refused}");
+    let log = fleet.coordinator().log();
+    assert!(
+        log.contains("claims another node's id") && log.contains(&id2),
+        "the refusal is logged with the claimed id:\n{log}"
+    );
+    // The same tunnel with its own id is accepted (the check is not a blanket refusal).
+    claim(id1).expect("agent-1's own id through its own tunnel is accepted");
+    eventually_patiently(|| {
+        let state = e2e::fleet::str_field(&fleet.node("agent-2").expect("agent-2 listed"), "state").to_string();
+        if state == "connected" { Ok(()) } else { Err(format!("agent-2 is {state}")) }
+    });
+}
