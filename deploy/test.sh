@@ -11,6 +11,8 @@ command -v cargo >/dev/null 2>&1 || {
 }
 # The tests lint deploy/*.sh with the shellcheck package.
 ./deploy/deps.sh shellcheck
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 # The e2e tests start the real binaries from target/debug.
 cargo build --workspace --bins --locked
 NIMBUS_REQUIRE_ROOT_TESTS=1 cargo test --workspace --locked

@@ -65,12 +65,15 @@ impl Config {
     /// Merge `file` with `o` (which wins) and validate everything.
     pub fn resolve(file: FileConfig, o: FileConfig) -> Result<Config, Vec<String>> {
         let mut errs = Vec::new();
-        let state_dir = o.state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let state_dir = o
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into());
         let coordinator = o.coordinator.or(file.coordinator);
-        if let Some(c) = &coordinator {
-            if c.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-                errs.push(format!("coordinator `{c}` must be HOST:PORT, e.g. 192.0.2.1:7443"));
-            }
+        if let Some(c) = &coordinator
+            && c.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none()
+        {
+            errs.push(format!("coordinator `{c}` must be HOST:PORT, e.g. 192.0.2.1:7443"));
         }
         let token = match (o.token.or(file.token), o.token_file.or(file.token_file)) {
             (Some(t), _) => Some(t.trim().to_string()),
@@ -94,22 +97,32 @@ impl Config {
             },
         };
         let node_name = o.node_name.or(file.node_name);
-        if let Some(n) = &node_name {
-            if n.is_empty() || n.len() > 63 || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                errs.push(format!("node_name `{n}` must be 1-63 characters of [A-Za-z0-9-]"));
-            }
+        if let Some(n) = &node_name
+            && (n.is_empty() || n.len() > 63 || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        {
+            errs.push(format!("node_name `{n}` must be 1-63 characters of [A-Za-z0-9-]"));
         }
         let machine_id = o.machine_id.or(file.machine_id);
-        if let Some(m) = &machine_id {
-            if m.len() != 32 || !m.chars().all(|c| c.is_ascii_hexdigit()) {
-                errs.push(format!("machine_id `{m}` must be 32 hexadecimal characters, like /etc/machine-id"));
-            }
+        if let Some(m) = &machine_id
+            && (m.len() != 32 || !m.chars().all(|c| c.is_ascii_hexdigit()))
+        {
+            errs.push(format!(
+                "machine_id `{m}` must be 32 hexadecimal characters, like /etc/machine-id"
+            ));
         }
         let tun_name = o.tun_name.or(file.tun_name).unwrap_or_else(|| DEFAULT_TUN_NAME.into());
-        if tun_name.is_empty() || tun_name.len() > 15 || !tun_name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            errs.push(format!("tun_name `{tun_name}` is not a valid interface name: 1-15 characters of [A-Za-z0-9._-]"));
+        if tun_name.is_empty()
+            || tun_name.len() > 15
+            || !tun_name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            errs.push(format!(
+                "tun_name `{tun_name}` is not a valid interface name: 1-15 characters of [A-Za-z0-9._-]"
+            ));
         }
-        let wg_s = o.wg_listen.or(file.wg_listen).unwrap_or_else(|| DEFAULT_WG_LISTEN.into());
+        let wg_s = o
+            .wg_listen
+            .or(file.wg_listen)
+            .unwrap_or_else(|| DEFAULT_WG_LISTEN.into());
         let wg_listen = match wg_s.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
@@ -122,7 +135,9 @@ impl Config {
             Some(s) => match humantime::parse_duration(&s) {
                 Ok(d) if !d.is_zero() => d,
                 _ => {
-                    errs.push(format!("revocation_check_after `{s}` is not a positive duration such as 60s"));
+                    errs.push(format!(
+                        "revocation_check_after `{s}` is not a positive duration such as 60s"
+                    ));
                     DEFAULT_REVOCATION_CHECK_AFTER
                 }
             },
@@ -162,8 +177,15 @@ mod tests {
 
     #[test]
     fn flags_override_file() {
-        let file = FileConfig { node_name: Some("from-file".into()), tun_name: Some("nt1".into()), ..Default::default() };
-        let o = FileConfig { node_name: Some("from-flag".into()), ..Default::default() };
+        let file = FileConfig {
+            node_name: Some("from-file".into()),
+            tun_name: Some("nt1".into()),
+            ..Default::default()
+        };
+        let o = FileConfig {
+            node_name: Some("from-flag".into()),
+            ..Default::default()
+        };
         let c = Config::resolve(file, o).unwrap();
         assert_eq!(c.node_name.as_deref(), Some("from-flag"));
         assert_eq!(c.tun_name, "nt1");
@@ -181,10 +203,24 @@ mod tests {
             ..Default::default()
         };
         let e = Config::resolve(FileConfig::default(), o).unwrap_err();
-        for k in ["coordinator", "ca_pin", "machine_id", "node_name", "wg_listen", "revocation_check_after"] {
+        for k in [
+            "coordinator",
+            "ca_pin",
+            "machine_id",
+            "node_name",
+            "wg_listen",
+            "revocation_check_after",
+        ] {
             assert!(e.iter().any(|l| l.contains(k)), "{k} missing from {e:?}");
         }
-        let c = Config::resolve(FileConfig { token: Some("nimbus1.a.secretsecret".into()), ..Default::default() }, FileConfig::default()).unwrap();
+        let c = Config::resolve(
+            FileConfig {
+                token: Some("nimbus1.a.secretsecret".into()),
+                ..Default::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap();
         assert!(!format!("{c:?}").contains("secretsecret"));
     }
 }

@@ -29,35 +29,65 @@ pub struct HostFacts {
 pub fn check_token_shape(token: &str) -> Result<(), AgentError> {
     let parts: Vec<&str> = token.split('.').collect();
     if parts.len() != 3 || parts[0] != "nimbus1" {
-        return Err(AgentError::MalformedToken("it must have three dot-separated parts starting with `nimbus1`".into()));
+        return Err(AgentError::MalformedToken(
+            "it must have three dot-separated parts starting with `nimbus1`".into(),
+        ));
     }
-    if parts[1..].iter().any(|p| p.is_empty() || !p.chars().all(|c| c.is_ascii_alphanumeric())) {
-        return Err(AgentError::MalformedToken("id and secret must be non-empty and alphanumeric".into()));
+    if parts[1..]
+        .iter()
+        .any(|p| p.is_empty() || !p.chars().all(|c| c.is_ascii_alphanumeric()))
+    {
+        return Err(AgentError::MalformedToken(
+            "id and secret must be non-empty and alphanumeric".into(),
+        ));
     }
     Ok(())
 }
 
 async fn channel(addr: &str, pin: &pki::Pin) -> Result<tonic::transport::Channel, AgentError> {
-    pki::connect_pinned(addr, pin, CONNECT_TIMEOUT).await.map_err(|e| match e {
-        pki::PkiError::PinMismatch { .. } => AgentError::PinMismatch { addr: addr.into(), pin: pin.to_string(), detail: e.to_string() },
-        pki::PkiError::Unreachable { .. } => AgentError::Unreachable { addr: addr.into(), detail: e.to_string() },
-        other => AgentError::Unreachable { addr: addr.into(), detail: other.to_string() },
-    })
+    pki::connect_pinned(addr, pin, CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| match e {
+            pki::PkiError::PinMismatch { .. } => AgentError::PinMismatch {
+                addr: addr.into(),
+                pin: pin.to_string(),
+                detail: e.to_string(),
+            },
+            pki::PkiError::Unreachable { .. } => AgentError::Unreachable {
+                addr: addr.into(),
+                detail: e.to_string(),
+            },
+            other => AgentError::Unreachable {
+                addr: addr.into(),
+                detail: other.to_string(),
+            },
+        })
 }
 
 fn status_err(addr: &str, s: tonic::Status) -> AgentError {
     match s.code() {
-        Code::InvalidArgument if s.message().contains("malformed join token") => AgentError::MalformedToken(s.message().to_string()),
+        Code::InvalidArgument if s.message().contains("malformed join token") => {
+            AgentError::MalformedToken(s.message().to_string())
+        }
         Code::Unauthenticated | Code::PermissionDenied | Code::InvalidArgument | Code::ResourceExhausted => {
             AgentError::Refused(s.message().to_string())
         }
-        Code::Unavailable | Code::DeadlineExceeded => AgentError::Unreachable { addr: addr.into(), detail: s.message().to_string() },
+        Code::Unavailable | Code::DeadlineExceeded => AgentError::Unreachable {
+            addr: addr.into(),
+            detail: s.message().to_string(),
+        },
         _ => AgentError::Other(format!("enrollment failed: {}", s.message())),
     }
 }
 
 /// Enroll with `token`, returning the identity to persist.
-pub async fn enroll(addr: &str, pin: &pki::Pin, token: &str, key: &tunnel::PublicKey, facts: HostFacts) -> Result<Identity, AgentError> {
+pub async fn enroll(
+    addr: &str,
+    pin: &pki::Pin,
+    token: &str,
+    key: &tunnel::PublicKey,
+    facts: HostFacts,
+) -> Result<Identity, AgentError> {
     check_token_shape(token)?;
     let ch = channel(addr, pin).await?;
     let mut client = EnrollmentClient::new(ch);
@@ -71,21 +101,44 @@ pub async fn enroll(addr: &str, pin: &pki::Pin, token: &str, key: &tunnel::Publi
     };
     let r = tokio::time::timeout(CALL_TIMEOUT, client.enroll(req))
         .await
-        .map_err(|_| AgentError::Unreachable { addr: addr.into(), detail: "no answer within 30 s".into() })?
+        .map_err(|_| AgentError::Unreachable {
+            addr: addr.into(),
+            detail: "no answer within 30 s".into(),
+        })?
         .map_err(|s| status_err(addr, s))?
         .into_inner();
-    let bad = |what: &str| AgentError::Other(format!("the coordinator's enrollment answer has an invalid {what}; is it a compatible version?"));
-    let coordinator_key = tunnel::keys::public_key_from_bytes(&r.coordinator_wg_public_key).map_err(|_| bad("WireGuard key"))?;
+    let bad = |what: &str| {
+        AgentError::Other(format!(
+            "the coordinator's enrollment answer has an invalid {what}; is it a compatible version?"
+        ))
+    };
+    let coordinator_key =
+        tunnel::keys::public_key_from_bytes(&r.coordinator_wg_public_key).map_err(|_| bad("WireGuard key"))?;
     Ok(Identity {
         node_id: r.node_id,
         node_name: r.node_name,
         overlay_ip: r.overlay_ip.parse::<Ipv4Addr>().map_err(|_| bad("overlay IP"))?,
-        overlay_prefix_len: u8::try_from(r.overlay_prefix_len).ok().filter(|p| *p <= 32).ok_or_else(|| bad("prefix length"))?,
+        overlay_prefix_len: u8::try_from(r.overlay_prefix_len)
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| bad("prefix length"))?,
         coordinator_public_key: tunnel::keys::public_key_to_base64(&coordinator_key),
-        coordinator_wg_endpoint: r.coordinator_wg_endpoint.parse::<SocketAddr>().map_err(|_| bad("WireGuard endpoint"))?,
-        coordinator_overlay_ip: r.coordinator_overlay_ip.parse::<Ipv4Addr>().map_err(|_| bad("coordinator overlay IP"))?,
-        fleet_port: u16::try_from(r.fleet_port).ok().filter(|p| *p != 0).ok_or_else(|| bad("fleet port"))?,
-        mtu: u16::try_from(r.mtu).ok().filter(|m| (1280..=9000).contains(m)).ok_or_else(|| bad("MTU"))?,
+        coordinator_wg_endpoint: r
+            .coordinator_wg_endpoint
+            .parse::<SocketAddr>()
+            .map_err(|_| bad("WireGuard endpoint"))?,
+        coordinator_overlay_ip: r
+            .coordinator_overlay_ip
+            .parse::<Ipv4Addr>()
+            .map_err(|_| bad("coordinator overlay IP"))?,
+        fleet_port: u16::try_from(r.fleet_port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad("fleet port"))?,
+        mtu: u16::try_from(r.mtu)
+            .ok()
+            .filter(|m| (1280..=9000).contains(m))
+            .ok_or_else(|| bad("MTU"))?,
         enroll_endpoint: addr.to_string(),
         ca_pin: pin.to_string(),
     })
@@ -95,12 +148,23 @@ pub async fn enroll(addr: &str, pin: &pki::Pin, token: &str, key: &tunnel::Publi
 pub async fn status(addr: &str, pin: &pki::Pin, key: &tunnel::PublicKey) -> Result<(NodeStatus, String), AgentError> {
     let ch = channel(addr, pin).await?;
     let mut client = EnrollmentClient::new(ch);
-    let r = tokio::time::timeout(CALL_TIMEOUT, client.status(StatusRequest { wg_public_key: key.as_bytes().to_vec() }))
-        .await
-        .map_err(|_| AgentError::Unreachable { addr: addr.into(), detail: "no answer within 30 s".into() })?
-        .map_err(|s| status_err(addr, s))?
-        .into_inner();
-    Ok((NodeStatus::try_from(r.status).unwrap_or(NodeStatus::Unspecified), r.reason))
+    let r = tokio::time::timeout(
+        CALL_TIMEOUT,
+        client.status(StatusRequest {
+            wg_public_key: key.as_bytes().to_vec(),
+        }),
+    )
+    .await
+    .map_err(|_| AgentError::Unreachable {
+        addr: addr.into(),
+        detail: "no answer within 30 s".into(),
+    })?
+    .map_err(|s| status_err(addr, s))?
+    .into_inner();
+    Ok((
+        NodeStatus::try_from(r.status).unwrap_or(NodeStatus::Unspecified),
+        r.reason,
+    ))
 }
 
 #[cfg(test)]
@@ -110,7 +174,14 @@ mod tests {
     #[test]
     fn token_shape() {
         assert!(check_token_shape("nimbus1.abc123.def456").is_ok());
-        for bad in ["", "nimbus1.zz", "nimbus2.a.b", "nimbus1..b", "nimbus1.a.b c", "nimbus1.a.b.c"] {
+        for bad in [
+            "",
+            "nimbus1.zz",
+            "nimbus2.a.b",
+            "nimbus1..b",
+            "nimbus1.a.b c",
+            "nimbus1.a.b.c",
+        ] {
             let e = check_token_shape(bad).unwrap_err();
             assert!(e.to_string().contains("malformed join token"), "{bad}: {e}");
             assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);

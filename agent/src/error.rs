@@ -22,11 +22,15 @@ pub enum AgentError {
     Config(Vec<String>),
     #[error("malformed join token: {0}; expected nimbus1.<id>.<secret> as printed by `nimbusctl token create`")]
     MalformedToken(String),
-    #[error("this host is not enrolled yet and no join token was given: pass --token (or --token-file) from `nimbusctl token create`")]
+    #[error(
+        "this host is not enrolled yet and no join token was given: pass --token (or --token-file) from `nimbusctl token create`"
+    )]
     NoToken,
     #[error("enrollment refused by the coordinator: {0}")]
     Refused(String),
-    #[error("the coordinator at {addr} presented a certificate that does not match the pin {pin}: {detail}; check --ca-pin against `nimbusctl token create`")]
+    #[error(
+        "the coordinator at {addr} presented a certificate that does not match the pin {pin}: {detail}; check --ca-pin against `nimbusctl token create`"
+    )]
     PinMismatch { addr: String, pin: String, detail: String },
     #[error("cannot reach the coordinator at {addr}: {detail}; check --coordinator and that TCP port is open")]
     Unreachable { addr: String, detail: String },

@@ -34,12 +34,19 @@ pub struct Identity {
 }
 
 fn state_err(path: &Path, e: impl std::fmt::Display) -> AgentError {
-    AgentError::StateDir { path: path.to_path_buf(), detail: e.to_string() }
+    AgentError::StateDir {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    }
 }
 
 /// Create the state directory (0700) and prove it is writable.
 pub fn prepare_state_dir(dir: &Path) -> Result<(), AgentError> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| state_err(dir, e))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| state_err(dir, e))?;
     let probe = dir.join(".write-test");
     std::fs::write(&probe, b"").map_err(|e| state_err(dir, format!("not writable: {e}")))?;
     let _ = std::fs::remove_file(&probe);
@@ -58,9 +65,14 @@ pub fn load(dir: &Path) -> Result<Option<Identity>, AgentError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(state_err(&p, e)),
     };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| state_err(&p, format!("unreadable identity ({e}); to enroll this host again remove the state directory and use a new token")))
+    serde_json::from_str(&text).map(Some).map_err(|e| {
+        state_err(
+            &p,
+            format!(
+                "unreadable identity ({e}); to enroll this host again remove the state directory and use a new token"
+            ),
+        )
+    })
 }
 
 /// Write the identity atomically (temp file 0600, fsync, rename).
@@ -75,8 +87,11 @@ pub fn save(dir: &Path, id: &Identity) -> Result<(), AgentError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| state_err(&tmp, e))?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| state_err(&tmp, e))?;
-    f.write_all(&body).and_then(|_| f.sync_all()).map_err(|e| state_err(&tmp, e))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| state_err(&tmp, e))?;
+    f.write_all(&body)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| state_err(&tmp, e))?;
     std::fs::rename(&tmp, &p).map_err(|e| state_err(&p, e))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();

@@ -8,7 +8,10 @@ use nimbus_proto::Inventory;
 /// Read hostname, CPU count, memory, kernel and OS release under `root`.
 pub fn collect(root: &Path, hostname: &str) -> Inventory {
     let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_default();
-    let cpus = read("proc/cpuinfo").lines().filter(|l| l.starts_with("processor")).count() as u32;
+    let cpus = read("proc/cpuinfo")
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count() as u32;
     let memory_bytes = read("proc/meminfo")
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))
@@ -17,7 +20,13 @@ pub fn collect(root: &Path, hostname: &str) -> Inventory {
         .unwrap_or(0);
     let kernel = read("proc/sys/kernel/osrelease").trim().to_string();
     let os_release = parse_os_release(&read("etc/os-release"));
-    Inventory { hostname: hostname.to_string(), cpus, memory_bytes, kernel, os_release }
+    Inventory {
+        hostname: hostname.to_string(),
+        cpus,
+        memory_bytes,
+        kernel,
+        os_release,
+    }
 }
 
 fn parse_os_release(text: &str) -> String {
@@ -44,7 +53,10 @@ mod tests {
         w("proc/cpuinfo", "processor\t: 0\nmodel name\t: X\n\nprocessor\t: 1\n");
         w("proc/meminfo", "MemTotal:       2048 kB\nMemFree: 1 kB\n");
         w("proc/sys/kernel/osrelease", "6.1.0-test\n");
-        w("etc/os-release", "NAME=\"Debian\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n");
+        w(
+            "etc/os-release",
+            "NAME=\"Debian\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n",
+        );
         let inv = collect(d.path(), "h1");
         assert_eq!(inv.cpus, 2);
         assert_eq!(inv.memory_bytes, 2048 * 1024);

@@ -109,7 +109,10 @@ fn main() -> ExitCode {
             return ExitCode::from(agent::error::EXIT_USAGE);
         }
     };
-    daemon::logging::init(cfg.log_format.parse().unwrap_or(daemon::logging::LogFormat::Text), "info");
+    daemon::logging::init(
+        cfg.log_format.parse().unwrap_or(daemon::logging::LogFormat::Text),
+        "info",
+    );
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -118,7 +121,8 @@ fn main() -> ExitCode {
         }
     };
     let res = rt.block_on(async move {
-        let mut signals = Signals::new().map_err(|e| agent::AgentError::Other(format!("cannot install signal handlers: {e}")))?;
+        let mut signals =
+            Signals::new().map_err(|e| agent::AgentError::Other(format!("cannot install signal handlers: {e}")))?;
         let _watchdog = notify::spawn_watchdog();
         let shutdown = async move {
             loop {

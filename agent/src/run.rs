@@ -40,11 +40,18 @@ pub struct NoEvents;
 impl Events for NoEvents {}
 
 fn read_trimmed(p: &str) -> Option<String> {
-    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 fn hostname() -> String {
-    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).or_else(|| read_trimmed("/etc/hostname")).unwrap_or_else(|| "unknown".into())
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .or_else(|| read_trimmed("/etc/hostname"))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Get an identity: the persisted one, or a new one from enrollment.
@@ -55,10 +62,21 @@ async fn identity(cfg: &Config, key: &tunnel::PublicKey) -> Result<Identity, Age
     }
     let token = cfg.token.as_deref().ok_or(AgentError::NoToken)?;
     enroll::check_token_shape(token)?;
-    let addr = cfg.coordinator.as_deref().ok_or_else(|| AgentError::Config(vec!["--coordinator HOST:PORT is required to enroll".into()]))?;
-    let pin = cfg.ca_pin.as_ref().ok_or_else(|| AgentError::Config(vec!["--ca-pin is required to enroll (printed by `nimbusctl token create`)".into()]))?;
+    let addr = cfg
+        .coordinator
+        .as_deref()
+        .ok_or_else(|| AgentError::Config(vec!["--coordinator HOST:PORT is required to enroll".into()]))?;
+    let pin = cfg.ca_pin.as_ref().ok_or_else(|| {
+        AgentError::Config(vec![
+            "--ca-pin is required to enroll (printed by `nimbusctl token create`)".into(),
+        ])
+    })?;
     let host = hostname();
-    let machine_id = cfg.machine_id.clone().or_else(|| read_trimmed("/etc/machine-id")).unwrap_or_default();
+    let machine_id = cfg
+        .machine_id
+        .clone()
+        .or_else(|| read_trimmed("/etc/machine-id"))
+        .unwrap_or_default();
     let facts = HostFacts {
         node_name: cfg.node_name.clone().unwrap_or_else(|| host.clone()),
         hostname: host,
@@ -110,7 +128,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn E
 }
 
 /// Reconnect forever; return only on revocation.
-async fn stay_connected(cfg: &Config, id: &Identity, key: &tunnel::PublicKey, stop: watch::Receiver<bool>, events: &dyn Events) -> Result<(), AgentError> {
+async fn stay_connected(
+    cfg: &Config,
+    id: &Identity,
+    key: &tunnel::PublicKey,
+    stop: watch::Receiver<bool>,
+    events: &dyn Events,
+) -> Result<(), AgentError> {
     let mut backoff = MIN_BACKOFF;
     let mut last_ok = Instant::now();
     let mut last_check = Instant::now();
@@ -134,7 +158,9 @@ async fn stay_connected(cfg: &Config, id: &Identity, key: &tunnel::PublicKey, st
             return Ok(());
         }
         // The tunnel has stayed dead for a while: maybe we were revoked while offline.
-        if last_ok.elapsed() >= cfg.revocation_check_after && last_check.elapsed() >= cfg.revocation_check_after.min(Duration::from_secs(60)) {
+        if last_ok.elapsed() >= cfg.revocation_check_after
+            && last_check.elapsed() >= cfg.revocation_check_after.min(Duration::from_secs(60))
+        {
             last_check = Instant::now();
             check_revoked(id, key).await?;
         }
@@ -178,7 +204,10 @@ enum SessionError {
 }
 
 fn failed(established: bool, why: impl std::fmt::Display) -> SessionError {
-    SessionError::Failed { established, why: why.to_string() }
+    SessionError::Failed {
+        established,
+        why: why.to_string(),
+    }
 }
 
 /// One fleet stream, from connect to its end.
@@ -190,14 +219,27 @@ async fn session(id: &Identity, mut stop: watch::Receiver<bool>, events: &dyn Ev
         .http2_keep_alive_interval(Duration::from_secs(15))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
-    let channel = endpoint.connect().await.map_err(|e| failed(false, format!("cannot connect to {target} through the tunnel: {e}")))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| failed(false, format!("cannot connect to {target} through the tunnel: {e}")))?;
     let mut client = FleetClient::new(channel);
 
     let (tx, rx) = mpsc::channel::<AgentMessage>(16);
     let send = |m: AgentMsg| AgentMessage { msg: Some(m) };
-    let _ = tx.try_send(send(AgentMsg::Hello(Hello { node_id: id.node_id.clone(), agent_version: crate::VERSION.into() })));
-    let _ = tx.try_send(send(AgentMsg::Inventory(inventory::collect(Path::new("/"), &hostname()))));
-    let mut inbound = client.channel(ReceiverStream::new(rx)).await.map_err(|s| failed(false, s.message()))?.into_inner();
+    let _ = tx.try_send(send(AgentMsg::Hello(Hello {
+        node_id: id.node_id.clone(),
+        agent_version: crate::VERSION.into(),
+    })));
+    let _ = tx.try_send(send(AgentMsg::Inventory(inventory::collect(
+        Path::new("/"),
+        &hostname(),
+    ))));
+    let mut inbound = client
+        .channel(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| failed(false, s.message()))?
+        .into_inner();
 
     let interval = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
         Ok(Ok(Some(m))) => match m.msg {

@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nimbus_proto::admin_server::Admin;
 use nimbus_proto::coordinator_message::Msg as CoordMsg;
 use nimbus_proto::{
-    CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, GetNodeRequest, Inventory, ListNodesRequest, ListNodesResponse,
-    ListTokensRequest, ListTokensResponse, Node, RevokeNodeRequest, RevokeNodeResponse, RevokeTokenRequest, RevokeTokenResponse,
-    Revoked, TokenInfo,
+    CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, GetNodeRequest, Inventory, ListNodesRequest,
+    ListNodesResponse, ListTokensRequest, ListTokensResponse, Node, RevokeNodeRequest, RevokeNodeResponse,
+    RevokeTokenRequest, RevokeTokenResponse, Revoked, TokenInfo,
 };
 use tonic::{Request, Response, Status};
 
@@ -66,10 +66,17 @@ impl AdminService {
                 kernel: i.kernel,
                 os_release: i.os_release,
             }),
-            underlay_endpoint: stats.as_ref().and_then(|s| s.endpoint).map(|e| e.to_string()).unwrap_or_default(),
+            underlay_endpoint: stats
+                .as_ref()
+                .and_then(|s| s.endpoint)
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
             rx_bytes: stats.as_ref().map(|s| s.rx_bytes).unwrap_or(0),
             tx_bytes: stats.as_ref().map(|s| s.tx_bytes).unwrap_or(0),
-            handshake_age_secs: stats.and_then(|s| s.last_handshake_age).map(|d| d.as_secs()).unwrap_or(0),
+            handshake_age_secs: stats
+                .and_then(|s| s.last_handshake_age)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
         }
     }
 }
@@ -131,19 +138,25 @@ impl Admin for AdminService {
 
     async fn list_tokens(&self, _req: Request<ListTokensRequest>) -> Result<Response<ListTokensResponse>, Status> {
         let tokens = self.ctx.state(|s| s.list_tokens()).await?;
-        Ok(Response::new(ListTokensResponse { tokens: tokens.into_iter().map(token_view).collect() }))
+        Ok(Response::new(ListTokensResponse {
+            tokens: tokens.into_iter().map(token_view).collect(),
+        }))
     }
 
     async fn revoke_token(&self, req: Request<RevokeTokenRequest>) -> Result<Response<RevokeTokenResponse>, Status> {
         let id = req.into_inner().id;
         let rec = self.ctx.state(move |s| s.revoke_token(&id)).await?;
         tracing::info!(token_id = %rec.id, "join token revoked");
-        Ok(Response::new(RevokeTokenResponse { token: Some(token_view(rec)) }))
+        Ok(Response::new(RevokeTokenResponse {
+            token: Some(token_view(rec)),
+        }))
     }
 
     async fn list_nodes(&self, _req: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
         let nodes = self.ctx.state(|s| s.list_nodes()).await?;
-        Ok(Response::new(ListNodesResponse { nodes: nodes.into_iter().map(|n| self.node_view(n)).collect() }))
+        Ok(Response::new(ListNodesResponse {
+            nodes: nodes.into_iter().map(|n| self.node_view(n)).collect(),
+        }))
     }
 
     async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
@@ -151,19 +164,30 @@ impl Admin for AdminService {
         let shown = name.clone();
         match self.ctx.state(move |s| s.node_by_name(&name)).await? {
             Some(n) => Ok(Response::new(self.node_view(n))),
-            None => Err(Status::not_found(format!("no node named `{shown}`; list nodes with `nimbusctl nodes`"))),
+            None => Err(Status::not_found(format!(
+                "no node named `{shown}`; list nodes with `nimbusctl nodes`"
+            ))),
         }
     }
 
     async fn revoke_node(&self, req: Request<RevokeNodeRequest>) -> Result<Response<RevokeNodeResponse>, Status> {
         let r = req.into_inner();
-        let reason = if r.reason.is_empty() { "revoked by an operator".to_string() } else { crate::fleet::clip(r.reason, 256) };
+        let reason = if r.reason.is_empty() {
+            "revoked by an operator".to_string()
+        } else {
+            crate::fleet::clip(r.reason, 256)
+        };
         let name = r.name;
         let why = reason.clone();
-        let node = self.ctx.state(move |s| s.revoke_node(&name, &why, SystemTime::now())).await?;
+        let node = self
+            .ctx
+            .state(move |s| s.revoke_node(&name, &why, SystemTime::now()))
+            .await?;
         let was_connected = self.ctx.sessions.send(
             &node.id,
-            CoordinatorMessage { msg: Some(CoordMsg::Revoked(Revoked { reason: reason.clone() })) },
+            CoordinatorMessage {
+                msg: Some(CoordMsg::Revoked(Revoked { reason: reason.clone() })),
+            },
         );
         if was_connected {
             // Give the Revoked message time to cross the tunnel; the agent
@@ -178,6 +202,9 @@ impl Admin for AdminService {
             self.ctx.tunnel.remove_peer(&k);
         }
         tracing::warn!(node = %node.name, node_id = %node.id, %reason, was_connected, "node revoked; WireGuard peer removed");
-        Ok(Response::new(RevokeNodeResponse { node: Some(self.node_view(node)), was_connected }))
+        Ok(Response::new(RevokeNodeResponse {
+            node: Some(self.node_view(node)),
+            was_connected,
+        }))
     }
 }

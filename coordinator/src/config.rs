@@ -100,7 +100,10 @@ impl Config {
         let data_dir = o.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
         let enroll_listen = parse_addr(
             "enroll_listen",
-            o.enroll_listen.or(file.enroll_listen).as_deref().unwrap_or(DEFAULT_ENROLL_LISTEN),
+            o.enroll_listen
+                .or(file.enroll_listen)
+                .as_deref()
+                .unwrap_or(DEFAULT_ENROLL_LISTEN),
             &mut errs,
         );
         let wg_listen = parse_addr(
@@ -131,15 +134,22 @@ impl Config {
                 None => None,
             },
         };
-        let cidr_s = o.overlay_cidr.or(file.overlay_cidr).unwrap_or_else(|| DEFAULT_OVERLAY_CIDR.into());
+        let cidr_s = o
+            .overlay_cidr
+            .or(file.overlay_cidr)
+            .unwrap_or_else(|| DEFAULT_OVERLAY_CIDR.into());
         let overlay_cidr = match cidr_s.parse::<Ipv4Net>() {
             Ok(n) if n.prefix_len() <= 30 => Some(n.trunc()),
             Ok(_) => {
-                errs.push(format!("overlay_cidr `{cidr_s}` is too small: use a prefix of /30 or wider, e.g. 100.96.0.0/16"));
+                errs.push(format!(
+                    "overlay_cidr `{cidr_s}` is too small: use a prefix of /30 or wider, e.g. 100.96.0.0/16"
+                ));
                 None
             }
             Err(_) => {
-                errs.push(format!("overlay_cidr `{cidr_s}` is not an IPv4 CIDR: write it like 100.96.0.0/16"));
+                errs.push(format!(
+                    "overlay_cidr `{cidr_s}` is not an IPv4 CIDR: write it like 100.96.0.0/16"
+                ));
                 None
             }
         };
@@ -148,21 +158,38 @@ impl Config {
             errs.push("fleet_port must not be 0".into());
         }
         let tun_name = o.tun_name.or(file.tun_name).unwrap_or_else(|| DEFAULT_TUN_NAME.into());
-        if tun_name.is_empty() || tun_name.len() > 15 || !tun_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
-            errs.push(format!("tun_name `{tun_name}` is not a valid interface name: 1-15 characters of [A-Za-z0-9._-]"));
+        if tun_name.is_empty()
+            || tun_name.len() > 15
+            || !tun_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            errs.push(format!(
+                "tun_name `{tun_name}` is not a valid interface name: 1-15 characters of [A-Za-z0-9._-]"
+            ));
         }
         let mtu = o.mtu.or(file.mtu).unwrap_or(DEFAULT_MTU);
         if !(1280..=9000).contains(&mtu) {
-            errs.push(format!("mtu {mtu} is out of range: use 1280..=9000 (default {DEFAULT_MTU})"));
+            errs.push(format!(
+                "mtu {mtu} is out of range: use 1280..=9000 (default {DEFAULT_MTU})"
+            ));
         }
-        let admin_socket = o.admin_socket.or(file.admin_socket).unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into());
+        let admin_socket = o
+            .admin_socket
+            .or(file.admin_socket)
+            .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into());
         let heartbeat_interval = parse_duration(
             "heartbeat_interval",
             o.heartbeat_interval.or(file.heartbeat_interval),
             DEFAULT_HEARTBEAT_INTERVAL,
             &mut errs,
         );
-        let last_seen_flush = parse_duration("last_seen_flush", file.last_seen_flush, DEFAULT_LAST_SEEN_FLUSH, &mut errs);
+        let last_seen_flush = parse_duration(
+            "last_seen_flush",
+            file.last_seen_flush,
+            DEFAULT_LAST_SEEN_FLUSH,
+            &mut errs,
+        );
         let log_format = o.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
         if log_format != "text" && log_format != "json" {
             errs.push(format!("log_format `{log_format}` is not supported: use text or json"));
@@ -171,26 +198,31 @@ impl Config {
             (None, None, None) => None,
             (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
             _ => {
-                errs.push("tls_cert, tls_key and tls_ca must be given together (or none, to use the coordinator's own CA)".into());
+                errs.push(
+                    "tls_cert, tls_key and tls_ca must be given together (or none, to use the coordinator's own CA)"
+                        .into(),
+                );
                 None
             }
         };
         match (enroll_listen, wg_listen, advertise_address, overlay_cidr) {
-            (Some(enroll_listen), Some(wg_listen), Some(advertise_address), Some(overlay_cidr)) if errs.is_empty() => Ok(Config {
-                data_dir,
-                enroll_listen,
-                wg_listen,
-                advertise_address,
-                overlay_cidr,
-                fleet_port,
-                tun_name,
-                mtu,
-                admin_socket,
-                heartbeat_interval,
-                last_seen_flush,
-                log_format,
-                tls,
-            }),
+            (Some(enroll_listen), Some(wg_listen), Some(advertise_address), Some(overlay_cidr)) if errs.is_empty() => {
+                Ok(Config {
+                    data_dir,
+                    enroll_listen,
+                    wg_listen,
+                    advertise_address,
+                    overlay_cidr,
+                    fleet_port,
+                    tun_name,
+                    mtu,
+                    admin_socket,
+                    heartbeat_interval,
+                    last_seen_flush,
+                    log_format,
+                    tls,
+                })
+            }
             _ => Err(errs),
         }
     }
@@ -210,7 +242,9 @@ fn parse_addr(key: &str, s: &str, errs: &mut Vec<String>) -> Option<SocketAddr> 
     match s.parse::<SocketAddr>() {
         Ok(a) => Some(a),
         Err(_) => {
-            errs.push(format!("{key} `{s}` is not an address: write IP:PORT, e.g. 0.0.0.0:7443"));
+            errs.push(format!(
+                "{key} `{s}` is not an address: write IP:PORT, e.g. 0.0.0.0:7443"
+            ));
             None
         }
     }
@@ -242,8 +276,16 @@ mod tests {
 
     #[test]
     fn overrides_win_and_defaults_fill() {
-        let file = FileConfig { mtu: Some(1400), fleet_port: Some(7100), ..Default::default() };
-        let o = Overrides { advertise_address: Some("192.0.2.1".into()), fleet_port: Some(7200), ..Default::default() };
+        let file = FileConfig {
+            mtu: Some(1400),
+            fleet_port: Some(7100),
+            ..Default::default()
+        };
+        let o = Overrides {
+            advertise_address: Some("192.0.2.1".into()),
+            fleet_port: Some(7200),
+            ..Default::default()
+        };
         let c = Config::resolve(file, o).unwrap();
         assert_eq!(c.fleet_port, 7200);
         assert_eq!(c.mtu, 1400);
@@ -263,9 +305,20 @@ mod tests {
             log_format: Some("xml".into()),
             ..Default::default()
         };
-        let o = Overrides { advertise_address: Some("0.0.0.0".into()), ..Default::default() };
+        let o = Overrides {
+            advertise_address: Some("0.0.0.0".into()),
+            ..Default::default()
+        };
         let e = Config::resolve(file, o).unwrap_err();
-        for key in ["overlay_cidr", "mtu", "tun_name", "heartbeat_interval", "enroll_listen", "log_format", "advertise_address"] {
+        for key in [
+            "overlay_cidr",
+            "mtu",
+            "tun_name",
+            "heartbeat_interval",
+            "enroll_listen",
+            "log_format",
+            "advertise_address",
+        ] {
             assert!(e.iter().any(|l| l.contains(key)), "missing {key} in {e:?}");
         }
     }

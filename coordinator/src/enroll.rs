@@ -49,7 +49,11 @@ impl Enrollment for EnrollmentService {
             requested_name: r.node_name,
         };
         let token = r.token;
-        let node = match self.ctx.state(move |s| s.enroll(&token, input, SystemTime::now())).await {
+        let node = match self
+            .ctx
+            .state(move |s| s.enroll(&token, input, SystemTime::now()))
+            .await
+        {
             Ok(n) => n,
             Err(status) => {
                 tracing::warn!(remote = ?remote, reason = %status.message(), "enrollment refused");
@@ -92,6 +96,9 @@ impl Enrollment for EnrollmentService {
         } else {
             (NodeStatus::Unknown, "this key is not enrolled".to_string())
         };
-        Ok(Response::new(StatusResponse { status: status as i32, reason }))
+        Ok(Response::new(StatusResponse {
+            status: status as i32,
+            reason,
+        }))
     }
 }

@@ -50,7 +50,9 @@ impl CoordError {
 pub fn listen_hint(e: &std::io::Error) -> String {
     match e.kind() {
         std::io::ErrorKind::AddrInUse => "another process uses this port: stop it or choose another port".into(),
-        std::io::ErrorKind::AddrNotAvailable => "the address is not assigned to this host: use one of its addresses or 0.0.0.0".into(),
+        std::io::ErrorKind::AddrNotAvailable => {
+            "the address is not assigned to this host: use one of its addresses or 0.0.0.0".into()
+        }
         std::io::ErrorKind::PermissionDenied => "not permitted: run as root or grant CAP_NET_BIND_SERVICE".into(),
         _ => "check the address and port".into(),
     }
@@ -61,9 +63,10 @@ impl From<&StateError> for tonic::Status {
         use tonic::Status;
         match e {
             StateError::TokenMalformed(_) => Status::invalid_argument(e.to_string()),
-            StateError::TokenInvalid | StateError::TokenExpired { .. } | StateError::TokenUsedUp | StateError::TokenRevoked => {
-                Status::unauthenticated(e.to_string())
-            }
+            StateError::TokenInvalid
+            | StateError::TokenExpired { .. }
+            | StateError::TokenUsedUp
+            | StateError::TokenRevoked => Status::unauthenticated(e.to_string()),
             StateError::KeyRevoked => Status::permission_denied(e.to_string()),
             StateError::Ipam(_) => Status::resource_exhausted(e.to_string()),
             StateError::NotFound { .. } => Status::not_found(e.to_string()),

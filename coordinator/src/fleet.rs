@@ -70,8 +70,14 @@ impl Fleet for FleetService {
         // The first message must be Hello, and it must name the node the
         // tunnel says this is.
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(AgentMessage { msg: Some(AgentMsg::Hello(h)) }))) => h,
-            Ok(Ok(_)) => return Err(Status::invalid_argument("the first message on the fleet stream must be Hello")),
+            Ok(Ok(Some(AgentMessage {
+                msg: Some(AgentMsg::Hello(h)),
+            }))) => h,
+            Ok(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "the first message on the fleet stream must be Hello",
+                ));
+            }
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
         };
@@ -80,14 +86,18 @@ impl Fleet for FleetService {
                 node = %node.name, node_id = %node.id, claimed = %hello.node_id,
                 "fleet stream claims another node's id: refused"
             );
-            return Err(Status::permission_denied("node id does not match the WireGuard peer of this connection"));
+            return Err(Status::permission_denied(
+                "node id does not match the WireGuard peer of this connection",
+            ));
         }
         let (tx, rx) = mpsc::channel(PUSH_QUEUE);
         let welcome = CoordinatorMessage {
             msg: Some(CoordMsg::Welcome(Welcome {
                 node_id: node.id.clone(),
                 node_name: node.name.clone(),
-                heartbeat_interval_secs: u32::try_from(self.ctx.config.heartbeat_interval.as_secs()).unwrap_or(u32::MAX).max(1),
+                heartbeat_interval_secs: u32::try_from(self.ctx.config.heartbeat_interval.as_secs())
+                    .unwrap_or(u32::MAX)
+                    .max(1),
             })),
         };
         if tx.send(Ok(welcome)).await.is_err() {
@@ -124,14 +134,25 @@ impl Fleet for FleetService {
 
     async fn get_desired_state(&self, req: Request<DesiredStateRequest>) -> Result<Response<DesiredState>, Status> {
         let node = node_for(&self.ctx, req.remote_addr()).await?;
-        Ok(Response::new(DesiredState { generation: 0, labels: node.labels.into_iter().collect() }))
+        Ok(Response::new(DesiredState {
+            generation: 0,
+            labels: node.labels.into_iter().collect(),
+        }))
     }
 }
 
-async fn handle(ctx: &Arc<Ctx>, node: &NodeRecord, version: &str, m: AgentMessage, tx: &mpsc::Sender<Result<CoordinatorMessage, Status>>) {
+async fn handle(
+    ctx: &Arc<Ctx>,
+    node: &NodeRecord,
+    version: &str,
+    m: AgentMessage,
+    tx: &mpsc::Sender<Result<CoordinatorMessage, Status>>,
+) {
     match m.msg {
         Some(AgentMsg::Heartbeat(hb)) => {
-            let ack = CoordinatorMessage { msg: Some(CoordMsg::HeartbeatAck(HeartbeatAck { seq: hb.seq })) };
+            let ack = CoordinatorMessage {
+                msg: Some(CoordMsg::HeartbeatAck(HeartbeatAck { seq: hb.seq })),
+            };
             let _ = tx.try_send(Ok(ack));
         }
         Some(AgentMsg::Inventory(inv)) => {

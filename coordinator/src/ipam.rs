@@ -43,10 +43,7 @@ impl OverlayPlan {
             return Err(IpamError::TooSmall { cidr });
         }
         let coordinator_ip = Ipv4Addr::from(u32::from(cidr.network()) + 1);
-        Ok(OverlayPlan {
-            cidr,
-            coordinator_ip,
-        })
+        Ok(OverlayPlan { cidr, coordinator_ip })
     }
 
     /// Addresses that may be given to nodes, lowest first: every host address except the coordinator's.
@@ -63,10 +60,7 @@ impl OverlayPlan {
 
     /// True when `ip` is a node address of this plan.
     pub fn is_candidate(&self, ip: Ipv4Addr) -> bool {
-        self.cidr.contains(&ip)
-            && ip != self.cidr.network()
-            && ip != self.cidr.broadcast()
-            && ip != self.coordinator_ip
+        self.cidr.contains(&ip) && ip != self.cidr.network() && ip != self.cidr.broadcast() && ip != self.coordinator_ip
     }
 
     /// The lowest candidate not in `in_use`. Addresses in `in_use` outside the plan are ignored.
@@ -96,10 +90,7 @@ mod tests {
         let plan = OverlayPlan::new("10.9.0.0/29".parse().unwrap()).unwrap();
         assert_eq!(plan.coordinator_ip, ip("10.9.0.1"));
         let c: Vec<_> = plan.candidates().collect();
-        assert_eq!(
-            c,
-            ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"].map(ip)
-        );
+        assert_eq!(c, ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"].map(ip));
         assert_eq!(plan.capacity(), 5);
         assert_eq!(plan.capacity(), c.len() as u64);
         assert!(!plan.is_candidate(ip("10.9.0.0")));

@@ -111,10 +111,14 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: Args, config: Config) -> Result<(), coordinator::CoordError> {
-    let mut signals = Signals::new().map_err(|e| coordinator::CoordError::Config(vec![format!("cannot install signal handlers: {e}")]))?;
+    let mut signals = Signals::new()
+        .map_err(|e| coordinator::CoordError::Config(vec![format!("cannot install signal handlers: {e}")]))?;
     let running = coordinator::start(config).await?;
     notify::ready();
-    notify::status(&format!("serving; {} agents connected", running.ctx.sessions.connected_count()));
+    notify::status(&format!(
+        "serving; {} agents connected",
+        running.ctx.sessions.connected_count()
+    ));
     let _watchdog = notify::spawn_watchdog();
     let mut status_tick = tokio::time::interval(std::time::Duration::from_secs(10));
     loop {

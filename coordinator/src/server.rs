@@ -42,8 +42,15 @@ pub struct Running {
 
 /// Create `dir` (mode 0700) if missing and check it is writable.
 pub fn prepare_data_dir(dir: &Path) -> Result<(), CoordError> {
-    let err = |source| CoordError::DataDir { path: dir.to_path_buf(), source };
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+    let err = |source| CoordError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(err)?;
     let probe = dir.join(".write-test");
     std::fs::write(&probe, b"").map_err(err)?;
     let _ = std::fs::remove_file(&probe);
@@ -51,25 +58,33 @@ pub fn prepare_data_dir(dir: &Path) -> Result<(), CoordError> {
 }
 
 fn bind_admin_socket(path: &Path) -> Result<UnixListener, CoordError> {
-    let err = |reason: String| CoordError::AdminSocket { path: path.to_path_buf(), reason };
-    if let Some(parent) = path.parent() {
-        if !parent.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(|e| err(format!("cannot create directory {}: {e}", parent.display())))?;
-        }
+    let err = |reason: String| CoordError::AdminSocket {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if let Some(parent) = path.parent()
+        && !parent.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| err(format!("cannot create directory {}: {e}", parent.display())))?;
     }
     if path.exists() {
         // A live coordinator answers; a stale socket from a crash does not.
         match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Err(err("another coordinator is serving this socket: stop it or choose another --admin-socket".into())),
+            Ok(_) => {
+                return Err(err(
+                    "another coordinator is serving this socket: stop it or choose another --admin-socket".into(),
+                ));
+            }
             Err(_) => std::fs::remove_file(path).map_err(|e| err(format!("cannot remove the stale socket: {e}")))?,
         }
     }
     let l = UnixListener::bind(path).map_err(|e| err(format!("cannot bind: {e}")))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(format!("cannot chmod 0600: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(format!("cannot chmod 0600: {e}")))?;
     Ok(l)
 }
 
@@ -77,7 +92,11 @@ fn bind_admin_socket(path: &Path) -> Result<UnixListener, CoordError> {
 /// (SO_BINDTODEVICE). Binding to the overlay address alone is not enough:
 /// Linux accepts packets for a local address on any interface.
 fn bind_to_device(addr: SocketAddr, device: &str) -> std::io::Result<TcpListener> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
     sock.set_reuse_address(true)?;
     sock.bind_device(Some(device.as_bytes()))?;
     sock.bind(&addr.into())?;
@@ -118,17 +137,25 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
             (ca.issue_server_identity(&sans)?, ca.pin())
         }
         Some(files) => {
-            let ca_pem = std::fs::read_to_string(&files.ca).map_err(|source| CoordError::DataDir { path: files.ca.clone(), source })?;
-            (pki::ServerIdentity::from_files(&files.cert, &files.key)?, pki::Pin::of_pem(&ca_pem)?)
+            let ca_pem = std::fs::read_to_string(&files.ca).map_err(|source| CoordError::DataDir {
+                path: files.ca.clone(),
+                source,
+            })?;
+            (
+                pki::ServerIdentity::from_files(&files.cert, &files.key)?,
+                pki::Pin::of_pem(&ca_pem)?,
+            )
         }
     };
 
-    let enroll_listener = TcpListener::bind(config.enroll_listen).await.map_err(|source| CoordError::Listen {
-        what: "enrollment (TLS)",
-        addr: config.enroll_listen.to_string(),
-        hint: listen_hint(&source),
-        source,
-    })?;
+    let enroll_listener = TcpListener::bind(config.enroll_listen)
+        .await
+        .map_err(|source| CoordError::Listen {
+            what: "enrollment (TLS)",
+            addr: config.enroll_listen.to_string(),
+            hint: listen_hint(&source),
+            source,
+        })?;
     let enroll_addr = enroll_listener.local_addr().unwrap_or(config.enroll_listen);
     let admin_listener = bind_admin_socket(&config.admin_socket)?;
 
@@ -156,14 +183,29 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         Err(source) => {
             let _ = std::fs::remove_file(&config.admin_socket);
             tunnel.shutdown().await;
-            return Err(CoordError::Listen { what: "fleet (overlay)", addr: fleet_addr.to_string(), hint: listen_hint(&source), source });
+            return Err(CoordError::Listen {
+                what: "fleet (overlay)",
+                addr: fleet_addr.to_string(),
+                hint: listen_hint(&source),
+                source,
+            });
         }
     };
 
-    let ctx = Arc::new(Ctx { config, state, sessions: crate::sessions::Sessions::new(), tunnel, coordinator_ip, ca_pin });
+    let ctx = Arc::new(Ctx {
+        config,
+        state,
+        sessions: crate::sessions::Sessions::new(),
+        tunnel,
+        coordinator_ip,
+        ca_pin,
+    });
 
     // Every active node is a WireGuard peer again after a restart.
-    let nodes = ctx.state(|s| s.list_nodes()).await.map_err(|e| CoordError::Config(vec![e.message().to_string()]))?;
+    let nodes = ctx
+        .state(|s| s.list_nodes())
+        .await
+        .map_err(|e| CoordError::Config(vec![e.message().to_string()]))?;
     let mut peers = 0usize;
     for n in nodes.iter().filter(|n| n.status == NodeStatus::Active) {
         match key_from_id(&n.public_key) {
@@ -181,19 +223,41 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
     let tls = tonic::transport::ServerTlsConfig::new().identity(identity.tonic_identity());
     let enroll_srv = tonic::transport::Server::builder()
         .tls_config(tls)
-        .map_err(|source| CoordError::Serve { what: "enrollment", source })?
+        .map_err(|source| CoordError::Serve {
+            what: "enrollment",
+            source,
+        })?
         .timeout(Duration::from_secs(30))
         .add_service(EnrollmentServer::new(EnrollmentService::new(Arc::clone(&ctx))));
-    tasks.push(spawn_server!(enroll_srv, TcpListenerStream::new(enroll_listener), shutdown_rx, "enrollment"));
+    tasks.push(spawn_server!(
+        enroll_srv,
+        TcpListenerStream::new(enroll_listener),
+        shutdown_rx,
+        "enrollment"
+    ));
 
     let fleet_srv = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(FleetServer::new(FleetService::new(Arc::clone(&ctx), shutdown_rx.clone())));
-    tasks.push(spawn_server!(fleet_srv, TcpListenerStream::new(fleet_listener), shutdown_rx, "fleet"));
+        .add_service(FleetServer::new(FleetService::new(
+            Arc::clone(&ctx),
+            shutdown_rx.clone(),
+        )));
+    tasks.push(spawn_server!(
+        fleet_srv,
+        TcpListenerStream::new(fleet_listener),
+        shutdown_rx,
+        "fleet"
+    ));
 
-    let admin_srv = tonic::transport::Server::builder().add_service(AdminServer::new(AdminService::new(Arc::clone(&ctx))));
-    tasks.push(spawn_server!(admin_srv, UnixListenerStream::new(admin_listener), shutdown_rx, "admin"));
+    let admin_srv =
+        tonic::transport::Server::builder().add_service(AdminServer::new(AdminService::new(Arc::clone(&ctx))));
+    tasks.push(spawn_server!(
+        admin_srv,
+        UnixListenerStream::new(admin_listener),
+        shutdown_rx,
+        "admin"
+    ));
 
     tasks.push(tokio::spawn(flush_last_seen(Arc::clone(&ctx), shutdown_rx)));
 
@@ -202,7 +266,13 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         admin = %ctx.config.admin_socket.display(), peers, ca_pin = %ctx.ca_pin,
         "coordinator serving"
     );
-    Ok(Running { ctx, enroll_addr, store, shutdown_tx, tasks })
+    Ok(Running {
+        ctx,
+        enroll_addr,
+        store,
+        shutdown_tx,
+        tasks,
+    })
 }
 
 /// Write in-memory last-seen times to the store in batches.

@@ -49,12 +49,24 @@ impl Sessions {
 
     /// Register a stream for `node_id`, ending any older stream of the same
     /// node. The returned `Notify` fires when the stream must end.
-    pub fn open(&self, node_id: &str, tx: mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>, now: SystemTime) -> (SessionId, Arc<Notify>) {
+    pub fn open(
+        &self,
+        node_id: &str,
+        tx: mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>,
+        now: SystemTime,
+    ) -> (SessionId, Arc<Notify>) {
         let mut g = self.lock();
         g.next_id += 1;
         let id = g.next_id;
         let cancel = Arc::new(Notify::new());
-        if let Some(old) = g.sessions.insert(node_id.to_string(), Session { id, tx, cancel: Arc::clone(&cancel) }) {
+        if let Some(old) = g.sessions.insert(
+            node_id.to_string(),
+            Session {
+                id,
+                tx,
+                cancel: Arc::clone(&cancel),
+            },
+        ) {
             old.cancel.notify_one();
         }
         g.last_seen.insert(node_id.to_string(), now);
@@ -146,8 +158,15 @@ mod tests {
     }
 
     fn tokio_test_notified(n: &Notify) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(1), n.notified()).await.expect("notified") });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), n.notified())
+                .await
+                .expect("notified")
+        });
     }
 
     #[tokio::test]
@@ -157,7 +176,9 @@ mod tests {
         let (_, cancel) = s.open("n1", tx, SystemTime::now());
         s.kick("n1");
         assert!(!s.is_connected("n1"));
-        tokio::time::timeout(std::time::Duration::from_secs(1), cancel.notified()).await.expect("notified");
+        tokio::time::timeout(std::time::Duration::from_secs(1), cancel.notified())
+            .await
+            .expect("notified");
     }
 
     #[test]

@@ -28,9 +28,7 @@ const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 /// Why a join token string could not be parsed. Reasons never contain the token text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error(
-        "malformed join token: {0}; expected nimbus1.<id>.<secret> as printed by `nimbusctl token create`"
-    )]
+    #[error("malformed join token: {0}; expected nimbus1.<id>.<secret> as printed by `nimbusctl token create`")]
     Malformed(&'static str),
 }
 
@@ -58,20 +56,15 @@ impl JoinToken {
             return Err(TokenError::Malformed("the token is empty"));
         }
         let mut parts = s.split('.');
-        let (Some(prefix), Some(id), Some(secret), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(prefix), Some(id), Some(secret), None) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(TokenError::Malformed(
-                "it must have exactly three dot-separated parts",
-            ));
+            return Err(TokenError::Malformed("it must have exactly three dot-separated parts"));
         };
         if prefix != TOKEN_PREFIX {
             return Err(TokenError::Malformed("it does not start with `nimbus1.`"));
         }
         if id.len() != TOKEN_ID_LEN || !is_alnum_lower(id) {
-            return Err(TokenError::Malformed(
-                "the id part must be 10 characters of [a-z0-9]",
-            ));
+            return Err(TokenError::Malformed("the id part must be 10 characters of [a-z0-9]"));
         }
         if secret.len() != TOKEN_SECRET_LEN || !is_alnum_lower(secret) {
             return Err(TokenError::Malformed(
@@ -127,14 +120,11 @@ pub fn verify_secret(token: &JoinToken, stored_hash_hex: &str) -> bool {
 /// `n` characters of `[a-z0-9]`, uniformly from the OS RNG.
 pub(crate) fn random_alnum(n: usize) -> String {
     let dist = Uniform::from(0..ALPHABET.len());
-    (0..n)
-        .map(|_| char::from(ALPHABET[OsRng.sample(dist)]))
-        .collect()
+    (0..n).map(|_| char::from(ALPHABET[OsRng.sample(dist)])).collect()
 }
 
 fn is_alnum_lower(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -189,10 +179,7 @@ mod tests {
             let err = JoinToken::parse(s).unwrap_err();
             let msg = err.to_string();
             assert!(msg.starts_with("malformed join token: "), "{msg}");
-            assert!(
-                msg.ends_with("as printed by `nimbusctl token create`"),
-                "{msg}"
-            );
+            assert!(msg.ends_with("as printed by `nimbusctl token create`"), "{msg}");
             assert!(!msg.contains(secret), "error leaks the secret: {msg}");
         }
     }

@@ -69,10 +69,7 @@ where
                 .map(|span| format!("line {}: ", position(text, span.start)))
                 .unwrap_or_default();
             return Err(ConfigErrors {
-                errors: vec![format!(
-                    "{origin}: {at}TOML syntax error: {}",
-                    err.message().trim_end()
-                )],
+                errors: vec![format!("{origin}: {at}TOML syntax error: {}", err.message().trim_end())],
             });
         }
     };
@@ -365,18 +362,25 @@ nmae = "x"
         println!("{all}");
         assert_eq!(err.errors.len(), 5, "{all}");
         assert_eq!(all.lines().count(), 5, "{all}");
-        assert!(all.contains("bad.toml: key `wokers`: unknown key; remove it or check its spelling (line 2, column 1)"), "{all}");
         assert!(
-            all.contains("bad.toml: key `server.colour`: unknown key"),
+            all.contains("bad.toml: key `wokers`: unknown key; remove it or check its spelling (line 2, column 1)"),
             "{all}"
         );
+        assert!(all.contains("bad.toml: key `server.colour`: unknown key"), "{all}");
         assert!(all.contains("(line 7, column 1)"), "{all}");
+        assert!(all.contains("bad.toml: key `tls.nmae`: unknown key"), "{all}");
         assert!(
-            all.contains("bad.toml: key `tls.nmae`: unknown key"),
+            all.contains(
+                "bad.toml: key `verbose`: invalid type: string \"yes\", expected a boolean (line 3, column 11)"
+            ),
             "{all}"
         );
-        assert!(all.contains("bad.toml: key `verbose`: invalid type: string \"yes\", expected a boolean (line 3, column 11)"), "{all}");
-        assert!(all.contains("bad.toml: key `server.port`: invalid type: string \"eighty\", expected u16 (line 6, column 8)"), "{all}");
+        assert!(
+            all.contains(
+                "bad.toml: key `server.port`: invalid type: string \"eighty\", expected u16 (line 6, column 8)"
+            ),
+            "{all}"
+        );
         for line in all.lines() {
             assert!(line.starts_with("bad.toml: key `"), "{line}");
         }
@@ -440,10 +444,7 @@ nmae = "x"
         let err = parse_toml::<Config>(text, "s.toml").unwrap_err();
         println!("{err}");
         assert_eq!(err.errors.len(), 1, "{err}");
-        assert!(
-            err.errors[0].starts_with("s.toml: line 2, column "),
-            "{err}"
-        );
+        assert!(err.errors[0].starts_with("s.toml: line 2, column "), "{err}");
         assert!(err.errors[0].contains("TOML syntax error"), "{err}");
     }
 
@@ -453,10 +454,7 @@ nmae = "x"
         let path = dir.path().join("nope.toml");
         let err = load_toml::<Config>(&path).unwrap_err();
         assert_eq!(err.errors.len(), 1);
-        assert!(
-            err.errors[0].starts_with(&path.display().to_string()),
-            "{err}"
-        );
+        assert!(err.errors[0].starts_with(&path.display().to_string()), "{err}");
         assert!(err.errors[0].contains("cannot read"), "{err}");
     }
 

@@ -51,10 +51,7 @@ pub fn init(format: LogFormat, default_filter: &str) {
     let (filter, bad_env) = match std::env::var("RUST_LOG") {
         Ok(value) if !value.trim().is_empty() => match EnvFilter::try_new(&value) {
             Ok(filter) => (filter, None),
-            Err(err) => (
-                EnvFilter::new(default_filter),
-                Some((value, err.to_string())),
-            ),
+            Err(err) => (EnvFilter::new(default_filter), Some((value, err.to_string()))),
         },
         _ => (EnvFilter::new(default_filter), None),
     };

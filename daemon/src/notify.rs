@@ -42,17 +42,11 @@ pub fn stopping() {
 /// reload is done.
 pub fn reloading() {
     let usec = monotonic_usec().to_string();
-    send(&[
-        (daemon::STATE_RELOADING, "1"),
-        ("MONOTONIC_USEC", usec.as_str()),
-    ]);
+    send(&[(daemon::STATE_RELOADING, "1"), ("MONOTONIC_USEC", usec.as_str())]);
 }
 
 fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC is always available on Linux.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     if rc != 0 {
@@ -83,9 +77,7 @@ pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
     let handle = match tokio::runtime::Handle::try_current() {
         Ok(handle) => handle,
         Err(_) => {
-            tracing::warn!(
-                "watchdog requested but no tokio runtime is running; not sending WATCHDOG=1"
-            );
+            tracing::warn!("watchdog requested but no tokio runtime is running; not sending WATCHDOG=1");
             return None;
         }
     };

@@ -43,17 +43,10 @@ async fn notify_sends_datagrams_to_notify_socket() {
     let msg = recv(&sock);
     let mut lines = msg.lines();
     assert_eq!(lines.next(), Some("RELOADING=1"));
-    let usec = lines
-        .next()
-        .unwrap()
-        .strip_prefix("MONOTONIC_USEC=")
-        .unwrap();
+    let usec = lines.next().unwrap().strip_prefix("MONOTONIC_USEC=").unwrap();
     assert!(usec.parse::<u64>().unwrap() > 0, "{msg}");
     // The environment is left alone (unset_environment = false).
-    assert_eq!(
-        std::env::var_os("NOTIFY_SOCKET").as_deref(),
-        Some(path.as_os_str())
-    );
+    assert_eq!(std::env::var_os("NOTIFY_SOCKET").as_deref(), Some(path.as_os_str()));
 
     // Watchdog for another pid: not ours, so no task.
     // SAFETY: as above.
@@ -66,10 +59,7 @@ async fn notify_sends_datagrams_to_notify_socket() {
     // Watchdog for us: WATCHDOG=1 at least twice within a few half-periods.
     // SAFETY: as above.
     unsafe { std::env::set_var("WATCHDOG_PID", std::process::id().to_string()) };
-    assert_eq!(
-        daemon::notify::watchdog_period(),
-        Some(Duration::from_millis(200))
-    );
+    assert_eq!(daemon::notify::watchdog_period(), Some(Duration::from_millis(200)));
     let handle = daemon::notify::spawn_watchdog().expect("watchdog task");
     let sock = tokio::net::UnixDatagram::from_std({
         sock.set_nonblocking(true).unwrap();

@@ -23,7 +23,12 @@ use tonic::transport::{Channel, Endpoint};
 #[command(name = "nimbusctl", version, about, long_about, verbatim_doc_comment)]
 struct Cli {
     /// Admin socket of the coordinator (mode 0600: run as the coordinator's user or root).
-    #[arg(long, global = true, env = "NIMBUS_ADMIN_SOCKET", default_value = "/run/nimbus/admin.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "NIMBUS_ADMIN_SOCKET",
+        default_value = "/run/nimbus/admin.sock"
+    )]
     socket: PathBuf,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Text)]
@@ -107,7 +112,12 @@ async fn connect(socket: &Path) -> Result<AdminClient<Channel>> {
             async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
         }))
         .await
-        .with_context(|| format!("cannot connect to {} (permission denied means: run as root or the coordinator's user)", socket.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot connect to {} (permission denied means: run as root or the coordinator's user)",
+                socket.display()
+            )
+        })?;
     Ok(AdminClient::new(channel))
 }
 
@@ -119,7 +129,10 @@ fn ago(unix: u64) -> String {
     if unix == 0 {
         return "never".into();
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let secs = now.saturating_sub(unix);
     match secs {
         0..=59 => format!("{secs}s ago"),
@@ -176,9 +189,19 @@ async fn run(cli: Cli) -> Result<()> {
     let mut c = connect(&cli.socket).await?;
     let json = cli.output == Output::Json;
     match cli.cmd {
-        Cmd::Token(TokenCmd::Create { ttl, uses, labels, description }) => {
+        Cmd::Token(TokenCmd::Create {
+            ttl,
+            uses,
+            labels,
+            description,
+        }) => {
             let r = c
-                .create_token(CreateTokenRequest { ttl_secs: ttl.as_secs().max(1), uses, labels: labels.into_iter().collect(), description })
+                .create_token(CreateTokenRequest {
+                    ttl_secs: ttl.as_secs().max(1),
+                    uses,
+                    labels: labels.into_iter().collect(),
+                    description,
+                })
                 .await
                 .map_err(status_err)?
                 .into_inner();
@@ -188,21 +211,35 @@ async fn run(cli: Cli) -> Result<()> {
                     "expires_at_unix": r.expires_at_unix, "enroll_endpoints": r.enroll_endpoints,
                 }));
             }
-            let endpoint = r.enroll_endpoints.first().cloned().unwrap_or_else(|| "COORDINATOR:7443".into());
+            let endpoint = r
+                .enroll_endpoints
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "COORDINATOR:7443".into());
             println!("token:    {}", r.token);
             println!("ca-pin:   {}", r.ca_pin);
             println!("token-id: {}", r.token_id);
             println!("expires:  {} ({} uses)", when(r.expires_at_unix), uses);
             println!();
             println!("This token is a secret, shown only now. Enroll a host with:");
-            println!("  nimbus-agent --coordinator {endpoint} --ca-pin {} --token {}", r.ca_pin, r.token);
+            println!(
+                "  nimbus-agent --coordinator {endpoint} --ca-pin {} --token {}",
+                r.ca_pin, r.token
+            );
         }
         Cmd::Token(TokenCmd::List) => {
-            let r = c.list_tokens(ListTokensRequest {}).await.map_err(status_err)?.into_inner();
+            let r = c
+                .list_tokens(ListTokensRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
             if json {
                 return print_json(&serde_json::Value::Array(r.tokens.iter().map(token_json).collect()));
             }
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
             let mut t = table(&["ID", "STATE", "USES-LEFT", "EXPIRES", "LABELS", "DESCRIPTION"]);
             for tok in &r.tokens {
                 let state = if tok.revoked {
@@ -227,7 +264,11 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{t}");
         }
         Cmd::Token(TokenCmd::Revoke { id }) => {
-            let r = c.revoke_token(RevokeTokenRequest { id }).await.map_err(status_err)?.into_inner();
+            let r = c
+                .revoke_token(RevokeTokenRequest { id })
+                .await
+                .map_err(status_err)?
+                .into_inner();
             let tok = r.token.unwrap_or_default();
             if json {
                 return print_json(&token_json(&tok));
@@ -235,11 +276,24 @@ async fn run(cli: Cli) -> Result<()> {
             println!("token {} revoked", tok.id);
         }
         Cmd::Nodes => {
-            let r = c.list_nodes(ListNodesRequest {}).await.map_err(status_err)?.into_inner();
+            let r = c
+                .list_nodes(ListNodesRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
             if json {
                 return print_json(&serde_json::Value::Array(r.nodes.iter().map(node_json).collect()));
             }
-            let mut t = table(&["NAME", "ID", "OVERLAY-IP", "STATE", "LAST-SEEN", "VERSION", "CPUS", "MEMORY"]);
+            let mut t = table(&[
+                "NAME",
+                "ID",
+                "OVERLAY-IP",
+                "STATE",
+                "LAST-SEEN",
+                "VERSION",
+                "CPUS",
+                "MEMORY",
+            ]);
             for n in &r.nodes {
                 let inv = n.inventory.clone().unwrap_or_default();
                 t.add_row(vec![
@@ -249,14 +303,22 @@ async fn run(cli: Cli) -> Result<()> {
                     n.state.clone(),
                     ago(n.last_seen_unix),
                     n.agent_version.clone(),
-                    if inv.cpus == 0 { "-".into() } else { inv.cpus.to_string() },
+                    if inv.cpus == 0 {
+                        "-".into()
+                    } else {
+                        inv.cpus.to_string()
+                    },
                     mem(inv.memory_bytes),
                 ]);
             }
             println!("{t}");
         }
         Cmd::Node(NodeCmd::Show { name }) => {
-            let n = c.get_node(GetNodeRequest { name }).await.map_err(status_err)?.into_inner();
+            let n = c
+                .get_node(GetNodeRequest { name })
+                .await
+                .map_err(status_err)?
+                .into_inner();
             if json {
                 return print_json(&node_json(&n));
             }
@@ -270,7 +332,14 @@ async fn run(cli: Cli) -> Result<()> {
                 ("underlay-endpoint", n.underlay_endpoint.clone()),
                 ("wg-public-key", n.wg_public_key.clone()),
                 ("last-seen", ago(n.last_seen_unix)),
-                ("last-handshake", if n.handshake_age_secs == 0 { "-".into() } else { format!("{}s ago", n.handshake_age_secs) }),
+                (
+                    "last-handshake",
+                    if n.handshake_age_secs == 0 {
+                        "-".into()
+                    } else {
+                        format!("{}s ago", n.handshake_age_secs)
+                    },
+                ),
                 ("rx/tx", format!("{} / {} bytes", n.rx_bytes, n.tx_bytes)),
                 ("enrolled", when(n.enrolled_at_unix)),
                 ("agent-version", n.agent_version.clone()),
@@ -286,12 +355,20 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Node(NodeCmd::Revoke { name, reason }) => {
-            let r = c.revoke_node(RevokeNodeRequest { name, reason }).await.map_err(status_err)?.into_inner();
+            let r = c
+                .revoke_node(RevokeNodeRequest { name, reason })
+                .await
+                .map_err(status_err)?
+                .into_inner();
             let n = r.node.unwrap_or_default();
             if json {
                 return print_json(&serde_json::json!({"node": node_json(&n), "was_connected": r.was_connected}));
             }
-            let how = if r.was_connected { "it was told to stop" } else { "it was offline and will learn it when it next tries to connect" };
+            let how = if r.was_connected {
+                "it was told to stop"
+            } else {
+                "it was offline and will learn it when it next tries to connect"
+            };
             println!("node {} revoked; {how}", n.name);
         }
     }

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, DnsName, PrivateKeyDer};
@@ -90,18 +90,11 @@ impl CertificateAuthority {
                 format!("not a usable PEM private key ({err}); restore the file from a backup"),
             )
         })?;
-        check_key_matches(
-            std::slice::from_ref(&cert_der),
-            &key_pem,
-            cert_path,
-            key_path,
-        )?;
+        check_key_matches(std::slice::from_ref(&cert_der), &key_pem, cert_path, key_path)?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|err| {
             bad_pem(
                 cert_path,
-                format!(
-                    "cannot use it as a CA certificate ({err}); restore the file from a backup"
-                ),
+                format!("cannot use it as a CA certificate ({err}); restore the file from a backup"),
             )
         })?;
         let ca = CertificateAuthority {
@@ -128,15 +121,10 @@ impl CertificateAuthority {
                 )
             })?;
 
-        let key = KeyPair::generate().map_err(|source| PkiError::Certificate {
-            what: "CA key",
-            source,
-        })?;
+        let key = KeyPair::generate().map_err(|source| PkiError::Certificate { what: "CA key", source })?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "polynimbus");
+        params.distinguished_name.push(DnType::OrganizationName, "polynimbus");
         // A short key fingerprint in the name tells CAs of different clusters apart in tools' output.
         let id = hex::encode(&Pin::of_der(key.public_key_raw()).as_bytes()[..4]);
         params
@@ -151,12 +139,10 @@ impl CertificateAuthority {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - CLOCK_SKEW;
         params.not_after = now + CA_VALIDITY;
-        let cert = params
-            .self_signed(&key)
-            .map_err(|source| PkiError::Certificate {
-                what: "CA certificate",
-                source,
-            })?;
+        let cert = params.self_signed(&key).map_err(|source| PkiError::Certificate {
+            what: "CA certificate",
+            source,
+        })?;
 
         let key_pem = key.serialize_pem();
         let cert_pem = cert.pem();
@@ -199,11 +185,7 @@ impl CertificateAuthority {
     /// valid DNS name; duplicates and blanks are dropped).
     pub fn issue_server_identity(&self, extra_sans: &[String]) -> Result<ServerIdentity, PkiError> {
         let mut sans = vec![SanType::DnsName(ia5(SERVER_NAME)?)];
-        for name in extra_sans
-            .iter()
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
-        {
+        for name in extra_sans.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
             let san = match name.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
                 Err(_) => {
@@ -225,9 +207,7 @@ impl CertificateAuthority {
         })?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, SERVER_NAME);
+        params.distinguished_name.push(DnType::CommonName, SERVER_NAME);
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -236,13 +216,12 @@ impl CertificateAuthority {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - CLOCK_SKEW;
         params.not_after = now + SERVER_CERT_VALIDITY;
-        let cert =
-            params
-                .signed_by(&key, &self.issuer)
-                .map_err(|source| PkiError::Certificate {
-                    what: "server certificate",
-                    source,
-                })?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|source| PkiError::Certificate {
+                what: "server certificate",
+                source,
+            })?;
         Ok(ServerIdentity {
             cert_chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
             key_pem: key.serialize_pem(),
@@ -314,9 +293,7 @@ impl ServerIdentity {
 fn parse_chain(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| {
-            format!("cannot parse the PEM certificates ({err}); provide PEM `CERTIFICATE` blocks")
-        })?;
+        .map_err(|err| format!("cannot parse the PEM certificates ({err}); provide PEM `CERTIFICATE` blocks"))?;
     if chain.is_empty() {
         return Err("it holds no PEM `CERTIFICATE` block; provide the server certificate followed by its CA".into());
     }
@@ -480,10 +457,7 @@ mod tests {
             "{err:?}"
         );
         let msg = err.to_string();
-        assert!(
-            msg.contains(&format!("chmod 600 {}", key.display())),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("chmod 600 {}", key.display())), "{msg}");
         fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
         CertificateAuthority::load_or_create(tmp.path()).unwrap();
     }
@@ -506,19 +480,13 @@ mod tests {
         fs::copy(other.path().join(CA_KEY_FILE), &key).unwrap();
         let err = CertificateAuthority::load_or_create(tmp.path()).unwrap_err();
         assert!(matches!(err, PkiError::BadPem { .. }), "{err:?}");
-        assert!(
-            err.to_string().contains("provide the key that belongs"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("provide the key that belongs"), "{err}");
 
         fs::write(&key, key_pem).unwrap();
         fs::write(&cert, "garbage").unwrap();
         let err = CertificateAuthority::load_or_create(tmp.path()).unwrap_err();
         assert!(matches!(err, PkiError::BadPem { .. }), "{err:?}");
-        assert!(
-            err.to_string().contains(&cert.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&cert.display().to_string()), "{err}");
     }
 
     #[test]
@@ -526,12 +494,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let ca = CertificateAuthority::load_or_create(&tmp.path().join("ca")).unwrap();
         let id = ca
-            .issue_server_identity(&[
-                "coord.example.org".into(),
-                "192.0.2.7".into(),
-                "::1".into(),
-                " ".into(),
-            ])
+            .issue_server_identity(&["coord.example.org".into(), "192.0.2.7".into(), "::1".into(), " ".into()])
             .unwrap();
         assert!(!format!("{id:?}").contains("PRIVATE KEY"));
         assert!(format!("{id:?}").contains("<redacted>"));
@@ -545,10 +508,7 @@ mod tests {
         fs::write(&key, &id.key_pem).unwrap();
         fs::set_permissions(&key, fs::Permissions::from_mode(0o640)).unwrap();
         let err = ServerIdentity::from_files(&cert, &key).unwrap_err();
-        assert!(
-            matches!(err, PkiError::InsecureKeyPermissions { .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, PkiError::InsecureKeyPermissions { .. }), "{err:?}");
         fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
         let loaded = ServerIdentity::from_files(&cert, &key).unwrap();
         assert_eq!(loaded.ca_pin().unwrap(), ca.pin());
@@ -562,9 +522,7 @@ mod tests {
     fn rejects_invalid_names() {
         let tmp = tempfile::tempdir().unwrap();
         let ca = CertificateAuthority::load_or_create(tmp.path()).unwrap();
-        let err = ca
-            .issue_server_identity(&["not a name".into()])
-            .unwrap_err();
+        let err = ca.issue_server_identity(&["not a name".into()]).unwrap_err();
         assert!(matches!(err, PkiError::InvalidSan { .. }), "{err:?}");
     }
 }

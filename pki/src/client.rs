@@ -10,10 +10,7 @@ use hyper_util::rt::TokioIo;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore,
-    SignatureScheme,
-};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -52,11 +49,7 @@ pub fn client_config(pin: &Pin) -> Result<Arc<ClientConfig>, PkiError> {
 ///
 /// Errors: [`PkiError::InvalidAddress`], [`PkiError::Unreachable`] (refused, timed out, name not
 /// resolved), [`PkiError::PinMismatch`], [`PkiError::Tls`] (anything else in the handshake).
-pub async fn tls_connect(
-    addr: &str,
-    pin: &Pin,
-    connect_timeout: Duration,
-) -> Result<TlsStream<TcpStream>, PkiError> {
+pub async fn tls_connect(addr: &str, pin: &Pin, connect_timeout: Duration) -> Result<TlsStream<TcpStream>, PkiError> {
     check_addr(addr)?;
     let config = client_config(pin)?;
     tls_connect_with(config, addr, pin, connect_timeout).await
@@ -137,9 +130,7 @@ fn check_addr(addr: &str) -> Result<(), PkiError> {
         return Err(invalid("the host is empty"));
     }
     if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
-        return Err(invalid(
-            "IPv6 addresses must be in brackets, e.g. [2001:db8::1]:7443",
-        ));
+        return Err(invalid("IPv6 addresses must be in brackets, e.g. [2001:db8::1]:7443"));
     }
     if host.contains('/') {
         return Err(invalid("it looks like a URL; give only host:port"));
@@ -183,9 +174,7 @@ impl ConnectFailures {
 
 impl fmt::Debug for ConnectFailures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ConnectFailures")
-            .field(&self.last())
-            .finish()
+        f.debug_tuple("ConnectFailures").field(&self.last()).finish()
     }
 }
 
@@ -193,11 +182,7 @@ impl fmt::Debug for ConnectFailures {
 /// `pin` (see [`client_config`]). Connects eagerly, so a wrong pin or an unreachable coordinator is
 /// reported here as [`PkiError::PinMismatch`] / [`PkiError::Unreachable`]; reconnections of the
 /// returned channel are pinned the same way.
-pub async fn connect_pinned(
-    addr: &str,
-    pin: &Pin,
-    connect_timeout: Duration,
-) -> Result<Channel, PkiError> {
+pub async fn connect_pinned(addr: &str, pin: &Pin, connect_timeout: Duration) -> Result<Channel, PkiError> {
     connect_pinned_tracked(addr, pin, connect_timeout, &ConnectFailures::new()).await
 }
 
@@ -287,18 +272,15 @@ impl ServerCertVerifier for PinnedVerifier {
         let presented = std::iter::once(end_entity).chain(intermediates);
         let Some(anchor) = presented.clone().find(|der| Pin::of_der(der) == self.pin) else {
             let seen = presented.map(|der| Pin::of_der(der)).collect();
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(PinNotInChain { seen })),
-            )));
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                Arc::new(PinNotInChain { seen }),
+            ))));
         };
         let mut roots = RootCertStore::empty();
         roots.add(anchor.clone().into_owned())?;
-        let webpki =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                .build()
-                .map_err(|err| {
-                    rustls::Error::General(format!("pinned CA is not a usable trust anchor: {err}"))
-                })?;
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|err| rustls::Error::General(format!("pinned CA is not a usable trust anchor: {err}")))?;
         webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 
@@ -308,12 +290,7 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -322,18 +299,11 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -344,11 +314,7 @@ mod tests {
 
     #[test]
     fn addresses_are_checked() {
-        for good in [
-            "127.0.0.1:7443",
-            "coord.example.org:1",
-            "[2001:db8::1]:7443",
-        ] {
+        for good in ["127.0.0.1:7443", "coord.example.org:1", "[2001:db8::1]:7443"] {
             check_addr(good).unwrap();
         }
         for bad in [
@@ -360,10 +326,7 @@ mod tests {
             "https://h:1",
         ] {
             let err = check_addr(bad).unwrap_err();
-            assert!(
-                matches!(err, PkiError::InvalidAddress { .. }),
-                "{bad}: {err:?}"
-            );
+            assert!(matches!(err, PkiError::InvalidAddress { .. }), "{bad}: {err:?}");
             assert!(err.to_string().contains("expected host:port"), "{err}");
         }
     }

@@ -26,9 +26,7 @@ pub enum PkiError {
     },
 
     /// TCP connect failed or timed out (or the name did not resolve). Usually worth retrying.
-    #[error(
-        "cannot reach coordinator at {addr}: {source}; check the address and that port is open"
-    )]
+    #[error("cannot reach coordinator at {addr}: {source}; check the address and that port is open")]
     Unreachable {
         addr: String,
         #[source]
@@ -65,9 +63,7 @@ pub enum PkiError {
     InvalidPin { input: String, reason: String },
 
     /// A coordinator address that is not `host:port`.
-    #[error(
-        "invalid coordinator address `{addr}`: {reason}; expected host:port, e.g. 192.0.2.10:7443"
-    )]
+    #[error("invalid coordinator address `{addr}`: {reason}; expected host:port, e.g. 192.0.2.10:7443")]
     InvalidAddress { addr: String, reason: String },
 
     /// Reading or writing a file failed.
@@ -137,10 +133,7 @@ fn join(pins: &[Pin]) -> String {
     if pins.is_empty() {
         return "none".into();
     }
-    pins.iter()
-        .map(Pin::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
+    pins.iter().map(Pin::to_string).collect::<Vec<_>>().join(", ")
 }
 
 /// Find the [`PkiError`] at the root of an error chain: the error itself, any `source()`, and the
@@ -196,12 +189,14 @@ mod tests {
             seen: vec![Pin::of_der(b"b")],
         };
         let msg = mismatch.to_string();
-        assert!(msg.starts_with("coordinator at 192.0.2.1:7443 presented a certificate chain whose CA does not match the pin sha256:"), "{msg}");
-        assert!(msg.contains(&Pin::of_der(b"b").to_string()), "{msg}");
         assert!(
-            msg.contains("--ca-pin printed by `nimbusctl token create`"),
+            msg.starts_with(
+                "coordinator at 192.0.2.1:7443 presented a certificate chain whose CA does not match the pin sha256:"
+            ),
             "{msg}"
         );
+        assert!(msg.contains(&Pin::of_der(b"b").to_string()), "{msg}");
+        assert!(msg.contains("--ca-pin printed by `nimbusctl token create`"), "{msg}");
 
         let nested = Wrapper(Box::new(io::Error::other(Wrapper(Box::new(mismatch)))));
         let found = classify(&nested).expect("found through Wrapper -> io::Error -> Wrapper");

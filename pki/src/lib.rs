@@ -24,9 +24,7 @@ pub mod error;
 pub mod pin;
 
 pub use ca::{CertificateAuthority, ServerIdentity};
-pub use client::{
-    ConnectFailures, client_config, connect_pinned, connect_pinned_tracked, tls_connect,
-};
+pub use client::{ConnectFailures, client_config, connect_pinned, connect_pinned_tracked, tls_connect};
 pub use error::{PkiError, classify};
 pub use pin::Pin;
 

@@ -32,13 +32,8 @@ impl Pin {
                 digits.len()
             )));
         }
-        if !digits
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(invalid(
-                "it contains characters that are not lowercase hex digits",
-            ));
+        if !digits.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(invalid("it contains characters that are not lowercase hex digits"));
         }
         let mut bytes = [0u8; 32];
         hex::decode_to_slice(digits, &mut bytes)
@@ -53,11 +48,10 @@ impl Pin {
 
     /// The pin of the first certificate in a PEM text.
     pub fn of_pem(pem: &str) -> Result<Pin, PkiError> {
-        let der =
-            CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|err| PkiError::BadPem {
-                what: "certificate".into(),
-                reason: err.to_string(),
-            })?;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|err| PkiError::BadPem {
+            what: "certificate".into(),
+            reason: err.to_string(),
+        })?;
         Ok(Pin::of_der(&der))
     }
 
@@ -125,14 +119,8 @@ mod tests {
             (format!("SHA256:{digits}"), "does not start with `sha256:`"),
             (format!("sha256:{}", &digits[..63]), "63 characters"),
             (format!("sha256:{digits}00"), "66 characters"),
-            (
-                format!("sha256:{}zz", &digits[..62]),
-                "not lowercase hex digits",
-            ),
-            (
-                format!("sha256:{}", digits.to_uppercase()),
-                "not lowercase hex digits",
-            ),
+            (format!("sha256:{}zz", &digits[..62]), "not lowercase hex digits"),
+            (format!("sha256:{}", digits.to_uppercase()), "not lowercase hex digits"),
             (String::new(), "does not start"),
         ] {
             let err = Pin::parse(&bad).unwrap_err();

@@ -29,19 +29,16 @@ fn new_ca() -> (tempfile::TempDir, CertificateAuthority) {
 
 /// A raw tokio-rustls server with `id`: completes handshakes, then echoes one line.
 async fn rustls_server(id: &ServerIdentity) -> String {
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(id.cert_chain_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(id.cert_chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
     let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -87,9 +84,7 @@ async fn wrong_ca_is_a_pin_mismatch() {
     let id = ca.issue_server_identity(&[]).unwrap();
     let addr = rustls_server(&id).await;
 
-    let err = pki::tls_connect(&addr, &other.pin(), TIMEOUT)
-        .await
-        .unwrap_err();
+    let err = pki::tls_connect(&addr, &other.pin(), TIMEOUT).await.unwrap_err();
     let PkiError::PinMismatch {
         addr: seen_addr,
         expected,
@@ -123,14 +118,9 @@ async fn pinned_ca_in_chain_does_not_vouch_for_a_foreign_leaf() {
     id.cert_chain_pem.push_str(&real.cert_pem());
     let addr = rustls_server(&id).await;
 
-    let err = pki::tls_connect(&addr, &real.pin(), TIMEOUT)
-        .await
-        .unwrap_err();
+    let err = pki::tls_connect(&addr, &real.pin(), TIMEOUT).await.unwrap_err();
     assert!(matches!(err, PkiError::Tls { .. }), "{err:?}");
-    assert!(
-        err.to_string().contains("invalid peer certificate"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("invalid peer certificate"), "{err}");
 }
 
 #[tokio::test]
@@ -138,9 +128,7 @@ async fn certificate_without_the_server_name_is_refused() {
     // A leaf signed by the pinned CA, but not for `nimbus-coordinator`.
     let dir = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::load_or_create(dir.path()).unwrap();
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.path().join("ca.key")).unwrap())
-            .unwrap();
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.path().join("ca.key")).unwrap()).unwrap();
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca.cert_pem(), ca_key).unwrap();
     let leaf_key = rcgen::KeyPair::generate().unwrap();
     let leaf = rcgen::CertificateParams::new(vec!["elsewhere.example".to_string()])
@@ -152,13 +140,10 @@ async fn certificate_without_the_server_name_is_refused() {
         key_pem: leaf_key.serialize_pem(),
     };
     let addr = rustls_server(&id).await;
-    let err = pki::tls_connect(&addr, &ca.pin(), TIMEOUT)
-        .await
-        .unwrap_err();
+    let err = pki::tls_connect(&addr, &ca.pin(), TIMEOUT).await.unwrap_err();
     assert!(matches!(err, PkiError::Tls { .. }), "{err:?}");
     assert!(
-        err.to_string()
-            .contains("not valid for name \"nimbus-coordinator\""),
+        err.to_string().contains("not valid for name \"nimbus-coordinator\""),
         "{err}"
     );
 }
@@ -179,10 +164,7 @@ async fn refused_port_is_unreachable_quickly() {
         msg.starts_with(&format!("cannot reach coordinator at {addr}: ")),
         "{msg}"
     );
-    assert!(
-        msg.ends_with("; check the address and that port is open"),
-        "{msg}"
-    );
+    assert!(msg.ends_with("; check the address and that port is open"), "{msg}");
 
     let started = Instant::now();
     let err = pki::connect_pinned(&addr, &pin, TIMEOUT).await.unwrap_err();
@@ -194,19 +176,11 @@ async fn refused_port_is_unreachable_quickly() {
 async fn blackholed_address_is_unreachable_within_the_timeout() {
     // TEST-NET-1: either no route (immediate error) or no answer (our timeout).
     let started = Instant::now();
-    let err = pki::tls_connect(
-        "192.0.2.1:7443",
-        &Pin::of_der(b"x"),
-        Duration::from_millis(300),
-    )
-    .await
-    .unwrap_err();
+    let err = pki::tls_connect("192.0.2.1:7443", &Pin::of_der(b"x"), Duration::from_millis(300))
+        .await
+        .unwrap_err();
     assert!(err.is_unreachable(), "{err:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
 }
 
 #[tokio::test]
@@ -260,10 +234,7 @@ impl tower::Service<http::Request<Body>> for Ping {
 async fn tonic_server(
     listener: TcpListener,
     id: &ServerIdentity,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let router = Server::builder()
         .tls_config(ServerTlsConfig::new().identity(id.tonic_identity()))
@@ -280,9 +251,7 @@ async fn tonic_server(
     (tx, handle)
 }
 
-async fn ping(
-    channel: &tonic::transport::Channel,
-) -> Result<http::Response<Body>, tonic::transport::Error> {
+async fn ping(channel: &tonic::transport::Channel) -> Result<http::Response<Body>, tonic::transport::Error> {
     let req = http::Request::builder()
         .method("POST")
         .uri("/nimbus.test.Ping/Ping")
@@ -313,9 +282,7 @@ async fn tonic_server_and_pinned_channel() {
     assert!(failures.last().is_none());
 
     // Wrong pin: a PinMismatch, not a generic transport error.
-    let err = pki::connect_pinned(&addr, &other.pin(), TIMEOUT)
-        .await
-        .unwrap_err();
+    let err = pki::connect_pinned(&addr, &other.pin(), TIMEOUT).await.unwrap_err();
     assert!(err.is_pin_mismatch(), "{err:?}");
 
     // The coordinator is replaced by an impostor on the same port: the channel's reconnection is

@@ -24,10 +24,7 @@ pub const CTL_BIN: &str = "nimbusctl";
 /// Whether we are root and `ip netns add` works; the error says why not. Probed once per process.
 pub fn netns_available() -> Result<()> {
     static PROBE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    PROBE
-        .get_or_init(probe)
-        .clone()
-        .map_err(HarnessError::NoNetns)
+    PROBE.get_or_init(probe).clone().map_err(HarnessError::NoNetns)
 }
 
 fn probe() -> std::result::Result<(), String> {
@@ -42,19 +39,14 @@ fn probe() -> std::result::Result<(), String> {
 /// `true` when privileged tests can run. Otherwise: panics if `NIMBUS_REQUIRE_ROOT_TESTS=1`, else prints
 /// `SKIPPED <test>: needs root (...)` and returns `false` (the caller returns early).
 pub fn require_root() -> bool {
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("this test")
-        .to_string();
+    let test = std::thread::current().name().unwrap_or("this test").to_string();
     match netns_available() {
         Ok(()) => true,
         Err(e) => {
             if std::env::var(REQUIRE_ROOT_ENV).is_ok_and(|v| v.trim() == "1") {
                 panic!("{test} needs root and {REQUIRE_ROOT_ENV}=1 is set: {e}");
             }
-            eprintln!(
-                "SKIPPED {test}: needs root (set {REQUIRE_ROOT_ENV}=1 to make this a failure): {e}"
-            );
+            eprintln!("SKIPPED {test}: needs root (set {REQUIRE_ROOT_ENV}=1 to make this a failure): {e}");
             false
         }
     }
@@ -132,16 +124,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = binary_in(dir.path(), AGENT_BIN).unwrap_err().to_string();
         assert!(
-            err.starts_with(&format!(
-                "nimbus-agent not found in {}",
-                dir.path().display()
-            )),
+            err.starts_with(&format!("nimbus-agent not found in {}", dir.path().display())),
             "{err}"
         );
-        assert!(
-            err.contains("run `cargo build --workspace --bins` first"),
-            "{err}"
-        );
+        assert!(err.contains("run `cargo build --workspace --bins` first"), "{err}");
     }
 
     #[test]

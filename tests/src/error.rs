@@ -59,9 +59,7 @@ pub enum HarnessError {
         dir: PathBuf,
     },
     /// We are not root, or network namespaces cannot be created here.
-    #[error(
-        "network namespaces are not available: {0} (run as root on a kernel with netns support)"
-    )]
+    #[error("network namespaces are not available: {0} (run as root on a kernel with netns support)")]
     NoNetns(String),
     /// A namespace we want to create is already there.
     #[error(

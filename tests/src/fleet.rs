@@ -189,8 +189,7 @@ impl Fleet {
     /// # Panics
     /// On any setup error (message says what to do, e.g. build the binaries).
     pub fn start(n_agents: usize) -> Fleet {
-        Fleet::new(FleetOptions::test(n_agents))
-            .unwrap_or_else(|e| panic!("starting the fleet: {e}"))
+        Fleet::new(FleetOptions::test(n_agents)).unwrap_or_else(|e| panic!("starting the fleet: {e}"))
     }
 
     /// Topology only (no coordinator), for tests that run the coordinator themselves.
@@ -232,8 +231,7 @@ impl Fleet {
         let bins = Binaries::in_dir(&opts.bin_dir.clone().unwrap_or_else(bin_dir))?;
         let work = match &opts.work_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
+                std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
                 Work::Fixed(dir.clone())
             }
             None => Work::Temp(
@@ -243,8 +241,7 @@ impl Fleet {
                     .map_err(|e| HarnessError::io("creating a temp work dir", e))?,
             ),
         };
-        let mut builder: LabBuilder =
-            Lab::builder().host(COORD_ROLE, host_addr(opts.subnet, COORD_HOST));
+        let mut builder: LabBuilder = Lab::builder().host(COORD_ROLE, host_addr(opts.subnet, COORD_HOST));
         if let Some(prefix) = &opts.prefix {
             builder = builder.prefix(prefix.clone());
         }
@@ -263,10 +260,7 @@ impl Fleet {
         };
         // Never adopt (and later delete) namespaces that someone else created under a fixed prefix.
         if fleet.opts.prefix.is_some()
-            && let Some(taken) = builder
-                .planned_namespaces()
-                .into_iter()
-                .find(|n| Netns::exists(n))
+            && let Some(taken) = builder.planned_namespaces().into_iter().find(|n| Netns::exists(n))
         {
             return Err(HarnessError::NamespaceExists(taken));
         }
@@ -316,9 +310,7 @@ impl Fleet {
 
     /// The work dir (data, state, logs, admin socket).
     pub fn work_dir(&self) -> &Path {
-        self.work
-            .as_ref()
-            .map_or(Path::new("/nonexistent"), Work::path)
+        self.work.as_ref().map_or(Path::new("/nonexistent"), Work::path)
     }
 
     /// Directory of all process logs.
@@ -480,12 +472,10 @@ impl Fleet {
                 }
             },
         )?;
-        self.coordinator
-            .as_ref()
-            .ok_or_else(|| HarnessError::GaveUp {
-                what: "the coordinator".into(),
-                reason: "vanished".into(),
-            })
+        self.coordinator.as_ref().ok_or_else(|| HarnessError::GaveUp {
+            what: "the coordinator".into(),
+            reason: "vanished".into(),
+        })
     }
 
     /// [`Fleet::try_start_coordinator`], panicking on error.
@@ -617,9 +607,7 @@ impl Fleet {
 
     /// The node called `name` from `nodes`, if listed.
     pub fn node(&self, name: &str) -> Option<Value> {
-        self.nodes()
-            .into_iter()
-            .find(|n| str_field(n, "name") == name)
+        self.nodes().into_iter().find(|n| str_field(n, "name") == name)
     }
 
     // ----- agents -------------------------------------------------------------------------------
@@ -627,10 +615,7 @@ impl Fleet {
     /// Agent `i`'s arguments: enrollment endpoint, token and pin (if given), state dir, node name,
     /// machine id, TUN name, text logs, then `extra`.
     pub fn agent_args(&self, i: usize, token: Option<&JoinToken>, extra: &[&str]) -> Vec<String> {
-        let mut args = vec![
-            "--coordinator".to_string(),
-            self.enroll_endpoint().to_string(),
-        ];
+        let mut args = vec!["--coordinator".to_string(), self.enroll_endpoint().to_string()];
         if let Some(t) = token {
             args.extend([
                 "--token".to_string(),
@@ -657,12 +642,7 @@ impl Fleet {
 
     /// Starts agent `i` in its namespace (replacing, i.e. stopping, a previous process for it).
     /// Without a token it relies on the identity in its state dir.
-    pub fn try_start_agent(
-        &mut self,
-        i: usize,
-        token: Option<&JoinToken>,
-        extra: &[&str],
-    ) -> Result<&Process> {
+    pub fn try_start_agent(&mut self, i: usize, token: Option<&JoinToken>, extra: &[&str]) -> Result<&Process> {
         if let Some(old) = self.agents.remove(&i) {
             old.stop(crate::process::STOP_GRACE);
         }
@@ -919,10 +899,7 @@ impl Drop for Fleet {
         // Stop first, so the dump includes what the daemons logged while shutting down.
         self.stop_all(crate::process::STOP_GRACE);
         if std::thread::panicking() && !self.logs.is_empty() {
-            eprintln!(
-                "\n----- process logs (test failed) -----\n{}",
-                self.dump_logs()
-            );
+            eprintln!("\n----- process logs (test failed) -----\n{}", self.dump_logs());
         }
         if let Some(mut lab) = self.lab.take()
             && let Err(e) = lab.teardown()

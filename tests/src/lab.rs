@@ -72,10 +72,7 @@ fn clear_leftovers(work: &Path, agents: usize) -> Result<()> {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(HarnessError::io(
-                    format!("removing leftover {}", dir.display()),
-                    e,
-                ));
+                return Err(HarnessError::io(format!("removing leftover {}", dir.display()), e));
             }
         }
     }
@@ -98,16 +95,14 @@ pub fn up(opts: &UpOptions, out: &mut dyn Write) -> Result<LabState> {
     if opts.state_file.exists() {
         return Err(HarnessError::State {
             path: opts.state_file.clone(),
-            reason: "a lab is already up (or a previous `up` was interrupted): run `./deploy/lab.sh down` first"
-                .into(),
+            reason: "a lab is already up (or a previous `up` was interrupted): run `./deploy/lab.sh down` first".into(),
         });
     }
     if opts.agents == 0 {
         return Err(HarnessError::Misuse("--agents must be at least 1".into()));
     }
     let work = work_dir_of(&opts.state_file);
-    std::fs::create_dir_all(&work)
-        .map_err(|e| HarnessError::io(format!("creating {}", work.display()), e))?;
+    std::fs::create_dir_all(&work).map_err(|e| HarnessError::io(format!("creating {}", work.display()), e))?;
     clear_leftovers(&work, opts.agents)?;
     let bins = opts.bin_dir.clone().unwrap_or_else(default_bin_dir);
     let fleet_opts = FleetOptions {
@@ -145,12 +140,7 @@ pub fn up(opts: &UpOptions, out: &mut dyn Write) -> Result<LabState> {
                 let text = std::fs::read_to_string(&entry.log).unwrap_or_default();
                 say(
                     out,
-                    format!(
-                        "--- {} ({})\n{}",
-                        entry.name,
-                        entry.log.display(),
-                        tail(&text, 20)
-                    ),
+                    format!("--- {} ({})\n{}", entry.name, entry.log.display(), tail(&text, 20)),
                 );
             }
             drop(fleet);
@@ -216,10 +206,7 @@ fn print_summary(state: &LabState, nodes: &str, agents: usize, prefix: &str, out
         state.nimbusctl.display(),
         state.admin_socket.display()
     );
-    say(
-        out,
-        format!("\nnimbus-lab: coordinator and {agents} agents are up.\n"),
-    );
+    say(out, format!("\nnimbus-lab: coordinator and {agents} agents are up.\n"));
     say(out, nodes.trim_end());
     say(out, "\nTry:");
     say(out, format!("  {ctl} nodes"));
@@ -238,10 +225,7 @@ fn print_summary(state: &LabState, nodes: &str, agents: usize, prefix: &str, out
     );
     say(
         out,
-        format!(
-            "Logs: {}/{{coordinator,agent-N}}.log",
-            state.log_dir.display()
-        ),
+        format!("Logs: {}/{{coordinator,agent-N}}.log", state.log_dir.display()),
     );
     say(out, "Stop: sudo ./deploy/lab.sh down");
 }
@@ -253,10 +237,7 @@ pub fn down(state_file: &Path, out: &mut dyn Write) -> Result<TeardownReport> {
     if report.nothing_to_do {
         say(
             out,
-            format!(
-                "nimbus-lab: no lab is up (no {}); nothing to do",
-                state_file.display()
-            ),
+            format!("nimbus-lab: no lab is up (no {}); nothing to do", state_file.display()),
         );
         let leftovers: Vec<String> = Netns::list()
             .unwrap_or_default()
@@ -275,18 +256,12 @@ pub fn down(state_file: &Path, out: &mut dyn Write) -> Result<TeardownReport> {
         return Ok(report);
     }
     if !report.stopped.is_empty() {
-        say(
-            out,
-            format!("nimbus-lab: stopped {}", report.stopped.join(", ")),
-        );
+        say(out, format!("nimbus-lab: stopped {}", report.stopped.join(", ")));
     }
     if !report.already_gone.is_empty() {
         say(
             out,
-            format!(
-                "nimbus-lab: already gone: {}",
-                report.already_gone.join(", ")
-            ),
+            format!("nimbus-lab: already gone: {}", report.already_gone.join(", ")),
         );
     }
     say(
@@ -304,10 +279,7 @@ pub fn down(state_file: &Path, out: &mut dyn Write) -> Result<TeardownReport> {
         say(out, format!("nimbus-lab: warning: {w}"));
     }
     if let Some(state) = state {
-        say(
-            out,
-            format!("nimbus-lab: logs kept in {}", state.log_dir.display()),
-        );
+        say(out, format!("nimbus-lab: logs kept in {}", state.log_dir.display()));
     }
     Ok(report)
 }
@@ -325,19 +297,10 @@ pub fn status(state_file: &Path, out: &mut dyn Write) -> Result<bool> {
         return Ok(false);
     };
     for p in &state.processes {
-        let alive = if pid_alive(p.pid) {
-            "running"
-        } else {
-            "NOT RUNNING"
-        };
+        let alive = if pid_alive(p.pid) { "running" } else { "NOT RUNNING" };
         say(
             out,
-            format!(
-                "{:<12} pid {:<8} {alive:<12} log {}",
-                p.name,
-                p.pid,
-                p.log.display()
-            ),
+            format!("{:<12} pid {:<8} {alive:<12} log {}", p.name, p.pid, p.log.display()),
         );
     }
     let mut cmd = std::process::Command::new(&state.nimbusctl);
@@ -378,10 +341,7 @@ mod tests {
         // Without root, up fails earlier (netns unavailable); with root, it must name `down`.
         if crate::env::netns_available().is_ok() {
             let msg = err.unwrap_err().to_string();
-            assert!(
-                msg.contains("already up") && msg.contains("lab.sh down"),
-                "{msg}"
-            );
+            assert!(msg.contains("already up") && msg.contains("lab.sh down"), "{msg}");
         } else {
             assert!(err.is_err());
         }
@@ -405,13 +365,7 @@ mod tests {
     #[test]
     fn leftovers_of_a_previous_lab_are_cleared() {
         let dir = tempfile::tempdir().unwrap();
-        for d in [
-            "coordinator/data",
-            "agent-1/state",
-            "agent-7/state",
-            "logs",
-            "keep-me",
-        ] {
+        for d in ["coordinator/data", "agent-1/state", "agent-7/state", "logs", "keep-me"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
         std::fs::write(dir.path().join("admin.sock"), b"").unwrap();

@@ -41,12 +41,7 @@ pub fn check_ifname(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_IFNAME {
         return bad("interface names must be 1 to 15 bytes long");
     }
-    if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace())
-        || name == "."
-        || name == ".."
-    {
+    if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) || name == "." || name == ".." {
         return bad("interface names may not contain '/', ':' or whitespace");
     }
     Ok(())
@@ -221,10 +216,7 @@ impl Netns {
                 Some(124) => "timed out after 3s".to_string(),
                 _ => String::from_utf8_lossy(&out.stderr).trim().to_string(),
             };
-            Err(format!(
-                "TCP connect to {addr} from {} failed: {why}",
-                self.name
-            ))
+            Err(format!("TCP connect to {addr} from {} failed: {why}", self.name))
         }
     }
 
@@ -312,10 +304,7 @@ mod tests {
         let a = unique_prefix();
         let b = unique_prefix();
         assert_ne!(a, b);
-        assert_eq!(
-            stale_owner_pid(&format!("{a}-coord")),
-            Some(std::process::id())
-        );
+        assert_eq!(stale_owner_pid(&format!("{a}-coord")), Some(std::process::id()));
         assert_eq!(stale_owner_pid("nlab-coord"), None);
         assert_eq!(stale_owner_pid("nbe2e-x-1"), None);
     }

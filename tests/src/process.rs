@@ -116,11 +116,7 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> 
             detail,
         });
     }
-    Ok(Output {
-        status,
-        stdout,
-        stderr,
-    })
+    Ok(Output { status, stdout, stderr })
 }
 
 /// Runs `cmd` with [`COMMAND_TIMEOUT`] and fails unless it exits 0.
@@ -206,10 +202,7 @@ pub fn signal_pid(pid: u32, signal: Signal) -> Result<()> {
     })?;
     match kill(Pid::from_raw(raw), signal) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-        Err(e) => Err(HarnessError::io(
-            format!("sending {signal} to PID {pid}"),
-            e.into(),
-        )),
+        Err(e) => Err(HarnessError::io(format!("sending {signal} to PID {pid}"), e.into())),
     }
 }
 
@@ -228,11 +221,7 @@ pub struct ProcessBuilder {
 
 impl ProcessBuilder {
     /// A process called `name` (for messages) running `program`, stdout+stderr appended to `log_path`.
-    pub fn new(
-        name: impl Into<String>,
-        program: impl AsRef<Path>,
-        log_path: impl AsRef<Path>,
-    ) -> Self {
+    pub fn new(name: impl Into<String>, program: impl AsRef<Path>, log_path: impl AsRef<Path>) -> Self {
         ProcessBuilder {
             name: name.into(),
             program: program.as_ref().to_path_buf(),
@@ -269,8 +258,7 @@ impl ProcessBuilder {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.args
-            .extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
+        self.args.extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
         self
     }
 
@@ -322,17 +310,14 @@ impl ProcessBuilder {
             cmd.env(k, v);
         }
         if let Some(parent) = self.log_path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                HarnessError::io(format!("creating log directory {}", parent.display()), e)
-            })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| HarnessError::io(format!("creating log directory {}", parent.display()), e))?;
         }
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_path)
-            .map_err(|e| {
-                HarnessError::io(format!("opening log file {}", self.log_path.display()), e)
-            })?;
+            .map_err(|e| HarnessError::io(format!("opening log file {}", self.log_path.display()), e))?;
         let log_err = log
             .try_clone()
             .map_err(|e| HarnessError::io(format!("duplicating {}", self.log_path.display()), e))?;
@@ -347,14 +332,7 @@ impl ProcessBuilder {
                         return Err(std::io::Error::last_os_error());
                     }
                 } else {
-                    if libc::prctl(
-                        libc::PR_SET_PDEATHSIG,
-                        libc::SIGKILL as libc::c_ulong,
-                        0,
-                        0,
-                        0,
-                    ) < 0
-                    {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     // The parent may already be gone between fork and prctl.
@@ -414,11 +392,7 @@ pub struct Process {
 
 impl Process {
     /// Shorthand for [`ProcessBuilder::new`].
-    pub fn builder(
-        name: impl Into<String>,
-        program: impl AsRef<Path>,
-        log_path: impl AsRef<Path>,
-    ) -> ProcessBuilder {
+    pub fn builder(name: impl Into<String>, program: impl AsRef<Path>, log_path: impl AsRef<Path>) -> ProcessBuilder {
         ProcessBuilder::new(name, program, log_path)
     }
 
@@ -595,18 +569,9 @@ mod tests {
     #[test]
     fn describe_redacts_tokens() {
         let mut cmd = Command::new("nimbus-agent");
-        cmd.args([
-            "--token",
-            "nimbus1.secret",
-            "--node-name",
-            "a",
-            "--token=nimbus1.other",
-        ]);
+        cmd.args(["--token", "nimbus1.secret", "--node-name", "a", "--token=nimbus1.other"]);
         let text = describe(&cmd);
-        assert_eq!(
-            text,
-            "nimbus-agent --token <redacted> --node-name a --token=<redacted>"
-        );
+        assert_eq!(text, "nimbus-agent --token <redacted> --node-name a --token=<redacted>");
     }
 
     #[test]
@@ -642,13 +607,9 @@ mod tests {
 
     #[test]
     fn run_checked_reports_stderr() {
-        let err =
-            run_checked(Command::new("sh").args(["-c", "echo boom >&2; exit 2"])).unwrap_err();
+        let err = run_checked(Command::new("sh").args(["-c", "echo boom >&2; exit 2"])).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("boom") && msg.contains("exit status: 2"),
-            "{msg}"
-        );
+        assert!(msg.contains("boom") && msg.contains("exit status: 2"), "{msg}");
     }
 
     #[test]

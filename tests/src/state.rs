@@ -69,10 +69,7 @@ impl LabState {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => {
-                return Err(HarnessError::io(
-                    format!("reading lab state {}", path.display()),
-                    e,
-                ));
+                return Err(HarnessError::io(format!("reading lab state {}", path.display()), e));
             }
         };
         let state: LabState = serde_json::from_str(&text).map_err(|e| HarnessError::State {
@@ -84,10 +81,7 @@ impl LabState {
         if state.format != STATE_FORMAT {
             return Err(HarnessError::State {
                 path: path.to_path_buf(),
-                reason: format!(
-                    "format {} is not the supported {STATE_FORMAT}",
-                    state.format
-                ),
+                reason: format!("format {} is not the supported {STATE_FORMAT}", state.format),
             });
         }
         Ok(Some(state))
@@ -96,21 +90,15 @@ impl LabState {
     /// Writes the state atomically (temp file + rename), creating the parent directory.
     pub fn save(&self, path: &Path) -> Result<()> {
         let parent = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent)
-            .map_err(|e| HarnessError::io(format!("creating {}", parent.display()), e))?;
+        std::fs::create_dir_all(parent).map_err(|e| HarnessError::io(format!("creating {}", parent.display()), e))?;
         let text = serde_json::to_string_pretty(self).map_err(|e| HarnessError::BadOutput {
             what: "lab state".into(),
             reason: e.to_string(),
         })?;
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text + "\n")
-            .map_err(|e| HarnessError::io(format!("writing {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            HarnessError::io(
-                format!("renaming {} to {}", tmp.display(), path.display()),
-                e,
-            )
-        })
+        std::fs::write(&tmp, text + "\n").map_err(|e| HarnessError::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| HarnessError::io(format!("renaming {} to {}", tmp.display(), path.display()), e))
     }
 }
 
@@ -147,8 +135,7 @@ fn still_ours(record: &ProcessRecord) -> std::result::Result<(), String> {
             record.pid
         ));
     }
-    let exe =
-        proc_exe(record.pid).ok_or_else(|| format!("cannot read /proc/{}/exe", record.pid))?;
+    let exe = proc_exe(record.pid).ok_or_else(|| format!("cannot read /proc/{}/exe", record.pid))?;
     let same = |p: &Path| p == exe || p.canonicalize().is_ok_and(|c| c == exe);
     if same(&record.exe) {
         return Ok(());
@@ -177,9 +164,7 @@ pub fn stop_recorded(records: &[ProcessRecord], report: &mut TeardownReport) {
                 Ok(()) => signalled.push(record),
                 Err(e) => report.warnings.push(format!("{}: {e}", record.name)),
             },
-            Err(why) => report
-                .warnings
-                .push(format!("{} left alone: {why}", record.name)),
+            Err(why) => report.warnings.push(format!("{} left alone: {why}", record.name)),
         }
     }
     let deadline = Instant::now() + TEARDOWN_GRACE;
@@ -240,18 +225,15 @@ pub fn teardown_from_state(path: &Path) -> Result<TeardownReport> {
     }
     for dir in &state.data_dirs {
         if !safe_to_remove(dir) {
-            report.warnings.push(format!(
-                "not removing suspicious data dir {}",
-                dir.display()
-            ));
+            report
+                .warnings
+                .push(format!("not removing suspicious data dir {}", dir.display()));
             continue;
         }
         match std::fs::remove_dir_all(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => report
-                .warnings
-                .push(format!("removing {}: {e}", dir.display())),
+            Err(e) => report.warnings.push(format!("removing {}: {e}", dir.display())),
         }
     }
     match std::fs::remove_file(&state.admin_socket) {
@@ -265,10 +247,7 @@ pub fn teardown_from_state(path: &Path) -> Result<TeardownReport> {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            return Err(HarnessError::io(
-                format!("removing lab state {}", path.display()),
-                e,
-            ));
+            return Err(HarnessError::io(format!("removing lab state {}", path.display()), e));
         }
     }
     Ok(report)
@@ -339,10 +318,7 @@ mod tests {
         let report = teardown_from_state(&path).unwrap();
         assert!(report.stopped.is_empty());
         assert!(
-            report
-                .warnings
-                .iter()
-                .any(|w| w.contains("agent-1 left alone")),
+            report.warnings.iter().any(|w| w.contains("agent-1 left alone")),
             "{report:?}"
         );
         assert!(!path.exists(), "state file removed");

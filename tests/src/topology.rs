@@ -105,11 +105,7 @@ impl LabBuilder {
     /// The namespace names this builder will create, switch last (deletion order). For state journaling.
     pub fn planned_namespaces(&self) -> Vec<String> {
         let prefix = self.prefix.clone().unwrap_or_else(|| "<unique>".into());
-        let mut names: Vec<String> = self
-            .hosts
-            .iter()
-            .map(|(role, _)| format!("{prefix}-{role}"))
-            .collect();
+        let mut names: Vec<String> = self.hosts.iter().map(|(role, _)| format!("{prefix}-{role}")).collect();
         names.push(format!("{prefix}-sw"));
         names
     }
@@ -181,13 +177,10 @@ impl Lab {
                 reason: "host role already used".into(),
             });
         }
-        let switch = self
-            .switch
-            .as_ref()
-            .ok_or_else(|| HarnessError::InvalidName {
-                name: role.into(),
-                reason: "the lab was already torn down".into(),
-            })?;
+        let switch = self.switch.as_ref().ok_or_else(|| HarnessError::InvalidName {
+            name: role.into(),
+            reason: "the lab was already torn down".into(),
+        })?;
         let port = format!("p{}", self.next_port);
         check_ifname(&port)?;
         let ns = Netns::create(&format!("{}-{role}", self.prefix))?;
@@ -206,13 +199,7 @@ impl Lab {
         self.next_port += 1;
         switch.ip(["link", "set", &port, "master", BRIDGE])?;
         switch.ip(["link", "set", &port, "up"])?;
-        ns.ip([
-            "addr",
-            "add",
-            &format!("{ip}/{}", self.prefix_len),
-            "dev",
-            "eth0",
-        ])?;
+        ns.ip(["addr", "add", &format!("{ip}/{}", self.prefix_len), "dev", "eth0"])?;
         ns.ip(["link", "set", "eth0", "up"])?;
         self.hosts.push(Host {
             role: role.to_string(),
@@ -308,9 +295,6 @@ mod tests {
             .prefix("nlab")
             .host("coord", host_addr(LAB_SUBNET, 1))
             .host("agent-1", host_addr(LAB_SUBNET, 11));
-        assert_eq!(
-            b.planned_namespaces(),
-            vec!["nlab-coord", "nlab-agent-1", "nlab-sw"]
-        );
+        assert_eq!(b.planned_namespaces(), vec!["nlab-coord", "nlab-agent-1", "nlab-sw"]);
     }
 }

@@ -40,12 +40,7 @@ pub enum Attempt<T> {
 /// Polls `f` every `poll` until it returns [`Attempt::Done`], fails for good, or `timeout` passes.
 ///
 /// `f` always runs at least once, and once more at the deadline.
-pub fn poll_until<T>(
-    what: &str,
-    timeout: Duration,
-    poll: Duration,
-    mut f: impl FnMut() -> Attempt<T>,
-) -> Result<T> {
+pub fn poll_until<T>(what: &str, timeout: Duration, poll: Duration, mut f: impl FnMut() -> Attempt<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         match f() {
@@ -75,11 +70,7 @@ pub fn poll_until<T>(
 ///
 /// # Panics
 /// When `timeout` passes first, with the last error message `f` returned.
-pub fn eventually<T>(
-    timeout: Duration,
-    poll: Duration,
-    mut f: impl FnMut() -> Result<T, String>,
-) -> T {
+pub fn eventually<T>(timeout: Duration, poll: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
     let outcome = poll_until("condition", timeout, poll, || match f() {
         Ok(value) => Attempt::Done(value),
         Err(e) => Attempt::Retry(e),
@@ -139,26 +130,16 @@ mod tests {
         .unwrap_err();
         let msg = err.downcast_ref::<String>().unwrap();
         assert!(msg.contains("not met within 50ms"), "{msg}");
-        assert!(
-            msg.contains(&format!("still down (try {})", calls.get())),
-            "{msg}"
-        );
-        assert!(
-            calls.get() >= 2,
-            "polled at least twice, got {}",
-            calls.get()
-        );
+        assert!(msg.contains(&format!("still down (try {})", calls.get())), "{msg}");
+        assert!(calls.get() >= 2, "polled at least twice, got {}", calls.get());
     }
 
     #[test]
     fn poll_until_stops_at_once_on_fail() {
         let start = Instant::now();
-        let err = poll_until::<()>(
-            "agent up",
-            Duration::from_secs(30),
-            Duration::from_millis(1),
-            || Attempt::Fail("agent exited with code 77".into()),
-        )
+        let err = poll_until::<()>("agent up", Duration::from_secs(30), Duration::from_millis(1), || {
+            Attempt::Fail("agent exited with code 77".into())
+        })
         .unwrap_err();
         assert!(start.elapsed() < Duration::from_secs(5));
         let msg = err.to_string();
@@ -167,12 +148,9 @@ mod tests {
 
     #[test]
     fn poll_until_reports_timeout_with_last_reason() {
-        let err = poll_until::<()>(
-            "nodes",
-            Duration::from_millis(20),
-            Duration::from_millis(5),
-            || Attempt::Retry("0/3 connected".into()),
-        )
+        let err = poll_until::<()>("nodes", Duration::from_millis(20), Duration::from_millis(5), || {
+            Attempt::Retry("0/3 connected".into())
+        })
         .unwrap_err();
         assert!(
             matches!(err, HarnessError::Timeout { ref last, .. } if last == "0/3 connected"),

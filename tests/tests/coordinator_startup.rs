@@ -32,10 +32,7 @@ fn enroll_port_in_use_is_a_startup_error() {
         .coordinator_ns()
         .bind_tcp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, ENROLL_PORT)))
         .unwrap();
-    let out = run_coordinator(
-        &fleet,
-        &fleet.coordinator_args(&fleet.coordinator_data_dir()),
-    );
+    let out = run_coordinator(&fleet, &fleet.coordinator_args(&fleet.coordinator_data_dir()));
     assert!(!out.status.success(), "{}", describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(
@@ -95,10 +92,7 @@ fn a_tun_device_that_cannot_be_created_is_a_startup_error_and_leaves_nothing_beh
         .coordinator_ns()
         .ip(["link", "add", e2e::fleet::TUN_NAME, "type", "bridge"])
         .unwrap();
-    let out = run_coordinator(
-        &fleet,
-        &fleet.coordinator_args(&fleet.coordinator_data_dir()),
-    );
+    let out = run_coordinator(&fleet, &fleet.coordinator_args(&fleet.coordinator_data_dir()));
     assert!(!out.status.success(), "{}", describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(e2e::fleet::TUN_NAME)).collect();

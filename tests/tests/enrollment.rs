@@ -49,11 +49,7 @@ fn three_agents_enroll_connect_and_report_inventory() {
         let i = i + 1;
         assert_eq!(str_field(node, "name"), agent_name(i));
         assert_eq!(str_field(node, "state"), "connected", "{node}");
-        assert_eq!(
-            str_field(node, "machine_id"),
-            fleet.agent_machine_id(i),
-            "{node}"
-        );
+        assert_eq!(str_field(node, "machine_id"), fleet.agent_machine_id(i), "{node}");
         let id = str_field(node, "id");
         assert!(!id.is_empty(), "{node}");
         assert!(ids.insert(id.to_string()), "duplicate id {id}");

@@ -16,14 +16,7 @@ fn ip(host: u8) -> Ipv4Addr {
 }
 
 fn root_links() -> String {
-    String::from_utf8(
-        Command::new("ip")
-            .args(["-o", "link"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
+    String::from_utf8(Command::new("ip").args(["-o", "link"]).output().unwrap().stdout).unwrap()
 }
 
 fn root_routes() -> String {
@@ -55,22 +48,13 @@ fn strip_counters(line: &str) -> String {
 fn assert_gone(namespaces: &[String], before: &[String]) {
     let listed = Netns::list().unwrap();
     for ns in namespaces {
-        assert!(
-            !listed.contains(ns),
-            "namespace {ns} still listed: {listed:?}"
-        );
+        assert!(!listed.contains(ns), "namespace {ns} still listed: {listed:?}");
         assert!(!Netns::exists(ns), "namespace {ns} still mounted");
-        let out = Command::new("ip")
-            .args(["-n", ns, "link"])
-            .output()
-            .unwrap();
+        let out = Command::new("ip").args(["-n", ns, "link"]).output().unwrap();
         assert!(!out.status.success(), "`ip -n {ns} link` still works");
     }
     // Nothing of ours appeared in the root namespace (links named after us, routes via the test underlay).
-    let new: Vec<String> = root_snapshot()
-        .into_iter()
-        .filter(|l| !before.contains(l))
-        .collect();
+    let new: Vec<String> = root_snapshot().into_iter().filter(|l| !before.contains(l)).collect();
     for line in &new {
         let ours = namespaces.iter().any(|ns| line.contains(ns.as_str()))
             || line.contains("veth")
@@ -85,19 +69,12 @@ fn two_hosts_ping_each_other_over_the_bridge() {
     if !require_root() {
         return;
     }
-    let lab = Lab::builder()
-        .host("a", ip(1))
-        .host("b", ip(2))
-        .build()
-        .unwrap();
+    let lab = Lab::builder().host("a", ip(1)).host("b", ip(2)).build().unwrap();
     let (a, b) = (lab.host("a"), lab.host("b"));
     a.ns().ping(IpAddr::V4(b.ip())).unwrap();
     b.ns().ping(IpAddr::V4(a.ip())).unwrap();
     // The topology is what the brief says: eth0 with the address, lo up, the port on the bridge.
-    let addr = a
-        .ns()
-        .ip(["-o", "-4", "addr", "show", "dev", "eth0"])
-        .unwrap();
+    let addr = a.ns().ip(["-o", "-4", "addr", "show", "dev", "eth0"]).unwrap();
     assert!(addr.contains("192.0.2.1/24"), "{addr}");
     let lo = a.ns().ip(["-o", "link", "show", "lo"]).unwrap();
     assert!(lo.contains("UP"), "{lo}");
@@ -153,11 +130,7 @@ fn teardown_is_idempotent_and_tolerates_vanished_namespaces() {
         return;
     }
     let before = root_snapshot();
-    let mut lab = Lab::builder()
-        .host("a", ip(1))
-        .host("b", ip(2))
-        .build()
-        .unwrap();
+    let mut lab = Lab::builder().host("a", ip(1)).host("b", ip(2)).build().unwrap();
     let names = lab.namespaces();
     // Someone removes one namespace behind our back.
     Command::new("ip")
@@ -186,17 +159,10 @@ fn process_reports_exit_codes_and_signals() {
         .spawn()
         .unwrap();
     assert!(sleeper.is_running());
-    assert_eq!(
-        sleeper.wait_exit(Duration::from_millis(100)),
-        None,
-        "still running"
-    );
+    assert_eq!(sleeper.wait_exit(Duration::from_millis(100)), None, "still running");
     sleeper.terminate().unwrap();
     let status = sleeper.wait_exit(Duration::from_secs(10)).unwrap();
-    assert_eq!(
-        (status.code(), status.signal()),
-        (None, Some(libc::SIGTERM))
-    );
+    assert_eq!((status.code(), status.signal()), (None, Some(libc::SIGTERM)));
     // Signalling an exited process is a no-op, never a stray kill of a reused PID.
     sleeper.kill9().unwrap();
 
@@ -222,10 +188,7 @@ fn process_log_captures_stdout_and_stderr() {
         .env_remove("HOME")
         .spawn()
         .unwrap();
-    assert_eq!(
-        p.wait_exit(Duration::from_secs(10)).unwrap().code(),
-        Some(0)
-    );
+    assert_eq!(p.wait_exit(Duration::from_secs(10)).unwrap().code(), Some(0));
     let log = p.log();
     for want in ["to-stdout", "to-stderr", "hello-env", "home=unset"] {
         assert!(log.contains(want), "{want} missing from {log:?}");
@@ -237,10 +200,7 @@ fn dropping_a_process_stops_it() {
     let dir = tempfile::tempdir().unwrap();
     // Ignores SIGTERM: Drop must fall back to SIGKILL (after the grace period).
     let stubborn = Process::builder("stubborn", "sh", dir.path().join("s.log"))
-        .args([
-            "-c",
-            "trap '' TERM; echo ready; while :; do sleep 0.1; done",
-        ])
+        .args(["-c", "trap '' TERM; echo ready; while :; do sleep 0.1; done"])
         .spawn()
         .unwrap();
     let pid = stubborn.pid();
@@ -382,10 +342,7 @@ fn a_detached_lab_survives_and_teardown_from_state_removes_it() {
     assert_eq!(report.namespaces_deleted, namespaces);
     assert!(!pid_alive(pid));
     assert!(!data.exists() && !state_file.exists());
-    assert!(
-        dir.path().join("logs/sleeper.log").exists(),
-        "logs are kept"
-    );
+    assert!(dir.path().join("logs/sleeper.log").exists(), "logs are kept");
     assert_gone(&namespaces, &before);
     // Idempotent.
     assert!(teardown_from_state(&state_file).unwrap().nothing_to_do);
@@ -397,10 +354,7 @@ fn non_detached_children_die_with_their_thread() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("orphan.log");
     let pid = std::thread::spawn(move || {
-        let p = Process::builder("orphan", "sleep", &log)
-            .arg("300")
-            .spawn()
-            .unwrap();
+        let p = Process::builder("orphan", "sleep", &log).arg("300").spawn().unwrap();
         let pid = p.pid();
         std::mem::forget(p); // no Drop: only the death signal can stop it
         pid
@@ -426,10 +380,7 @@ fn only_detached_processes_can_be_detached() {
     let pid = p.pid();
     let err = p.detach().unwrap_err().to_string();
     assert!(err.contains("detached(true)"), "{err}");
-    assert!(
-        !pid_alive(pid),
-        "a refused detach drops (and stops) the process"
-    );
+    assert!(!pid_alive(pid), "a refused detach drops (and stops) the process");
 }
 
 #[test]
@@ -454,13 +405,9 @@ fn an_intruder_route_reaches_a_listener_unless_it_is_bound_to_its_device() {
     let server = lab.host("server").ns();
     // Stand-in for the TUN device (this kernel has no dummy links): a veth pair kept inside the namespace.
     server
-        .ip([
-            "link", "add", "ovl0", "type", "veth", "peer", "name", "ovl1",
-        ])
+        .ip(["link", "add", "ovl0", "type", "veth", "peer", "name", "ovl1"])
         .unwrap();
-    server
-        .ip(["addr", "add", "100.96.0.1/16", "dev", "ovl0"])
-        .unwrap();
+    server.ip(["addr", "add", "100.96.0.1/16", "dev", "ovl0"]).unwrap();
     server.ip(["link", "set", "ovl1", "up"]).unwrap();
     server.ip(["link", "set", "ovl0", "up"]).unwrap();
     let intruder = lab.host("intruder").ns();
@@ -487,12 +434,7 @@ fn an_intruder_route_reaches_a_listener_unless_it_is_bound_to_its_device() {
             libc::socklen_t::try_from(dev.len()).unwrap(),
         )
     };
-    assert_eq!(
-        rc,
-        0,
-        "SO_BINDTODEVICE: {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "SO_BINDTODEVICE: {}", std::io::Error::last_os_error());
     let err = intruder
         .tcp_connect(overlay)
         .expect_err("device-bound listener must not be reachable");

@@ -75,10 +75,7 @@ fn fleet_runs_the_coordinator_and_agents_in_their_own_namespaces() {
     assert!(fleet.agent(1).command_line().contains("--token <redacted>"));
     assert!(!fleet.dump_logs().contains("fake-secret"));
     // The agents reach the coordinator over the underlay.
-    fleet
-        .agent_ns(1)
-        .ping(fleet.coordinator_ip().into())
-        .unwrap();
+    fleet.agent_ns(1).ping(fleet.coordinator_ip().into()).unwrap();
     assert_eq!(fleet.node("agent-2").unwrap()["state"], "connected");
     assert!(fleet.node("agent-9").is_none());
     let text = fleet.ctl(&["nodes"]);
@@ -101,11 +98,7 @@ fn restarting_an_agent_without_a_token_keeps_both_logs() {
     let first = fleet.agent(1).pid();
     fleet.agent(1).terminate().unwrap();
     assert_eq!(
-        fleet
-            .agent(1)
-            .wait_exit(Duration::from_secs(10))
-            .unwrap()
-            .code(),
+        fleet.agent(1).wait_exit(Duration::from_secs(10)).unwrap().code(),
         Some(0)
     );
     fleet.wait_node_state("agent-1", "lost");
@@ -116,10 +109,7 @@ fn restarting_an_agent_without_a_token_keeps_both_logs() {
     assert_eq!(node["has_pin"], false);
     assert_eq!(node["extra"], "3s");
     let logs = fleet.dump_logs();
-    assert!(
-        logs.contains("agent-1.log") && logs.contains("agent-1.2.log"),
-        "{logs}"
-    );
+    assert!(logs.contains("agent-1.log") && logs.contains("agent-1.2.log"), "{logs}");
     assert!(fleet.log_dir().join("agent-1.2.log").is_file());
 }
 
@@ -131,14 +121,8 @@ fn coordinator_kill9_and_restart_with_the_same_data_dir() {
     let bins = fake_bins(false);
     let mut fleet = fake_fleet(bins.path(), 0);
     fleet.coordinator().kill9().unwrap();
-    let status = fleet
-        .coordinator()
-        .wait_exit(Duration::from_secs(10))
-        .unwrap();
-    assert_eq!(
-        e2e::Process::describe_status(Some(status)),
-        "killed by signal 9"
-    );
+    let status = fleet.coordinator().wait_exit(Duration::from_secs(10)).unwrap();
+    assert_eq!(e2e::Process::describe_status(Some(status)), "killed by signal 9");
     fleet.start_coordinator();
     assert!(fleet.coordinator().is_running());
     assert!(fleet.coordinator_data_dir().is_dir());
@@ -157,11 +141,7 @@ fn waiting_fails_fast_with_the_log_when_an_agent_exits() {
     fleet.start_agent(1, Some(&bad), &[]);
     let start = Instant::now();
     let err = fleet
-        .try_wait_connected(
-            &["agent-1".to_string()],
-            Duration::from_secs(60),
-            &mut |_| {},
-        )
+        .try_wait_connected(&["agent-1".to_string()], Duration::from_secs(60), &mut |_| {})
         .unwrap_err();
     assert!(start.elapsed() < Duration::from_secs(20));
     assert!(matches!(err, HarnessError::GaveUp { .. }), "{err}");
@@ -170,10 +150,7 @@ fn waiting_fails_fast_with_the_log_when_an_agent_exits() {
         msg.contains("exit code 64") && msg.contains("malformed join token"),
         "{msg}"
     );
-    assert_eq!(
-        fleet.agent(1).wait_exit(Duration::ZERO).unwrap().code(),
-        Some(64)
-    );
+    assert_eq!(fleet.agent(1).wait_exit(Duration::ZERO).unwrap().code(), Some(64));
     assert!(!fleet.agent_state_dir(1).join("identity.json").exists());
 }
 
@@ -189,16 +166,8 @@ fn dropping_the_fleet_stops_processes_and_removes_namespaces() {
         fleet.start_agent(1, Some(&token), &[]);
         fleet.start_agent(2, Some(&token), &[]);
         fleet.wait_connected(&["agent-1", "agent-2"]);
-        let pids = vec![
-            fleet.coordinator().pid(),
-            fleet.agent(1).pid(),
-            fleet.agent(2).pid(),
-        ];
-        (
-            fleet.lab().namespaces(),
-            pids,
-            fleet.work_dir().to_path_buf(),
-        )
+        let pids = vec![fleet.coordinator().pid(), fleet.agent(1).pid(), fleet.agent(2).pid()];
+        (fleet.lab().namespaces(), pids, fleet.work_dir().to_path_buf())
     };
     for pid in pids {
         assert!(!pid_alive(pid), "PID {pid} survived");
@@ -224,11 +193,7 @@ fn startup_failures_are_reported_with_their_stderr() {
     let file = fleet.work_dir().join("not-a-dir");
     std::fs::write(&file, b"").unwrap();
     let args = fleet.coordinator_args(&file.join("data"));
-    let out = e2e::run_with_timeout(
-        &mut fleet.coordinator_command(&args),
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let out = e2e::run_with_timeout(&mut fleet.coordinator_command(&args), Duration::from_secs(10)).unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.lines().any(|l| l.contains("not-a-dir")), "{stderr}");
@@ -244,8 +209,7 @@ fn missing_binaries_are_named() {
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("nimbus-coordinator not found in")
-            && err.contains("cargo build --workspace --bins"),
+        err.contains("nimbus-coordinator not found in") && err.contains("cargo build --workspace --bins"),
         "{err}"
     );
 }
@@ -274,10 +238,7 @@ fn lab_up_status_down_leaves_nothing_behind() {
     let text = String::from_utf8_lossy(&out).into_owned();
     assert!(text.contains("coordinator and 2 agents are up"), "{text}");
     assert!(text.contains("agent-2   connected"), "{text}");
-    assert!(
-        text.contains("--socket") && text.contains("lab.sh down"),
-        "{text}"
-    );
+    assert!(text.contains("--socket") && text.contains("lab.sh down"), "{text}");
     // Detached: everything is still there after `up` returned and the Fleet value is gone.
     assert_eq!(LabState::load(&state_file).unwrap().as_ref(), Some(&state));
     assert_eq!(state.processes.len(), 3);
@@ -293,9 +254,7 @@ fn lab_up_status_down_leaves_nothing_behind() {
         "{text}"
     );
 
-    let err = e2e::lab::up(&opts, &mut Vec::new())
-        .unwrap_err()
-        .to_string();
+    let err = e2e::lab::up(&opts, &mut Vec::new()).unwrap_err().to_string();
     assert!(err.contains("already up") && err.contains("down"), "{err}");
 
     let report = e2e::lab::down(&state_file, &mut Vec::new()).unwrap();
@@ -304,16 +263,9 @@ fn lab_up_status_down_leaves_nothing_behind() {
     assert!(state.processes.iter().all(|p| !pid_alive(p.pid)));
     assert!(state.namespaces.iter().all(|n| !Netns::exists(n)));
     assert!(!state_file.exists());
-    assert!(
-        state.log_dir.join("coordinator.log").is_file(),
-        "logs are kept"
-    );
+    assert!(state.log_dir.join("coordinator.log").is_file(), "logs are kept");
     assert!(!state.work_dir.join("coordinator").exists(), "data removed");
-    assert!(
-        e2e::lab::down(&state_file, &mut Vec::new())
-            .unwrap()
-            .nothing_to_do
-    );
+    assert!(e2e::lab::down(&state_file, &mut Vec::new()).unwrap().nothing_to_do);
 }
 
 #[test]
@@ -329,10 +281,7 @@ fn a_failed_lab_up_cleans_up_after_itself() {
     let err = e2e::lab::up(&opts, &mut out).unwrap_err().to_string();
     assert!(err.contains("exit code 77"), "{err}");
     let text = String::from_utf8_lossy(&out).into_owned();
-    assert!(
-        text.contains("token expired"),
-        "log tails are shown: {text}"
-    );
+    assert!(text.contains("token expired"), "log tails are shown: {text}");
     assert!(!state_file.exists());
     let leftovers: Vec<String> = Netns::list()
         .unwrap()
@@ -352,14 +301,9 @@ fn lab_refuses_to_adopt_existing_namespaces() {
     let state_file = work.path().join("state.json");
     let opts = up_options(bins.path(), state_file.clone(), "labtaken");
     let mut squatter = Netns::create(&format!("{}-sw", opts.prefix)).unwrap();
-    let err = e2e::lab::up(&opts, &mut Vec::new())
-        .unwrap_err()
-        .to_string();
+    let err = e2e::lab::up(&opts, &mut Vec::new()).unwrap_err().to_string();
     assert!(err.contains("already exists"), "{err}");
-    assert!(
-        Netns::exists(squatter.name()),
-        "someone else's namespace is left alone"
-    );
+    assert!(Netns::exists(squatter.name()), "someone else's namespace is left alone");
     assert!(!state_file.exists());
     squatter.delete().unwrap();
 }
@@ -376,26 +320,14 @@ fn lab_binary_up_and_down_from_the_command_line() {
     let state_arg = state_file.to_str().unwrap();
     let up = e2e::run_with_timeout(
         Command::new(LAB)
-            .args([
-                "up",
-                "--agents",
-                "1",
-                "--state-file",
-                state_arg,
-                "--prefix",
-                &prefix,
-            ])
+            .args(["up", "--agents", "1", "--state-file", state_arg, "--prefix", &prefix])
             .arg("--bin-dir")
             .arg(bins.path()),
         Duration::from_secs(60),
     )
     .unwrap();
     let stdout = String::from_utf8_lossy(&up.stdout);
-    assert!(
-        up.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    assert!(up.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&up.stderr));
     assert!(
         stdout.contains("waiting for agents") || stdout.contains("agents are up"),
         "{stdout}"
@@ -413,11 +345,7 @@ fn lab_binary_up_and_down_from_the_command_line() {
         .args(["down", "--state-file", state_arg])
         .output()
         .unwrap();
-    assert!(
-        down.status.success(),
-        "{}",
-        String::from_utf8_lossy(&down.stderr)
-    );
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
     assert!(String::from_utf8_lossy(&down.stdout).contains("deleted namespaces"));
     assert!(state.processes.iter().all(|p| !pid_alive(p.pid)));
     assert!(state.namespaces.iter().all(|n| !Netns::exists(n)));
@@ -436,10 +364,7 @@ fn lab_binary_up_and_down_from_the_command_line() {
 
 #[test]
 fn lab_binary_rejects_bad_usage() {
-    let out = Command::new(LAB)
-        .args(["up", "--agents", "0"])
-        .output()
-        .unwrap();
+    let out = Command::new(LAB).args(["up", "--agents", "0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "clap usage error");
     let out = Command::new(LAB).arg("frobnicate").output().unwrap();
     assert_eq!(out.status.code(), Some(2));

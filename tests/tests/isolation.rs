@@ -27,13 +27,7 @@ fn fleet_service_is_unreachable_from_the_underlay() {
         .unwrap();
     let intruder = fleet.lab().host("intruder").ns();
     intruder
-        .ip([
-            "route",
-            "add",
-            "100.96.0.0/16",
-            "via",
-            &coordinator_ip.to_string(),
-        ])
+        .ip(["route", "add", "100.96.0.0/16", "via", &coordinator_ip.to_string()])
         .unwrap();
 
     // Control: the intruder does reach the coordinator (its enrollment port is public by design).
@@ -76,17 +70,21 @@ fn a_stream_claiming_another_nodes_id_is_refused() {
         fleet
             .agent_ns(1)
             .run_in(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
                 rt.block_on(async move {
                     let mut client = FleetClient::connect(target).await.map_err(|e| e.to_string())?;
                     let hello = AgentMessage {
-                        msg: Some(Msg::Hello(Hello { node_id: claimed, agent_version: "spoof".into() })),
+                        msg: Some(Msg::Hello(Hello {
+                            node_id: claimed,
+                            agent_version: "spoof".into(),
+                        })),
                     };
                     // Keep the request stream open so only the coordinator's verdict ends the call.
-                    let outbound = tokio_stream::StreamExt::chain(
-                        tokio_stream::iter(vec![hello]),
-                        tokio_stream::pending(),
-                    );
+                    let outbound =
+                        tokio_stream::StreamExt::chain(tokio_stream::iter(vec![hello]), tokio_stream::pending());
                     match client.channel(outbound).await {
                         Ok(_) => Ok(()),
                         Err(status) => Err(status),
@@ -108,6 +106,10 @@ fn a_stream_claiming_another_nodes_id_is_refused() {
     claim(id1).expect("agent-1's own id through its own tunnel is accepted");
     eventually_patiently(|| {
         let state = e2e::fleet::str_field(&fleet.node("agent-2").expect("agent-2 listed"), "state").to_string();
-        if state == "connected" { Ok(()) } else { Err(format!("agent-2 is {state}")) }
+        if state == "connected" {
+            Ok(())
+        } else {
+            Err(format!("agent-2 is {state}"))
+        }
     });
 }

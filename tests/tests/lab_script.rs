@@ -9,11 +9,7 @@ fn script() -> PathBuf {
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new("bash")
-        .arg(script())
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new("bash").arg(script()).args(args).output().unwrap()
 }
 
 fn text(out: &Output) -> String {
@@ -26,11 +22,7 @@ fn text(out: &Output) -> String {
 
 #[test]
 fn script_parses_and_is_strict() {
-    let out = Command::new("bash")
-        .arg("-n")
-        .arg(script())
-        .output()
-        .unwrap();
+    let out = Command::new("bash").arg("-n").arg(script()).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let body = std::fs::read_to_string(script()).unwrap();
     assert!(body.contains("set -euo pipefail"));
@@ -56,12 +48,7 @@ fn usage_errors_exit_64_before_doing_anything() {
         &["down", "extra"],
     ] {
         let out = run(args);
-        assert_eq!(
-            out.status.code(),
-            Some(64),
-            "lab.sh {args:?}: {}",
-            text(&out)
-        );
+        assert_eq!(out.status.code(), Some(64), "lab.sh {args:?}: {}", text(&out));
         assert!(
             text(&out).contains("usage") || text(&out).contains("AGENTS must be"),
             "{}",

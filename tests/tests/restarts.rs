@@ -99,20 +99,13 @@ fn agent_restart_reuses_its_identity() {
         .wait_exit(e2e::patience())
         .expect("agent-1 exits on SIGTERM");
     assert_eq!(status.code(), Some(0), "SIGTERM is a clean exit");
-    assert!(
-        fleet.agent_has_identity(1),
-        "the identity survives in the state dir"
-    );
+    assert!(fleet.agent_has_identity(1), "the identity survives in the state dir");
 
     let restarted_at = now_unix();
     fleet.start_agent(1, None, &[]);
     let after = identities(&wait_reconnected(&fleet, &[1], restarted_at));
     assert_eq!(after, before, "same id and overlay IP without a token");
     assert_eq!(fleet.nodes().len(), 1);
-    assert_eq!(
-        fleet.token(&token.id)["uses_left"],
-        0,
-        "no second enrollment"
-    );
+    assert_eq!(fleet.token(&token.id)["uses_left"], 0, "no second enrollment");
     assert!(fleet.agent(1).is_running());
 }

@@ -23,8 +23,7 @@ use tun_rs::{AsyncDevice, DeviceBuilder};
 use crate::error::TunnelError;
 use crate::keys::{PublicKey, StaticSecret};
 use crate::router::{
-    Action, MAX_DATAGRAM, MAX_IP_PACKET, PeerConfig, PeerStats, Router, RouterCounters,
-    TICK_INTERVAL,
+    Action, MAX_DATAGRAM, MAX_IP_PACKET, PeerConfig, PeerStats, Router, RouterCounters, TICK_INTERVAL,
 };
 
 /// Default TUN MTU: 1500 minus the WireGuard-over-IPv6 overhead (80), as wg-quick uses.
@@ -158,9 +157,7 @@ impl Tunnel {
         let udp = UdpSocket::bind(cfg.listen)
             .await
             .map_err(|source| udp_error(cfg.listen, source))?;
-        let local_addr = udp
-            .local_addr()
-            .map_err(|source| udp_error(cfg.listen, source))?;
+        let local_addr = udp.local_addr().map_err(|source| udp_error(cfg.listen, source))?;
 
         let tun = DeviceBuilder::new()
             .name(cfg.tun_name.as_str())
@@ -295,9 +292,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 /// The inverse of [`canonical`] for sending on an IPv6 socket.
 fn for_socket(addr: SocketAddr, is_v6_socket: bool) -> SocketAddr {
     match addr {
-        SocketAddr::V4(v4) if is_v6_socket => {
-            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-        }
+        SocketAddr::V4(v4) if is_v6_socket => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
         _ => addr,
     }
 }
@@ -319,12 +314,7 @@ async fn perform(actions: &mut Vec<Action>, tun: &AsyncDevice, udp: &UdpSocket, 
     }
 }
 
-async fn tun_task(
-    router: Arc<Mutex<Router>>,
-    tun: Arc<AsyncDevice>,
-    udp: Arc<UdpSocket>,
-    is_v6: bool,
-) {
+async fn tun_task(router: Arc<Mutex<Router>>, tun: Arc<AsyncDevice>, udp: Arc<UdpSocket>, is_v6: bool) {
     let mut buf = vec![0u8; MAX_IP_PACKET];
     let mut actions = Vec::new();
     loop {
@@ -342,12 +332,7 @@ async fn tun_task(
     }
 }
 
-async fn udp_task(
-    router: Arc<Mutex<Router>>,
-    tun: Arc<AsyncDevice>,
-    udp: Arc<UdpSocket>,
-    is_v6: bool,
-) {
+async fn udp_task(router: Arc<Mutex<Router>>, tun: Arc<AsyncDevice>, udp: Arc<UdpSocket>, is_v6: bool) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut actions = Vec::new();
     loop {
@@ -364,12 +349,7 @@ async fn udp_task(
     }
 }
 
-async fn timer_task(
-    router: Arc<Mutex<Router>>,
-    tun: Arc<AsyncDevice>,
-    udp: Arc<UdpSocket>,
-    is_v6: bool,
-) {
+async fn timer_task(router: Arc<Mutex<Router>>, tun: Arc<AsyncDevice>, udp: Arc<UdpSocket>, is_v6: bool) {
     let mut interval = tokio::time::interval(TICK_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut actions = Vec::new();
@@ -405,11 +385,7 @@ mod tests {
             33,
         );
         cfg.mtu = 100;
-        let msg = cfg
-            .validate()
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let msg = cfg.validate().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("prefix length 33"), "{msg}");
         assert!(msg.contains("MTU 100"), "{msg}");
         assert!(msg.contains("not a valid interface name"), "{msg}");

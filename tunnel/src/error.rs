@@ -58,11 +58,7 @@ pub enum TunnelError {
         .path.display(),
         .path.display()
     )]
-    KeyFileOwner {
-        path: PathBuf,
-        owner: u32,
-        euid: u32,
-    },
+    KeyFileOwner { path: PathBuf, owner: u32, euid: u32 },
 
     /// The private key file exists but cannot be read.
     #[error("cannot read private key file {}: {source}", .path.display())]

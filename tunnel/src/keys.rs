@@ -78,9 +78,7 @@ fn load_secret(path: &Path) -> Result<StaticSecret, TunnelError> {
     })?;
     let result = match std::str::from_utf8(&raw) {
         Ok(text) => secret_from_base64(text.trim()),
-        Err(_) => Err(TunnelError::InvalidKey(
-            "private key is not valid base64".to_string(),
-        )),
+        Err(_) => Err(TunnelError::InvalidKey("private key is not valid base64".to_string())),
     }
     .map_err(|e| match e {
         TunnelError::InvalidKey(why) => TunnelError::InvalidKey(format!(
@@ -100,12 +98,9 @@ fn create_secret(path: &Path) -> Result<StaticSecret, TunnelError> {
         path: path.to_path_buf(),
         source,
     };
-    let file_name = path.file_name().ok_or_else(|| {
-        write_err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the path has no file name",
-        ))
-    })?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| write_err(io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name")))?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -182,12 +177,9 @@ pub fn secret_from_base64(text: &str) -> Result<StaticSecret, TunnelError> {
 }
 
 fn key_bytes(bytes: &[u8]) -> Result<[u8; KEY_LEN], TunnelError> {
-    let arr: [u8; KEY_LEN] = bytes.try_into().map_err(|_| {
-        TunnelError::InvalidKey(format!(
-            "a key is exactly {KEY_LEN} bytes, got {}",
-            bytes.len()
-        ))
-    })?;
+    let arr: [u8; KEY_LEN] = bytes
+        .try_into()
+        .map_err(|_| TunnelError::InvalidKey(format!("a key is exactly {KEY_LEN} bytes, got {}", bytes.len())))?;
     if arr == [0u8; KEY_LEN] {
         return Err(TunnelError::InvalidKey(
             "the all-zero key is not a valid x25519 key".to_string(),

@@ -247,8 +247,7 @@ impl Router {
     pub fn add_peer(&mut self, cfg: PeerConfig) -> Result<(), TunnelError> {
         if cfg.public_key == self.public {
             return Err(TunnelError::InvalidPeer(
-                "the peer's public key is this node's own key; each node needs its own key pair"
-                    .to_string(),
+                "the peer's public key is this node's own key; each node needs its own key pair".to_string(),
             ));
         }
         let mut nets: Vec<IpNet> = cfg.allowed_ips.iter().map(IpNet::trunc).collect();
@@ -256,19 +255,11 @@ impl Router {
         nets.dedup();
 
         // Allocate before touching the tables so a failure leaves the router unchanged.
-        let needs_new_tunn = match self
-            .by_key
-            .get(&cfg.public_key)
-            .and_then(|s| self.peers.get(s))
-        {
+        let needs_new_tunn = match self.by_key.get(&cfg.public_key).and_then(|s| self.peers.get(s)) {
             Some(old) => old.keepalive != cfg.persistent_keepalive,
             None => true,
         };
-        let new_slot = if needs_new_tunn {
-            Some(self.alloc_slot()?)
-        } else {
-            None
-        };
+        let new_slot = if needs_new_tunn { Some(self.alloc_slot()?) } else { None };
         let existing = self
             .by_key
             .get(&cfg.public_key)
@@ -437,10 +428,7 @@ impl Router {
             Packet::HandshakeInit(ref init) => {
                 // MAC1 (and, under load, MAC2/cookie) before any Diffie-Hellman.
                 let mut cookie = [0u8; 64];
-                match self
-                    .rate_limiter
-                    .verify_packet(Some(src.ip()), datagram, &mut cookie)
-                {
+                match self.rate_limiter.verify_packet(Some(src.ip()), datagram, &mut cookie) {
                     Ok(_) => {}
                     Err(TunnResult::WriteToNetwork(reply)) => {
                         self.counters.cookies_sent += 1;
@@ -647,9 +635,7 @@ fn deliver(
 fn log_decap_error(src: SocketAddr, e: &WireGuardError) {
     match e {
         // Routine: retransmits, reordering, sessions that just rotated.
-        WireGuardError::DuplicateCounter
-        | WireGuardError::InvalidCounter
-        | WireGuardError::NoCurrentSession => {
+        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter | WireGuardError::NoCurrentSession => {
             tracing::trace!(%src, error = ?e, "WireGuard packet dropped");
         }
         _ => tracing::debug!(%src, error = ?e, "WireGuard packet rejected"),

@@ -15,17 +15,10 @@ fn creates_0600_and_reloads_the_same_key() {
 
     let meta = fs::metadata(&path).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    let parent_mode = fs::metadata(path.parent().unwrap())
-        .unwrap()
-        .permissions()
-        .mode();
+    let parent_mode = fs::metadata(path.parent().unwrap()).unwrap().permissions().mode();
     assert_eq!(parent_mode & 0o077, 0, "created directories are private");
     let text = fs::read_to_string(&path).unwrap();
-    assert_eq!(
-        text.len(),
-        45,
-        "44 base64 characters and a newline: {text:?}"
-    );
+    assert_eq!(text.len(), 45, "44 base64 characters and a newline: {text:?}");
     assert!(text.ends_with('\n'));
     // No temporary file is left next to the key.
     let names: Vec<_> = fs::read_dir(path.parent().unwrap())

@@ -50,9 +50,7 @@ impl LinkGuard {
     fn clean(&self) {
         for name in self.0 {
             if link_exists(name) {
-                let _ = std::process::Command::new("ip")
-                    .args(["link", "del", name])
-                    .status();
+                let _ = std::process::Command::new("ip").args(["link", "del", name]).status();
             }
         }
     }
@@ -136,14 +134,8 @@ async fn tunnel_on_a_real_tun_device() {
         let flags = u32::from_str_radix(sysfs(name, "flags").trim_start_matches("0x"), 16).unwrap();
         assert_eq!(flags & 1, 1, "{name} is up (IFF_UP)");
     }
-    assert_eq!(
-        ipv4_addrs(NAME_A),
-        vec![(A_IP, Ipv4Addr::new(255, 255, 255, 0))]
-    );
-    assert_eq!(
-        ipv4_addrs(NAME_B),
-        vec![(B_IP, Ipv4Addr::new(255, 255, 255, 0))]
-    );
+    assert_eq!(ipv4_addrs(NAME_A), vec![(A_IP, Ipv4Addr::new(255, 255, 255, 0))]);
+    assert_eq!(ipv4_addrs(NAME_B), vec![(B_IP, Ipv4Addr::new(255, 255, 255, 0))]);
     assert_ne!(a.local_udp_addr().port(), 0);
     assert_ne!(a.public_key(), b.public_key());
 
@@ -158,10 +150,7 @@ async fn tunnel_on_a_real_tun_device() {
         Err(e) => panic!("expected UdpBind, got {e}"),
         Ok(_) => panic!("a second tunnel bound the same UDP port"),
     }
-    assert!(
-        !link_exists("nt-test-c"),
-        "a failed start leaves no interface"
-    );
+    assert!(!link_exists("nt-test-c"), "a failed start leaves no interface");
     match Tunnel::start(config(NAME_A, Ipv4Addr::new(192, 0, 2, 1), 24)).await {
         Err(e @ TunnelError::TunCreate { .. }) => {
             let msg = e.to_string();
@@ -200,13 +189,9 @@ async fn tunnel_on_a_real_tun_device() {
     assert_eq!(a.stats().len(), 1);
     assert!(b.stats().is_empty());
 
-    let app = tokio::net::UdpSocket::bind(SocketAddr::from((A_IP, 0)))
-        .await
-        .unwrap();
+    let app = tokio::net::UdpSocket::bind(SocketAddr::from((A_IP, 0))).await.unwrap();
     let app_port = app.local_addr().unwrap().port();
-    app.send_to(b"hello through the tun", (PEER_IP, 9999))
-        .await
-        .unwrap();
+    app.send_to(b"hello through the tun", (PEER_IP, 9999)).await.unwrap();
     let got = peer
         .next_tun(|p| matches!(parse_ipv4_udp(p), Some((_, _, _, 9999, _))))
         .await;
@@ -240,15 +225,11 @@ async fn tunnel_on_a_real_tun_device() {
     // Shutdown removes the interfaces; dropping the last handle does too.
     let a_clone = a.clone();
     a.shutdown().await;
-    wait_until("nt-test-a disappears after shutdown", || {
-        !link_exists(NAME_A)
-    })
-    .await;
+    wait_until("nt-test-a disappears after shutdown", || !link_exists(NAME_A)).await;
     drop(a_clone);
     drop(b);
-    wait_until(
-        "nt-test-b disappears after the last handle is dropped",
-        || !link_exists(NAME_B),
-    )
+    wait_until("nt-test-b disappears after the last handle is dropped", || {
+        !link_exists(NAME_B)
+    })
     .await;
 }

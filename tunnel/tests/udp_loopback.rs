@@ -68,8 +68,7 @@ async fn handshake_and_packets_over_loopback_udp() {
 
     // Many packets in a row, all delivered in order (no loss on loopback).
     for i in 0..50u16 {
-        a.inject_tun(&ipv4_udp(A_IP, 40000, B_IP, 7, &i.to_be_bytes()))
-            .await;
+        a.inject_tun(&ipv4_udp(A_IP, 40000, B_IP, 7, &i.to_be_bytes())).await;
     }
     for i in 0..50u16 {
         let p = b.next_tun(|_| true).await;

@@ -53,9 +53,7 @@ impl SledStore {
         match lock.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
-                return Err(StoreError::Locked {
-                    path: dir.to_owned(),
-                });
+                return Err(StoreError::Locked { path: dir.to_owned() });
             }
             Err(TryLockError::Error(e)) => {
                 return Err(StoreError::Io {
@@ -67,18 +65,13 @@ impl SledStore {
 
         let sled_dir = dir.join(SLED_DIR);
         create_private_dir(&sled_dir)?;
-        let db = ::sled::Config::new()
-            .path(&sled_dir)
-            .open()
-            .map_err(|e| match e {
-                ::sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked {
-                        path: dir.to_owned(),
-                    }
-                }
-                ::sled::Error::Io(io) => open_io_error(&sled_dir, io),
-                other => map_sled(&sled_dir, other),
-            })?;
+        let db = ::sled::Config::new().path(&sled_dir).open().map_err(|e| match e {
+            ::sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::Locked { path: dir.to_owned() }
+            }
+            ::sled::Error::Io(io) => open_io_error(&sled_dir, io),
+            other => map_sled(&sled_dir, other),
+        })?;
         tracing::debug!(path = %sled_dir.display(), recovered = db.was_recovered(), "opened sled store");
         Ok(SledStore {
             db,
@@ -99,20 +92,13 @@ impl SledStore {
 
 impl Store for SledStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .db
-            .get(key)
-            .map_err(|e| self.err(e))?
-            .map(|v| v.to_vec()))
+        Ok(self.db.get(key).map_err(|e| self.err(e))?.map(|v| v.to_vec()))
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
         self.db
             .scan_prefix(prefix)
-            .map(|kv| {
-                kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(|e| self.err(e))
-            })
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(|e| self.err(e)))
             .collect()
     }
 
@@ -120,9 +106,7 @@ impl Store for SledStore {
         let result: Result<bool, TransactionError<()>> = self.db.transaction(|tx| {
             for c in &txn.compares {
                 let holds = match c {
-                    Compare::Equals(k, v) => {
-                        tx.get(k)?.is_some_and(|cur| cur.as_ref() == v.as_slice())
-                    }
+                    Compare::Equals(k, v) => tx.get(k)?.is_some_and(|cur| cur.as_ref() == v.as_slice()),
                     Compare::Absent(k) => tx.get(k)?.is_none(),
                     Compare::Present(k) => tx.get(k)?.is_some(),
                 };
@@ -150,9 +134,9 @@ impl Store for SledStore {
             }
             Ok(false) => Ok(false),
             Err(TransactionError::Storage(e)) => Err(self.err(e)),
-            Err(TransactionError::Abort(())) => Err(StoreError::Backend(
-                "sled transaction aborted unexpectedly".to_owned(),
-            )),
+            Err(TransactionError::Abort(())) => {
+                Err(StoreError::Backend("sled transaction aborted unexpectedly".to_owned()))
+            }
         }
     }
 
@@ -180,12 +164,10 @@ fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
 fn open_io_error(path: &Path, e: io::Error) -> StoreError {
     use io::ErrorKind as K;
     match e.kind() {
-        K::PermissionDenied | K::ReadOnlyFilesystem | K::NotADirectory | K::AlreadyExists => {
-            StoreError::NotWritable {
-                path: path.to_owned(),
-                source: e,
-            }
-        }
+        K::PermissionDenied | K::ReadOnlyFilesystem | K::NotADirectory | K::AlreadyExists => StoreError::NotWritable {
+            path: path.to_owned(),
+            source: e,
+        },
         _ => StoreError::Io {
             path: path.to_owned(),
             source: e,
@@ -231,11 +213,7 @@ mod tests {
             assert_eq!(mode, 0o700, "{}", d.display());
         }
         assert_eq!(store.path(), data.join(SLED_DIR));
-        let lock_mode = fs::metadata(data.join(LOCK_FILE))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let lock_mode = fs::metadata(data.join(LOCK_FILE)).unwrap().permissions().mode() & 0o777;
         assert_eq!(lock_mode, 0o600);
     }
 
@@ -251,10 +229,7 @@ mod tests {
         let scan = s.scan_prefix(b"a/").unwrap();
         assert_eq!(
             scan,
-            vec![
-                (b"a/1".to_vec(), b"x".to_vec()),
-                (b"a/2".to_vec(), b"y".to_vec())
-            ]
+            vec![(b"a/1".to_vec(), b"x".to_vec()), (b"a/2".to_vec(), b"y".to_vec())]
         );
         assert!(s.txn(Txn::new().delete("a/1").delete("missing")).unwrap());
         assert_eq!(s.get(b"a/1").unwrap(), None);
@@ -298,10 +273,7 @@ mod tests {
         assert_eq!(s.get(b"k").unwrap().as_deref(), Some(&b"v2"[..]));
         assert_eq!(s.get(b"n").unwrap().as_deref(), Some(&b"1"[..]));
         // A CAS on the old value now fails.
-        assert!(
-            !s.txn(Txn::new().if_equals("k", "v1").put("k", "v3"))
-                .unwrap()
-        );
+        assert!(!s.txn(Txn::new().if_equals("k", "v1").put("k", "v3")).unwrap());
         assert_eq!(s.get(b"k").unwrap().as_deref(), Some(&b"v2"[..]));
         // No compares: always applies.
         assert!(s.txn(Txn::new().delete("n")).unwrap());
@@ -321,9 +293,7 @@ mod tests {
                         loop {
                             let cur = s.get(b"ctr").unwrap().unwrap();
                             let n: u32 = std::str::from_utf8(&cur).unwrap().parse().unwrap();
-                            let t = Txn::new()
-                                .if_equals("ctr", cur)
-                                .put("ctr", (n + 1).to_string());
+                            let t = Txn::new().if_equals("ctr", cur).put("ctr", (n + 1).to_string());
                             if s.txn(t).unwrap() {
                                 break;
                             }

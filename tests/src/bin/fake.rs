@@ -61,20 +61,14 @@ fn current_netns() -> String {
         .into_iter()
         .flatten()
         .flatten()
-        .find(|e| {
-            std::fs::metadata(e.path()).is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev())
-        })
+        .find(|e| std::fs::metadata(e.path()).is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .unwrap_or_else(|| "root".into())
 }
 
 fn coordinator(args: &[String]) -> ExitCode {
     let f = flags(args);
-    println!(
-        "fake coordinator in netns {} with {}",
-        current_netns(),
-        args.join(" ")
-    );
+    println!("fake coordinator in netns {} with {}", current_netns(), args.join(" "));
     let data = PathBuf::from(f.get("data-dir").cloned().unwrap_or_default());
     if let Err(e) = std::fs::create_dir_all(&data) {
         eprintln!("error: cannot create data dir {}: {e}", data.display());
@@ -110,10 +104,7 @@ fn agent(argv0: &Path, args: &[String]) -> ExitCode {
         eprintln!("error: malformed join token");
         return ExitCode::from(64);
     }
-    if argv0
-        .parent()
-        .is_some_and(|d| d.join("agent-fails").exists())
-    {
+    if argv0.parent().is_some_and(|d| d.join("agent-fails").exists()) {
         eprintln!("error: enrollment refused: token expired");
         return ExitCode::from(77);
     }
@@ -126,10 +117,7 @@ fn agent(argv0: &Path, args: &[String]) -> ExitCode {
         .unwrap_or_default();
     let registry = work.join("fake-registry");
     let _ = std::fs::create_dir_all(&registry);
-    let index: u32 = name
-        .strip_prefix("agent-")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let index: u32 = name.strip_prefix("agent-").and_then(|n| n.parse().ok()).unwrap_or(0);
     let mut node = json!({
         "id": format!("node-{index}"),
         "name": name,
@@ -172,16 +160,10 @@ fn ctl(args: &[String]) -> ExitCode {
         i += 1;
     }
     if !socket.exists() {
-        eprintln!(
-            "error: cannot connect to the coordinator at {}",
-            socket.display()
-        );
+        eprintln!("error: cannot connect to the coordinator at {}", socket.display());
         return ExitCode::from(69);
     }
-    let registry = socket
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .join("fake-registry");
+    let registry = socket.parent().unwrap_or(Path::new("/")).join("fake-registry");
     let words: Vec<&str> = rest.iter().map(String::as_str).collect();
     match words.as_slice() {
         ["nodes"] => {
@@ -236,19 +218,13 @@ fn ctl(args: &[String]) -> ExitCode {
 
 fn main() -> ExitCode {
     let mut all: Vec<String> = std::env::args().collect();
-    let argv0 = PathBuf::from(if all.is_empty() {
-        String::new()
-    } else {
-        all.remove(0)
-    });
+    let argv0 = PathBuf::from(if all.is_empty() { String::new() } else { all.remove(0) });
     match argv0.file_name().and_then(|n| n.to_str()).unwrap_or("") {
         "nimbus-coordinator" => coordinator(&all),
         "nimbus-agent" => agent(&argv0, &all),
         "nimbusctl" => ctl(&all),
         other => {
-            eprintln!(
-                "nimbus-e2e-fake: run me as nimbus-coordinator, nimbus-agent or nimbusctl, not {other:?}"
-            );
+            eprintln!("nimbus-e2e-fake: run me as nimbus-coordinator, nimbus-agent or nimbusctl, not {other:?}");
             ExitCode::from(64)
         }
     }

@@ -118,8 +118,7 @@ fn pair(b_allows_for_a: &[&str]) -> Net {
     let mut b = Router::new(generate_secret());
     a.add_peer(peer(b.public_key(), Some(B_ADDR), &["10.0.0.2/32"]))
         .unwrap();
-    b.add_peer(peer(a.public_key(), None, b_allows_for_a))
-        .unwrap();
+    b.add_peer(peer(a.public_key(), None, b_allows_for_a)).unwrap();
     let mut net = Net::new(vec![(sa(A_ADDR), a), (sa(B_ADDR), b)]);
     net.tick_all();
     net
@@ -146,20 +145,12 @@ fn handshake_then_data_both_ways() {
         }
         other => panic!("expected a handshake initiation, got {other:?}"),
     }
-    assert_eq!(
-        net.tun[1],
-        vec![ping.clone()],
-        "B's TUN gets A's packet unchanged"
-    );
+    assert_eq!(net.tun[1], vec![ping.clone()], "B's TUN gets A's packet unchanged");
     assert!(net.tun[0].is_empty());
 
     let pong = ipv4(B_IP, A_IP, b"reply from b");
     net.send_tun(1, &pong);
-    assert_eq!(
-        net.tun[0],
-        vec![pong.clone()],
-        "A's TUN gets B's reply unchanged"
-    );
+    assert_eq!(net.tun[0], vec![pong.clone()], "A's TUN gets B's reply unchanged");
 
     let a_view = net.router(0).peer_stats(&b_key).unwrap();
     assert!(a_view.last_handshake_age.is_some());
@@ -190,21 +181,14 @@ fn roaming_follows_authenticated_source() {
     net.nodes[0].0 = new_a;
     net.send_tun(0, &ipv4(A_IP, B_IP, b"y"));
     assert_eq!(net.tun[1].len(), 2);
-    assert_eq!(
-        net.router(1).peer_stats(&a_key).unwrap().endpoint,
-        Some(new_a)
-    );
+    assert_eq!(net.router(1).peer_stats(&a_key).unwrap().endpoint, Some(new_a));
 
     // A forged copy of a data packet from elsewhere does not move the endpoint (replay).
     let (_, _, data) = net.wire.last().cloned().unwrap();
     let mut out = Vec::new();
-    net.router(1)
-        .handle_datagram(sa("203.0.113.66:1"), &data, &mut out);
+    net.router(1).handle_datagram(sa("203.0.113.66:1"), &data, &mut out);
     assert!(out.is_empty());
-    assert_eq!(
-        net.router(1).peer_stats(&a_key).unwrap().endpoint,
-        Some(new_a)
-    );
+    assert_eq!(net.router(1).peer_stats(&a_key).unwrap().endpoint, Some(new_a));
     assert_eq!(net.router(1).counters().rejected, 1);
 }
 
@@ -214,8 +198,7 @@ fn unknown_peer_key_is_dropped() {
     let b_key = net.router(1).public_key();
     // C knows B, but B does not know C.
     let mut c = Router::new(generate_secret());
-    c.add_peer(peer(b_key, Some(B_ADDR), &["10.0.0.0/24"]))
-        .unwrap();
+    c.add_peer(peer(b_key, Some(B_ADDR), &["10.0.0.0/24"])).unwrap();
     let mut out = Vec::new();
     c.tick(&mut out);
     c.handle_tun_packet(&ipv4([10, 0, 0, 3], B_IP, b"let me in"), &mut out);
@@ -253,18 +236,14 @@ fn peer_cannot_use_another_peers_address() {
     // B has peers A (10.0.0.1) and C (10.0.0.3). A sends with C's address.
     let mut net = pair(&["10.0.0.1/32"]);
     let c_key = PublicKey::from(&generate_secret());
-    net.router(1)
-        .add_peer(peer(c_key, None, &["10.0.0.3/32"]))
-        .unwrap();
+    net.router(1).add_peer(peer(c_key, None, &["10.0.0.3/32"])).unwrap();
     net.send_tun(0, &ipv4([10, 0, 0, 3], B_IP, b"i am c"));
     assert!(net.tun[1].is_empty());
     assert_eq!(net.router(1).counters().spoofed_source, 1);
 
     // Also when A's allowed range covers C's host route: longest prefix says C.
     let a_key = net.router(0).public_key();
-    net.router(1)
-        .add_peer(peer(a_key, None, &["10.0.0.0/24"]))
-        .unwrap();
+    net.router(1).add_peer(peer(a_key, None, &["10.0.0.0/24"])).unwrap();
     net.send_tun(0, &ipv4([10, 0, 0, 3], B_IP, b"still c?"));
     assert!(net.tun[1].is_empty());
     assert_eq!(net.router(1).counters().spoofed_source, 2);
@@ -336,9 +315,7 @@ fn removed_peer_gets_nothing() {
     assert!(net.router(0).peer_stats(&b_key).is_none());
     let sent = net.send_tun(0, &ipv4(A_IP, B_IP, b"after"));
     assert!(
-        !sent
-            .iter()
-            .any(|a| matches!(a, Action::SendDatagram { .. })),
+        !sent.iter().any(|a| matches!(a, Action::SendDatagram { .. })),
         "{sent:?}"
     );
     assert_eq!(net.router(0).counters().no_route, 1);
@@ -358,15 +335,10 @@ fn longest_prefix_wins_and_prefixes_move() {
     let mut r = Router::new(generate_secret());
     let wide = PublicKey::from(&generate_secret());
     let narrow = PublicKey::from(&generate_secret());
-    r.add_peer(peer(wide, Some(B_ADDR), &["10.0.0.77/24"]))
-        .unwrap();
-    r.add_peer(peer(narrow, Some(C_ADDR), &["10.0.0.5/32"]))
-        .unwrap();
+    r.add_peer(peer(wide, Some(B_ADDR), &["10.0.0.77/24"])).unwrap();
+    r.add_peer(peer(narrow, Some(C_ADDR), &["10.0.0.5/32"])).unwrap();
     // Host bits are cleared.
-    assert_eq!(
-        r.peer_stats(&wide).unwrap().allowed_ips,
-        vec![net("10.0.0.0/24")]
-    );
+    assert_eq!(r.peer_stats(&wide).unwrap().allowed_ips, vec![net("10.0.0.0/24")]);
 
     let dest = |r: &mut Router, ip: [u8; 4]| {
         let mut out = Vec::new();
@@ -383,8 +355,7 @@ fn longest_prefix_wins_and_prefixes_move() {
     assert_eq!(r.counters().no_route, 1);
 
     // The /24 moves to `narrow`: `wide` loses it.
-    r.add_peer(peer(narrow, None, &["10.0.0.5/32", "10.0.0.0/24"]))
-        .unwrap();
+    r.add_peer(peer(narrow, None, &["10.0.0.5/32", "10.0.0.0/24"])).unwrap();
     assert!(r.peer_stats(&wide).unwrap().allowed_ips.is_empty());
     // `endpoint: None` on update keeps the known endpoint.
     assert_eq!(r.peer_stats(&narrow).unwrap().endpoint, Some(sa(C_ADDR)));
@@ -449,12 +420,8 @@ fn own_key_is_refused_and_no_endpoint_is_counted() {
         r.add_peer(peer(own, None, &[])),
         Err(TunnelError::InvalidPeer(_))
     ));
-    r.add_peer(peer(
-        PublicKey::from(&generate_secret()),
-        None,
-        &["10.0.0.0/8"],
-    ))
-    .unwrap();
+    r.add_peer(peer(PublicKey::from(&generate_secret()), None, &["10.0.0.0/8"]))
+        .unwrap();
     let mut out = Vec::new();
     r.handle_tun_packet(&ipv4(A_IP, B_IP, b"x"), &mut out);
     assert!(out.is_empty());

@@ -136,10 +136,7 @@ impl Driven {
     /// As if `packet` had been read from this router's TUN.
     pub async fn inject_tun(&self, packet: &[u8]) {
         let mut out = Vec::new();
-        self.router
-            .lock()
-            .unwrap()
-            .handle_tun_packet(packet, &mut out);
+        self.router.lock().unwrap().handle_tun_packet(packet, &mut out);
         perform(out, &self.socket, &self.tun_tx).await;
     }
 
