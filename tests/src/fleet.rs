@@ -175,6 +175,8 @@ pub struct Fleet {
     work: Option<Work>,
     logs: Vec<LogEntry>,
     id_seed: u64,
+    /// Environment given to every daemon started from now on (e.g. a fake `NOTIFY_SOCKET`).
+    env: Vec<(String, String)>,
 }
 
 fn fnv1a(text: &str) -> u64 {
@@ -256,6 +258,7 @@ impl Fleet {
             work: Some(work),
             logs: Vec::new(),
             id_seed: 0,
+            env: Vec::new(),
             opts,
         };
         // Never adopt (and later delete) namespaces that someone else created under a fixed prefix.
@@ -378,6 +381,12 @@ impl Fleet {
         self.log_dir().join(file)
     }
 
+    /// Set `key=value` in the environment of every daemon started after this call.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     fn spawn(&mut self, name: &str, ns: &str, program: &Path, args: &[String]) -> Result<Process> {
         let log = self.next_log(name);
         let mut builder = ProcessBuilder::new(name, program, &log)
@@ -390,6 +399,9 @@ impl Fleet {
             if key.to_string_lossy().starts_with("NIMBUS_") {
                 builder = builder.env_remove(key);
             }
+        }
+        for (k, v) in &self.env {
+            builder = builder.env(k, v);
         }
         let process = builder.spawn()?;
         self.logs.push(LogEntry {
