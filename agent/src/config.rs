@@ -29,6 +29,8 @@ pub struct FileConfig {
     pub wg_listen: Option<String>,
     pub revocation_check_after: Option<String>,
     pub log_format: Option<String>,
+    /// Log filter, e.g. `info` or `info,agent=debug`. Default `info`; SIGHUP applies a change.
+    pub log_level: Option<String>,
 }
 
 /// Validated configuration.
@@ -46,6 +48,7 @@ pub struct Config {
     pub wg_listen: SocketAddr,
     pub revocation_check_after: Duration,
     pub log_format: String,
+    pub log_level: String,
 }
 
 impl std::fmt::Debug for Config {
@@ -58,6 +61,32 @@ impl std::fmt::Debug for Config {
             .field("node_name", &self.node_name)
             .field("tun_name", &self.tun_name)
             .finish_non_exhaustive()
+    }
+}
+
+impl daemon::reload::Reloadable for Config {
+    fn log_level(&self) -> &str {
+        &self.log_level
+    }
+
+    /// Everything but `log_level` takes effect at restart (the token matters only for a first enrollment).
+    fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        macro_rules! cmp {
+            ($($f:ident),*) => { $( if self.$f != new.$f { keys.push(stringify!($f)); } )* };
+        }
+        cmp!(
+            state_dir,
+            coordinator,
+            ca_pin,
+            node_name,
+            machine_id,
+            tun_name,
+            wg_listen,
+            revocation_check_after,
+            log_format
+        );
+        keys
     }
 }
 
@@ -146,6 +175,10 @@ impl Config {
         if log_format != "text" && log_format != "json" {
             errs.push(format!("log_format `{log_format}` is not supported: use text or json"));
         }
+        let log_level = o.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
+        if let Err(e) = daemon::logging::parse_filter(&log_level) {
+            errs.push(format!("log_level: {e}"));
+        }
         match wg_listen {
             Some(wg_listen) if errs.is_empty() => Ok(Config {
                 state_dir,
@@ -158,6 +191,7 @@ impl Config {
                 wg_listen,
                 revocation_check_after,
                 log_format,
+                log_level,
             }),
             _ => Err(errs),
         }

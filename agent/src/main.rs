@@ -59,6 +59,9 @@ struct Args {
     /// Log format: text or json. [default: text]
     #[arg(long, env = "NIMBUS_LOG_FORMAT")]
     log_format: Option<String>,
+    /// Log filter, e.g. info or info,agent=debug; SIGHUP applies a changed value. [default: info]
+    #[arg(long, env = "NIMBUS_LOG_LEVEL")]
+    log_level: Option<String>,
 }
 
 impl Args {
@@ -75,6 +78,7 @@ impl Args {
             wg_listen: self.wg_listen.clone(),
             revocation_check_after: self.revocation_check_after.clone(),
             log_format: self.log_format.clone(),
+            log_level: self.log_level.clone(),
         }
     }
 }
@@ -109,10 +113,11 @@ fn main() -> ExitCode {
             return ExitCode::from(agent::error::EXIT_USAGE);
         }
     };
-    daemon::logging::init(
+    let logs = daemon::logging::init(
         cfg.log_format.parse().unwrap_or(daemon::logging::LogFormat::Text),
-        "info",
+        &cfg.log_level,
     );
+    let running = cfg.clone();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -128,10 +133,10 @@ fn main() -> ExitCode {
             loop {
                 match signals.recv().await {
                     Signal::Terminate => break,
-                    Signal::Reload => match load(&args) {
-                        Ok(_) => tracing::info!("configuration re-read and valid; it takes effect at restart"),
-                        Err(errs) => tracing::error!(errors = ?errs, "configuration reload rejected"),
-                    },
+                    // No RELOADING=1/READY=1 pair here: READY means "stream open", which a reload does not change.
+                    Signal::Reload => {
+                        daemon::reload::apply(load(&args), &running, &logs);
+                    }
                 }
             }
             notify::stopping();

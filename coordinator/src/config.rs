@@ -43,6 +43,8 @@ pub struct FileConfig {
     pub heartbeat_interval: Option<String>,
     pub last_seen_flush: Option<String>,
     pub log_format: Option<String>,
+    /// Log filter, e.g. `info` or `info,coordinator=debug`. Default `info`; SIGHUP applies a change.
+    pub log_level: Option<String>,
     /// Operator-provided TLS certificate chain (PEM) for enrollment; with `tls_key`.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -64,6 +66,7 @@ pub struct Overrides {
     pub admin_socket: Option<PathBuf>,
     pub heartbeat_interval: Option<String>,
     pub log_format: Option<String>,
+    pub log_level: Option<String>,
 }
 
 /// Validated configuration.
@@ -82,10 +85,11 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub last_seen_flush: Duration,
     pub log_format: String,
+    pub log_level: String,
     pub tls: Option<TlsFiles>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -194,6 +198,10 @@ impl Config {
         if log_format != "text" && log_format != "json" {
             errs.push(format!("log_format `{log_format}` is not supported: use text or json"));
         }
+        let log_level = o.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
+        if let Err(e) = daemon::logging::parse_filter(&log_level) {
+            errs.push(format!("log_level: {e}"));
+        }
         let tls = match (file.tls_cert, file.tls_key, file.tls_ca) {
             (None, None, None) => None,
             (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
@@ -220,13 +228,46 @@ impl Config {
                     heartbeat_interval,
                     last_seen_flush,
                     log_format,
+                    log_level,
                     tls,
                 })
             }
             _ => Err(errs),
         }
     }
+}
 
+impl daemon::reload::Reloadable for Config {
+    fn log_level(&self) -> &str {
+        &self.log_level
+    }
+
+    /// Everything but `log_level` takes effect at restart.
+    fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        macro_rules! cmp {
+            ($($f:ident),*) => { $( if self.$f != new.$f { keys.push(stringify!($f)); } )* };
+        }
+        cmp!(
+            data_dir,
+            enroll_listen,
+            wg_listen,
+            advertise_address,
+            overlay_cidr,
+            fleet_port,
+            tun_name,
+            mtu,
+            admin_socket,
+            heartbeat_interval,
+            last_seen_flush,
+            log_format,
+            tls
+        );
+        keys
+    }
+}
+
+impl Config {
     /// host:port agents use for enrollment.
     pub fn enroll_endpoint(&self) -> String {
         SocketAddr::new(self.advertise_address, self.enroll_listen.port()).to_string()
@@ -266,6 +307,7 @@ fn parse_duration(key: &str, v: Option<String>, default: Duration, errs: &mut Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use daemon::reload::Reloadable as _;
 
     #[test]
     fn defaults_need_an_advertise_address() {
@@ -295,6 +337,26 @@ mod tests {
     }
 
     #[test]
+    fn reload_tells_which_keys_need_a_restart() {
+        let base = Overrides {
+            advertise_address: Some("192.0.2.1".into()),
+            ..Default::default()
+        };
+        let a = Config::resolve(FileConfig::default(), base.clone()).unwrap();
+        let b = Config::resolve(
+            FileConfig {
+                log_level: Some("debug".into()),
+                mtu: Some(1400),
+                ..Default::default()
+            },
+            base,
+        )
+        .unwrap();
+        assert_eq!(a.restart_needed_for(&b), vec!["mtu"], "log_level applies live");
+        assert!(a.restart_needed_for(&a).is_empty());
+    }
+
+    #[test]
     fn every_bad_value_is_reported() {
         let file = FileConfig {
             overlay_cidr: Some("100.96.0.0/31".into()),
@@ -303,6 +365,7 @@ mod tests {
             heartbeat_interval: Some("soon".into()),
             enroll_listen: Some("nowhere".into()),
             log_format: Some("xml".into()),
+            log_level: Some("info,[".into()),
             ..Default::default()
         };
         let o = Overrides {
@@ -318,6 +381,7 @@ mod tests {
             "enroll_listen",
             "log_format",
             "advertise_address",
+            "log_level",
         ] {
             assert!(e.iter().any(|l| l.contains(key)), "missing {key} in {e:?}");
         }

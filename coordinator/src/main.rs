@@ -52,6 +52,9 @@ struct Args {
     /// Log format: text or json. [default: text]
     #[arg(long, env = "NIMBUS_LOG_FORMAT")]
     log_format: Option<String>,
+    /// Log filter, e.g. info or info,coordinator=debug; SIGHUP applies a changed value. [default: info]
+    #[arg(long, env = "NIMBUS_LOG_LEVEL")]
+    log_level: Option<String>,
 }
 
 impl Args {
@@ -68,6 +71,7 @@ impl Args {
             admin_socket: self.admin_socket.clone(),
             heartbeat_interval: self.heartbeat_interval.clone(),
             log_format: self.log_format.clone(),
+            log_level: self.log_level.clone(),
         }
     }
 }
@@ -92,7 +96,7 @@ fn main() -> ExitCode {
         }
     };
     let format = config.log_format.parse().unwrap_or(daemon::logging::LogFormat::Text);
-    daemon::logging::init(format, "info");
+    let logs = daemon::logging::init(format, &config.log_level);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -100,7 +104,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(args, config)) {
+    match rt.block_on(serve(args, config, logs)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line on stderr (journald keeps it); not repeated through the logger.
@@ -110,10 +114,10 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: Args, config: Config) -> Result<(), coordinator::CoordError> {
+async fn serve(args: Args, config: Config, logs: daemon::logging::LogControl) -> Result<(), coordinator::CoordError> {
     let mut signals = Signals::new()
         .map_err(|e| coordinator::CoordError::Config(vec![format!("cannot install signal handlers: {e}")]))?;
-    let running = coordinator::start(config).await?;
+    let running = coordinator::start(config.clone()).await?;
     notify::ready();
     notify::status(&format!(
         "serving; {} agents connected",
@@ -127,10 +131,7 @@ async fn serve(args: Args, config: Config) -> Result<(), coordinator::CoordError
                 Signal::Terminate => break,
                 Signal::Reload => {
                     notify::reloading();
-                    match load(&args) {
-                        Ok(_) => tracing::info!("configuration re-read and valid; listener, network and store settings take effect at restart"),
-                        Err(errs) => tracing::error!(errors = ?errs, "configuration reload rejected; keeping the running configuration"),
-                    }
+                    daemon::reload::apply(load(&args), &config, &logs);
                     notify::ready();
                 }
             },

@@ -42,29 +42,76 @@ impl fmt::Display for LogFormat {
     }
 }
 
+/// Changes the running log filter (SIGHUP applies a new `log_level` through this).
+pub struct LogControl {
+    set: Option<Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>>,
+}
+
+impl LogControl {
+    /// A control that changes nothing (tests, or a second `init`).
+    pub fn inert() -> LogControl {
+        LogControl { set: None }
+    }
+
+    /// Replace the filter with `directives` (e.g. `"info"` or `"info,coordinator=debug"`).
+    /// An invalid filter is refused and the running one kept.
+    pub fn set_filter(&self, directives: &str) -> Result<(), String> {
+        let filter = parse_filter(directives)?;
+        match &self.set {
+            Some(set) => set(filter),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Check a filter such as `info,coordinator=debug`; the error says what is wrong.
+pub fn parse_filter(directives: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(directives).map_err(|e| {
+        format!("log level `{directives}` is not a valid filter ({e}); use e.g. info or info,coordinator=debug")
+    })
+}
+
 /// Install the global `tracing` subscriber writing to stderr.
 ///
 /// The filter is `RUST_LOG` when it is set and valid, otherwise `default_filter` (e.g. `"info"` or
 /// `"info,coordinator=debug"`). An invalid `RUST_LOG` is reported as a warning once logging is up.
-/// Calling this more than once is harmless: later calls leave the first subscriber in place.
-pub fn init(format: LogFormat, default_filter: &str) {
+/// Calling this more than once is harmless: later calls leave the first subscriber in place and return
+/// a control that changes nothing.
+pub fn init(format: LogFormat, default_filter: &str) -> LogControl {
+    let default = parse_filter(default_filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, bad_env) = match std::env::var("RUST_LOG") {
         Ok(value) if !value.trim().is_empty() => match EnvFilter::try_new(&value) {
             Ok(filter) => (filter, None),
-            Err(err) => (EnvFilter::new(default_filter), Some((value, err.to_string()))),
+            Err(err) => (default, Some((value, err.to_string()))),
         },
-        _ => (EnvFilter::new(default_filter), None),
+        _ => (default, None),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colour only for a person at a terminal, never into journald or log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let installed = match format {
-        LogFormat::Text => builder.try_init().is_ok(),
-        LogFormat::Json => builder.json().try_init().is_ok(),
+    let set: Option<Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>> = match format {
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder
+                .try_init()
+                .ok()
+                .map(|()| Box::new(move |f: EnvFilter| handle.reload(f).map_err(|e| e.to_string())) as Box<_>)
+        }
+        LogFormat::Json => {
+            let builder = builder.json().with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder
+                .try_init()
+                .ok()
+                .map(|()| Box::new(move |f: EnvFilter| handle.reload(f).map_err(|e| e.to_string())) as Box<_>)
+        }
     };
-    if installed && let Some((value, err)) = bad_env {
+    if set.is_some()
+        && let Some((value, err)) = bad_env
+    {
         tracing::warn!(
             rust_log = %value,
             error = %err,
@@ -72,6 +119,7 @@ pub fn init(format: LogFormat, default_filter: &str) {
             "ignoring invalid RUST_LOG; using the default filter (fix RUST_LOG or unset it)"
         );
     }
+    LogControl { set }
 }
 
 #[cfg(test)]

@@ -38,7 +38,11 @@ impl FakeNotifySocket {
                 }
             }
         }
-        panic!("no {needle:?} on the notify socket within {:?}; seen: {:?}", patience(), self.seen);
+        panic!(
+            "no {needle:?} on the notify socket within {:?}; seen: {:?}",
+            patience(),
+            self.seen
+        );
     }
 }
 
@@ -57,7 +61,11 @@ fn the_agent_is_ready_only_when_its_stream_is_open_and_stops_cleanly() {
     let node = fleet.node("agent-1").expect("agent-1 enrolled before READY");
     assert_eq!(str_field(&node, "state"), "connected", "{node}");
     let status = notify.seen.iter().any(|m| m.contains("STATUS=connected as agent-1"));
-    assert!(status || notify.wait_for("STATUS=").contains("agent-1"), "{:?}", notify.seen);
+    assert!(
+        status || notify.wait_for("STATUS=").contains("agent-1"),
+        "{:?}",
+        notify.seen
+    );
 
     fleet.agent(1).terminate().unwrap();
     notify.wait_for("STOPPING=1");
@@ -82,5 +90,53 @@ fn the_coordinator_is_ready_once_serving_and_stops_cleanly() {
     fleet.coordinator().terminate().unwrap();
     notify.wait_for("STOPPING=1");
     let code = fleet.coordinator().wait_exit(patience()).and_then(|s| s.code());
-    assert_eq!(code, Some(0), "SIGTERM drains and exits 0:\n{}", fleet.coordinator().log());
+    assert_eq!(
+        code,
+        Some(0),
+        "SIGTERM drains and exits 0:\n{}",
+        fleet.coordinator().log()
+    );
+}
+
+#[test]
+fn sighup_reloads_the_log_level_and_names_keys_that_need_a_restart() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    if !require_root() {
+        return;
+    }
+    let mut fleet = Fleet::setup(0);
+    let config = fleet.work_dir().join("coordinator.toml");
+    std::fs::write(&config, "log_level = \"info\"\n").unwrap();
+    fleet.set_env("NIMBUS_CONFIG", &config.display().to_string());
+    fleet.start_coordinator();
+    let pid = Pid::from_raw(fleet.coordinator().pid() as i32);
+    let log_has = |fleet: &Fleet, needle: &str| {
+        e2e::eventually_patiently(|| {
+            let log = fleet.coordinator().log();
+            if log.contains(needle) {
+                Ok(())
+            } else {
+                Err(format!("coordinator log lacks {needle:?}:\n{log}"))
+            }
+        })
+    };
+    assert!(!fleet.coordinator().log().contains(" DEBUG "), "info level at start");
+
+    std::fs::write(&config, "log_level = \"debug\"\nmtu = 1400\n").unwrap();
+    kill(pid, Signal::SIGHUP).unwrap();
+    log_has(&fleet, "configuration reloaded; these keys take effect at restart");
+    log_has(&fleet, "\"mtu\"");
+    assert!(fleet.ctl(&["token", "list"]).status.success());
+    log_has(&fleet, " DEBUG ");
+
+    std::fs::write(&config, "mtu = \"big\"\n").unwrap();
+    kill(pid, Signal::SIGHUP).unwrap();
+    log_has(&fleet, "configuration reload rejected");
+    assert!(
+        fleet.coordinator().is_running(),
+        "a bad reload keeps the coordinator running"
+    );
+    assert!(fleet.ctl(&["token", "list"]).status.success());
 }
