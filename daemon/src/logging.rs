@@ -42,9 +42,12 @@ impl fmt::Display for LogFormat {
     }
 }
 
+/// Swaps the filter of the installed subscriber.
+type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
 /// Changes the running log filter (SIGHUP applies a new `log_level` through this).
 pub struct LogControl {
-    set: Option<Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>>,
+    set: Option<SetFilter>,
 }
 
 impl LogControl {
@@ -91,7 +94,7 @@ pub fn init(format: LogFormat, default_filter: &str) -> LogControl {
         .with_writer(std::io::stderr)
         // Colour only for a person at a terminal, never into journald or log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let set: Option<Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>> = match format {
+    let set: Option<SetFilter> = match format {
         LogFormat::Text => {
             let builder = builder.with_filter_reloading();
             let handle = builder.reload_handle();
