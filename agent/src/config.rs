@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use daemon::config::check;
 use serde::Deserialize;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nimbus-agent";
@@ -15,22 +16,58 @@ pub const DEFAULT_WG_LISTEN: &str = "0.0.0.0:0";
 /// endpoint whether this node was revoked. Default 60 s.
 pub const DEFAULT_REVOCATION_CHECK_AFTER: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The settings, as they come from the TOML file (`--config`) *and* from flags / `NIMBUS_*` environment
+/// variables: one struct, so file keys and flags cannot drift apart. Flags win over the file.
+#[derive(Clone, Default, Deserialize, clap::Args)]
 #[serde(default)]
-pub struct FileConfig {
+pub struct Settings {
+    /// State directory: identity.json and wg.key (0600). [default: /var/lib/nimbus-agent]
+    #[arg(long, env = "NIMBUS_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Coordinator enrollment endpoint HOST:PORT, e.g. 192.0.2.1:7443.
+    #[arg(long, env = "NIMBUS_COORDINATOR")]
     pub coordinator: Option<String>,
+    /// Join token from `nimbusctl token create` (prefer --token-file or the env var: flags show in `ps`).
+    #[arg(long, env = "NIMBUS_JOIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// File holding the join token.
+    #[arg(long, env = "NIMBUS_JOIN_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// SHA-256 pin of the coordinator's CA: sha256:<64 hex>.
+    #[arg(long, env = "NIMBUS_CA_PIN")]
     pub ca_pin: Option<String>,
+    /// Node name to request. [default: the hostname]
+    #[arg(long, env = "NIMBUS_NODE_NAME")]
     pub node_name: Option<String>,
+    /// Machine id to report. [default: /etc/machine-id]
+    #[arg(long, env = "NIMBUS_MACHINE_ID")]
     pub machine_id: Option<String>,
+    /// TUN device name. [default: nimbus0]
+    #[arg(long, env = "NIMBUS_TUN_NAME")]
     pub tun_name: Option<String>,
+    /// WireGuard UDP listen address. [default: 0.0.0.0:0]
+    #[arg(long, env = "NIMBUS_WG_LISTEN")]
     pub wg_listen: Option<String>,
+    /// How long the tunnel may stay dead before asking whether this node was revoked. [default: 60s]
+    #[arg(long, env = "NIMBUS_REVOCATION_CHECK_AFTER")]
     pub revocation_check_after: Option<String>,
+    /// Log format: text or json. [default: text]
+    #[arg(long, env = "NIMBUS_LOG_FORMAT")]
     pub log_format: Option<String>,
-    /// Log filter, e.g. `info` or `info,agent=debug`. Default `info`; SIGHUP applies a change.
+    /// Log filter, e.g. info or info,agent=debug; SIGHUP applies a changed value. [default: info]
+    #[arg(long, env = "NIMBUS_LOG_LEVEL")]
     pub log_level: Option<String>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("state_dir", &self.state_dir)
+            .field("coordinator", &self.coordinator)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Validated configuration.
@@ -71,28 +108,15 @@ impl daemon::reload::Reloadable for Config {
 
     /// Everything but `log_level` takes effect at restart (the token matters only for a first enrollment).
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
-        let mut keys = Vec::new();
-        macro_rules! cmp {
-            ($($f:ident),*) => { $( if self.$f != new.$f { keys.push(stringify!($f)); } )* };
-        }
-        cmp!(
-            state_dir,
-            coordinator,
-            ca_pin,
-            node_name,
-            machine_id,
-            tun_name,
-            wg_listen,
-            revocation_check_after,
-            log_format
-        );
-        keys
+        daemon::changed_fields!(self, new;
+            state_dir, coordinator, ca_pin, node_name, machine_id, tun_name, wg_listen, revocation_check_after,
+            log_format)
     }
 }
 
 impl Config {
     /// Merge `file` with `o` (which wins) and validate everything.
-    pub fn resolve(file: FileConfig, o: FileConfig) -> Result<Config, Vec<String>> {
+    pub fn resolve(file: Settings, o: Settings) -> Result<Config, Vec<String>> {
         let mut errs = Vec::new();
         let state_dir = o
             .state_dir
@@ -140,14 +164,7 @@ impl Config {
             ));
         }
         let tun_name = o.tun_name.or(file.tun_name).unwrap_or_else(|| DEFAULT_TUN_NAME.into());
-        if tun_name.is_empty()
-            || tun_name.len() > 15
-            || !tun_name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            errs.push(format!(
-                "tun_name `{tun_name}` is not a valid interface name: 1-15 characters of [A-Za-z0-9._-]"
-            ));
-        }
+        check::ifname("tun_name", &tun_name, &mut errs);
         let wg_s = o
             .wg_listen
             .or(file.wg_listen)
@@ -159,26 +176,16 @@ impl Config {
                 None
             }
         };
-        let revocation_check_after = match o.revocation_check_after.or(file.revocation_check_after) {
-            None => DEFAULT_REVOCATION_CHECK_AFTER,
-            Some(s) => match humantime::parse_duration(&s) {
-                Ok(d) if !d.is_zero() => d,
-                _ => {
-                    errs.push(format!(
-                        "revocation_check_after `{s}` is not a positive duration such as 60s"
-                    ));
-                    DEFAULT_REVOCATION_CHECK_AFTER
-                }
-            },
-        };
+        let revocation_check_after = check::duration(
+            "revocation_check_after",
+            o.revocation_check_after.or(file.revocation_check_after).as_deref(),
+            DEFAULT_REVOCATION_CHECK_AFTER,
+            &mut errs,
+        );
         let log_format = o.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
-        if log_format != "text" && log_format != "json" {
-            errs.push(format!("log_format `{log_format}` is not supported: use text or json"));
-        }
+        check::log_format(&log_format, &mut errs);
         let log_level = o.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
-        if let Err(e) = daemon::logging::parse_filter(&log_level) {
-            errs.push(format!("log_level: {e}"));
-        }
+        check::log_level(&log_level, &mut errs);
         match wg_listen {
             Some(wg_listen) if errs.is_empty() => Ok(Config {
                 state_dir,
@@ -204,19 +211,19 @@ mod tests {
 
     #[test]
     fn defaults_are_valid() {
-        let c = Config::resolve(FileConfig::default(), FileConfig::default()).unwrap();
+        let c = Config::resolve(Settings::default(), Settings::default()).unwrap();
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.revocation_check_after, DEFAULT_REVOCATION_CHECK_AFTER);
     }
 
     #[test]
     fn flags_override_file() {
-        let file = FileConfig {
+        let file = Settings {
             node_name: Some("from-file".into()),
             tun_name: Some("nt1".into()),
             ..Default::default()
         };
-        let o = FileConfig {
+        let o = Settings {
             node_name: Some("from-flag".into()),
             ..Default::default()
         };
@@ -227,7 +234,7 @@ mod tests {
 
     #[test]
     fn all_errors_together_and_token_not_in_debug() {
-        let o = FileConfig {
+        let o = Settings {
             coordinator: Some("no-port".into()),
             ca_pin: Some("md5:xx".into()),
             machine_id: Some("short".into()),
@@ -236,7 +243,7 @@ mod tests {
             revocation_check_after: Some("never".into()),
             ..Default::default()
         };
-        let e = Config::resolve(FileConfig::default(), o).unwrap_err();
+        let e = Config::resolve(Settings::default(), o).unwrap_err();
         for k in [
             "coordinator",
             "ca_pin",
@@ -248,11 +255,11 @@ mod tests {
             assert!(e.iter().any(|l| l.contains(k)), "{k} missing from {e:?}");
         }
         let c = Config::resolve(
-            FileConfig {
+            Settings {
                 token: Some("nimbus1.a.secretsecret".into()),
                 ..Default::default()
             },
-            FileConfig::default(),
+            Settings::default(),
         )
         .unwrap();
         assert!(!format!("{c:?}").contains("secretsecret"));

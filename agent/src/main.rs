@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use agent::config::{Config, FileConfig};
+use agent::config::{Config, Settings};
 use agent::identity::Identity;
 use clap::Parser;
 use daemon::notify;
@@ -26,69 +26,13 @@ struct Args {
     /// TOML configuration file (keys as the long flags, with `_` for `-`).
     #[arg(long, env = "NIMBUS_CONFIG")]
     config: Option<PathBuf>,
-    /// State directory: identity.json and wg.key (0600). [default: /var/lib/nimbus-agent]
-    #[arg(long, env = "NIMBUS_STATE_DIR")]
-    state_dir: Option<PathBuf>,
-    /// Coordinator enrollment endpoint HOST:PORT, e.g. 192.0.2.1:7443.
-    #[arg(long, env = "NIMBUS_COORDINATOR")]
-    coordinator: Option<String>,
-    /// Join token from `nimbusctl token create` (prefer --token-file or the env var: flags show in `ps`).
-    #[arg(long, env = "NIMBUS_JOIN_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// File holding the join token.
-    #[arg(long, env = "NIMBUS_JOIN_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    /// SHA-256 pin of the coordinator's CA: sha256:<64 hex>.
-    #[arg(long, env = "NIMBUS_CA_PIN")]
-    ca_pin: Option<String>,
-    /// Node name to request. [default: the hostname]
-    #[arg(long, env = "NIMBUS_NODE_NAME")]
-    node_name: Option<String>,
-    /// Machine id to report. [default: /etc/machine-id]
-    #[arg(long, env = "NIMBUS_MACHINE_ID")]
-    machine_id: Option<String>,
-    /// TUN device name. [default: nimbus0]
-    #[arg(long, env = "NIMBUS_TUN_NAME")]
-    tun_name: Option<String>,
-    /// WireGuard UDP listen address. [default: 0.0.0.0:0]
-    #[arg(long, env = "NIMBUS_WG_LISTEN")]
-    wg_listen: Option<String>,
-    /// How long the tunnel may stay dead before asking whether this node was revoked. [default: 60s]
-    #[arg(long, env = "NIMBUS_REVOCATION_CHECK_AFTER")]
-    revocation_check_after: Option<String>,
-    /// Log format: text or json. [default: text]
-    #[arg(long, env = "NIMBUS_LOG_FORMAT")]
-    log_format: Option<String>,
-    /// Log filter, e.g. info or info,agent=debug; SIGHUP applies a changed value. [default: info]
-    #[arg(long, env = "NIMBUS_LOG_LEVEL")]
-    log_level: Option<String>,
-}
-
-impl Args {
-    fn overrides(&self) -> FileConfig {
-        FileConfig {
-            state_dir: self.state_dir.clone(),
-            coordinator: self.coordinator.clone(),
-            token: self.token.clone(),
-            token_file: self.token_file.clone(),
-            ca_pin: self.ca_pin.clone(),
-            node_name: self.node_name.clone(),
-            machine_id: self.machine_id.clone(),
-            tun_name: self.tun_name.clone(),
-            wg_listen: self.wg_listen.clone(),
-            revocation_check_after: self.revocation_check_after.clone(),
-            log_format: self.log_format.clone(),
-            log_level: self.log_level.clone(),
-        }
-    }
+    #[command(flatten)]
+    settings: Settings,
 }
 
 fn load(args: &Args) -> Result<Config, Vec<String>> {
-    let file: FileConfig = match &args.config {
-        Some(p) => daemon::config::load_toml(p).map_err(|e| e.errors)?,
-        None => FileConfig::default(),
-    };
-    Config::resolve(file, args.overrides())
+    let file: Settings = daemon::config::load_optional(args.config.as_deref())?;
+    Config::resolve(file, args.settings.clone())
 }
 
 struct Notify;

@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use daemon::config::check;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
@@ -27,46 +28,60 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// How often in-memory last-seen times are written to the store. Default 15 s.
 pub const DEFAULT_LAST_SEEN_FLUSH: Duration = Duration::from_secs(15);
 
-/// The file form. Every key is optional; see the `DEFAULT_*` constants.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The settings, as they come from the TOML file (`--config`) *and* from flags / `NIMBUS_*` environment
+/// variables: one struct, so the file keys and the flags cannot drift apart. Every key is optional; the
+/// `DEFAULT_*` constants give the defaults. Flags win over the file.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
 #[serde(default)]
-pub struct FileConfig {
+pub struct Settings {
+    /// State directory: sled store, CA, WireGuard key. [default: /var/lib/nimbus-coordinator]
+    #[arg(long, env = "NIMBUS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Enrollment listener, TCP with TLS. [default: 0.0.0.0:7443]
+    #[arg(long, env = "NIMBUS_ENROLL_LISTEN")]
     pub enroll_listen: Option<String>,
+    /// WireGuard listener, UDP. [default: 0.0.0.0:51820]
+    #[arg(long, env = "NIMBUS_WG_LISTEN")]
     pub wg_listen: Option<String>,
+    /// IP address agents dial for enrollment and WireGuard (required when listening on 0.0.0.0).
+    #[arg(long, env = "NIMBUS_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
+    /// Overlay network; the coordinator takes its first host address. [default: 100.96.0.0/16]
+    #[arg(long, env = "NIMBUS_OVERLAY_CIDR")]
     pub overlay_cidr: Option<String>,
+    /// Fleet service TCP port on the overlay address (tunnel only). [default: 7000]
+    #[arg(long, env = "NIMBUS_FLEET_PORT")]
     pub fleet_port: Option<u16>,
+    /// TUN device name. [default: nimbus0]
+    #[arg(long, env = "NIMBUS_TUN_NAME")]
     pub tun_name: Option<String>,
+    /// Overlay MTU. [default: 1420]
+    #[arg(long, env = "NIMBUS_MTU")]
     pub mtu: Option<u16>,
+    /// Admin API Unix socket (mode 0600). [default: /run/nimbus/admin.sock]
+    #[arg(long, env = "NIMBUS_ADMIN_SOCKET")]
     pub admin_socket: Option<PathBuf>,
+    /// Heartbeat interval told to agents, e.g. 10s. [default: 10s]
+    #[arg(long, env = "NIMBUS_HEARTBEAT_INTERVAL")]
     pub heartbeat_interval: Option<String>,
+    /// How often last-seen times are written to the store. [default: 15s]
+    #[arg(long, env = "NIMBUS_LAST_SEEN_FLUSH")]
     pub last_seen_flush: Option<String>,
+    /// Log format: text or json. [default: text]
+    #[arg(long, env = "NIMBUS_LOG_FORMAT")]
     pub log_format: Option<String>,
-    /// Log filter, e.g. `info` or `info,coordinator=debug`. Default `info`; SIGHUP applies a change.
+    /// Log filter, e.g. info or info,coordinator=debug; SIGHUP applies a changed value. [default: info]
+    #[arg(long, env = "NIMBUS_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// Operator-provided TLS certificate chain (PEM) for enrollment; with `tls_key`.
+    /// Operator-provided TLS certificate chain (PEM) for enrollment, instead of the coordinator's own CA.
+    #[arg(long, env = "NIMBUS_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM, mode 0600) of --tls-cert.
+    #[arg(long, env = "NIMBUS_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// The CA certificate that signed `tls_cert` (its SHA-256 is the pin agents check).
+    /// The CA certificate that signed --tls-cert; its SHA-256 is the pin agents check.
+    #[arg(long, env = "NIMBUS_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-}
-
-/// Flag/environment overrides (filled by the binary's clap parser).
-#[derive(Debug, Clone, Default)]
-pub struct Overrides {
-    pub data_dir: Option<PathBuf>,
-    pub enroll_listen: Option<String>,
-    pub wg_listen: Option<String>,
-    pub advertise_address: Option<String>,
-    pub overlay_cidr: Option<String>,
-    pub fleet_port: Option<u16>,
-    pub tun_name: Option<String>,
-    pub mtu: Option<u16>,
-    pub admin_socket: Option<PathBuf>,
-    pub heartbeat_interval: Option<String>,
-    pub log_format: Option<String>,
-    pub log_level: Option<String>,
 }
 
 /// Validated configuration.
@@ -99,7 +114,7 @@ pub struct TlsFiles {
 impl Config {
     /// Merge file and overrides (overrides win) and validate. Returns every
     /// problem found, one line each.
-    pub fn resolve(file: FileConfig, o: Overrides) -> Result<Config, Vec<String>> {
+    pub fn resolve(file: Settings, o: Settings) -> Result<Config, Vec<String>> {
         let mut errs = Vec::new();
         let data_dir = o.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
         let enroll_listen = parse_addr(
@@ -182,27 +197,27 @@ impl Config {
             .admin_socket
             .or(file.admin_socket)
             .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into());
-        let heartbeat_interval = parse_duration(
+        let heartbeat_interval = check::duration(
             "heartbeat_interval",
-            o.heartbeat_interval.or(file.heartbeat_interval),
+            o.heartbeat_interval.or(file.heartbeat_interval).as_deref(),
             DEFAULT_HEARTBEAT_INTERVAL,
             &mut errs,
         );
-        let last_seen_flush = parse_duration(
+        let last_seen_flush = check::duration(
             "last_seen_flush",
-            file.last_seen_flush,
+            o.last_seen_flush.or(file.last_seen_flush).as_deref(),
             DEFAULT_LAST_SEEN_FLUSH,
             &mut errs,
         );
         let log_format = o.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
-        if log_format != "text" && log_format != "json" {
-            errs.push(format!("log_format `{log_format}` is not supported: use text or json"));
-        }
+        check::log_format(&log_format, &mut errs);
         let log_level = o.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
-        if let Err(e) = daemon::logging::parse_filter(&log_level) {
-            errs.push(format!("log_level: {e}"));
-        }
-        let tls = match (file.tls_cert, file.tls_key, file.tls_ca) {
+        check::log_level(&log_level, &mut errs);
+        let tls = match (
+            o.tls_cert.or(file.tls_cert),
+            o.tls_key.or(file.tls_key),
+            o.tls_ca.or(file.tls_ca),
+        ) {
             (None, None, None) => None,
             (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
             _ => {
@@ -244,26 +259,9 @@ impl daemon::reload::Reloadable for Config {
 
     /// Everything but `log_level` takes effect at restart.
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
-        let mut keys = Vec::new();
-        macro_rules! cmp {
-            ($($f:ident),*) => { $( if self.$f != new.$f { keys.push(stringify!($f)); } )* };
-        }
-        cmp!(
-            data_dir,
-            enroll_listen,
-            wg_listen,
-            advertise_address,
-            overlay_cidr,
-            fleet_port,
-            tun_name,
-            mtu,
-            admin_socket,
-            heartbeat_interval,
-            last_seen_flush,
-            log_format,
-            tls
-        );
-        keys
+        daemon::changed_fields!(self, new;
+            data_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, tun_name, mtu,
+            admin_socket, heartbeat_interval, last_seen_flush, log_format, tls)
     }
 }
 
@@ -291,19 +289,6 @@ fn parse_addr(key: &str, s: &str, errs: &mut Vec<String>) -> Option<SocketAddr> 
     }
 }
 
-fn parse_duration(key: &str, v: Option<String>, default: Duration, errs: &mut Vec<String>) -> Duration {
-    match v {
-        None => default,
-        Some(s) => match humantime::parse_duration(&s) {
-            Ok(d) if !d.is_zero() => d,
-            _ => {
-                errs.push(format!("{key} `{s}` is not a positive duration: write e.g. 10s or 1m"));
-                default
-            }
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,19 +296,19 @@ mod tests {
 
     #[test]
     fn defaults_need_an_advertise_address() {
-        let e = Config::resolve(FileConfig::default(), Overrides::default()).unwrap_err();
+        let e = Config::resolve(Settings::default(), Settings::default()).unwrap_err();
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].contains("advertise_address"));
     }
 
     #[test]
     fn overrides_win_and_defaults_fill() {
-        let file = FileConfig {
+        let file = Settings {
             mtu: Some(1400),
             fleet_port: Some(7100),
             ..Default::default()
         };
-        let o = Overrides {
+        let o = Settings {
             advertise_address: Some("192.0.2.1".into()),
             fleet_port: Some(7200),
             ..Default::default()
@@ -338,13 +323,13 @@ mod tests {
 
     #[test]
     fn reload_tells_which_keys_need_a_restart() {
-        let base = Overrides {
+        let base = Settings {
             advertise_address: Some("192.0.2.1".into()),
             ..Default::default()
         };
-        let a = Config::resolve(FileConfig::default(), base.clone()).unwrap();
+        let a = Config::resolve(Settings::default(), base.clone()).unwrap();
         let b = Config::resolve(
-            FileConfig {
+            Settings {
                 log_level: Some("debug".into()),
                 mtu: Some(1400),
                 ..Default::default()
@@ -358,7 +343,7 @@ mod tests {
 
     #[test]
     fn every_bad_value_is_reported() {
-        let file = FileConfig {
+        let file = Settings {
             overlay_cidr: Some("100.96.0.0/31".into()),
             mtu: Some(100),
             tun_name: Some("much-too-long-name0".into()),
@@ -368,7 +353,7 @@ mod tests {
             log_level: Some("info,[".into()),
             ..Default::default()
         };
-        let o = Overrides {
+        let o = Settings {
             advertise_address: Some("0.0.0.0".into()),
             ..Default::default()
         };

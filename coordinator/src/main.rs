@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use coordinator::config::{Config, FileConfig, Overrides};
+use coordinator::config::{Config, Settings};
 use daemon::notify;
 use daemon::signals::{Signal, Signals};
 
@@ -19,69 +19,13 @@ struct Args {
     /// TOML configuration file (keys as the long flags, with `_` for `-`).
     #[arg(long, env = "NIMBUS_CONFIG")]
     config: Option<PathBuf>,
-    /// State directory: sled store, CA, WireGuard key. [default: /var/lib/nimbus-coordinator]
-    #[arg(long, env = "NIMBUS_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Enrollment listener, TCP with TLS. [default: 0.0.0.0:7443]
-    #[arg(long, env = "NIMBUS_ENROLL_LISTEN")]
-    enroll_listen: Option<String>,
-    /// WireGuard listener, UDP. [default: 0.0.0.0:51820]
-    #[arg(long, env = "NIMBUS_WG_LISTEN")]
-    wg_listen: Option<String>,
-    /// IP address agents dial for enrollment and WireGuard (required when listening on 0.0.0.0).
-    #[arg(long, env = "NIMBUS_ADVERTISE_ADDRESS")]
-    advertise_address: Option<String>,
-    /// Overlay network; the coordinator takes its first host address. [default: 100.96.0.0/16]
-    #[arg(long, env = "NIMBUS_OVERLAY_CIDR")]
-    overlay_cidr: Option<String>,
-    /// Fleet service TCP port on the overlay address (tunnel only). [default: 7000]
-    #[arg(long, env = "NIMBUS_FLEET_PORT")]
-    fleet_port: Option<u16>,
-    /// TUN device name. [default: nimbus0]
-    #[arg(long, env = "NIMBUS_TUN_NAME")]
-    tun_name: Option<String>,
-    /// Overlay MTU. [default: 1420]
-    #[arg(long, env = "NIMBUS_MTU")]
-    mtu: Option<u16>,
-    /// Admin API Unix socket (mode 0600). [default: /run/nimbus/admin.sock]
-    #[arg(long, env = "NIMBUS_ADMIN_SOCKET")]
-    admin_socket: Option<PathBuf>,
-    /// Heartbeat interval told to agents, e.g. 10s. [default: 10s]
-    #[arg(long, env = "NIMBUS_HEARTBEAT_INTERVAL")]
-    heartbeat_interval: Option<String>,
-    /// Log format: text or json. [default: text]
-    #[arg(long, env = "NIMBUS_LOG_FORMAT")]
-    log_format: Option<String>,
-    /// Log filter, e.g. info or info,coordinator=debug; SIGHUP applies a changed value. [default: info]
-    #[arg(long, env = "NIMBUS_LOG_LEVEL")]
-    log_level: Option<String>,
-}
-
-impl Args {
-    fn overrides(&self) -> Overrides {
-        Overrides {
-            data_dir: self.data_dir.clone(),
-            enroll_listen: self.enroll_listen.clone(),
-            wg_listen: self.wg_listen.clone(),
-            advertise_address: self.advertise_address.clone(),
-            overlay_cidr: self.overlay_cidr.clone(),
-            fleet_port: self.fleet_port,
-            tun_name: self.tun_name.clone(),
-            mtu: self.mtu,
-            admin_socket: self.admin_socket.clone(),
-            heartbeat_interval: self.heartbeat_interval.clone(),
-            log_format: self.log_format.clone(),
-            log_level: self.log_level.clone(),
-        }
-    }
+    #[command(flatten)]
+    settings: Settings,
 }
 
 fn load(args: &Args) -> Result<Config, Vec<String>> {
-    let file: FileConfig = match &args.config {
-        Some(p) => daemon::config::load_toml(p).map_err(|e| e.errors)?,
-        None => FileConfig::default(),
-    };
-    Config::resolve(file, args.overrides())
+    let file: Settings = daemon::config::load_optional(args.config.as_deref())?;
+    Config::resolve(file, args.settings.clone())
 }
 
 fn main() -> ExitCode {

@@ -42,6 +42,71 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// Load the file at `path` if one was given, else the defaults. Used by both daemons to get the file layer
+/// before flags are merged over it.
+pub fn load_optional<T>(path: Option<&Path>) -> Result<T, Vec<String>>
+where
+    T: DeserializeOwned + Default,
+{
+    match path {
+        Some(p) => load_toml(p).map_err(|e| e.errors),
+        None => Ok(T::default()),
+    }
+}
+
+/// Validators for settings both daemons share. Each pushes one actionable line to `errs` on failure.
+pub mod check {
+    use std::time::Duration;
+
+    /// A Linux interface name: 1-15 characters of `[A-Za-z0-9._-]`.
+    pub fn ifname(key: &str, v: &str, errs: &mut Vec<String>) {
+        let ok = !v.is_empty() && v.len() <= 15 && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !ok {
+            errs.push(format!(
+                "{key} `{v}` is not a valid interface name: 1-15 characters of [A-Za-z0-9._-]"
+            ));
+        }
+    }
+
+    /// A positive humantime duration such as `10s` or `1m`; `default` when unset.
+    pub fn duration(key: &str, v: Option<&str>, default: Duration, errs: &mut Vec<String>) -> Duration {
+        match v {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if !d.is_zero() => d,
+                _ => {
+                    errs.push(format!("{key} `{s}` is not a positive duration: write e.g. 10s or 1m"));
+                    default
+                }
+            },
+        }
+    }
+
+    /// `text` or `json`.
+    pub fn log_format(v: &str, errs: &mut Vec<String>) {
+        if v.parse::<crate::logging::LogFormat>().is_err() {
+            errs.push(format!("log_format `{v}` is not supported: use text or json"));
+        }
+    }
+
+    /// A tracing filter such as `info` or `info,coordinator=debug`.
+    pub fn log_level(v: &str, errs: &mut Vec<String>) {
+        if let Err(e) = crate::logging::parse_filter(v) {
+            errs.push(format!("log_level: {e}"));
+        }
+    }
+}
+
+/// The names of the listed fields whose values differ between two structs (for "takes effect at restart").
+#[macro_export]
+macro_rules! changed_fields {
+    ($old:expr, $new:expr; $($field:ident),+ $(,)?) => {{
+        let mut changed: Vec<&'static str> = Vec::new();
+        $( if $old.$field != $new.$field { changed.push(stringify!($field)); } )+
+        changed
+    }};
+}
+
 /// Read `path` and parse it with [`parse_toml`], using the path as the origin in messages.
 pub fn load_toml<T>(path: &Path) -> Result<T, ConfigErrors>
 where
