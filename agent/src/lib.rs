@@ -5,6 +5,7 @@
 //! keeps one fleet stream open inside it.
 //!
 //! # Layout
+//! * `backoff`   — reconnect delays: exponential, capped, jittered.
 //! * `config`    — file + flag configuration, validated as a whole.
 //! * `identity`  — `identity.json` and `wg.key` in the state directory (0600).
 //! * `enroll`    — the Enrollment client (pinned TLS), also used for the
@@ -13,6 +14,7 @@
 //! * `inventory` — basic host facts read from `/proc` and `/etc`.
 //! * `error`     — `AgentError` and the documented exit codes.
 
+pub mod backoff;
 pub mod config;
 pub mod enroll;
 pub mod error;

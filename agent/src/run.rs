@@ -12,10 +12,10 @@ use nimbus_proto::agent_message::Msg as AgentMsg;
 use nimbus_proto::coordinator_message::Msg as CoordMsg;
 use nimbus_proto::fleet_client::FleetClient;
 use nimbus_proto::{AgentMessage, DesiredStateRequest, Heartbeat, Hello, NodeStatus};
-use rand::Rng as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::enroll::{self, HostFacts};
 use crate::error::AgentError;
@@ -135,23 +135,23 @@ async fn stay_connected(
     stop: watch::Receiver<bool>,
     events: &dyn Events,
 ) -> Result<(), AgentError> {
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut last_ok = Instant::now();
     let mut last_check = Instant::now();
     loop {
         match session(id, stop.clone(), events).await {
             Ok(()) => {
                 last_ok = Instant::now();
-                backoff = MIN_BACKOFF;
+                backoff.reset();
             }
             Err(SessionError::Revoked(reason)) => return Err(AgentError::Revoked(reason)),
             Err(SessionError::Failed { established, why }) => {
                 if established {
                     last_ok = Instant::now();
-                    backoff = MIN_BACKOFF;
+                    backoff.reset();
                 }
                 events.disconnected(&why);
-                tracing::warn!(reason = %why, retry_in = ?backoff, "fleet stream down; reconnecting");
+                tracing::warn!(reason = %why, backoff = ?backoff.base(), "fleet stream down; reconnecting");
             }
         }
         if *stop.borrow() {
@@ -164,9 +164,8 @@ async fn stay_connected(
             last_check = Instant::now();
             check_revoked(id, key).await?;
         }
-        let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
-        tokio::time::sleep(jittered).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        let delay = backoff.next_delay(&mut rand::thread_rng());
+        tokio::time::sleep(delay).await;
     }
 }
 
