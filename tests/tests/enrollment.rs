@@ -158,3 +158,21 @@ fn an_unreachable_coordinator_is_reported_with_exit_69() {
     fleet.expect_agent_exit(1, 69, "cannot reach the coordinator");
     assert!(!fleet.agent_has_identity(1));
 }
+
+#[test]
+fn a_revoked_token_is_refused_and_listed_as_revoked() {
+    if !require_root() {
+        return;
+    }
+    let mut fleet = Fleet::start(1);
+    let token = fleet.create_token("1h", 3);
+    let out = fleet.ctl(&["token", "revoke", &token.id]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fleet.token(&token.id)["revoked"], true);
+    let listed = String::from_utf8_lossy(&fleet.ctl(&["-o", "text", "token", "list"]).stdout).to_string();
+    assert!(listed.contains("revoked"), "{listed}");
+    fleet.start_agent(1, Some(&token), &[]);
+    fleet.expect_agent_exit(1, 77, "revoked");
+    assert!(!fleet.agent_has_identity(1));
+    assert!(fleet.nodes().is_empty());
+}

@@ -109,3 +109,47 @@ fn agent_restart_reuses_its_identity() {
     assert_eq!(fleet.token(&token.id)["uses_left"], 0, "no second enrollment");
     assert!(fleet.agent(1).is_running());
 }
+
+#[test]
+fn a_reinstalled_agent_with_a_new_token_gets_a_new_identity() {
+    if !require_root() {
+        return;
+    }
+    let (mut fleet, _token) = Fleet::with_connected_agents(1);
+    let before = identities(&fleet.nodes())["agent-1"].clone();
+    fleet.agent(1).terminate().unwrap();
+    assert_eq!(
+        fleet.agent(1).wait_exit(e2e::patience()).and_then(|s| s.code()),
+        Some(0)
+    );
+
+    // Re-install: the state directory (identity and WireGuard key) is gone.
+    std::fs::remove_dir_all(fleet.agent_state_dir(1)).unwrap();
+    let fresh = fleet.create_token("1h", 1);
+    fleet.start_agent(1, Some(&fresh), &[]);
+    let since = now_unix();
+    let nodes = eventually_patiently(|| {
+        let nodes = fleet.try_nodes().map_err(|e| e.to_string())?;
+        let connected: Vec<Value> = nodes
+            .iter()
+            .filter(|n| str_field(n, "state") == "connected")
+            .cloned()
+            .collect();
+        if connected.len() == 1 {
+            Ok(nodes)
+        } else {
+            Err(format!("waiting for the re-installed agent: {nodes:?}"))
+        }
+    });
+    assert_eq!(
+        nodes.len(),
+        2,
+        "the old identity stays listed (lost), the new one is added: {nodes:?}"
+    );
+    let new = nodes.iter().find(|n| str_field(n, "state") == "connected").unwrap();
+    assert_ne!(str_field(new, "id"), before.0, "a new node id");
+    assert_ne!(overlay_ip(new).unwrap(), before.1, "a new overlay IP");
+    assert_ne!(str_field(new, "name"), "agent-1", "the name stays unique: {new}");
+    assert!(new.get("enrolled_at_unix").and_then(Value::as_u64).unwrap_or(0) + 5 >= since);
+    assert_eq!(fleet.token(&fresh.id)["uses_left"], 0);
+}
