@@ -12,6 +12,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/nimbus-agent";
 pub const DEFAULT_TUN_NAME: &str = "nimbus0";
 /// WireGuard UDP listen address; port 0 picks a free port (the agent dials out).
 pub const DEFAULT_WG_LISTEN: &str = "0.0.0.0:0";
+/// How often the inventory is re-collected (kernel uevents also trigger it). Default 60 s.
+pub const DEFAULT_INVENTORY_INTERVAL: Duration = Duration::from_secs(60);
+
 /// How long the tunnel may stay dead before the agent asks the enrollment
 /// endpoint whether this node was revoked. Default 60 s.
 pub const DEFAULT_REVOCATION_CHECK_AFTER: Duration = Duration::from_secs(60);
@@ -51,6 +54,16 @@ pub struct Settings {
     /// How long the tunnel may stay dead before asking whether this node was revoked. [default: 60s]
     #[arg(long, env = "NIMBUS_REVOCATION_CHECK_AFTER")]
     pub revocation_check_after: Option<String>,
+    /// How often the inventory is re-collected; kernel uevents also trigger it. [default: 60s]
+    #[arg(long, env = "NIMBUS_INVENTORY_INTERVAL")]
+    pub inventory_interval: Option<String>,
+    /// Cloud metadata service for instance type, region and zone (AWS/Azure only), or `off`.
+    /// [default: http://169.254.169.254]
+    #[arg(long, env = "NIMBUS_METADATA_ENDPOINT")]
+    pub metadata_endpoint: Option<String>,
+    /// Longest the metadata lookup may take. [default: 2s]
+    #[arg(long, env = "NIMBUS_METADATA_TIMEOUT")]
+    pub metadata_timeout: Option<String>,
     /// Log format: text or json. [default: text]
     #[arg(long, env = "NIMBUS_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -84,6 +97,9 @@ pub struct Config {
     pub tun_name: String,
     pub wg_listen: SocketAddr,
     pub revocation_check_after: Duration,
+    pub inventory_interval: Duration,
+    /// `None` when metadata lookups are off.
+    pub metadata: Option<inventory::MetadataConfig>,
     pub log_format: String,
     pub log_level: String,
 }
@@ -110,7 +126,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             state_dir, coordinator, ca_pin, node_name, machine_id, tun_name, wg_listen, revocation_check_after,
-            log_format)
+            inventory_interval, metadata, log_format)
     }
 }
 
@@ -182,6 +198,35 @@ impl Config {
             DEFAULT_REVOCATION_CHECK_AFTER,
             &mut errs,
         );
+        let inventory_interval = check::duration(
+            "inventory_interval",
+            o.inventory_interval.or(file.inventory_interval).as_deref(),
+            DEFAULT_INVENTORY_INTERVAL,
+            &mut errs,
+        );
+        let metadata_timeout = check::duration(
+            "metadata_timeout",
+            o.metadata_timeout.or(file.metadata_timeout).as_deref(),
+            inventory::DEFAULT_METADATA_TIMEOUT,
+            &mut errs,
+        );
+        let endpoint = o
+            .metadata_endpoint
+            .or(file.metadata_endpoint)
+            .unwrap_or_else(|| inventory::DEFAULT_METADATA_ENDPOINT.into());
+        let metadata = if endpoint == "off" {
+            None
+        } else {
+            if !endpoint.starts_with("http://") {
+                errs.push(format!(
+                    "metadata_endpoint `{endpoint}` must be an http:// URL or `off`"
+                ));
+            }
+            Some(inventory::MetadataConfig {
+                endpoint,
+                timeout: metadata_timeout,
+            })
+        };
         let log_format = o.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
         check::log_format(&log_format, &mut errs);
         let log_level = o.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
@@ -197,6 +242,8 @@ impl Config {
                 tun_name,
                 wg_listen,
                 revocation_check_after,
+                inventory_interval,
+                metadata,
                 log_format,
                 log_level,
             }),

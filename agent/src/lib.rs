@@ -11,7 +11,9 @@
 //! * `enroll`    — the Enrollment client (pinned TLS), also used for the
 //!   revocation check of an agent whose tunnel stays dead.
 //! * `run`       — tunnel, reconnect loop with backoff and jitter, heartbeats.
-//! * `inventory` — basic host facts read from `/proc` and `/etc`.
+//! * `inventory` — the inventory watcher: collect (nimbus-inventory), enrich from cloud metadata once,
+//!   re-collect on a timer and on uevents, publish only changes.
+//! * `uevent`    — kernel uevent listener that wakes the watcher when disks or NICs change.
 //! * `error`     — `AgentError` and the documented exit codes.
 
 pub mod backoff;
@@ -21,6 +23,7 @@ pub mod error;
 pub mod identity;
 pub mod inventory;
 pub mod run;
+pub mod uevent;
 
 pub use config::Config;
 pub use error::AgentError;

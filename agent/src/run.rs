@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net};
@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::enroll::{self, HostFacts};
 use crate::error::AgentError;
 use crate::identity::{self, Identity};
-use crate::inventory;
+use crate::{inventory, uevent};
 
 /// WireGuard persistent keepalive towards the coordinator (keeps NAT state).
 pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
@@ -115,9 +115,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn E
     })?;
     tracing::info!(tun = %tun.device_name(), udp = %tun.local_udp_addr(), coordinator = %id.coordinator_wg_endpoint, "tunnel up");
 
+    let wake = Arc::new(tokio::sync::Notify::new());
+    uevent::spawn(Arc::clone(&wake));
+    let latest = inventory::spawn(
+        inventory::WatchConfig {
+            root: "/".into(),
+            interval: cfg.inventory_interval,
+            metadata: cfg.metadata.clone(),
+        },
+        wake,
+    );
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let result = tokio::select! {
-        r = stay_connected(&cfg, &id, &public, stop_rx, events) => r,
+        r = stay_connected(&cfg, &id, &public, stop_rx, latest, events) => r,
         _ = shutdown => {
             let _ = stop_tx.send(true);
             Ok(())
@@ -133,13 +144,14 @@ async fn stay_connected(
     id: &Identity,
     key: &tunnel::PublicKey,
     stop: watch::Receiver<bool>,
+    latest: inventory::Latest,
     events: &dyn Events,
 ) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut last_ok = Instant::now();
     let mut last_check = Instant::now();
     loop {
-        match session(id, stop.clone(), events).await {
+        match session(id, stop.clone(), latest.clone(), events).await {
             Ok(()) => {
                 last_ok = Instant::now();
                 backoff.reset();
@@ -210,7 +222,12 @@ fn failed(established: bool, why: impl std::fmt::Display) -> SessionError {
 }
 
 /// One fleet stream, from connect to its end.
-async fn session(id: &Identity, mut stop: watch::Receiver<bool>, events: &dyn Events) -> Result<(), SessionError> {
+async fn session(
+    id: &Identity,
+    mut stop: watch::Receiver<bool>,
+    mut latest: inventory::Latest,
+    events: &dyn Events,
+) -> Result<(), SessionError> {
     let target = SocketAddr::new(IpAddr::V4(id.coordinator_overlay_ip), id.fleet_port);
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
         .map_err(|e| failed(false, e))?
@@ -230,10 +247,11 @@ async fn session(id: &Identity, mut stop: watch::Receiver<bool>, events: &dyn Ev
         node_id: id.node_id.clone(),
         agent_version: crate::VERSION.into(),
     })));
-    let _ = tx.try_send(send(AgentMsg::Inventory(inventory::collect(
-        Path::new("/"),
-        &hostname(),
-    ))));
+    // The current inventory goes first on every stream (the coordinator may have lost it); later ones
+    // only when they change.
+    if let Some(inv) = latest.borrow_and_update().clone() {
+        let _ = tx.try_send(send(AgentMsg::Inventory(inventory::message(&inv))));
+    }
     let mut inbound = client
         .channel(ReceiverStream::new(rx))
         .await
@@ -268,6 +286,17 @@ async fn session(id: &Identity, mut stop: watch::Receiver<bool>, events: &dyn Ev
                 }
                 seq += 1;
                 if tx.send(send(AgentMsg::Heartbeat(Heartbeat { seq }))).await.is_err() {
+                    return Err(failed(true, "stream closed"));
+                }
+            }
+            changed = latest.changed() => {
+                if changed.is_err() {
+                    return Err(failed(true, "the inventory watcher stopped"));
+                }
+                let inv = latest.borrow_and_update().clone();
+                if let Some(inv) = inv
+                    && tx.send(send(AgentMsg::Inventory(inventory::message(&inv)))).await.is_err()
+                {
                     return Err(failed(true, "stream closed"));
                 }
             }

@@ -14,7 +14,7 @@ use nimbus_proto::{
 use tonic::{Request, Response, Status};
 
 use crate::context::{Ctx, key_display, key_from_id};
-use crate::state::{NodeRecord, NodeStatus, TokenRecord};
+use crate::state::{HardwareRecord, NodeRecord, NodeStatus, TokenRecord};
 
 /// Longest token lifetime `token create` accepts.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -31,7 +31,7 @@ impl AdminService {
         Self { ctx }
     }
 
-    fn node_view(&self, n: NodeRecord) -> Node {
+    fn node_view(&self, n: NodeRecord, hw: Option<HardwareRecord>) -> Node {
         let connected = self.ctx.sessions.is_connected(&n.id);
         let state = match (n.status, connected) {
             (NodeStatus::Revoked, _) => "revoked",
@@ -65,7 +65,42 @@ impl AdminService {
                 memory_bytes: i.memory_bytes,
                 kernel: i.kernel,
                 os_release: i.os_release,
+                document: Vec::new(),
+                document_schema: 0,
             }),
+            platform: hw
+                .as_ref()
+                .map(|h| h.document.platform.kind.to_string())
+                .unwrap_or_default(),
+            instance_type: hw
+                .as_ref()
+                .and_then(|h| h.document.platform.instance_type.clone())
+                .unwrap_or_default(),
+            region: hw
+                .as_ref()
+                .and_then(|h| h.document.platform.region.clone())
+                .unwrap_or_default(),
+            zone: hw
+                .as_ref()
+                .and_then(|h| h.document.platform.zone.clone())
+                .unwrap_or_default(),
+            disk_summary: hw.as_ref().map(|h| h.document.disk_summary()).unwrap_or_default(),
+            inventory_document: hw
+                .as_ref()
+                .and_then(|h| serde_json::to_vec(&h.document).ok())
+                .unwrap_or_default(),
+            inventory_updated_unix: hw.as_ref().map(|h| h.updated_at).unwrap_or(0),
+            inventory_history: hw
+                .map(|h| {
+                    h.history
+                        .into_iter()
+                        .map(|c| nimbus_proto::InventoryChange {
+                            at_unix: c.at,
+                            changes: c.changes,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             underlay_endpoint: stats
                 .as_ref()
                 .and_then(|s| s.endpoint)
@@ -79,6 +114,20 @@ impl AdminService {
                 .unwrap_or(0),
         }
     }
+}
+
+/// Pair each node with its stored full inventory.
+fn with_hardware(
+    s: &crate::state::State,
+    nodes: Vec<NodeRecord>,
+) -> Result<Vec<(NodeRecord, Option<HardwareRecord>)>, crate::state::StateError> {
+    nodes
+        .into_iter()
+        .map(|n| {
+            let hw = s.hardware(&n.id)?;
+            Ok((n, hw))
+        })
+        .collect()
 }
 
 fn token_view(t: TokenRecord) -> TokenInfo {
@@ -153,17 +202,21 @@ impl Admin for AdminService {
     }
 
     async fn list_nodes(&self, _req: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
-        let nodes = self.ctx.state(|s| s.list_nodes()).await?;
+        let nodes = self.ctx.state(|s| with_hardware(s, s.list_nodes()?)).await?;
         Ok(Response::new(ListNodesResponse {
-            nodes: nodes.into_iter().map(|n| self.node_view(n)).collect(),
+            nodes: nodes.into_iter().map(|(n, hw)| self.node_view(n, hw)).collect(),
         }))
     }
 
     async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
         let name = req.into_inner().name;
         let shown = name.clone();
-        match self.ctx.state(move |s| s.node_by_name(&name)).await? {
-            Some(n) => Ok(Response::new(self.node_view(n))),
+        let found = self
+            .ctx
+            .state(move |s| with_hardware(s, s.node_by_name(&name)?.into_iter().collect()))
+            .await?;
+        match found.into_iter().next() {
+            Some((n, hw)) => Ok(Response::new(self.node_view(n, hw))),
             None => Err(Status::not_found(format!(
                 "no node named `{shown}`; list nodes with `nimbusctl nodes`"
             ))),
@@ -203,7 +256,7 @@ impl Admin for AdminService {
         }
         tracing::warn!(node = %node.name, node_id = %node.id, %reason, was_connected, "node revoked; WireGuard peer removed");
         Ok(Response::new(RevokeNodeResponse {
-            node: Some(self.node_view(node)),
+            node: Some(self.node_view(node, None)),
             was_connected,
         }))
     }

@@ -170,10 +170,46 @@ async fn handle(
             } else {
                 tracing::debug!(node = %node.name, "inventory stored");
             }
+            if inv.document.is_empty() {
+                return;
+            }
+            let doc = match parse_document(&inv.document, inv.document_schema) {
+                Ok(d) => d,
+                Err(why) => {
+                    tracing::warn!(node = %node.name, %why, "inventory document refused");
+                    return;
+                }
+            };
+            let id = node.id.clone();
+            match ctx.state(move |s| s.set_hardware(&id, doc, SystemTime::now())).await {
+                Ok(changes) if changes.is_empty() => tracing::debug!(node = %node.name, "inventory unchanged"),
+                Ok(changes) => tracing::info!(node = %node.name, ?changes, "inventory changed"),
+                Err(e) => tracing::warn!(node = %node.name, error = %e.message(), "inventory document not stored"),
+            }
         }
         Some(AgentMsg::Hello(_)) => tracing::debug!(node = %node.name, "repeated Hello ignored"),
         None => tracing::debug!(node = %node.name, "empty agent message ignored"),
     }
+}
+
+/// Largest inventory document accepted from an agent (a host with hundreds of disks stays well below).
+pub const MAX_INVENTORY_DOCUMENT: usize = 1 << 20;
+
+/// Parse an agent's inventory document as hostile input: bounded size, known schema, typed.
+pub fn parse_document(bytes: &[u8], schema: u32) -> Result<inventory::Inventory, String> {
+    if bytes.len() > MAX_INVENTORY_DOCUMENT {
+        return Err(format!(
+            "{} bytes is over the {MAX_INVENTORY_DOCUMENT}-byte limit",
+            bytes.len()
+        ));
+    }
+    if schema != inventory::DOCUMENT_SCHEMA {
+        return Err(format!(
+            "schema {schema} is not {} (upgrade the coordinator before the agents)",
+            inventory::DOCUMENT_SCHEMA
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("not an inventory document: {e}"))
 }
 
 /// Bound a string from the network to `max` bytes (on a char boundary),
@@ -193,6 +229,21 @@ pub fn clip(s: String, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::clip;
+
+    #[test]
+    fn inventory_documents_are_checked() {
+        let doc = inventory::Inventory::default();
+        let bytes = serde_json::to_vec(&doc).unwrap();
+        assert_eq!(super::parse_document(&bytes, inventory::DOCUMENT_SCHEMA).unwrap(), doc);
+        assert!(super::parse_document(&bytes, 99).unwrap_err().contains("schema 99"));
+        assert!(super::parse_document(b"{\"cpu\": 7}", inventory::DOCUMENT_SCHEMA).is_err());
+        let huge = vec![b' '; super::MAX_INVENTORY_DOCUMENT + 1];
+        assert!(
+            super::parse_document(&huge, inventory::DOCUMENT_SCHEMA)
+                .unwrap_err()
+                .contains("limit")
+        );
+    }
 
     #[test]
     fn clip_bounds_and_strips_control() {

@@ -130,6 +130,28 @@ pub struct NodeRecord {
     pub last_seen: Option<u64>,
 }
 
+/// Most inventory changes kept per node (newest first).
+pub const MAX_INVENTORY_HISTORY: usize = 32;
+
+/// One change of a node's inventory: when, and which fields (see `inventory::changed_fields`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InventoryChange {
+    /// Unix seconds.
+    pub at: u64,
+    pub changes: Vec<String>,
+}
+
+/// A node's full inventory, stored at `inventory/<node id>` (apart from the node record, so listing nodes
+/// stays cheap), with a bounded history of what changed.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct HardwareRecord {
+    pub document: inventory::Inventory,
+    /// Unix seconds of the last stored change.
+    pub updated_at: u64,
+    #[serde(default)]
+    pub history: Vec<InventoryChange>,
+}
+
 /// A join token, stored at `tokens/<id>`. Holds only the hash of the secret.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct TokenRecord {
@@ -479,7 +501,8 @@ impl State {
                 .if_equals(node_key.clone(), raw)
                 .if_equals(name_key.clone(), id.as_bytes())
                 .delete(node_key)
-                .delete(name_key);
+                .delete(name_key)
+                .delete(keys::inventory(&id));
             // Free the address only if it is indexed to this node.
             let ip_key = keys::ip(node.overlay_ip);
             if self.get_str(&ip_key)?.as_deref() == Some(id.as_str()) {
@@ -509,6 +532,74 @@ impl State {
             what: "node",
             name: id.to_owned(),
         })
+    }
+
+    /// Store the full inventory of node `id`. Returns what changed (`["first inventory"]` the first time,
+    /// empty when nothing that matters did); only changes are added to the bounded history. A document that
+    /// differs only in volatile values (boot time, free huge pages) replaces the stored one silently.
+    pub fn set_hardware(
+        &self,
+        id: &str,
+        document: inventory::Inventory,
+        now: SystemTime,
+    ) -> Result<Vec<String>, StateError> {
+        let key = keys::inventory(id);
+        for _ in 0..MAX_TXN_ATTEMPTS {
+            if self.node(id)?.is_none() {
+                return Err(StateError::NotFound {
+                    what: "node",
+                    name: id.to_owned(),
+                });
+            }
+            let old = self.get_json::<HardwareRecord>(&key)?;
+            let (changes, mut history, txn) = match &old {
+                None => (
+                    vec!["first inventory".to_owned()],
+                    Vec::new(),
+                    Txn::new().if_absent(key.clone()),
+                ),
+                Some((rec, raw)) => {
+                    if rec.document == document {
+                        return Ok(Vec::new());
+                    }
+                    let changes = inventory::changed_fields(&rec.document, &document);
+                    (
+                        changes,
+                        rec.history.clone(),
+                        Txn::new().if_equals(key.clone(), raw.clone()),
+                    )
+                }
+            };
+            let updated_at = match (&old, changes.is_empty()) {
+                (Some((rec, _)), true) => rec.updated_at,
+                _ => unix(now),
+            };
+            if !changes.is_empty() {
+                history.insert(
+                    0,
+                    InventoryChange {
+                        at: unix(now),
+                        changes: changes.clone(),
+                    },
+                );
+                history.truncate(MAX_INVENTORY_HISTORY);
+            }
+            let rec = HardwareRecord {
+                document: document.clone(),
+                updated_at,
+                history,
+            };
+            let value = encode(&key, &rec)?;
+            if self.store.txn(txn.put(key.clone(), value))? {
+                return Ok(changes);
+            }
+        }
+        Err(StateError::Conflict)
+    }
+
+    /// The full inventory of node `id`, if it has reported one.
+    pub fn hardware(&self, id: &str) -> Result<Option<HardwareRecord>, StateError> {
+        Ok(self.get_json::<HardwareRecord>(&keys::inventory(id))?.map(|(r, _)| r))
     }
 
     /// Persists last-seen times for a batch of node ids in one transaction. Unknown ids are skipped, and a
@@ -1311,5 +1402,59 @@ mod tests {
         assert_eq!(sanitize_name(&format!("{}-tail", "z".repeat(62))), "z".repeat(62));
         assert!(sanitize_name(&"ab-".repeat(40)).len() <= MAX_NAME_LEN);
         assert!(!sanitize_name(&"ab-".repeat(40)).ends_with('-'));
+    }
+
+    #[test]
+    fn hardware_keeps_the_document_and_a_bounded_history_of_changes() {
+        let (_d, s) = setup("10.9.0.0/24");
+        let (tok, _) = token(&s, 1);
+        let node = s.enroll(&tok, input(1, "h1"), t0()).unwrap();
+        let mut doc = inventory::Inventory::default();
+        doc.disks.push(inventory::Disk {
+            name: "sda".into(),
+            size_bytes: Some(1 << 30),
+            ..Default::default()
+        });
+        assert_eq!(
+            s.set_hardware(&node.id, doc.clone(), t0()).unwrap(),
+            vec!["first inventory".to_owned()]
+        );
+        assert!(
+            s.set_hardware(&node.id, doc.clone(), t0()).unwrap().is_empty(),
+            "same document: no change"
+        );
+
+        // Volatile values replace the stored document without a history entry.
+        doc.os.boot_time = Some(123);
+        assert!(s.set_hardware(&node.id, doc.clone(), t0()).unwrap().is_empty());
+        let rec = s.hardware(&node.id).unwrap().unwrap();
+        assert_eq!(rec.document.os.boot_time, Some(123));
+        assert_eq!(rec.history.len(), 1);
+
+        // A hot-added disk is a change, recorded newest first.
+        doc.disks.push(inventory::Disk {
+            name: "loop7".into(),
+            size_bytes: Some(1 << 20),
+            ..Default::default()
+        });
+        let changes = s.set_hardware(&node.id, doc.clone(), t0() + HOUR).unwrap();
+        assert!(changes.iter().any(|c| c.contains("loop7")), "{changes:?}");
+        let rec = s.hardware(&node.id).unwrap().unwrap();
+        assert_eq!(rec.history[0].changes, changes);
+        assert_eq!(rec.updated_at, unix(t0() + HOUR));
+
+        for i in 0..(MAX_INVENTORY_HISTORY + 5) {
+            doc.memory.total_bytes = Some(i as u64);
+            s.set_hardware(&node.id, doc.clone(), t0()).unwrap();
+        }
+        assert_eq!(
+            s.hardware(&node.id).unwrap().unwrap().history.len(),
+            MAX_INVENTORY_HISTORY
+        );
+
+        assert!(matches!(
+            s.set_hardware("nunknown", doc, t0()),
+            Err(StateError::NotFound { .. })
+        ));
     }
 }

@@ -76,6 +76,10 @@ pub use versions::probe_versions;
 /// Interface-name prefixes skipped by default: per-pod container plumbing that comes and goes with workloads
 /// (veth pairs; Calico `cali*`, Cilium `lxc*`, Azure CNI `azv*`, GKE `gke*`) and `kube-ipvs0`, whose addresses
 /// are every Service IP of the cluster.
+/// Version of the serialized [`Inventory`] document carried in `nimbus.v1.Inventory.document`. Bump it when a
+/// change to the model would make an older reader misread a newer document (adding optional fields does not).
+pub const DOCUMENT_SCHEMA: u32 = 1;
+
 pub const DEFAULT_SKIP_NIC_PREFIXES: &[&str] = &["veth", "cali", "lxc", "azv", "gke", "kube-ipvs"];
 
 /// Collection options. `CollectOptions::default()` is what [`collect`] uses.

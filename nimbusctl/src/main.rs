@@ -12,6 +12,8 @@ use nimbus_proto::admin_client::AdminClient;
 use nimbus_proto::*;
 use tonic::transport::{Channel, Endpoint};
 
+mod hardware;
+
 /// Operate a polynimbus fleet through the coordinator's admin API.
 ///
 /// Examples:
@@ -49,7 +51,11 @@ enum Cmd {
     #[command(subcommand)]
     Token(TokenCmd),
     /// List nodes: NAME, ID, OVERLAY-IP, STATE (connected/lost/revoked), LAST-SEEN, VERSION, CPUS, MEMORY.
-    Nodes,
+    Nodes {
+        /// Also PLATFORM, INSTANCE-TYPE, ZONE and a disk summary (e.g. `2×1.7T nvme-local`).
+        #[arg(long)]
+        wide: bool,
+    },
     /// One node: show or revoke.
     #[command(subcommand)]
     Node(NodeCmd),
@@ -169,6 +175,11 @@ fn node_json(n: &Node) -> serde_json::Value {
         "inventory": n.inventory.as_ref().map(|i| serde_json::json!({
             "hostname": i.hostname, "cpus": i.cpus, "memory_bytes": i.memory_bytes, "kernel": i.kernel, "os_release": i.os_release,
         })),
+        "platform": n.platform, "instance_type": n.instance_type, "region": n.region, "zone": n.zone,
+        "disk_summary": n.disk_summary,
+        "hardware": hardware::document(&n.inventory_document),
+        "inventory_updated_unix": n.inventory_updated_unix,
+        "inventory_history": n.inventory_history.iter().map(|c| serde_json::json!({"at_unix": c.at_unix, "changes": c.changes})).collect::<Vec<_>>(),
     })
 }
 
@@ -275,7 +286,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             println!("token {} revoked", tok.id);
         }
-        Cmd::Nodes => {
+        Cmd::Nodes { wide } => {
             let r = c
                 .list_nodes(ListNodesRequest {})
                 .await
@@ -284,7 +295,7 @@ async fn run(cli: Cli) -> Result<()> {
             if json {
                 return print_json(&serde_json::Value::Array(r.nodes.iter().map(node_json).collect()));
             }
-            let mut t = table(&[
+            let mut header = vec![
                 "NAME",
                 "ID",
                 "OVERLAY-IP",
@@ -293,10 +304,21 @@ async fn run(cli: Cli) -> Result<()> {
                 "VERSION",
                 "CPUS",
                 "MEMORY",
-            ]);
+            ];
+            if wide {
+                header.extend(["PLATFORM", "INSTANCE-TYPE", "ZONE", "DISKS"]);
+            }
+            let mut t = table(&header);
             for n in &r.nodes {
                 let inv = n.inventory.clone().unwrap_or_default();
-                t.add_row(vec![
+                let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+                let wide_cols = [
+                    dash(&n.platform),
+                    dash(&n.instance_type),
+                    dash(&n.zone),
+                    dash(&n.disk_summary),
+                ];
+                let mut row = vec![
                     n.name.clone(),
                     n.id.clone(),
                     n.overlay_ip.clone(),
@@ -309,7 +331,11 @@ async fn run(cli: Cli) -> Result<()> {
                         inv.cpus.to_string()
                     },
                     mem(inv.memory_bytes),
-                ]);
+                ];
+                if wide {
+                    row.extend(wide_cols);
+                }
+                t.add_row(row);
             }
             println!("{t}");
         }
@@ -352,6 +378,16 @@ async fn run(cli: Cli) -> Result<()> {
                 ("os", inv.os_release.clone()),
             ] {
                 println!("{k:<18} {v}");
+            }
+            match hardware::document(&n.inventory_document) {
+                Some(doc) => {
+                    print!("{}", hardware::render(&doc));
+                    println!("{:<18} {}", "inventory-updated", when(n.inventory_updated_unix));
+                    for c in n.inventory_history.iter().take(5) {
+                        println!("{:<18} {} {}", "change", when(c.at_unix), c.changes.join(", "));
+                    }
+                }
+                None => println!("{:<18} not reported yet", "hardware"),
             }
         }
         Cmd::Node(NodeCmd::Revoke { name, reason }) => {
