@@ -199,4 +199,29 @@ mod tests {
             .unwrap();
         assert_eq!(rx.borrow().as_ref().unwrap().memory.total_bytes, Some(2 << 20));
     }
+
+    #[tokio::test]
+    async fn a_silent_metadata_service_does_not_hold_back_the_inventory() {
+        // An AWS host whose metadata service accepts connections and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", silent.local_addr().unwrap());
+        let _hold = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = silent.accept().await {
+                conns.push(c);
+            }
+        });
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../inventory/fixtures/aws-nitro-i3en");
+        let cfg = WatchConfig {
+            root,
+            interval: Duration::from_secs(3600),
+            metadata: Some(MetadataConfig { endpoint, timeout: Duration::from_secs(60) }),
+        };
+        let mut rx = spawn(cfg, Arc::new(Notify::new()));
+        // Published long before the 60 s metadata timeout could end.
+        tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.expect("published without metadata").unwrap();
+        let inv = rx.borrow().clone().unwrap();
+        assert_eq!(inv.platform.kind, PlatformKind::Aws);
+        assert_eq!(inv.platform.metadata_source, None, "local facts only so far");
+    }
 }
