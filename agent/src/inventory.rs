@@ -22,6 +22,9 @@ pub struct WatchConfig {
     pub metadata: Option<MetadataConfig>,
 }
 
+/// Longest `kubelet --version` and friends may take.
+const VERSION_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Latest published inventory (`None` until the first collection).
 pub type Latest = watch::Receiver<Option<Arc<Inventory>>>;
 
@@ -78,6 +81,10 @@ pub fn spawn(cfg: WatchConfig, wake: Arc<Notify>) -> Latest {
             let collected = collect(cfg.root.clone()).await;
             warn.log(&collected.unreadable);
             let mut inv = collected.inventory;
+            // Versions of kubelet/kubeadm/containerd installed without a package database (runs `X --version`
+            // with a timeout, only on the live root and only for such binaries).
+            let unread = inventory::probe_versions(&mut inv, &cfg.root, VERSION_PROBE_TIMEOUT).await;
+            warn.log(&unread);
             if let Some(p) = &enriched {
                 carry_enrichment(&mut inv, p);
             }
