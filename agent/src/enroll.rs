@@ -80,6 +80,21 @@ fn status_err(addr: &str, s: tonic::Status) -> AgentError {
     }
 }
 
+/// One enrollment-endpoint call, bounded by [`CALL_TIMEOUT`], with its status mapped to an [`AgentError`].
+async fn call<T>(
+    addr: &str,
+    rpc: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, AgentError> {
+    match tokio::time::timeout(CALL_TIMEOUT, rpc).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(status_err(addr, s)),
+        Err(_) => Err(AgentError::Unreachable {
+            addr: addr.into(),
+            detail: format!("no answer within {} s", CALL_TIMEOUT.as_secs()),
+        }),
+    }
+}
+
 /// Enroll with `token`, returning the identity to persist.
 pub async fn enroll(
     addr: &str,
@@ -99,14 +114,7 @@ pub async fn enroll(
         agent_version: facts.agent_version,
         node_name: facts.node_name,
     };
-    let r = tokio::time::timeout(CALL_TIMEOUT, client.enroll(req))
-        .await
-        .map_err(|_| AgentError::Unreachable {
-            addr: addr.into(),
-            detail: "no answer within 30 s".into(),
-        })?
-        .map_err(|s| status_err(addr, s))?
-        .into_inner();
+    let r = call(addr, client.enroll(req)).await?;
     let bad = |what: &str| {
         AgentError::Other(format!(
             "the coordinator's enrollment answer has an invalid {what}; is it a compatible version?"
@@ -148,19 +156,13 @@ pub async fn enroll(
 pub async fn status(addr: &str, pin: &pki::Pin, key: &tunnel::PublicKey) -> Result<(NodeStatus, String), AgentError> {
     let ch = channel(addr, pin).await?;
     let mut client = EnrollmentClient::new(ch);
-    let r = tokio::time::timeout(
-        CALL_TIMEOUT,
+    let r = call(
+        addr,
         client.status(StatusRequest {
             wg_public_key: key.as_bytes().to_vec(),
         }),
     )
-    .await
-    .map_err(|_| AgentError::Unreachable {
-        addr: addr.into(),
-        detail: "no answer within 30 s".into(),
-    })?
-    .map_err(|s| status_err(addr, s))?
-    .into_inner();
+    .await?;
     Ok((
         NodeStatus::try_from(r.status).unwrap_or(NodeStatus::Unspecified),
         r.reason,

@@ -222,11 +222,17 @@ mod tests {
         let cfg = WatchConfig {
             root,
             interval: Duration::from_secs(3600),
-            metadata: Some(MetadataConfig { endpoint, timeout: Duration::from_secs(60) }),
+            metadata: Some(MetadataConfig {
+                endpoint,
+                timeout: Duration::from_secs(60),
+            }),
         };
         let mut rx = spawn(cfg, Arc::new(Notify::new()));
         // Published long before the 60 s metadata timeout could end.
-        tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.expect("published without metadata").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("published without metadata")
+            .unwrap();
         let inv = rx.borrow().clone().unwrap();
         assert_eq!(inv.platform.kind, PlatformKind::Aws);
         assert_eq!(inv.platform.metadata_source, None, "local facts only so far");
