@@ -254,6 +254,7 @@ impl Admin for AdminService {
         if let Some(k) = key_from_id(&node.public_key) {
             self.ctx.tunnel.remove_peer(&k);
         }
+        self.ctx.metrics.node_revocations.inc();
         tracing::warn!(node = %node.name, node_id = %node.id, %reason, was_connected, "node revoked; WireGuard peer removed");
         Ok(Response::new(RevokeNodeResponse {
             node: Some(self.node_view(node, None)),

@@ -23,6 +23,8 @@ pub const DEFAULT_MTU: u16 = 1420;
 pub const DEFAULT_TUN_NAME: &str = "nimbus0";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/nimbus/admin.sock";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/nimbus-coordinator";
+/// Default Prometheus metrics listener (loopback: put a scraper or a proxy beside it).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 /// Heartbeat interval told to agents. Default 10 s.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// How often in-memory last-seen times are written to the store. Default 15 s.
@@ -67,6 +69,9 @@ pub struct Settings {
     /// How often last-seen times are written to the store. [default: 15s]
     #[arg(long, env = "NIMBUS_LAST_SEEN_FLUSH")]
     pub last_seen_flush: Option<String>,
+    /// Prometheus metrics (HTTP GET /metrics) listen address, or `off`. [default: 127.0.0.1:9464]
+    #[arg(long, env = "NIMBUS_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Log format: text or json. [default: text]
     #[arg(long, env = "NIMBUS_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -99,6 +104,8 @@ pub struct Config {
     pub admin_socket: PathBuf,
     pub heartbeat_interval: Duration,
     pub last_seen_flush: Duration,
+    /// `None` when metrics are off.
+    pub metrics_listen: Option<SocketAddr>,
     pub log_format: String,
     pub log_level: String,
     pub tls: Option<TlsFiles>,
@@ -209,6 +216,15 @@ impl Config {
             DEFAULT_LAST_SEEN_FLUSH,
             &mut errs,
         );
+        let metrics_s = o
+            .metrics_listen
+            .or(file.metrics_listen)
+            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.into());
+        let metrics_listen = if metrics_s == "off" {
+            None
+        } else {
+            parse_addr("metrics_listen", &metrics_s, &mut errs)
+        };
         let log_format = o.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
         check::log_format(&log_format, &mut errs);
         let log_level = o.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
@@ -242,6 +258,7 @@ impl Config {
                     admin_socket,
                     heartbeat_interval,
                     last_seen_flush,
+                    metrics_listen,
                     log_format,
                     log_level,
                     tls,
@@ -261,7 +278,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             data_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, tun_name, mtu,
-            admin_socket, heartbeat_interval, last_seen_flush, log_format, tls)
+            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, log_format, tls)
     }
 }
 

@@ -17,6 +17,7 @@ pub struct Ctx {
     pub tunnel: tunnel::Tunnel,
     pub coordinator_ip: Ipv4Addr,
     pub ca_pin: pki::Pin,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Ctx {

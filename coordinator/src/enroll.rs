@@ -56,6 +56,7 @@ impl Enrollment for EnrollmentService {
         {
             Ok(n) => n,
             Err(status) => {
+                self.ctx.metrics.enrollment(false);
                 tracing::warn!(remote = ?remote, reason = %status.message(), "enrollment refused");
                 return Err(status);
             }
@@ -64,6 +65,7 @@ impl Enrollment for EnrollmentService {
             tracing::error!(error = %e, node = %node.name, "cannot add WireGuard peer");
             Status::internal("cannot add the WireGuard peer; see the coordinator log")
         })?;
+        self.ctx.metrics.enrollment(true);
         tracing::info!(node_id = %node.id, node = %node.name, overlay_ip = %node.overlay_ip, remote = ?remote, "node enrolled");
         Ok(Response::new(EnrollResponse {
             node_id: node.id.clone(),

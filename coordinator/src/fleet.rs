@@ -65,7 +65,9 @@ impl Fleet for FleetService {
     type ChannelStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
 
     async fn channel(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::ChannelStream>, Status> {
-        let node = node_for(&self.ctx, req.remote_addr()).await?;
+        let node = node_for(&self.ctx, req.remote_addr()).await.inspect_err(|_| {
+            self.ctx.metrics.fleet_streams_refused.inc();
+        })?;
         let mut inbound = req.into_inner();
         // The first message must be Hello, and it must name the node the
         // tunnel says this is.
@@ -86,6 +88,7 @@ impl Fleet for FleetService {
                 node = %node.name, node_id = %node.id, claimed = %hello.node_id,
                 "fleet stream claims another node's id: refused"
             );
+            self.ctx.metrics.fleet_streams_refused.inc();
             return Err(Status::permission_denied(
                 "node id does not match the WireGuard peer of this connection",
             ));
@@ -150,6 +153,7 @@ async fn handle(
 ) {
     match m.msg {
         Some(AgentMsg::Heartbeat(hb)) => {
+            ctx.metrics.heartbeats.inc();
             let ack = CoordinatorMessage {
                 msg: Some(CoordMsg::HeartbeatAck(HeartbeatAck { seq: hb.seq })),
             };
@@ -183,7 +187,10 @@ async fn handle(
             let id = node.id.clone();
             match ctx.state(move |s| s.set_hardware(&id, doc, SystemTime::now())).await {
                 Ok(changes) if changes.is_empty() => tracing::debug!(node = %node.name, "inventory unchanged"),
-                Ok(changes) => tracing::info!(node = %node.name, ?changes, "inventory changed"),
+                Ok(changes) => {
+                    ctx.metrics.inventory_changes.inc();
+                    tracing::info!(node = %node.name, ?changes, "inventory changed")
+                }
                 Err(e) => tracing::warn!(node = %node.name, error = %e.message(), "inventory document not stored"),
             }
         }

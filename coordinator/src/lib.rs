@@ -17,6 +17,7 @@
 //! * `store`    — the transactional key-value trait and its sled backend.
 //! * `token`    — join token format and hashing.
 //! * `ipam`     — overlay address plan.
+//! * `metrics`  — Prometheus counters and the `GET /metrics` endpoint.
 //! * `error`    — `CoordError` and the one mapping to `tonic::Status`.
 
 pub mod admin;
@@ -26,6 +27,7 @@ pub mod enroll;
 pub mod error;
 pub mod fleet;
 pub mod ipam;
+pub mod metrics;
 pub mod server;
 pub mod sessions;
 pub mod state;

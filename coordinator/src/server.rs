@@ -157,6 +157,15 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
             source,
         })?;
     let enroll_addr = enroll_listener.local_addr().unwrap_or(config.enroll_listen);
+    let metrics_listener = match config.metrics_listen {
+        None => None,
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| CoordError::Listen {
+            what: "metrics (HTTP)",
+            addr: addr.to_string(),
+            hint: listen_hint(&source),
+            source,
+        })?),
+    };
     let admin_listener = bind_admin_socket(&config.admin_socket)?;
 
     let wg_key = tunnel::keys::load_or_create_secret(&config.data_dir.join("wg.key"))?;
@@ -199,6 +208,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         tunnel,
         coordinator_ip,
         ca_pin,
+        metrics: crate::metrics::Metrics::default(),
     });
 
     // Every active node is a WireGuard peer again after a restart.
@@ -259,6 +269,19 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         "admin"
     ));
 
+    if let Some(l) = metrics_listener {
+        let (ctx, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            crate::metrics::serve(l, ctx, rx)
+                .await
+                .map_err(|source| CoordError::Listen {
+                    what: "metrics (HTTP)",
+                    addr: "accept".into(),
+                    hint: listen_hint(&source),
+                    source,
+                })
+        }));
+    }
     tasks.push(tokio::spawn(flush_last_seen(Arc::clone(&ctx), shutdown_rx)));
 
     tracing::info!(
