@@ -12,6 +12,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/nimbus-agent";
 pub const DEFAULT_TUN_NAME: &str = "nimbus0";
 /// WireGuard UDP listen address; port 0 picks a free port (the agent dials out).
 pub const DEFAULT_WG_LISTEN: &str = "0.0.0.0:0";
+/// Latency probe socket (UDP, underlay).
+pub const DEFAULT_PROBE_LISTEN: &str = "0.0.0.0:7444";
+
 /// How often the inventory is re-collected (kernel uevents also trigger it). Default 60 s.
 pub const DEFAULT_INVENTORY_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -54,6 +57,9 @@ pub struct Settings {
     /// How long the tunnel may stay dead before asking whether this node was revoked. [default: 60s]
     #[arg(long, env = "NIMBUS_REVOCATION_CHECK_AFTER")]
     pub revocation_check_after: Option<String>,
+    /// Latency probe responder and prober, UDP on the underlay, or `off`. [default: 0.0.0.0:7444]
+    #[arg(long, env = "NIMBUS_PROBE_LISTEN")]
+    pub probe_listen: Option<String>,
     /// How often the inventory is re-collected; kernel uevents also trigger it. [default: 60s]
     #[arg(long, env = "NIMBUS_INVENTORY_INTERVAL")]
     pub inventory_interval: Option<String>,
@@ -98,6 +104,8 @@ pub struct Config {
     pub wg_listen: SocketAddr,
     pub revocation_check_after: Duration,
     pub inventory_interval: Duration,
+    /// `None` when latency probing is off.
+    pub probe_listen: Option<SocketAddr>,
     /// `None` when metadata lookups are off.
     pub metadata: Option<inventory::MetadataConfig>,
     pub log_format: String,
@@ -126,7 +134,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             state_dir, coordinator, ca_pin, node_name, machine_id, tun_name, wg_listen, revocation_check_after,
-            inventory_interval, metadata, log_format)
+            inventory_interval, probe_listen, metadata, log_format)
     }
 }
 
@@ -227,6 +235,21 @@ impl Config {
                 timeout: metadata_timeout,
             })
         };
+        let probe_s = o
+            .probe_listen
+            .or(file.probe_listen)
+            .unwrap_or_else(|| DEFAULT_PROBE_LISTEN.into());
+        let probe_listen = if probe_s == "off" {
+            None
+        } else {
+            match probe_s.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    errs.push(format!("probe_listen `{probe_s}` is not IP:PORT or `off`"));
+                    None
+                }
+            }
+        };
         let log_format = o.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
         check::log_format(&log_format, &mut errs);
         let log_level = o.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
@@ -243,6 +266,7 @@ impl Config {
                 wg_listen,
                 revocation_check_after,
                 inventory_interval,
+                probe_listen,
                 metadata,
                 log_format,
                 log_level,

@@ -13,6 +13,7 @@
 //! * `run`       — tunnel, reconnect loop with backoff and jitter, heartbeats.
 //! * `inventory` — the inventory watcher: collect (nimbus-inventory), enrich from cloud metadata once,
 //!   re-collect on a timer and on uevents, publish only changes.
+//! * `probes`    — the latency probe socket and driver (nimbus-latency), configured by the coordinator.
 //! * `uevent`    — kernel uevent listener that wakes the watcher when disks or NICs change.
 //! * `error`     — `AgentError` and the documented exit codes.
 
@@ -22,6 +23,7 @@ pub mod enroll;
 pub mod error;
 pub mod identity;
 pub mod inventory;
+pub mod probes;
 pub mod run;
 pub mod uevent;
 

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::enroll::{self, HostFacts};
 use crate::error::AgentError;
 use crate::identity::{self, Identity};
-use crate::{inventory, uevent};
+use crate::{inventory, probes, uevent};
 
 /// WireGuard persistent keepalive towards the coordinator (keeps NAT state).
 pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
@@ -115,6 +115,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn E
     })?;
     tracing::info!(tun = %tun.device_name(), udp = %tun.local_udp_addr(), coordinator = %id.coordinator_wg_endpoint, "tunnel up");
 
+    let probes = probes::start(cfg.probe_listen, &id.node_id).await?;
     let wake = Arc::new(tokio::sync::Notify::new());
     uevent::spawn(Arc::clone(&wake));
     let latest = inventory::spawn(
@@ -128,7 +129,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn E
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let result = tokio::select! {
-        r = stay_connected(&cfg, &id, &public, stop_rx, latest, events) => r,
+        r = stay_connected(&cfg, &id, &public, stop_rx, latest, &probes, events) => r,
         _ = shutdown => {
             let _ = stop_tx.send(true);
             Ok(())
@@ -145,13 +146,14 @@ async fn stay_connected(
     key: &tunnel::PublicKey,
     stop: watch::Receiver<bool>,
     latest: inventory::Latest,
+    probes: &probes::ProbeHandle,
     events: &dyn Events,
 ) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut last_ok = Instant::now();
     let mut last_check = Instant::now();
     loop {
-        match session(id, stop.clone(), latest.clone(), events).await {
+        match session(id, stop.clone(), latest.clone(), probes, events).await {
             Ok(()) => {
                 last_ok = Instant::now();
                 backoff.reset();
@@ -226,8 +228,11 @@ async fn session(
     id: &Identity,
     mut stop: watch::Receiver<bool>,
     mut latest: inventory::Latest,
+    probes: &probes::ProbeHandle,
     events: &dyn Events,
 ) -> Result<(), SessionError> {
+    let windows = probes.windows();
+    let mut windows = windows.lock().await;
     let target = SocketAddr::new(IpAddr::V4(id.coordinator_overlay_ip), id.fleet_port);
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
         .map_err(|e| failed(false, e))?
@@ -246,6 +251,7 @@ async fn session(
     let _ = tx.try_send(send(AgentMsg::Hello(Hello {
         node_id: id.node_id.clone(),
         agent_version: crate::VERSION.into(),
+        probe_port: u32::from(probes.port),
     })));
     // The current inventory goes first on every stream (the coordinator may have lost it); later ones
     // only when they change.
@@ -300,6 +306,16 @@ async fn session(
                     return Err(failed(true, "stream closed"));
                 }
             }
+            Some(w) = windows.recv() => {
+                let mut batch = vec![probes::window_message(&w)];
+                while let Ok(w) = windows.try_recv() {
+                    batch.push(probes::window_message(&w));
+                }
+                let report = nimbus_proto::LatencyReport { windows: batch };
+                if tx.send(send(AgentMsg::Latency(report))).await.is_err() {
+                    return Err(failed(true, "stream closed"));
+                }
+            }
             m = inbound.message() => match m {
                 Ok(Some(m)) => match m.msg {
                     Some(CoordMsg::HeartbeatAck(_)) => last_ack = Instant::now(),
@@ -308,6 +324,10 @@ async fn session(
                         return Err(SessionError::Revoked(r.reason));
                     }
                     Some(CoordMsg::DesiredState(d)) => tracing::info!(generation = d.generation, "desired state pushed"),
+                    Some(CoordMsg::ProbeConfig(c)) => {
+                        tracing::debug!(generation = c.generation, targets = c.targets.len(), "probe configuration");
+                        probes.configure(c);
+                    }
                     Some(CoordMsg::Welcome(_)) | None => {}
                 },
                 Ok(None) => return Err(failed(true, "the coordinator closed the stream")),

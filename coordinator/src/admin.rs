@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nimbus_proto::admin_server::Admin;
 use nimbus_proto::coordinator_message::Msg as CoordMsg;
 use nimbus_proto::{
-    CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, GetNodeRequest, Inventory, ListNodesRequest,
-    ListNodesResponse, ListTokensRequest, ListTokensResponse, Node, RevokeNodeRequest, RevokeNodeResponse,
-    RevokeTokenRequest, RevokeTokenResponse, Revoked, TokenInfo,
+    CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, GetNodeRequest, Inventory, LatencyMatrix, LatencyPair,
+    LatencyRequest, ListNodesRequest, ListNodesResponse, ListTokensRequest, ListTokensResponse, Node,
+    RevokeNodeRequest, RevokeNodeResponse, RevokeTokenRequest, RevokeTokenResponse, Revoked, TokenInfo,
 };
 use tonic::{Request, Response, Status};
 
@@ -223,6 +223,32 @@ impl Admin for AdminService {
         }
     }
 
+    async fn latency(&self, _req: Request<LatencyRequest>) -> Result<Response<LatencyMatrix>, Status> {
+        let latest = self.ctx.probes.latest();
+        let nodes = self.ctx.state(|s| with_hardware(s, s.list_nodes()?)).await?;
+        let name_of: std::collections::HashMap<&str, &str> =
+            nodes.iter().map(|(n, _)| (n.id.as_str(), n.name.as_str())).collect();
+        let pairs = latest
+            .iter()
+            .filter_map(|(a, b, w)| {
+                Some(LatencyPair {
+                    from_node: name_of.get(a.as_str())?.to_string(),
+                    to_node: name_of.get(b.as_str())?.to_string(),
+                    window: Some(w.clone()),
+                })
+            })
+            .collect();
+        let zones = nodes
+            .iter()
+            .filter_map(|(n, hw)| {
+                hw.as_ref()
+                    .and_then(|h| h.document.platform.zone.clone())
+                    .map(|z| (n.name.clone(), z))
+            })
+            .collect();
+        Ok(Response::new(LatencyMatrix { pairs, zones }))
+    }
+
     async fn revoke_node(&self, req: Request<RevokeNodeRequest>) -> Result<Response<RevokeNodeResponse>, Status> {
         let r = req.into_inner();
         let reason = if r.reason.is_empty() {
@@ -255,6 +281,7 @@ impl Admin for AdminService {
             self.ctx.tunnel.remove_peer(&k);
         }
         self.ctx.metrics.node_revocations.inc();
+        self.ctx.probes.forget(&node.id);
         tracing::warn!(node = %node.name, node_id = %node.id, %reason, was_connected, "node revoked; WireGuard peer removed");
         Ok(Response::new(RevokeNodeResponse {
             node: Some(self.node_view(node, None)),

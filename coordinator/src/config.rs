@@ -25,6 +25,10 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/nimbus/admin.sock";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/nimbus-coordinator";
 /// Default Prometheus metrics listener (loopback: put a scraper or a proxy beside it).
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// Latency probe interval per peer. Default 1 s.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Latency statistics window. Default 30 s.
+pub const DEFAULT_PROBE_WINDOW: Duration = Duration::from_secs(30);
 /// Heartbeat interval told to agents. Default 10 s.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// How often in-memory last-seen times are written to the store. Default 15 s.
@@ -69,6 +73,12 @@ pub struct Settings {
     /// How often last-seen times are written to the store. [default: 15s]
     #[arg(long, env = "NIMBUS_LAST_SEEN_FLUSH")]
     pub last_seen_flush: Option<String>,
+    /// Interval between latency probes to each peer, told to agents. [default: 1s]
+    #[arg(long, env = "NIMBUS_PROBE_INTERVAL")]
+    pub probe_interval: Option<String>,
+    /// Latency statistics window, told to agents. [default: 30s]
+    #[arg(long, env = "NIMBUS_PROBE_WINDOW")]
+    pub probe_window: Option<String>,
     /// Prometheus metrics (HTTP GET /metrics) listen address, or `off`. [default: 127.0.0.1:9464]
     #[arg(long, env = "NIMBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -106,6 +116,8 @@ pub struct Config {
     pub last_seen_flush: Duration,
     /// `None` when metrics are off.
     pub metrics_listen: Option<SocketAddr>,
+    pub probe_interval: Duration,
+    pub probe_window: Duration,
     pub log_format: String,
     pub log_level: String,
     pub tls: Option<TlsFiles>,
@@ -216,6 +228,23 @@ impl Config {
             DEFAULT_LAST_SEEN_FLUSH,
             &mut errs,
         );
+        let probe_interval = check::duration(
+            "probe_interval",
+            o.probe_interval.or(file.probe_interval).as_deref(),
+            DEFAULT_PROBE_INTERVAL,
+            &mut errs,
+        );
+        let probe_window = check::duration(
+            "probe_window",
+            o.probe_window.or(file.probe_window).as_deref(),
+            DEFAULT_PROBE_WINDOW,
+            &mut errs,
+        );
+        if probe_window < probe_interval * 2 {
+            errs.push(format!(
+                "probe_window {probe_window:?} must be at least twice probe_interval {probe_interval:?}"
+            ));
+        }
         let metrics_s = o
             .metrics_listen
             .or(file.metrics_listen)
@@ -259,6 +288,8 @@ impl Config {
                     heartbeat_interval,
                     last_seen_flush,
                     metrics_listen,
+                    probe_interval,
+                    probe_window,
                     log_format,
                     log_level,
                     tls,
@@ -278,7 +309,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             data_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, tun_name, mtu,
-            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, log_format, tls)
+            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, log_format, tls)
     }
 }
 

@@ -18,6 +18,7 @@ pub struct Ctx {
     pub coordinator_ip: Ipv4Addr,
     pub ca_pin: pki::Pin,
     pub metrics: crate::metrics::Metrics,
+    pub probes: crate::probes::Probes,
 }
 
 impl Ctx {

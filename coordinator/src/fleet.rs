@@ -107,6 +107,12 @@ impl Fleet for FleetService {
             return Err(Status::cancelled("stream closed"));
         }
         let (sid, cancel) = self.ctx.sessions.open(&node.id, tx.clone(), SystemTime::now());
+        match u16::try_from(hello.probe_port) {
+            Ok(port) => self.ctx.probes.set_port(&node.id, port),
+            Err(_) => tracing::warn!(node = %node.name, port = hello.probe_port, "invalid probe port ignored"),
+        }
+        // A new stream needs its probe configuration even when nothing else changed.
+        self.ctx.probes.mark_dirty();
         tracing::info!(node = %node.name, node_id = %node.id, version = %hello.agent_version, "agent connected");
         let ctx = Arc::clone(&self.ctx);
         let mut shutdown = self.shutdown.clone();
@@ -130,6 +136,7 @@ impl Fleet for FleetService {
                 }
             }
             ctx.sessions.close(&node.id, sid);
+            ctx.probes.mark_dirty();
             tracing::info!(node = %node.name, "agent disconnected");
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -194,10 +201,20 @@ async fn handle(
                 Err(e) => tracing::warn!(node = %node.name, error = %e.message(), "inventory document not stored"),
             }
         }
+        Some(AgentMsg::Latency(report)) => {
+            let n = report.windows.len().min(MAX_WINDOWS_PER_REPORT);
+            let kept = ctx
+                .probes
+                .record(&node.id, report.windows.into_iter().take(n).collect());
+            tracing::debug!(node = %node.name, windows = n, kept, "latency windows");
+        }
         Some(AgentMsg::Hello(_)) => tracing::debug!(node = %node.name, "repeated Hello ignored"),
         None => tracing::debug!(node = %node.name, "empty agent message ignored"),
     }
 }
+
+/// Most windows taken from one latency report (64 peers per window, a few windows of backlog).
+pub const MAX_WINDOWS_PER_REPORT: usize = 1024;
 
 /// Largest inventory document accepted from an agent (a host with hundreds of disks stays well below).
 pub const MAX_INVENTORY_DOCUMENT: usize = 1 << 20;

@@ -17,6 +17,7 @@
 //! * `store`    — the transactional key-value trait and its sled backend.
 //! * `token`    — join token format and hashing.
 //! * `ipam`     — overlay address plan.
+//! * `probes`   — the latency mesh: probe configs pushed to agents, reported windows kept per pair.
 //! * `metrics`  — Prometheus counters and the `GET /metrics` endpoint.
 //! * `error`    — `CoordError` and the one mapping to `tonic::Status`.
 
@@ -28,6 +29,7 @@ pub mod error;
 pub mod fleet;
 pub mod ipam;
 pub mod metrics;
+pub mod probes;
 pub mod server;
 pub mod sessions;
 pub mod state;

@@ -201,6 +201,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         }
     };
 
+    let config_probe = (config.probe_interval, config.probe_window);
     let ctx = Arc::new(Ctx {
         config,
         state,
@@ -209,6 +210,10 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         coordinator_ip,
         ca_pin,
         metrics: crate::metrics::Metrics::default(),
+        probes: crate::probes::Probes::new(crate::probes::ProbeTiming {
+            interval: config_probe.0,
+            window: config_probe.1,
+        }),
     });
 
     // Every active node is a WireGuard peer again after a restart.
@@ -280,6 +285,13 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
                     hint: listen_hint(&source),
                     source,
                 })
+        }));
+    }
+    {
+        let (ctx, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            crate::probes::run(ctx, rx).await;
+            Ok(())
         }));
     }
     tasks.push(tokio::spawn(flush_last_seen(Arc::clone(&ctx), shutdown_rx)));

@@ -21,7 +21,7 @@ use crate::clock::TimestampMode;
 use crate::id::NodeId;
 
 /// RTT distribution of one window, in ns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RttSummary {
     /// Smallest sample.
     pub min_ns: u64,

@@ -13,6 +13,7 @@ use nimbus_proto::*;
 use tonic::transport::{Channel, Endpoint};
 
 mod hardware;
+mod latency_view;
 
 /// Operate a polynimbus fleet through the coordinator's admin API.
 ///
@@ -59,6 +60,9 @@ enum Cmd {
     /// One node: show or revoke.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Measured round-trip times between nodes on the underlay: a matrix of p50/p99 in ms, grouped by zone
+    /// and colored against the 2 ms zone budget (on a terminal); `-o json` for every window field.
+    Latency,
 }
 
 #[derive(Subcommand, Debug)]
@@ -338,6 +342,32 @@ async fn run(cli: Cli) -> Result<()> {
                 t.add_row(row);
             }
             println!("{t}");
+        }
+        Cmd::Latency => {
+            let m = c.latency(LatencyRequest {}).await.map_err(status_err)?.into_inner();
+            if json {
+                let pairs: Vec<serde_json::Value> = m
+                    .pairs
+                    .iter()
+                    .map(|p| {
+                        let w = p.window.clone().unwrap_or_default();
+                        serde_json::json!({
+                            "from": p.from_node, "to": p.to_node,
+                            "from_zone": m.zones.get(&p.from_node), "to_zone": m.zones.get(&p.to_node),
+                            "start_unix_ms": w.start_unix_ms, "duration_ms": w.duration_ms,
+                            "sent": w.sent, "samples": w.samples, "lost": w.lost, "late": w.late,
+                            "min_ns": w.min_ns, "p50_ns": w.p50_ns, "p90_ns": w.p90_ns, "p99_ns": w.p99_ns,
+                            "max_ns": w.max_ns, "mean_ns": w.mean_ns, "jitter_ns": w.jitter_ns,
+                            "timestamping": w.timestamping,
+                        })
+                    })
+                    .collect();
+                return print_json(&serde_json::json!({"pairs": pairs, "zones": m.zones}));
+            }
+            print!(
+                "{}",
+                latency_view::matrix(&m, std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            );
         }
         Cmd::Node(NodeCmd::Show { name }) => {
             let n = c

@@ -80,6 +80,7 @@ fn a_stream_claiming_another_nodes_id_is_refused() {
                         msg: Some(Msg::Hello(Hello {
                             node_id: claimed,
                             agent_version: "spoof".into(),
+                            ..Default::default()
                         })),
                     };
                     // Keep the request stream open so only the coordinator's verdict ends the call.

@@ -1,0 +1,294 @@
+//! The latency mesh, coordinator side: hands every connected agent its probe
+//! targets, the peers allowed to probe it, and the probe MAC key (over the
+//! fleet stream, so the key only ever travels inside the tunnel); keeps a
+//! bounded time series of the windows agents report, per ordered pair.
+//!
+//! Peers are addressed at the underlay IP the coordinator sees as the node's
+//! WireGuard endpoint (authenticated by the handshake) and the probe port the
+//! agent announced in Hello. Which peers each node probes comes from
+//! `latency::Mesh` (full mesh up to 64 peers, then own zone plus a rotating
+//! sample per other zone). Recomputation is coalesced: membership changes mark
+//! the mesh dirty and one task pushes new configurations at most twice a second.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use nimbus_proto::coordinator_message::Msg as CoordMsg;
+use nimbus_proto::{CoordinatorMessage, LatencyWindow, ProbeConfig, ProbePeer};
+use tokio::sync::{Notify, watch};
+
+use crate::context::{Ctx, key_from_id};
+
+/// Windows kept per ordered pair: one hour of 30 s windows.
+pub const MAX_WINDOWS_PER_PAIR: usize = 120;
+/// How often the rotating sample of peers changes in large fleets.
+pub const ROTATION: Duration = Duration::from_secs(300);
+
+/// Probe timing told to agents.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeTiming {
+    pub interval: Duration,
+    pub window: Duration,
+}
+
+pub struct Probes {
+    key: latency::ProbeKey,
+    timing: ProbeTiming,
+    generation: AtomicU64,
+    round: AtomicU64,
+    /// node id -> announced probe port
+    ports: Mutex<HashMap<String, u16>>,
+    /// (from id, to id) -> windows, oldest first
+    series: Mutex<HashMap<(String, String), VecDeque<LatencyWindow>>>,
+    dirty: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Probes {
+    pub fn new(timing: ProbeTiming) -> Self {
+        Probes {
+            key: latency::ProbeKey::generate(rand::random()),
+            timing,
+            generation: AtomicU64::new(0),
+            round: AtomicU64::new(0),
+            ports: Mutex::new(HashMap::new()),
+            series: Mutex::new(HashMap::new()),
+            dirty: Notify::new(),
+        }
+    }
+
+    /// A node announced (or withdrew, with 0) its probe port.
+    pub fn set_port(&self, node_id: &str, port: u16) {
+        let mut ports = lock(&self.ports);
+        let changed = if port == 0 {
+            ports.remove(node_id).is_some()
+        } else {
+            ports.insert(node_id.to_string(), port) != Some(port)
+        };
+        if changed {
+            self.dirty.notify_one();
+        }
+    }
+
+    /// Membership changed in a way `set_port` does not see (a stream closed, a node was revoked).
+    pub fn mark_dirty(&self) {
+        self.dirty.notify_one();
+    }
+
+    /// Store windows `from` reported. Windows about peers `from` was not told to probe are dropped, so a
+    /// node cannot grow the coordinator's memory with made-up peers.
+    pub fn record(&self, from: &str, windows: Vec<LatencyWindow>) -> usize {
+        let ports = lock(&self.ports);
+        let mut series = lock(&self.series);
+        let mut kept = 0;
+        for w in windows {
+            if w.peer_node_id == from || !ports.contains_key(&w.peer_node_id) {
+                continue;
+            }
+            let q = series.entry((from.to_string(), w.peer_node_id.clone())).or_default();
+            q.push_back(w);
+            while q.len() > MAX_WINDOWS_PER_PAIR {
+                q.pop_front();
+            }
+            kept += 1;
+        }
+        kept
+    }
+
+    /// Forget a node's series (revocation).
+    pub fn forget(&self, node_id: &str) {
+        lock(&self.ports).remove(node_id);
+        lock(&self.series).retain(|(a, b), _| a != node_id && b != node_id);
+        self.dirty.notify_one();
+    }
+
+    /// The newest window of every ordered pair.
+    pub fn latest(&self) -> Vec<(String, String, LatencyWindow)> {
+        let series = lock(&self.series);
+        let mut out: Vec<_> = series
+            .iter()
+            .filter_map(|((a, b), q)| q.back().map(|w| (a.clone(), b.clone(), w.clone())))
+            .collect();
+        out.sort_by(|x, y| (&x.0, &x.1).cmp(&(&y.0, &y.1)));
+        out
+    }
+
+    /// The whole series of one ordered pair, oldest first.
+    pub fn series(&self, from: &str, to: &str) -> Vec<LatencyWindow> {
+        lock(&self.series)
+            .get(&(from.to_string(), to.to_string()))
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Configurations for every member, from members `(node id, probe address, zone)`.
+    pub fn configs(&self, members: &[(String, SocketAddr, Option<String>)]) -> Vec<(String, ProbeConfig)> {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let round = self.round.load(Ordering::Relaxed);
+        let mesh_members: Vec<latency::Member> = members
+            .iter()
+            .map(|(id, _, zone)| latency::Member {
+                id: latency::NodeId::new(id.clone()),
+                zone: zone.clone(),
+            })
+            .collect();
+        let peer = |(id, addr, zone): &(String, SocketAddr, Option<String>)| ProbePeer {
+            node_id: id.clone(),
+            address: addr.to_string(),
+            zone: zone.clone().unwrap_or_default(),
+        };
+        let by_id: HashMap<&str, &(String, SocketAddr, Option<String>)> =
+            members.iter().map(|m| (m.0.as_str(), m)).collect();
+        let mesh = match latency::Mesh::new(&mesh_members, &latency::MeshConfig::default(), round) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot arrange the probe mesh");
+                return Vec::new();
+            }
+        };
+        members
+            .iter()
+            .map(|me| {
+                let selection = mesh.select(&latency::NodeId::new(me.0.clone()));
+                let targets = selection
+                    .peers
+                    .iter()
+                    .filter_map(|p| by_id.get(p.as_str()).map(|m| peer(m)))
+                    .collect();
+                let known = members.iter().filter(|m| m.0 != me.0).map(peer).collect();
+                let cfg = ProbeConfig {
+                    generation,
+                    key_id: self.key.id(),
+                    key: self.key.expose_secret().to_vec(),
+                    targets,
+                    known,
+                    interval_ms: u32::try_from(self.timing.interval.as_millis()).unwrap_or(u32::MAX),
+                    window_secs: u32::try_from(self.timing.window.as_secs()).unwrap_or(u32::MAX).max(1),
+                };
+                (me.0.clone(), cfg)
+            })
+            .collect()
+    }
+}
+
+/// Current members: connected nodes that announced a probe port and whose underlay endpoint is known.
+async fn members(ctx: &Ctx) -> Vec<(String, SocketAddr, Option<String>)> {
+    let ports: Vec<(String, u16)> = lock(&ctx.probes.ports).iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let ids: Vec<String> = ports
+        .iter()
+        .map(|(id, _)| id.clone())
+        .filter(|id| ctx.sessions.is_connected(id))
+        .collect();
+    let facts = ctx
+        .state(move |s| {
+            ids.iter()
+                .map(|id| Ok((s.node(id)?, s.hardware(id)?.and_then(|h| h.document.platform.zone))))
+                .collect::<Result<Vec<_>, crate::state::StateError>>()
+        })
+        .await
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for (node, zone) in facts {
+        let Some(node) = node else { continue };
+        let Some(port) = ports.iter().find(|(id, _)| *id == node.id).map(|(_, p)| *p) else {
+            continue;
+        };
+        let endpoint = key_from_id(&node.public_key)
+            .and_then(|k| ctx.tunnel.peer_stats(&k))
+            .and_then(|s| s.endpoint);
+        if let Some(ep) = endpoint {
+            out.push((node.id, SocketAddr::new(ep.ip(), port), zone));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Push configurations whenever the mesh is dirty (coalesced), and rotate the sample periodically.
+pub async fn run(ctx: std::sync::Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+    let mut rotate = tokio::time::interval(ROTATION);
+    rotate.tick().await;
+    loop {
+        tokio::select! {
+            _ = ctx.probes.dirty.notified() => {}
+            _ = rotate.tick() => { ctx.probes.round.fetch_add(1, Ordering::Relaxed); }
+            _ = shutdown.changed() => return,
+        }
+        // Let a burst of connects settle into one recomputation.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let members = members(&ctx).await;
+        let configs = ctx.probes.configs(&members);
+        let mut pushed = 0;
+        for (id, cfg) in configs {
+            if ctx.sessions.send(
+                &id,
+                CoordinatorMessage {
+                    msg: Some(CoordMsg::ProbeConfig(cfg)),
+                },
+            ) {
+                pushed += 1;
+            }
+        }
+        tracing::debug!(members = members.len(), pushed, "probe mesh pushed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probes() -> Probes {
+        Probes::new(ProbeTiming {
+            interval: Duration::from_secs(1),
+            window: Duration::from_secs(30),
+        })
+    }
+
+    fn member(id: &str, last: u8) -> (String, SocketAddr, Option<String>) {
+        (id.into(), SocketAddr::from(([192, 0, 2, last], 7444)), None)
+    }
+
+    #[test]
+    fn small_fleets_get_a_full_mesh_with_one_key() {
+        let p = probes();
+        let members = vec![member("a", 1), member("b", 2), member("c", 3)];
+        let configs = p.configs(&members);
+        assert_eq!(configs.len(), 3);
+        for (id, cfg) in &configs {
+            let targets: Vec<&str> = cfg.targets.iter().map(|t| t.node_id.as_str()).collect();
+            assert_eq!(targets.len(), 2, "{id}: {targets:?}");
+            assert!(!targets.contains(&id.as_str()));
+            assert_eq!(cfg.known.len(), 2);
+            assert_eq!(cfg.key.len(), 32);
+            assert_eq!(cfg.window_secs, 30);
+        }
+        assert_eq!(configs[0].1.key, configs[1].1.key, "one fleet key");
+        assert!(configs[0].1.targets.iter().any(|t| t.address == "192.0.2.2:7444"));
+    }
+
+    #[test]
+    fn windows_are_kept_bounded_and_only_for_known_peers() {
+        let p = probes();
+        p.set_port("a", 7444);
+        p.set_port("b", 7444);
+        let w = |peer: &str| LatencyWindow {
+            peer_node_id: peer.into(),
+            p50_ns: 100,
+            ..Default::default()
+        };
+        assert_eq!(p.record("a", vec![w("b"), w("made-up"), w("a")]), 1);
+        for _ in 0..(MAX_WINDOWS_PER_PAIR + 10) {
+            p.record("a", vec![w("b")]);
+        }
+        assert_eq!(p.series("a", "b").len(), MAX_WINDOWS_PER_PAIR);
+        assert_eq!(p.latest().len(), 1);
+        p.forget("b");
+        assert!(p.latest().is_empty());
+    }
+}

@@ -1,0 +1,63 @@
+//! End-to-end: agents measure each other on the underlay with authenticated probes, as the coordinator
+//! tells them, and `nimbusctl latency` shows the matrix.
+//! Needs root and the daemon binaries (`cargo build --workspace --bins`).
+#![allow(clippy::unwrap_used)]
+
+use e2e::fleet::{FleetOptions, agent_name};
+use e2e::{Fleet, eventually_patiently, require_root};
+use serde_json::Value;
+
+#[test]
+fn agents_measure_a_full_mesh_and_the_coordinator_shows_it() {
+    if !require_root() {
+        return;
+    }
+    let opts = FleetOptions {
+        coordinator_args: ["--probe-interval", "200ms", "--probe-window", "2s"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..FleetOptions::test(3)
+    };
+    let mut fleet = Fleet::new(opts).unwrap();
+    let token = fleet.create_token("1h", 3);
+    for i in 1..=3 {
+        fleet.start_agent(i, Some(&token), &[]);
+    }
+    fleet.wait_connected(&["agent-1", "agent-2", "agent-3"]);
+
+    let pairs = eventually_patiently(|| {
+        let out = fleet.ctl(&["-o", "json", "latency"]);
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {out:?}"))?;
+        let pairs = v["pairs"].as_array().cloned().unwrap_or_default();
+        let measured: Vec<Value> = pairs
+            .into_iter()
+            .filter(|p| p["samples"].as_u64().unwrap_or(0) > 0)
+            .collect();
+        if measured.len() == 6 {
+            Ok(measured)
+        } else {
+            Err(format!("{} of 6 pairs measured: {v}", measured.len()))
+        }
+    });
+    for p in &pairs {
+        let (from, to) = (p["from"].as_str().unwrap(), p["to"].as_str().unwrap());
+        assert_ne!(from, to);
+        assert!(
+            (1..=3).any(|i| agent_name(i) == from) && (1..=3).any(|i| agent_name(i) == to),
+            "{p}"
+        );
+        let p50 = p["p50_ns"].as_u64().unwrap();
+        assert!(
+            p50 > 0 && p50 < 50_000_000,
+            "a veth/bridge RTT is well under 50 ms: {p}"
+        );
+        assert!(p["p99_ns"].as_u64().unwrap() >= p50, "{p}");
+        assert_eq!(p["lost"], 0, "nothing is lost on a quiet bridge: {p}");
+        assert!(!p["timestamping"].as_str().unwrap().is_empty(), "{p}");
+    }
+    let text = String::from_utf8_lossy(&fleet.ctl(&["-o", "text", "latency"]).stdout).to_string();
+    for i in 1..=3 {
+        assert!(text.contains(&agent_name(i)), "{text}");
+    }
+}
