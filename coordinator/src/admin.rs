@@ -8,8 +8,8 @@ use nimbus_proto::admin_server::Admin;
 use nimbus_proto::coordinator_message::Msg as CoordMsg;
 use nimbus_proto::{
     CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, GetNodeRequest, Inventory, LatencyMatrix, LatencyPair,
-    LatencyRequest, ListNodesRequest, ListNodesResponse, ListTokensRequest, ListTokensResponse, Node,
-    RevokeNodeRequest, RevokeNodeResponse, RevokeTokenRequest, RevokeTokenResponse, Revoked, TokenInfo,
+    LatencyRequest, ListNodesRequest, ListNodesResponse, ListTokensRequest, ListTokensResponse, Node, PlanRequest,
+    PlanResponse, RevokeNodeRequest, RevokeNodeResponse, RevokeTokenRequest, RevokeTokenResponse, Revoked, TokenInfo,
 };
 use tonic::{Request, Response, Status};
 
@@ -247,6 +247,29 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(LatencyMatrix { pairs, zones }))
+    }
+
+    async fn plan_replication(&self, req: Request<PlanRequest>) -> Result<Response<PlanResponse>, Status> {
+        let r = req.into_inner();
+        let plan = crate::replication::plan(&self.ctx, &r.stores_yaml).await?;
+        if r.keep {
+            let yaml = r.stores_yaml.clone().into_bytes();
+            self.ctx
+                .state(move |s| s.put_config_blob(crate::replication::KEPT_STORES, &yaml))
+                .await?;
+            tracing::info!(
+                stores = plan.stores.len(),
+                "stores file kept; re-planned every probe window"
+            );
+        }
+        let helm_yaml =
+            planner::to_helm_yaml(&plan).map_err(|e| Status::internal(format!("rendering helm values: {e}")))?;
+        let json = serde_json::to_string_pretty(&plan).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(PlanResponse {
+            text: plan.to_string(),
+            helm_yaml,
+            json,
+        }))
     }
 
     async fn revoke_node(&self, req: Request<RevokeNodeRequest>) -> Result<Response<RevokeNodeResponse>, Status> {

@@ -18,6 +18,7 @@
 //! * `token`    — join token format and hashing.
 //! * `ipam`     — overlay address plan.
 //! * `probes`   — the latency mesh: probe configs pushed to agents, reported windows kept per pair.
+//! * `replication` — stores.yaml planned against measured latency (nimbus-planner), drift watch.
 //! * `metrics`  — Prometheus counters and the `GET /metrics` endpoint.
 //! * `error`    — `CoordError` and the one mapping to `tonic::Status`.
 
@@ -30,6 +31,7 @@ pub mod fleet;
 pub mod ipam;
 pub mod metrics;
 pub mod probes;
+pub mod replication;
 pub mod server;
 pub mod sessions;
 pub mod state;

@@ -50,12 +50,23 @@ pub struct Metrics {
     pub heartbeats: Counter,
     pub inventory_changes: Counter,
     pub node_revocations: Counter,
+    pub replication_drift: Family<KindLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
 }
 
 impl Metrics {
     pub fn enrollment(&self, accepted: bool) {
         let result = if accepted { "accepted" } else { "refused" };
         self.enrollments.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// A planner drift event of `kind` (a fixed set of names from the planner).
+    pub fn replication_drift(&self, kind: &'static str) {
+        self.replication_drift.get_or_create(&KindLabel { kind }).inc();
     }
 }
 
@@ -85,6 +96,11 @@ pub fn render(m: &Metrics, s: &Snapshot) -> String {
         m.inventory_changes.clone(),
     );
     r.register("node_revocations", "Nodes revoked", m.node_revocations.clone());
+    r.register(
+        "replication_drift_events",
+        "Replicated stores drifting out of their commit budget, by kind",
+        m.replication_drift.clone(),
+    );
     r.register(
         "agents_connected",
         "Agents with an open fleet stream",

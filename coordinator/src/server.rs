@@ -294,6 +294,14 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
             Ok(())
         }));
     }
+    {
+        let (c, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
+        let every = ctx.config.probe_window;
+        tasks.push(tokio::spawn(async move {
+            crate::replication::watch_drift(c, every, rx).await;
+            Ok(())
+        }));
+    }
     tasks.push(tokio::spawn(flush_last_seen(Arc::clone(&ctx), shutdown_rx)));
 
     tracing::info!(

@@ -597,6 +597,20 @@ impl State {
         Err(StateError::Conflict)
     }
 
+    /// Keep an operator document (e.g. a stores file) under `name`, replacing the previous one.
+    pub fn put_config_blob(&self, name: &str, value: &[u8]) -> Result<(), StateError> {
+        if value.len() > 1 << 20 {
+            return Err(invalid(format!("{name} is larger than 1 MiB")));
+        }
+        self.store.txn(Txn::new().put(keys::config(name), value.to_vec()))?;
+        Ok(())
+    }
+
+    /// An operator document kept with [`State::put_config_blob`].
+    pub fn config_blob(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.store.get(&keys::config(name))?)
+    }
+
     /// The full inventory of node `id`, if it has reported one.
     pub fn hardware(&self, id: &str) -> Result<Option<HardwareRecord>, StateError> {
         Ok(self.get_json::<HardwareRecord>(&keys::inventory(id))?.map(|(r, _)| r))

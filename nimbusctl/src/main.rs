@@ -44,6 +44,8 @@ struct Cli {
 enum Output {
     Text,
     Json,
+    /// Helm values (`plan replication` only).
+    Yaml,
 }
 
 #[derive(Subcommand, Debug)]
@@ -63,6 +65,24 @@ enum Cmd {
     /// Measured round-trip times between nodes on the underlay: a matrix of p50/p99 in ms, grouped by zone
     /// and colored against the 2 ms zone budget (on a terminal); `-o json` for every window field.
     Latency,
+    /// Plans from measured latency.
+    #[command(subcommand)]
+    Plan(PlanCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum PlanCmd {
+    /// Plan replicated stores (Galera, MySQL semi-sync, Kafka) against the measured p99 RTTs: predicted commit
+    /// latency, which members can be synchronous, max serial transaction rate, timeouts, zone capacity.
+    /// `-o yaml` prints helm values.
+    Replication {
+        /// The stores file (see planner/examples/stores.yaml).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Keep the file: the coordinator re-plans every probe window and warns (log + metric) on drift.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -203,6 +223,9 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
 async fn run(cli: Cli) -> Result<()> {
     let mut c = connect(&cli.socket).await?;
     let json = cli.output == Output::Json;
+    if cli.output == Output::Yaml && !matches!(cli.cmd, Cmd::Plan(_)) {
+        bail!("-o yaml is only for `plan replication`; use -o json");
+    }
     match cli.cmd {
         Cmd::Token(TokenCmd::Create {
             ttl,
@@ -342,6 +365,19 @@ async fn run(cli: Cli) -> Result<()> {
                 t.add_row(row);
             }
             println!("{t}");
+        }
+        Cmd::Plan(PlanCmd::Replication { file, keep }) => {
+            let stores_yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let r = c
+                .plan_replication(PlanRequest { stores_yaml, keep })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            match cli.output {
+                Output::Yaml => print!("{}", r.helm_yaml),
+                Output::Json => println!("{}", r.json),
+                Output::Text => print!("{}", r.text),
+            }
         }
         Cmd::Latency => {
             let m = c.latency(LatencyRequest {}).await.map_err(status_err)?.into_inner();

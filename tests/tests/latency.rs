@@ -60,4 +60,47 @@ fn agents_measure_a_full_mesh_and_the_coordinator_shows_it() {
     for i in 1..=3 {
         assert!(text.contains(&agent_name(i)), "{text}");
     }
+
+    // Plan a Galera cluster on the three agents from the measured RTTs: on one quiet bridge a 50 ms commit
+    // budget fits everyone.
+    let stores = fleet.work_dir().join("stores.yaml");
+    std::fs::write(
+        &stores,
+        "galera:\n  - name: ledger\n    members: [agent-1, agent-2, agent-3]\n    txn_time: 0.2ms\n    commit_budget: 50ms\n    max_dop: 1\n",
+    )
+    .unwrap();
+    let out = fleet.ctl(&[
+        "-o",
+        "json",
+        "plan",
+        "replication",
+        "-f",
+        &stores.display().to_string(),
+        "--keep",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ledger = &plan["stores"][0];
+    assert_eq!(ledger["name"], "ledger", "{plan}");
+    assert_eq!(ledger["fits_budget"], true, "{plan}");
+    let modes: Vec<&str> = ledger["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes.len(), 3, "{plan}");
+    assert!(modes.iter().all(|m| m.eq_ignore_ascii_case("synchronous")), "{plan}");
+    let helm = fleet.ctl(&["-o", "yaml", "plan", "replication", "-f", &stores.display().to_string()]);
+    assert!(
+        helm.status.success() && String::from_utf8_lossy(&helm.stdout).contains("ledger"),
+        "{helm:?}"
+    );
+
+    // A broken file is refused with its position.
+    std::fs::write(&stores, "galera:\n  - name: ledger\n    colour: blue\n").unwrap();
+    let bad = fleet.ctl(&["plan", "replication", "-f", &stores.display().to_string()]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("line 3") && err.contains("colour"), "{err}");
 }

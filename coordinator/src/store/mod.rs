@@ -16,6 +16,7 @@
 //! | `tokens/<token id>`              | `TokenRecord` JSON (secret stored as SHA-256 hex)|
 //! | `revoked-keys/<wg pubkey b64url>`| id of the revoked node that used the key         |
 //! | `inventory/<node id>`            | `HardwareRecord` JSON: full inventory + history  |
+//! | `config/<name>`                  | operator documents kept as given (e.g. stores.yaml) |
 //!
 //! Public keys are canonical base64url without padding (43 characters for 32 bytes). Node ids are
 //! `n` + 12 × `[a-z0-9]`; token ids are 10 × `[a-z0-9]`.
@@ -169,6 +170,7 @@ pub mod keys {
     pub const TOKENS: &str = "tokens/";
     pub const REVOKED_KEYS: &str = "revoked-keys/";
     pub const INVENTORY: &str = "inventory/";
+    pub const CONFIG: &str = "config/";
 
     pub fn node(id: &str) -> Vec<u8> {
         format!("{NODES}{id}").into_bytes()
@@ -187,6 +189,9 @@ pub mod keys {
     }
     pub fn revoked_key(key_b64url: &str) -> Vec<u8> {
         format!("{REVOKED_KEYS}{key_b64url}").into_bytes()
+    }
+    pub fn config(name: &str) -> Vec<u8> {
+        format!("{CONFIG}{name}").into_bytes()
     }
     pub fn inventory(id: &str) -> Vec<u8> {
         format!("{INVENTORY}{id}").into_bytes()
