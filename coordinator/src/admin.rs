@@ -226,27 +226,34 @@ impl Admin for AdminService {
     async fn latency(&self, _req: Request<LatencyRequest>) -> Result<Response<LatencyMatrix>, Status> {
         let latest = self.ctx.probes.latest();
         let nodes = self.ctx.state(|s| with_hardware(s, s.list_nodes()?)).await?;
-        let name_of: std::collections::HashMap<&str, &str> =
-            nodes.iter().map(|(n, _)| (n.id.as_str(), n.name.as_str())).collect();
+        let name_of: std::collections::HashMap<String, String> =
+            nodes.iter().map(|(n, _)| (n.id.clone(), n.name.clone())).collect();
         let pairs = latest
             .iter()
             .filter_map(|(a, b, w)| {
                 Some(LatencyPair {
-                    from_node: name_of.get(a.as_str())?.to_string(),
-                    to_node: name_of.get(b.as_str())?.to_string(),
+                    from_node: name_of.get(a)?.clone(),
+                    to_node: name_of.get(b)?.clone(),
                     window: Some(w.clone()),
                 })
             })
             .collect();
-        let zones = nodes
-            .iter()
-            .filter_map(|(n, hw)| {
-                hw.as_ref()
-                    .and_then(|h| h.document.platform.zone.clone())
-                    .map(|z| (n.name.clone(), z))
-            })
-            .collect();
-        Ok(Response::new(LatencyMatrix { pairs, zones }))
+        let facts = crate::replication::facts(&nodes);
+        let matrix = crate::replication::matrix(&latest, &name_of);
+        let report = planner::infer_zones(&facts, &matrix, &planner::PlanConfig::default());
+        let mut zones = std::collections::HashMap::new();
+        let mut zone_sources = std::collections::HashMap::new();
+        for (name, a) in &report.zones.nodes {
+            zones.insert(name.clone(), a.zone.clone());
+            let source = match a.source {
+                planner::ZoneSource::Declared => "declared",
+                planner::ZoneSource::Adopted => "adopted",
+                planner::ZoneSource::Inferred => "inferred",
+            };
+            zone_sources.insert(name.clone(), source.to_string());
+        }
+        let findings = report.findings.iter().map(|f| f.to_string()).collect();
+        Ok(Response::new(LatencyMatrix { pairs, zones, zone_sources, findings }))
     }
 
     async fn plan_replication(&self, req: Request<PlanRequest>) -> Result<Response<PlanResponse>, Status> {

@@ -13,8 +13,8 @@ fn ms(ns: u64) -> String {
     format!("{:.2}", ns as f64 / 1e6)
 }
 
-/// The matrix as text; `color` adds green/red against [`ZONE_BUDGET_NS`].
-pub fn matrix(m: &LatencyMatrix, color: bool) -> String {
+/// Nodes in display order: by zone, then name.
+fn ordered(m: &LatencyMatrix) -> Vec<&str> {
     let mut nodes: Vec<&str> = m
         .pairs
         .iter()
@@ -23,6 +23,78 @@ pub fn matrix(m: &LatencyMatrix, color: bool) -> String {
     let zone = |n: &str| m.zones.get(n).map(String::as_str).unwrap_or("-");
     nodes.sort_by(|a, b| (zone(a), *a).cmp(&(zone(b), *b)));
     nodes.dedup();
+    nodes
+}
+
+/// The newest p50 of `from → to`, if measured.
+fn p50(m: &LatencyMatrix, from: &str, to: &str) -> Option<u64> {
+    m.pairs
+        .iter()
+        .find(|p| p.from_node == from && p.to_node == to)
+        .and_then(|p| p.window.as_ref())
+        .filter(|w| w.samples > 0)
+        .map(|w| w.p50_ns)
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// An SVG heatmap of p50 RTT: green under 0.5 ms (one zone), yellow under 2 ms (zone budget), red above.
+pub fn svg(m: &LatencyMatrix) -> String {
+    const CELL: usize = 56;
+    const LABEL: usize = 140;
+    let nodes = ordered(m);
+    let n = nodes.len();
+    let (w, h) = (LABEL + n * CELL + 20, LABEL + n * CELL + 60);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" \
+         font-size=\"11\">\n<title>p50 RTT between nodes (ms)</title>\n"
+    );
+    for (i, name) in nodes.iter().enumerate() {
+        let zone = m.zones.get(*name).map(|z| format!(" [{z}]")).unwrap_or_default();
+        let label = esc(&format!("{name}{zone}"));
+        let (row_y, col_x) = (LABEL + i * CELL + CELL / 2 + 4, LABEL + i * CELL + CELL / 2);
+        out += &format!(
+            "<text x=\"{}\" y=\"{row_y}\" text-anchor=\"end\">{label}</text>\n",
+            LABEL - 6
+        );
+        out += &format!(
+            "<text transform=\"translate({col_x},{}) rotate(-45)\">{label}</text>\n",
+            LABEL - 6
+        );
+    }
+    for (r, from) in nodes.iter().enumerate() {
+        for (c, to) in nodes.iter().enumerate() {
+            let (x, y) = (LABEL + c * CELL, LABEL + r * CELL);
+            let (fill, text) = match (from == to, p50(m, from, to)) {
+                (true, _) => ("#eeeeee", String::new()),
+                (false, None) => ("#ffffff", "-".to_string()),
+                (false, Some(ns)) if ns < 500_000 => ("#7bc67b", ms(ns)),
+                (false, Some(ns)) if ns < ZONE_BUDGET_NS => ("#f2d35c", ms(ns)),
+                (false, Some(ns)) => ("#e06666", ms(ns)),
+            };
+            let (tx, ty) = (x + CELL / 2, y + CELL / 2 + 4);
+            out += &format!(
+                "<rect x=\"{x}\" y=\"{y}\" width=\"{CELL}\" height=\"{CELL}\" fill=\"{fill}\" stroke=\"#999\"/>\
+                 <text x=\"{tx}\" y=\"{ty}\" text-anchor=\"middle\">{text}</text>\n"
+            );
+        }
+    }
+    out += &format!(
+        "<text x=\"10\" y=\"{}\">green &lt; 0.5 ms (one zone) · yellow &lt; 2 ms (zone budget) · red ≥ 2 ms</text>\n</svg>\n",
+        h - 20
+    );
+    out
+}
+
+/// The matrix as text; `color` adds green/red against [`ZONE_BUDGET_NS`].
+pub fn matrix(m: &LatencyMatrix, color: bool) -> String {
+    let zone = |n: &str| m.zones.get(n).map(String::as_str).unwrap_or("-");
+    let nodes = ordered(m);
     if nodes.is_empty() {
         return "no latency measured yet (agents report a window every probe window, 30 s by default)\n".into();
     }
@@ -43,7 +115,8 @@ pub fn matrix(m: &LatencyMatrix, color: bool) -> String {
     header.extend(nodes.iter().map(Cell::new));
     t.set_header(header);
     for from in &nodes {
-        let mut row = vec![Cell::new(from), Cell::new(zone(from))];
+        let source = m.zone_sources.get(*from).map(|s| format!(" ({s})")).unwrap_or_default();
+        let mut row = vec![Cell::new(from), Cell::new(format!("{}{source}", zone(from)))];
         for to in &nodes {
             let cell = match cells.get(&(*from, *to)) {
                 _ if from == to => Cell::new("·"),
@@ -70,7 +143,11 @@ pub fn matrix(m: &LatencyMatrix, color: bool) -> String {
         }
         t.add_row(row);
     }
-    format!("{t}\n")
+    let mut out = format!("{t}\n");
+    for f in &m.findings {
+        out += &format!("! {f}\n");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -88,6 +165,7 @@ mod tests {
                 p99_ns: p99,
                 lost,
                 sent: 10,
+                samples: 10 - lost,
                 ..Default::default()
             }),
         };
@@ -101,6 +179,8 @@ mod tests {
                 ("b1".to_string(), "zone-b".to_string()),
             ]
             .into(),
+            findings: vec!["zone-b is 5 ms from zone-a".into()],
+            ..Default::default()
         };
         let out = matrix(&m, false);
         let a_line = out.lines().position(|l| l.trim_start().starts_with("a1")).unwrap();
@@ -108,6 +188,13 @@ mod tests {
         assert!(a_line < b_line, "zone-a first:\n{out}");
         assert!(out.contains("5.00/5.10 30%"), "{out}");
         assert!(out.contains("5.00/5.20"), "{out}");
+        assert!(out.contains("! zone-b is 5 ms from zone-a"), "{out}");
         assert!(matrix(&LatencyMatrix::default(), false).contains("no latency measured yet"));
+        let svg = svg(&m);
+        assert!(
+            svg.starts_with("<svg") && svg.contains("5.00") && svg.contains("#e06666"),
+            "{svg}"
+        );
+        assert!(svg.contains("a1 [zone-a]"), "{svg}");
     }
 }

@@ -64,7 +64,11 @@ enum Cmd {
     Node(NodeCmd),
     /// Measured round-trip times between nodes on the underlay: a matrix of p50/p99 in ms, grouped by zone
     /// and colored against the 2 ms zone budget (on a terminal); `-o json` for every window field.
-    Latency,
+    Latency {
+        /// Also write the p50 matrix as an SVG heatmap to this file (for reports).
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
     /// Plans from measured latency.
     #[command(subcommand)]
     Plan(PlanCmd),
@@ -379,8 +383,12 @@ async fn run(cli: Cli) -> Result<()> {
                 Output::Text => print!("{}", r.text),
             }
         }
-        Cmd::Latency => {
+        Cmd::Latency { svg } => {
             let m = c.latency(LatencyRequest {}).await.map_err(status_err)?.into_inner();
+            if let Some(path) = svg {
+                std::fs::write(&path, latency_view::svg(&m)).with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("heatmap written to {}", path.display());
+            }
             if json {
                 let pairs: Vec<serde_json::Value> = m
                     .pairs
@@ -398,7 +406,9 @@ async fn run(cli: Cli) -> Result<()> {
                         })
                     })
                     .collect();
-                return print_json(&serde_json::json!({"pairs": pairs, "zones": m.zones}));
+                return print_json(&serde_json::json!({
+                    "pairs": pairs, "zones": m.zones, "zone_sources": m.zone_sources, "findings": m.findings,
+                }));
             }
             print!(
                 "{}",

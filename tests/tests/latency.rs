@@ -56,6 +56,23 @@ fn agents_measure_a_full_mesh_and_the_coordinator_shows_it() {
         assert_eq!(p["lost"], 0, "nothing is lost on a quiet bridge: {p}");
         assert!(!p["timestamping"].as_str().unwrap().is_empty(), "{p}");
     }
+    // One bridge, sub-millisecond RTTs: the coordinator infers a single zone for all three.
+    let v: Value = serde_json::from_slice(&fleet.ctl(&["-o", "json", "latency"]).stdout).unwrap();
+    let zones: Vec<&str> = (1..=3)
+        .map(|i| v["zones"][agent_name(i)].as_str().unwrap_or(""))
+        .collect();
+    assert!(!zones[0].is_empty() && zones.iter().all(|z| *z == zones[0]), "{v}");
+    assert_eq!(v["zone_sources"]["agent-1"], "inferred", "{v}");
+    let svg = fleet.work_dir().join("latency.svg");
+    assert!(
+        fleet
+            .ctl(&["latency", "--svg", &svg.display().to_string()])
+            .status
+            .success()
+    );
+    let svg = std::fs::read_to_string(svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("agent-3"), "{svg}");
+
     let text = String::from_utf8_lossy(&fleet.ctl(&["-o", "text", "latency"]).stdout).to_string();
     for i in 1..=3 {
         assert!(text.contains(&agent_name(i)), "{text}");
