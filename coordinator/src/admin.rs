@@ -253,7 +253,12 @@ impl Admin for AdminService {
             zone_sources.insert(name.clone(), source.to_string());
         }
         let findings = report.findings.iter().map(|f| f.to_string()).collect();
-        Ok(Response::new(LatencyMatrix { pairs, zones, zone_sources, findings }))
+        Ok(Response::new(LatencyMatrix {
+            pairs,
+            zones,
+            zone_sources,
+            findings,
+        }))
     }
 
     async fn plan_replication(&self, req: Request<PlanRequest>) -> Result<Response<PlanResponse>, Status> {

@@ -15,12 +15,15 @@
 //! - [`fleet`]: [`Fleet`] — coordinator + agents + `nimbusctl`, logs dumped when a test panics.
 //! - [`lab`]: `nimbus-lab up/down/status` (the binary only parses flags).
 //! - [`state`]: [`LabState`] file and [`teardown_from_state`] for `nimbus-lab down`.
+//! - [`delay`]: [`DelayLab`] — zones of hosts joined through a userspace delay router (TUN + policy routing,
+//!   per-zone-pair delay, per-host loss; the `nimbus-delay-router` binary), for kernels without `netem`.
 //!
 //! Invariant: the harness only ever signals PIDs it started (checked against `/proc/PID/exe` and the start
 //! time when they come from a state file), and only deletes namespaces it named.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod delay;
 pub mod env;
 pub mod error;
 pub mod fleet;
@@ -31,6 +34,7 @@ pub mod state;
 pub mod topology;
 pub mod wait;
 
+pub use delay::{DelayHost, DelayLab, DelayLabBuilder, PingReport, RouterConfig, ping_rtts};
 pub use env::{Binaries, bin_dir, binary, require_root};
 pub use error::{HarnessError, Result};
 pub use fleet::{Fleet, FleetOptions, JoinToken, agent_name};
