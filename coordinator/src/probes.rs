@@ -108,12 +108,17 @@ impl Probes {
         self.dirty.notify_one();
     }
 
-    /// The newest window of every ordered pair.
+    /// The newest window of every ordered pair in which probes were sent (a window in which the prober sent
+    /// nothing, e.g. right after its targets changed, says nothing about the link and would hide the last
+    /// measurement).
     pub fn latest(&self) -> Vec<(String, String, LatencyWindow)> {
         let series = lock(&self.series);
         let mut out: Vec<_> = series
             .iter()
-            .filter_map(|((a, b), q)| q.back().map(|w| (a.clone(), b.clone(), w.clone())))
+            .filter_map(|((a, b), q)| {
+                let w = q.iter().rev().find(|w| w.sent > 0).or(q.back())?;
+                Some((a.clone(), b.clone(), w.clone()))
+            })
             .collect();
         out.sort_by(|x, y| (&x.0, &x.1).cmp(&(&y.0, &y.1)));
         out
@@ -288,6 +293,16 @@ mod tests {
         }
         assert_eq!(p.series("a", "b").len(), MAX_WINDOWS_PER_PAIR);
         assert_eq!(p.latest().len(), 1);
+        // A window without probes does not hide the last measurement.
+        let sent = LatencyWindow {
+            peer_node_id: "b".into(),
+            sent: 4,
+            samples: 4,
+            p50_ns: 200,
+            ..Default::default()
+        };
+        p.record("a", vec![sent, w("b")]);
+        assert_eq!(p.latest()[0].2.p50_ns, 200);
         p.forget("b");
         assert!(p.latest().is_empty());
     }
