@@ -422,6 +422,9 @@ fn an_intruder_route_reaches_a_listener_unless_it_is_bound_to_its_device() {
         .expect("address-only binding is reachable from the underlay");
     drop(open);
 
+    // A fresh port: the first listener's accepted connection may still hold 7000 (TIME_WAIT), and a plain
+    // std listener does not set SO_REUSEADDR.
+    let overlay = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(100, 96, 0, 1)), 7001);
     let bound = server.bind_tcp(overlay).unwrap();
     let dev = b"ovl0\0";
     // SAFETY: valid fd, valid NUL-terminated buffer of the given length.
