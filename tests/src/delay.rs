@@ -79,6 +79,7 @@ use crate::netns::{Netns, check_ifname, reap_stale_test_namespaces, unique_prefi
 use crate::process::{Process, ProcessBuilder, run_checked};
 use crate::state::ProcessRecord;
 use crate::wait::{Attempt, patience, poll_until};
+use crate::work::Work;
 
 /// File name of the router binary.
 pub const ROUTER_BIN: &str = "nimbus-delay-router";
@@ -1472,18 +1473,7 @@ impl DelayLabBuilder {
                 unique_prefix()
             }
         };
-        let work = match &self.work_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
-                Work::Fixed(dir.clone())
-            }
-            None => Work::Temp(
-                tempfile::Builder::new()
-                    .prefix("nimbus-delay-")
-                    .tempdir()
-                    .map_err(|e| HarnessError::io("creating a temp work dir", e))?,
-            ),
-        };
+        let work = Work::create(self.work_dir.as_ref(), "nimbus-delay-")?;
         let config_path = work.path().join("delay-router.json");
         let mut lab = DelayLab {
             router: Some(Netns::create(&format!("{prefix}-rt"))?),
@@ -1528,21 +1518,6 @@ fn write_config(path: &Path, config: &RouterConfig) -> Result<()> {
 fn sysctl(ns: &Netns, key: &str, value: &str) -> Result<()> {
     run_checked(ns.exec("sysctl").args(["-q", "-w", &format!("{key}={value}")]))?;
     Ok(())
-}
-
-#[derive(Debug)]
-enum Work {
-    Temp(tempfile::TempDir),
-    Fixed(PathBuf),
-}
-
-impl Work {
-    fn path(&self) -> &Path {
-        match self {
-            Work::Temp(t) => t.path(),
-            Work::Fixed(p) => p,
-        }
-    }
 }
 
 /// One host of a [`DelayLab`].
@@ -1892,18 +1867,9 @@ impl DelayLab {
         if let Some(p) = self.process.take() {
             p.stop(crate::process::STOP_GRACE);
         }
-        let mut first_err = None;
-        for mut host in self.hosts.drain(..).rev() {
-            if let Err(e) = host.ns.delete() {
-                first_err.get_or_insert(e);
-            }
-        }
-        if let Some(mut rt) = self.router.take()
-            && let Err(e) = rt.delete()
-        {
-            first_err.get_or_insert(e);
-        }
-        first_err.map_or(Ok(()), Err)
+        let mut hosts: Vec<DelayHost> = self.hosts.drain(..).rev().collect();
+        let mut router = self.router.take();
+        crate::netns::delete_all(hosts.iter_mut().map(|h| &mut h.ns).chain(router.as_mut()))
     }
 
     /// Leaves the router and the namespaces in place (the router must have been started detached) and
@@ -1926,8 +1892,8 @@ impl DelayLab {
             rt.persist();
         }
         let work_dir = self.work_dir().to_path_buf();
-        if let Some(Work::Temp(t)) = self.work.take() {
-            let _ = t.keep();
+        if let Some(w) = self.work.take() {
+            w.keep();
         }
         Ok(DetachedDelayLab {
             namespaces,
@@ -1953,10 +1919,8 @@ impl Drop for DelayLab {
         if let Err(e) = self.teardown() {
             eprintln!("nimbus-e2e: warning: delay lab {} teardown: {e}", self.prefix);
         }
-        if let Some(Work::Temp(t)) = self.work.take()
-            && std::env::var(crate::fleet::KEEP_ENV).is_ok_and(|v| v == "1")
-        {
-            eprintln!("nimbus-e2e: keeping {}", t.keep().display());
+        if let Some(w) = self.work.take() {
+            w.finish();
         }
     }
 }

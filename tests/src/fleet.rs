@@ -18,6 +18,7 @@ use crate::process::{COMMAND_TIMEOUT, Process, ProcessBuilder, describe, run_wit
 use crate::state::{LabState, STATE_FORMAT, now_unix};
 use crate::topology::{Lab, LabBuilder, TEST_SUBNET, host_addr};
 use crate::wait::{Attempt, DEFAULT_POLL, patience, poll_until};
+use crate::work::Work;
 
 /// Host role of the coordinator.
 pub const COORD_ROLE: &str = "coord";
@@ -140,21 +141,6 @@ impl FleetOptions {
     }
 }
 
-#[derive(Debug)]
-enum Work {
-    Temp(tempfile::TempDir),
-    Fixed(PathBuf),
-}
-
-impl Work {
-    fn path(&self) -> &Path {
-        match self {
-            Work::Temp(t) => t.path(),
-            Work::Fixed(p) => p,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 struct LogEntry {
     name: String,
@@ -231,18 +217,7 @@ impl Fleet {
             )));
         }
         let bins = Binaries::in_dir(&opts.bin_dir.clone().unwrap_or_else(bin_dir))?;
-        let work = match &opts.work_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
-                Work::Fixed(dir.clone())
-            }
-            None => Work::Temp(
-                tempfile::Builder::new()
-                    .prefix("nimbus-e2e-")
-                    .tempdir()
-                    .map_err(|e| HarnessError::io("creating a temp work dir", e))?,
-            ),
-        };
+        let work = Work::create(opts.work_dir.as_ref(), "nimbus-e2e-")?;
         let mut builder: LabBuilder = Lab::builder().host(COORD_ROLE, host_addr(opts.subnet, COORD_HOST));
         if let Some(prefix) = &opts.prefix {
             builder = builder.prefix(prefix.clone());
@@ -881,8 +856,8 @@ impl Fleet {
         if let Some(lab) = self.lab.take() {
             lab.persist();
         }
-        if let Some(Work::Temp(t)) = self.work.take() {
-            let _ = t.keep();
+        if let Some(w) = self.work.take() {
+            w.keep();
         }
         Ok(state)
     }
@@ -918,10 +893,8 @@ impl Drop for Fleet {
         {
             eprintln!("nimbus-e2e: warning: {e}");
         }
-        if let Some(Work::Temp(t)) = self.work.take()
-            && std::env::var(KEEP_ENV).is_ok_and(|v| v == "1")
-        {
-            eprintln!("nimbus-e2e: keeping {}", t.keep().display());
+        if let Some(w) = self.work.take() {
+            w.finish();
         }
     }
 }

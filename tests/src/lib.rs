@@ -33,6 +33,7 @@ pub mod process;
 pub mod state;
 pub mod topology;
 pub mod wait;
+mod work;
 
 pub use delay::{DelayHost, DelayLab, DelayLabBuilder, PingReport, RouterConfig, ping_rtts};
 pub use env::{Binaries, bin_dir, binary, require_root};

@@ -295,6 +295,17 @@ fn stale_owner_pid(name: &str) -> Option<u32> {
     rest.split('-').next()?.parse().ok()
 }
 
+/// Delete every namespace in order, trying them all even when one fails; the first error is returned.
+pub fn delete_all<'a>(namespaces: impl IntoIterator<Item = &'a mut Netns>) -> Result<()> {
+    let mut first_err = None;
+    for ns in namespaces {
+        if let Err(e) = ns.delete() {
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

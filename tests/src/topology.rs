@@ -244,18 +244,9 @@ impl Lab {
 
     /// Deletes everything now. Idempotent; reports the first error but tries every namespace.
     pub fn teardown(&mut self) -> Result<()> {
-        let mut first_err = None;
-        for mut host in self.hosts.drain(..).rev() {
-            if let Err(e) = host.ns.delete() {
-                first_err.get_or_insert(e);
-            }
-        }
-        if let Some(mut sw) = self.switch.take()
-            && let Err(e) = sw.delete()
-        {
-            first_err.get_or_insert(e);
-        }
-        first_err.map_or(Ok(()), Err)
+        let mut hosts: Vec<Host> = self.hosts.drain(..).rev().collect();
+        let mut switch = self.switch.take();
+        crate::netns::delete_all(hosts.iter_mut().map(|h| &mut h.ns).chain(switch.as_mut()))
     }
 
     /// Keeps every namespace after this value is dropped; returns their names in deletion order.
