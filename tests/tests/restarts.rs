@@ -135,7 +135,9 @@ fn a_reinstalled_agent_with_a_new_token_gets_a_new_identity() {
             .filter(|n| str_field(n, "state") == "connected")
             .cloned()
             .collect();
-        if connected.len() == 1 {
+        // The old session may still read "connected" for a moment after the
+        // old agent exited; wait for the new identity, not for any connection.
+        if connected.len() == 1 && str_field(&connected[0], "id") != before.0 {
             Ok(nodes)
         } else {
             Err(format!("waiting for the re-installed agent: {nodes:?}"))
