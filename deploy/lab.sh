@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# A local polynimbus lab: one coordinator and N agents, each in its own network namespace on a bridge
-# (underlay 198.51.100.0/24), agents enrolled and connected through their WireGuard tunnels.
+# A local polynimbus lab: one coordinator and N agents, each in its own network namespace (underlay
+# 198.51.100.0/24), in zones behind a userspace delay router (0.1 ms RTT inside a zone, 1 ms between zones a
+# and b, 5 ms to the others), agents enrolled, connected through their WireGuard tunnels and measuring latency.
 #
-#   sudo ./deploy/lab.sh up [N]    install what is missing, build, start the lab (default N=3)
+#   sudo ./deploy/lab.sh up [N [Z]]  install what is missing, build, start the lab (default 6 agents, 3 zones;
+#                                    Z=0: one bridge, no delay)
 #   sudo ./deploy/lab.sh status    the lab's processes and `nimbusctl nodes`
 #   sudo ./deploy/lab.sh down      stop the lab and remove its namespaces (safe to repeat)
 #
@@ -15,9 +17,10 @@ readonly REPO
 
 usage() {
     cat <<USAGE
-usage: sudo $0 up [AGENTS] | status | down
+usage: sudo $0 up [AGENTS [ZONES]] | status | down
 
-  up [AGENTS]  build everything and start a coordinator and AGENTS agents (default 3, at most 200)
+  up [AGENTS [ZONES]]  build everything and start a coordinator and AGENTS agents (default 6, at most 200)
+               in ZONES zones behind the delay router (default 3, at most 26; 0: one bridge, no delay)
   status       show the lab's processes and \`nimbusctl nodes\`
   down         stop the lab and delete its namespaces (idempotent)
 USAGE
@@ -30,13 +33,19 @@ die() {
 
 # --- arguments first: a typo never installs or builds anything --------------------------------------
 cmd="${1:-}"
-agents=3
+agents=6
+zones=3
 case "$cmd" in
     up)
-        if [[ $# -gt 2 ]]; then usage >&2; exit 64; fi
-        agents="${2:-3}"
+        if [[ $# -gt 3 ]]; then usage >&2; exit 64; fi
+        agents="${2:-6}"
+        zones="${3:-3}"
         if ! [[ "$agents" =~ ^[0-9]+$ ]] || ((agents < 1 || agents > 200)); then
             echo "lab.sh: AGENTS must be a number from 1 to 200, got '$agents'" >&2
+            exit 64
+        fi
+        if ! [[ "$zones" =~ ^[0-9]+$ ]] || ((zones > 26)); then
+            echo "lab.sh: ZONES must be a number from 0 to 26, got '$zones'" >&2
             exit 64
         fi
         ;;
@@ -142,7 +151,7 @@ case "$cmd" in
         install_packages
         check_tun
         cargo_build --workspace --bins
-        exec "$LAB_BIN" up --agents "$agents"
+        exec "$LAB_BIN" up --agents "$agents" --zones "$zones"
         ;;
     down)
         ensure_lab_binary

@@ -1,4 +1,5 @@
-//! The polynimbus fixture: a coordinator and N agents on a [`Lab`], driven through `nimbusctl`.
+//! The polynimbus fixture: a coordinator and N agents on a [`Lab`] (one bridge) or on a [`DelayLab`] (zones
+//! behind the userspace delay router, [`Layout::Zones`]), driven through `nimbusctl`.
 //!
 //! Shared by the end-to-end tests (temp work dir, everything removed on drop, logs dumped on panic) and by
 //! `nimbus-lab` (fixed work dir, detached processes, state journaled to a file after every step).
@@ -11,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::delay::{DelayLab, DelayLabBuilder};
 use crate::env::{Binaries, bin_dir};
 use crate::error::{HarnessError, Result};
 use crate::netns::Netns;
 use crate::process::{COMMAND_TIMEOUT, Process, ProcessBuilder, describe, run_with_timeout};
-use crate::state::{LabState, STATE_FORMAT, now_unix};
+use crate::state::{LabState, ProcessRecord, STATE_FORMAT, now_unix};
 use crate::topology::{Lab, LabBuilder, TEST_SUBNET, host_addr};
 use crate::wait::{Attempt, DEFAULT_POLL, patience, poll_until};
 use crate::work::Work;
@@ -101,6 +103,120 @@ impl JoinToken {
     }
 }
 
+/// The network a [`Fleet`] runs on.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Layout {
+    /// Every host on one bridge, no added delay.
+    #[default]
+    Bridge,
+    /// Hosts in zones behind the userspace delay router ([`crate::delay`]): every packet between two hosts
+    /// crosses it and is held for the configured delay of its zone pair.
+    Zones(ZoneLayout),
+}
+
+/// Zones of a [`Layout::Zones`] fleet. Hosts keep the fleet's addresses (coordinator `.1`, agent `i` `.10+i`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZoneLayout {
+    /// Zone of each agent, in agent order (`agent_zones[0]` is agent-1's); its length is the agent count.
+    pub agent_zones: Vec<String>,
+    /// Zone of the coordinator's host.
+    pub coordinator_zone: String,
+    /// Symmetric one-way delays between zones (`(a, a, d)`: inside zone `a`); unlisted pairs have none.
+    pub delays: Vec<(String, String, Duration)>,
+    /// The router binary (default: `nimbus-delay-router` in the fleet's binary directory).
+    pub router_binary: Option<PathBuf>,
+}
+
+impl ZoneLayout {
+    /// `agents` agents dealt round-robin over `zones` (agent-1 to the first zone, agent-2 to the second, ...),
+    /// the coordinator in the first zone, no delays yet.
+    pub fn round_robin<S: AsRef<str>>(zones: &[S], agents: usize) -> ZoneLayout {
+        let names: Vec<String> = zones.iter().map(|z| z.as_ref().to_string()).collect();
+        ZoneLayout {
+            agent_zones: (0..agents)
+                .filter_map(|i| names.get(i % names.len().max(1)).cloned())
+                .collect(),
+            coordinator_zone: names.first().cloned().unwrap_or_default(),
+            delays: Vec::new(),
+            router_binary: None,
+        }
+    }
+
+    /// Adds a symmetric one-way delay between zones `a` and `b` (`a == b`: inside the zone).
+    pub fn delay(mut self, a: &str, b: &str, one_way: Duration) -> ZoneLayout {
+        self.delays.push((a.to_string(), b.to_string(), one_way));
+        self
+    }
+
+    /// Zone names in first-use order: the coordinator's, the agents', then those only delays name (zones may
+    /// be empty, e.g. more zones than agents).
+    pub fn zones(&self) -> Vec<String> {
+        let mut out: Vec<String> = vec![self.coordinator_zone.clone()];
+        let named = self.delays.iter().flat_map(|(a, b, _)| [a, b]);
+        for z in self.agent_zones.iter().chain(named) {
+            if !out.contains(z) {
+                out.push(z.clone());
+            }
+        }
+        out
+    }
+}
+
+/// The topology under a fleet.
+#[derive(Debug)]
+enum Net {
+    Bridge(Lab),
+    Zones(Box<DelayLab>),
+}
+
+impl Net {
+    fn ns(&self, role: &str) -> Result<&Netns> {
+        match self {
+            Net::Bridge(lab) => Ok(lab.try_host(role)?.ns()),
+            Net::Zones(lab) => Ok(lab.try_host(role)?.ns()),
+        }
+    }
+
+    fn prefix(&self) -> &str {
+        match self {
+            Net::Bridge(lab) => lab.prefix(),
+            Net::Zones(lab) => lab.prefix(),
+        }
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        match self {
+            Net::Bridge(lab) => lab.namespaces(),
+            Net::Zones(lab) => lab.namespaces(),
+        }
+    }
+
+    /// The delay router, which a state file must stop too.
+    fn router(&self) -> Option<ProcessRecord> {
+        match self {
+            Net::Bridge(_) => None,
+            Net::Zones(lab) => lab.router_process().ok().map(Process::record),
+        }
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        match self {
+            Net::Bridge(lab) => lab.teardown(),
+            Net::Zones(lab) => lab.teardown(),
+        }
+    }
+
+    fn persist(self) -> Result<()> {
+        match self {
+            Net::Bridge(lab) => {
+                lab.persist();
+                Ok(())
+            }
+            Net::Zones(lab) => lab.detach().map(|_| ()),
+        }
+    }
+}
+
 /// How to build a [`Fleet`].
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
@@ -122,6 +238,8 @@ pub struct FleetOptions {
     pub start_coordinator: bool,
     /// Extra coordinator arguments.
     pub coordinator_args: Vec<String>,
+    /// Bridge (default) or zones behind the delay router.
+    pub layout: Layout,
 }
 
 impl FleetOptions {
@@ -137,6 +255,15 @@ impl FleetOptions {
             state_file: None,
             start_coordinator: true,
             coordinator_args: Vec::new(),
+            layout: Layout::Bridge,
+        }
+    }
+
+    /// [`FleetOptions::test`] on zones: as many agents as `zones.agent_zones` names.
+    pub fn zones(zones: ZoneLayout) -> FleetOptions {
+        FleetOptions {
+            layout: Layout::Zones(zones.clone()),
+            ..FleetOptions::test(zones.agent_zones.len())
         }
     }
 }
@@ -157,12 +284,18 @@ pub struct Fleet {
     // Declared before `lab` and `work`, but Drop stops processes explicitly anyway.
     coordinator: Option<Process>,
     agents: BTreeMap<usize, Process>,
-    lab: Option<Lab>,
+    lab: Option<Net>,
     work: Option<Work>,
     logs: Vec<LogEntry>,
     id_seed: u64,
     /// Environment given to every daemon started from now on (e.g. a fake `NOTIFY_SOCKET`).
     env: Vec<(String, String)>,
+}
+
+/// A topology planned but not built yet.
+enum Planned {
+    Bridge(LabBuilder),
+    Zones(Box<DelayLabBuilder>),
 }
 
 fn fnv1a(text: &str) -> u64 {
@@ -218,13 +351,10 @@ impl Fleet {
         }
         let bins = Binaries::in_dir(&opts.bin_dir.clone().unwrap_or_else(bin_dir))?;
         let work = Work::create(opts.work_dir.as_ref(), "nimbus-e2e-")?;
-        let mut builder: LabBuilder = Lab::builder().host(COORD_ROLE, host_addr(opts.subnet, COORD_HOST));
-        if let Some(prefix) = &opts.prefix {
-            builder = builder.prefix(prefix.clone());
-        }
-        for i in 1..=opts.agents {
-            builder = builder.host(agent_name(i), Fleet::agent_ip_in(opts.subnet, i));
-        }
+        let planned = match &opts.layout {
+            Layout::Bridge => Planned::Bridge(Fleet::bridge_builder(&opts)),
+            Layout::Zones(zones) => Planned::Zones(Box::new(Fleet::zones_builder(&opts, zones, &bins, work.path())?)),
+        };
         let mut fleet = Fleet {
             bins,
             coordinator: None,
@@ -236,26 +366,79 @@ impl Fleet {
             env: Vec::new(),
             opts,
         };
+        let planned_namespaces = match &planned {
+            Planned::Bridge(b) => b.planned_namespaces(),
+            Planned::Zones(b) => b.planned_namespaces(),
+        };
         // Never adopt (and later delete) namespaces that someone else created under a fixed prefix.
         if fleet.opts.prefix.is_some()
-            && let Some(taken) = builder.planned_namespaces().into_iter().find(|n| Netns::exists(n))
+            && let Some(taken) = planned_namespaces.iter().find(|n| Netns::exists(n))
         {
-            return Err(HarnessError::NamespaceExists(taken));
+            return Err(HarnessError::NamespaceExists(taken.clone()));
         }
         // Journal the planned namespaces before creating any, so an interrupted `up` can be undone.
         if fleet.opts.state_file.is_some() && fleet.opts.prefix.is_some() {
-            let mut planned = fleet.state();
-            planned.namespaces = builder.planned_namespaces();
-            fleet.save_state(&planned)?;
+            let mut state = fleet.state();
+            state.namespaces = planned_namespaces;
+            fleet.save_state(&state)?;
         }
-        let lab = builder.build()?;
-        fleet.id_seed = fnv1a(lab.prefix());
-        fleet.lab = Some(lab);
+        let net = match planned {
+            Planned::Bridge(b) => Net::Bridge(b.build()?),
+            Planned::Zones(b) => Net::Zones(Box::new(b.build()?)),
+        };
+        fleet.id_seed = fnv1a(net.prefix());
+        fleet.lab = Some(net);
         fleet.journal()?;
         if fleet.opts.start_coordinator {
             fleet.try_start_coordinator()?;
         }
         Ok(fleet)
+    }
+
+    fn bridge_builder(opts: &FleetOptions) -> LabBuilder {
+        let mut builder: LabBuilder = Lab::builder().host(COORD_ROLE, host_addr(opts.subnet, COORD_HOST));
+        if let Some(prefix) = &opts.prefix {
+            builder = builder.prefix(prefix.clone());
+        }
+        for i in 1..=opts.agents {
+            builder = builder.host(agent_name(i), Fleet::agent_ip_in(opts.subnet, i));
+        }
+        builder
+    }
+
+    fn zones_builder(opts: &FleetOptions, zones: &ZoneLayout, bins: &Binaries, work: &Path) -> Result<DelayLabBuilder> {
+        if zones.agent_zones.len() != opts.agents {
+            return Err(HarnessError::Misuse(format!(
+                "the zone layout places {} agents but the fleet has {}: give every agent a zone",
+                zones.agent_zones.len(),
+                opts.agents
+            )));
+        }
+        let router = match &zones.router_binary {
+            Some(p) => p.clone(),
+            None => {
+                let dir = bins.coordinator.parent().map_or_else(bin_dir, Path::to_path_buf);
+                crate::env::binary_in(&dir, crate::delay::ROUTER_BIN)?
+            }
+        };
+        let mut builder = DelayLab::builder()
+            .router_binary(router)
+            .work_dir(work)
+            .detached(opts.detached)
+            .host(&zones.coordinator_zone, COORD_ROLE, host_addr(opts.subnet, COORD_HOST));
+        if let Some(prefix) = &opts.prefix {
+            builder = builder.prefix(prefix.clone());
+        }
+        for zone in zones.zones() {
+            builder = builder.zone(&zone, 0);
+        }
+        for (i, zone) in zones.agent_zones.iter().enumerate() {
+            builder = builder.host(zone, agent_name(i + 1), Fleet::agent_ip_in(opts.subnet, i + 1));
+        }
+        for (a, b, d) in &zones.delays {
+            builder = builder.delay(a, b, *d);
+        }
+        Ok(builder)
     }
 
     fn agent_ip_in(subnet: Ipv4Addr, i: usize) -> Ipv4Addr {
@@ -265,19 +448,66 @@ impl Fleet {
 
     // ----- layout -------------------------------------------------------------------------------
 
-    /// The topology.
-    pub fn lab(&self) -> &Lab {
+    fn net(&self) -> &Net {
         match &self.lab {
-            Some(lab) => lab,
+            Some(net) => net,
             None => panic!("the fleet was detached"),
         }
     }
 
-    /// The topology, mutable (e.g. to add an intruder host).
+    /// The bridge topology.
+    ///
+    /// # Panics
+    /// If the fleet runs on zones (use [`Fleet::delay_lab`]) or was detached.
+    pub fn lab(&self) -> &Lab {
+        match &self.lab {
+            Some(Net::Bridge(lab)) => lab,
+            Some(Net::Zones(_)) => panic!("this fleet runs on zones: use Fleet::delay_lab()"),
+            None => panic!("the fleet was detached"),
+        }
+    }
+
+    /// The bridge topology, mutable (e.g. to add an intruder host).
+    ///
+    /// # Panics
+    /// If the fleet runs on zones or was detached.
     pub fn lab_mut(&mut self) -> &mut Lab {
         match &mut self.lab {
-            Some(lab) => lab,
+            Some(Net::Bridge(lab)) => lab,
+            Some(Net::Zones(_)) => panic!("this fleet runs on zones: use Fleet::delay_lab_mut()"),
             None => panic!("the fleet was detached"),
+        }
+    }
+
+    /// The zones topology (delays, loss, the router).
+    ///
+    /// # Panics
+    /// If the fleet runs on a bridge or was detached.
+    pub fn delay_lab(&self) -> &DelayLab {
+        match &self.lab {
+            Some(Net::Zones(lab)) => lab,
+            Some(Net::Bridge(_)) => panic!("this fleet runs on a bridge: build it with Layout::Zones"),
+            None => panic!("the fleet was detached"),
+        }
+    }
+
+    /// The zones topology, mutable (e.g. [`DelayLab::apply`] new delays).
+    ///
+    /// # Panics
+    /// If the fleet runs on a bridge or was detached.
+    pub fn delay_lab_mut(&mut self) -> &mut DelayLab {
+        match &mut self.lab {
+            Some(Net::Zones(lab)) => lab,
+            Some(Net::Bridge(_)) => panic!("this fleet runs on a bridge: build it with Layout::Zones"),
+            None => panic!("the fleet was detached"),
+        }
+    }
+
+    /// Agent `i`'s zone on a zones layout (`None` on a bridge).
+    pub fn agent_zone(&self, i: usize) -> Option<&str> {
+        match &self.opts.layout {
+            Layout::Zones(z) => z.agent_zones.get(i.checked_sub(1)?).map(String::as_str),
+            Layout::Bridge => None,
         }
     }
 
@@ -323,12 +553,12 @@ impl Fleet {
 
     /// The coordinator's namespace.
     pub fn coordinator_ns(&self) -> &Netns {
-        self.lab().host(COORD_ROLE).ns()
+        self.net().ns(COORD_ROLE).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Agent `i`'s namespace.
     pub fn agent_ns(&self, i: usize) -> &Netns {
-        self.lab().host(&agent_name(i)).ns()
+        self.net().ns(&agent_name(i)).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Agent `i`'s underlay address (`.10+i`).
@@ -637,7 +867,7 @@ impl Fleet {
         std::fs::create_dir_all(&state_dir)
             .map_err(|e| HarnessError::io(format!("creating {}", state_dir.display()), e))?;
         let args = self.agent_args(i, token, extra);
-        let ns = self.lab().try_host(&agent_name(i))?.ns().name().to_string();
+        let ns = self.net().ns(&agent_name(i))?.name().to_string();
         let program = self.bins.agent.clone();
         let process = self.spawn(&agent_name(i), &ns, &program, &args)?;
         self.agents.insert(i, process);
@@ -811,6 +1041,8 @@ impl Fleet {
     pub fn state(&self) -> LabState {
         let mut processes: Vec<_> = self.coordinator.iter().map(Process::record).collect();
         processes.extend(self.agents.values().map(Process::record));
+        // The router last: stopped after the daemons whose packets it carries.
+        processes.extend(self.lab.as_ref().and_then(Net::router));
         let mut data_dirs = vec![self.work_dir().join("coordinator")];
         data_dirs.extend((1..=self.opts.agents).map(|i| self.work_dir().join(agent_name(i))));
         LabState {
@@ -819,7 +1051,7 @@ impl Fleet {
             work_dir: self.work_dir().to_path_buf(),
             admin_socket: self.admin_socket(),
             nimbusctl: self.bins.ctl.clone(),
-            namespaces: self.lab.as_ref().map(Lab::namespaces).unwrap_or_default(),
+            namespaces: self.lab.as_ref().map(Net::namespaces).unwrap_or_default(),
             processes,
             data_dirs,
             log_dir: self.log_dir(),
@@ -853,8 +1085,8 @@ impl Fleet {
         for (_, a) in std::mem::take(&mut self.agents) {
             a.detach()?;
         }
-        if let Some(lab) = self.lab.take() {
-            lab.persist();
+        if let Some(net) = self.lab.take() {
+            net.persist()?;
         }
         if let Some(w) = self.work.take() {
             w.keep();

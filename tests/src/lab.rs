@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::env::{COORDINATOR_BIN, bin_dir};
 use crate::error::{HarnessError, Result};
-use crate::fleet::{Fleet, FleetOptions, agent_name, tail};
+use crate::fleet::{Fleet, FleetOptions, Layout, ZoneLayout, agent_name, tail};
 use crate::netns::Netns;
 use crate::process::pid_alive;
 use crate::state::{LabState, TeardownReport, teardown_from_state};
@@ -22,11 +22,59 @@ pub const LAB_PREFIX: &str = "nlab";
 /// Default time `up` waits for all agents to connect.
 pub const DEFAULT_UP_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Default number of agents.
+pub const DEFAULT_AGENTS: usize = 6;
+
+/// Default number of zones (0: one bridge, no delay router).
+pub const DEFAULT_ZONES: usize = 3;
+
+/// Most zones (named `a` to `z`).
+pub const MAX_ZONES: usize = 26;
+
+/// One-way delay inside a zone (0.1 ms RTT).
+pub const LAB_INSIDE: Duration = Duration::from_micros(50);
+/// One-way delay between zones `a` and `b` (1 ms RTT: a metro link, below the 2 ms zone budget but two zones).
+pub const LAB_NEAR: Duration = Duration::from_micros(500);
+/// One-way delay between every other pair of zones (5 ms RTT: another region).
+pub const LAB_FAR: Duration = Duration::from_micros(2500);
+
+/// The coordinator's probe settings in the lab: short windows, so the matrix fills within seconds.
+const LAB_PROBE_ARGS: [&str; 4] = ["--probe-interval", "250ms", "--probe-window", "10s"];
+
+/// How long `up` waits for the first latency windows of every pair (a warning, not a failure, after).
+const LATENCY_WAIT: Duration = Duration::from_secs(60);
+
+/// The lab's zones: `agents` agents round-robin over `zones` zones named `a`, `b`, ...; 0.1 ms RTT inside a zone,
+/// 1 ms between `a` and `b`, 5 ms between any other two. `None` for 0 zones (one bridge).
+pub fn lab_zones(agents: usize, zones: usize) -> Option<ZoneLayout> {
+    if zones == 0 {
+        return None;
+    }
+    let names: Vec<String> = (0..zones.min(MAX_ZONES))
+        .filter_map(|i| u8::try_from(i).ok().map(|i| char::from(b'a' + i).to_string()))
+        .collect();
+    let mut layout = ZoneLayout::round_robin(&names, agents);
+    for (i, a) in names.iter().enumerate() {
+        layout = layout.delay(a, a, LAB_INSIDE);
+        for b in &names[i + 1..] {
+            let one_way = if (a.as_str(), b.as_str()) == ("a", "b") {
+                LAB_NEAR
+            } else {
+                LAB_FAR
+            };
+            layout = layout.delay(a, b, one_way);
+        }
+    }
+    Some(layout)
+}
+
 /// What `up` needs.
 #[derive(Debug, Clone)]
 pub struct UpOptions {
     /// Number of agents (`agent-1..=N`).
     pub agents: usize,
+    /// Number of zones behind the delay router ([`lab_zones`]); 0: one bridge without delay.
+    pub zones: usize,
     /// The state file (refused if it exists).
     pub state_file: PathBuf,
     /// Where the daemon binaries are; default: next to this executable if they are there, else [`bin_dir`].
@@ -101,6 +149,12 @@ pub fn up(opts: &UpOptions, out: &mut dyn Write) -> Result<LabState> {
     if opts.agents == 0 {
         return Err(HarnessError::Misuse("--agents must be at least 1".into()));
     }
+    if opts.zones > MAX_ZONES {
+        return Err(HarnessError::Misuse(format!(
+            "--zones {}: at most {MAX_ZONES} (named a to z); 0 puts every host on one bridge",
+            opts.zones
+        )));
+    }
     let work = work_dir_of(&opts.state_file);
     std::fs::create_dir_all(&work).map_err(|e| HarnessError::io(format!("creating {}", work.display()), e))?;
     clear_leftovers(&work, opts.agents)?;
@@ -114,12 +168,24 @@ pub fn up(opts: &UpOptions, out: &mut dyn Write) -> Result<LabState> {
         detached: true,
         state_file: Some(opts.state_file.clone()),
         start_coordinator: true,
-        coordinator_args: Vec::new(),
+        coordinator_args: LAB_PROBE_ARGS.iter().map(|a| a.to_string()).collect(),
+        layout: lab_zones(opts.agents, opts.zones).map_or(Layout::Bridge, Layout::Zones),
+    };
+    let shape = match &fleet_opts.layout {
+        Layout::Bridge => "on one bridge".to_string(),
+        Layout::Zones(z) => format!(
+            "in {} zones ({}) behind the delay router: {} ms RTT inside a zone, {} ms a-b, {} ms otherwise",
+            z.zones().len(),
+            z.zones().join(", "),
+            (LAB_INSIDE * 2).as_secs_f64() * 1e3,
+            (LAB_NEAR * 2).as_secs_f64() * 1e3,
+            (LAB_FAR * 2).as_secs_f64() * 1e3,
+        ),
     };
     say(
         out,
         format!(
-            "nimbus-lab: building {} hosts on {LAB_SUBNET}/24 and starting the coordinator ...",
+            "nimbus-lab: building {} hosts on {LAB_SUBNET}/24 {shape}, and starting the coordinator ...",
             opts.agents + 1
         ),
     );
@@ -152,8 +218,13 @@ pub fn up(opts: &UpOptions, out: &mut dyn Write) -> Result<LabState> {
         .try_ctl(&["nodes"])
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
+    let latency = if opts.zones > 0 && opts.agents > 1 {
+        wait_for_latency(&fleet, opts.agents, out)
+    } else {
+        String::new()
+    };
     let state = fleet.detach()?;
-    print_summary(&state, &nodes, opts.agents, &opts.prefix, out);
+    print_summary(&state, &nodes, &latency, opts, out);
     Ok(state)
 }
 
@@ -200,7 +271,60 @@ fn bring_up_agents(fleet: &mut Fleet, opts: &UpOptions, out: &mut dyn Write) -> 
     Ok(())
 }
 
-fn print_summary(state: &LabState, nodes: &str, agents: usize, prefix: &str, out: &mut dyn Write) {
+/// Waits until every ordered pair of agents has a latency window with samples (progress every 5 s), then returns
+/// `nimbusctl latency` as text. A lab whose matrix is slow to fill is still up: on timeout this says so.
+fn wait_for_latency(fleet: &Fleet, agents: usize, out: &mut dyn Write) -> String {
+    let want = agents * (agents - 1);
+    let started = Instant::now();
+    let mut last_print = Instant::now();
+    say(
+        out,
+        format!("nimbus-lab: waiting for the agents' first latency windows ({want} pairs) ..."),
+    );
+    loop {
+        let have = fleet
+            .try_ctl_json(&["latency"])
+            .ok()
+            .and_then(|v| v.get("pairs").and_then(|p| p.as_array()).cloned())
+            .map_or(0, |pairs| {
+                pairs
+                    .iter()
+                    .filter(|p| p.get("samples").and_then(serde_json::Value::as_u64).unwrap_or(0) > 0)
+                    .count()
+            });
+        if have >= want {
+            break;
+        }
+        if started.elapsed() >= LATENCY_WAIT {
+            say(
+                out,
+                format!(
+                    "nimbus-lab: warning: only {have} of {want} pairs measured after {}s; the lab is up, run `nimbusctl latency` again in a minute",
+                    LATENCY_WAIT.as_secs()
+                ),
+            );
+            break;
+        }
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            say(
+                out,
+                format!(
+                    "nimbus-lab: latency: {have} of {want} pairs measured ({}s)",
+                    started.elapsed().as_secs()
+                ),
+            );
+            last_print = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    fleet
+        .try_ctl(&["latency"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn print_summary(state: &LabState, nodes: &str, latency: &str, opts: &UpOptions, out: &mut dyn Write) {
+    let (agents, prefix) = (opts.agents, opts.prefix.as_str());
     let ctl = format!(
         "{} --socket {}",
         state.nimbusctl.display(),
@@ -208,9 +332,20 @@ fn print_summary(state: &LabState, nodes: &str, agents: usize, prefix: &str, out
     );
     say(out, format!("\nnimbus-lab: coordinator and {agents} agents are up.\n"));
     say(out, nodes.trim_end());
+    if !latency.trim().is_empty() {
+        say(out, "");
+        say(out, latency.trim_end());
+    }
     say(out, "\nTry:");
     say(out, format!("  {ctl} nodes"));
     say(out, format!("  {ctl} node show agent-1"));
+    if opts.zones > 0 {
+        say(out, format!("  {ctl} latency --svg /tmp/nimbus-lab-latency.svg"));
+        say(
+            out,
+            format!("  {ctl} plan replication -f deploy/examples/lab-stores.yaml"),
+        );
+    }
     say(out, format!("  {ctl} token create --ttl 1h --uses 1"));
     say(
         out,
@@ -331,6 +466,7 @@ mod tests {
         std::fs::write(&state_file, "{}").unwrap();
         let opts = UpOptions {
             agents: 1,
+            zones: 0,
             state_file,
             bin_dir: None,
             timeout: Duration::from_secs(1),

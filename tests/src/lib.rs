@@ -38,7 +38,7 @@ mod work;
 pub use delay::{DelayHost, DelayLab, DelayLabBuilder, PingReport, RouterConfig, ping_rtts};
 pub use env::{Binaries, bin_dir, binary, require_root};
 pub use error::{HarnessError, Result};
-pub use fleet::{Fleet, FleetOptions, JoinToken, agent_name};
+pub use fleet::{Fleet, FleetOptions, JoinToken, Layout, ZoneLayout, agent_name};
 pub use netns::Netns;
 pub use process::{Process, ProcessBuilder, run_with_timeout};
 pub use state::{LabState, ProcessRecord, TeardownReport, teardown_from_state};

@@ -20,6 +20,12 @@ fn fake_bins(agent_fails: bool) -> tempfile::TempDir {
     for name in ["nimbus-coordinator", "nimbus-agent", "nimbusctl"] {
         std::os::unix::fs::symlink(FAKE, dir.path().join(name)).unwrap();
     }
+    // The real delay router: zones are the harness's own, nothing to fake.
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_nimbus-delay-router"),
+        dir.path().join("nimbus-delay-router"),
+    )
+    .unwrap();
     if agent_fails {
         std::fs::write(dir.path().join("agent-fails"), b"").unwrap();
     }
@@ -217,6 +223,7 @@ fn missing_binaries_are_named() {
 fn up_options(bins: &Path, state_file: PathBuf, tag: &str) -> UpOptions {
     UpOptions {
         agents: 2,
+        zones: 0,
         state_file,
         bin_dir: Some(bins.to_path_buf()),
         timeout: Duration::from_secs(30),
@@ -320,7 +327,17 @@ fn lab_binary_up_and_down_from_the_command_line() {
     let state_arg = state_file.to_str().unwrap();
     let up = e2e::run_with_timeout(
         Command::new(LAB)
-            .args(["up", "--agents", "1", "--state-file", state_arg, "--prefix", &prefix])
+            .args([
+                "up",
+                "--agents",
+                "1",
+                "--zones",
+                "2",
+                "--state-file",
+                state_arg,
+                "--prefix",
+                &prefix,
+            ])
             .arg("--bin-dir")
             .arg(bins.path()),
         Duration::from_secs(60),
@@ -332,9 +349,20 @@ fn lab_binary_up_and_down_from_the_command_line() {
         stdout.contains("waiting for agents") || stdout.contains("agents are up"),
         "{stdout}"
     );
-    // The lab binary has exited; its daemons have not.
+    assert!(stdout.contains("in 2 zones (a, b) behind the delay router"), "{stdout}");
+    // The lab binary has exited; its daemons and the delay router have not.
     let state = LabState::load(&state_file).unwrap().unwrap();
     assert!(state.processes.iter().all(|p| pid_alive(p.pid)));
+    let names: Vec<&str> = state.processes.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["coordinator", "agent-1", "delay-router"]);
+    assert_eq!(
+        state.namespaces,
+        [
+            format!("{prefix}-coord"),
+            format!("{prefix}-agent-1"),
+            format!("{prefix}-rt")
+        ]
+    );
 
     let status = Command::new(LAB)
         .args(["status", "--state-file", state_arg])

@@ -45,19 +45,24 @@ fn usage_errors_exit_64_before_doing_anything() {
         &["up", "0"],
         &["up", "abc"],
         &["up", "201"],
+        &["up", "3", "27"],
+        &["up", "3", "x"],
+        &["up", "3", "2", "1"],
         &["down", "extra"],
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(64), "lab.sh {args:?}: {}", text(&out));
         assert!(
-            text(&out).contains("usage") || text(&out).contains("AGENTS must be"),
+            text(&out).contains("usage")
+                || text(&out).contains("AGENTS must be")
+                || text(&out).contains("ZONES must be"),
             "{}",
             text(&out)
         );
     }
     let help = run(&["--help"]);
     assert_eq!(help.status.code(), Some(0));
-    assert!(text(&help).contains("up [AGENTS]"));
+    assert!(text(&help).contains("up [AGENTS [ZONES]]"));
 }
 
 #[test]

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use e2e::lab::{DEFAULT_STATE_FILE, DEFAULT_UP_TIMEOUT, LAB_PREFIX, UpOptions};
+use e2e::lab::{
+    DEFAULT_AGENTS, DEFAULT_STATE_FILE, DEFAULT_UP_TIMEOUT, DEFAULT_ZONES, LAB_PREFIX, MAX_ZONES, UpOptions,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,11 +25,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Build the topology, start the coordinator and N agents, wait until all are connected.
+    /// Build the topology, start the coordinator and N agents, wait until all are connected and (with zones)
+    /// until every pair of agents has measured its latency.
     Up {
         /// Number of agents.
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=200))]
+        #[arg(long, default_value_t = DEFAULT_AGENTS as u16, value_parser = clap::value_parser!(u16).range(1..=200))]
         agents: u16,
+        /// Zones behind the userspace delay router (a, b, c, ...; agents dealt round-robin; 0.1 ms RTT inside a
+        /// zone, 1 ms between a and b, 5 ms otherwise). 0: every host on one bridge, no added delay.
+        #[arg(long, default_value_t = DEFAULT_ZONES as u8, value_parser = clap::value_parser!(u8).range(0..=MAX_ZONES as i64))]
+        zones: u8,
         /// Directory holding nimbus-coordinator, nimbus-agent and nimbusctl (default: next to nimbus-lab).
         #[arg(long, env = "NIMBUS_BIN_DIR")]
         bin_dir: Option<PathBuf>,
@@ -50,12 +57,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Up {
             agents,
+            zones,
             bin_dir,
             timeout_secs,
             prefix,
         } => {
             let opts = UpOptions {
                 agents: usize::from(agents),
+                zones: usize::from(zones),
                 state_file: cli.state_file,
                 bin_dir,
                 timeout: Duration::from_secs(timeout_secs),
