@@ -74,6 +74,10 @@ fn peers(list: &[ProbePeer]) -> Vec<latency::Peer> {
         .collect()
 }
 
+/// How long after accepting a new probe key the agent starts signing with it: the time the coordinator's push
+/// needs to reach every peer (milliseconds), with a wide margin; well inside the old key's grace period.
+pub const KEY_SWITCH_DELAY: Duration = Duration::from_secs(2);
+
 fn key_of(cfg: &ProbeConfig) -> Option<latency::ProbeKey> {
     let secret: [u8; 32] = cfg.key.as_slice().try_into().ok()?;
     Some(latency::ProbeKey::new(cfg.key_id, secret))
@@ -133,7 +137,14 @@ pub async fn start(listen: Option<SocketAddr>, node_id: &str) -> Result<ProbeHan
                     match key_of(&cfg) {
                         Some(k) => {
                             key_id = cfg.key_id;
-                            let _ = cmd_tx.send(latency::Command::RotateKey(k)).await;
+                            // Two steps: answer the new key at once, sign with it only once every peer has
+                            // had time to learn it too (the coordinator pushes to all nodes at once).
+                            let _ = cmd_tx.send(latency::Command::AcceptKey(k.clone())).await;
+                            let later = cmd_tx.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(KEY_SWITCH_DELAY).await;
+                                let _ = later.send(latency::Command::RotateKey(k)).await;
+                            });
                         }
                         None => continue,
                     }

@@ -29,6 +29,8 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Latency statistics window. Default 30 s.
 pub const DEFAULT_PROBE_WINDOW: Duration = Duration::from_secs(30);
+/// How often the fleet's latency probe key is replaced. Default 24 h.
+pub const DEFAULT_PROBE_KEY_ROTATION: Duration = Duration::from_secs(24 * 3600);
 /// Heartbeat interval told to agents. Default 10 s.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// How often in-memory last-seen times are written to the store. Default 15 s.
@@ -79,6 +81,10 @@ pub struct Settings {
     /// Latency statistics window, told to agents. [default: 30s]
     #[arg(long, env = "NIMBUS_PROBE_WINDOW")]
     pub probe_window: Option<String>,
+    /// How often the latency probe MAC key is replaced (agents accept the new key at once and sign with it
+    /// two seconds later; the old one stays accepted for a minute). [default: 24h]
+    #[arg(long, env = "NIMBUS_PROBE_KEY_ROTATION")]
+    pub probe_key_rotation: Option<String>,
     /// Prometheus metrics (HTTP GET /metrics) listen address, or `off`. [default: 127.0.0.1:9464]
     #[arg(long, env = "NIMBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -118,6 +124,7 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub probe_interval: Duration,
     pub probe_window: Duration,
+    pub probe_key_rotation: Duration,
     pub log_format: String,
     pub log_level: String,
     pub tls: Option<TlsFiles>,
@@ -240,6 +247,17 @@ impl Config {
             DEFAULT_PROBE_WINDOW,
             &mut errs,
         );
+        let probe_key_rotation = check::duration(
+            "probe_key_rotation",
+            o.probe_key_rotation.or(file.probe_key_rotation).as_deref(),
+            DEFAULT_PROBE_KEY_ROTATION,
+            &mut errs,
+        );
+        if probe_key_rotation < Duration::from_secs(3) {
+            errs.push(format!(
+                "probe_key_rotation {probe_key_rotation:?} is too short: agents switch keys in two steps 2 s apart; use at least 3s (hours in production)"
+            ));
+        }
         if probe_window < probe_interval * 2 {
             errs.push(format!(
                 "probe_window {probe_window:?} must be at least twice probe_interval {probe_interval:?}"
@@ -290,6 +308,7 @@ impl Config {
                     metrics_listen,
                     probe_interval,
                     probe_window,
+                    probe_key_rotation,
                     log_format,
                     log_level,
                     tls,
@@ -309,7 +328,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             data_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, tun_name, mtu,
-            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, log_format, tls)
+            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, log_format, tls)
     }
 }
 
@@ -399,6 +418,7 @@ mod tests {
             enroll_listen: Some("nowhere".into()),
             log_format: Some("xml".into()),
             log_level: Some("info,[".into()),
+            probe_key_rotation: Some("1s".into()),
             ..Default::default()
         };
         let o = Settings {
@@ -415,6 +435,7 @@ mod tests {
             "log_format",
             "advertise_address",
             "log_level",
+            "probe_key_rotation",
         ] {
             assert!(e.iter().any(|l| l.contains(key)), "missing {key} in {e:?}");
         }

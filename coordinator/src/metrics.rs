@@ -51,6 +51,7 @@ pub struct Metrics {
     pub inventory_changes: Counter,
     pub node_revocations: Counter,
     pub replication_drift: Family<KindLabel, Counter>,
+    pub probe_key_rotations: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -100,6 +101,11 @@ pub fn render(m: &Metrics, s: &Snapshot) -> String {
         "replication_drift_events",
         "Replicated stores drifting out of their commit budget, by kind",
         m.replication_drift.clone(),
+    );
+    r.register(
+        "probe_key_rotations",
+        "Latency probe key rotations since start",
+        m.probe_key_rotations.clone(),
     );
     r.register(
         "agents_connected",

@@ -32,10 +32,14 @@ pub const ROTATION: Duration = Duration::from_secs(300);
 pub struct ProbeTiming {
     pub interval: Duration,
     pub window: Duration,
+    /// How often the fleet key is replaced.
+    pub key_rotation: Duration,
 }
 
 pub struct Probes {
-    key: latency::ProbeKey,
+    /// The fleet's probe MAC key: generated at start, replaced every `timing.key_rotation`; only ever sent
+    /// inside the tunnel and never logged (its Debug form is redacted).
+    key: Mutex<latency::ProbeKey>,
     timing: ProbeTiming,
     generation: AtomicU64,
     round: AtomicU64,
@@ -53,7 +57,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Probes {
     pub fn new(timing: ProbeTiming) -> Self {
         Probes {
-            key: latency::ProbeKey::generate(rand::random()),
+            key: Mutex::new(latency::ProbeKey::generate(rand::random())),
             timing,
             generation: AtomicU64::new(0),
             round: AtomicU64::new(0),
@@ -74,6 +78,24 @@ impl Probes {
         if changed {
             self.dirty.notify_one();
         }
+    }
+
+    /// Replaces the fleet key with a fresh one (the next key id) and marks the mesh dirty so every member gets
+    /// it. Returns the new key id.
+    pub fn rotate_key(&self) -> u32 {
+        let id = {
+            let mut key = lock(&self.key);
+            let id = key.id().wrapping_add(1);
+            *key = latency::ProbeKey::generate(id);
+            id
+        };
+        self.dirty.notify_one();
+        id
+    }
+
+    /// Id of the current fleet key.
+    pub fn key_id(&self) -> u32 {
+        lock(&self.key).id()
     }
 
     /// Membership changed in a way `set_port` does not see (a stream closed, a node was revoked).
@@ -157,6 +179,7 @@ impl Probes {
                 return Vec::new();
             }
         };
+        let key = lock(&self.key).clone();
         members
             .iter()
             .map(|me| {
@@ -169,8 +192,8 @@ impl Probes {
                 let known = members.iter().filter(|m| m.0 != me.0).map(peer).collect();
                 let cfg = ProbeConfig {
                     generation,
-                    key_id: self.key.id(),
-                    key: self.key.expose_secret().to_vec(),
+                    key_id: key.id(),
+                    key: key.expose_secret().to_vec(),
                     targets,
                     known,
                     interval_ms: u32::try_from(self.timing.interval.as_millis()).unwrap_or(u32::MAX),
@@ -219,10 +242,17 @@ async fn members(ctx: &Ctx) -> Vec<(String, SocketAddr, Option<String>)> {
 pub async fn run(ctx: std::sync::Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
     let mut rotate = tokio::time::interval(ROTATION);
     rotate.tick().await;
+    let mut new_key = tokio::time::interval(ctx.probes.timing.key_rotation);
+    new_key.tick().await;
     loop {
         tokio::select! {
             _ = ctx.probes.dirty.notified() => {}
             _ = rotate.tick() => { ctx.probes.round.fetch_add(1, Ordering::Relaxed); }
+            _ = new_key.tick() => {
+                let key_id = ctx.probes.rotate_key();
+                ctx.metrics.probe_key_rotations.inc();
+                tracing::info!(key_id, "latency probe key rotated; pushing it to every member");
+            }
             _ = shutdown.changed() => return,
         }
         // Let a burst of connects settle into one recomputation.
@@ -252,6 +282,7 @@ mod tests {
         Probes::new(ProbeTiming {
             interval: Duration::from_secs(1),
             window: Duration::from_secs(30),
+            key_rotation: Duration::from_secs(3600),
         })
     }
 
@@ -275,6 +306,25 @@ mod tests {
         }
         assert_eq!(configs[0].1.key, configs[1].1.key, "one fleet key");
         assert!(configs[0].1.targets.iter().any(|t| t.address == "192.0.2.2:7444"));
+    }
+
+    #[test]
+    fn a_rotated_key_is_new_and_reaches_every_member() {
+        let p = probes();
+        let members = vec![member("a", 1), member("b", 2)];
+        let before = p.configs(&members);
+        let id = p.rotate_key();
+        assert_eq!(id, before[0].1.key_id.wrapping_add(1));
+        assert_eq!(p.key_id(), id);
+        let after = p.configs(&members);
+        for (_, cfg) in &after {
+            assert_eq!(cfg.key_id, id);
+            assert_ne!(
+                cfg.key, before[0].1.key,
+                "a fresh secret, not the old one under a new id"
+            );
+        }
+        assert_eq!(after[0].1.key, after[1].1.key, "still one fleet key");
     }
 
     #[test]

@@ -201,7 +201,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         }
     };
 
-    let config_probe = (config.probe_interval, config.probe_window);
+    let config_probe = (config.probe_interval, config.probe_window, config.probe_key_rotation);
     let ctx = Arc::new(Ctx {
         config,
         state,
@@ -213,6 +213,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         probes: crate::probes::Probes::new(crate::probes::ProbeTiming {
             interval: config_probe.0,
             window: config_probe.1,
+            key_rotation: config_probe.2,
         }),
     });
 

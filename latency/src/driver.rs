@@ -72,7 +72,12 @@ pub enum Command {
     SetProbeTargets(Vec<Peer>),
     /// The nodes allowed to probe this node, with their underlay probe addresses (replaces the previous list).
     SetKnownPeers(Vec<Peer>),
-    /// A new probe key; the previous one stays accepted for the grace period.
+    /// Answer probes signed with this key from now on (the previous key stays accepted for the grace period),
+    /// but keep signing our own probes with the old one. Step one of a rotation: every node accepts the new key
+    /// before any node signs with it, so no probe is refused while the new key spreads through the fleet.
+    AcceptKey(ProbeKey),
+    /// Sign our probes with this key (and answer it, if [`Command::AcceptKey`] did not already); the previous
+    /// key stays accepted for the grace period.
     RotateKey(ProbeKey),
 }
 
@@ -177,10 +182,21 @@ impl Driver {
         match command {
             Command::SetProbeTargets(peers) => self.prober.set_peers(now, peers),
             Command::SetKnownPeers(peers) => self.responder.set_peers(peers),
+            Command::AcceptKey(key) => {
+                if self.responder.current_key_id() != key.id() {
+                    tracing::info!(
+                        key_id = key.id(),
+                        "latency probe key accepted (signing switches shortly)"
+                    );
+                    self.responder.rotate_key(key, now.mono_ns);
+                }
+            }
             Command::RotateKey(key) => {
                 tracing::info!(key_id = key.id(), "latency probe key rotated");
-                self.prober.rotate_key(key.clone(), now.mono_ns);
-                self.responder.rotate_key(key, now.mono_ns);
+                if self.responder.current_key_id() != key.id() {
+                    self.responder.rotate_key(key.clone(), now.mono_ns);
+                }
+                self.prober.rotate_key(key, now.mono_ns);
             }
         }
     }

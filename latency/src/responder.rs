@@ -341,6 +341,11 @@ impl Responder {
         }
     }
 
+    /// Id of the newest key this responder accepts.
+    pub fn current_key_id(&self) -> u32 {
+        self.keys.current().id()
+    }
+
     /// Installs a new probe key; the previous one stays accepted for the ring's grace period.
     pub fn rotate_key(&mut self, key: ProbeKey, now_mono_ns: u64) {
         self.keys.rotate(key, now_mono_ns);

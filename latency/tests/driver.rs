@@ -252,3 +252,56 @@ async fn dual_stack_socket_measures_ipv4_peer() {
     assert_eq!(repb.send_errors, 0, "{repb:?}");
     assert_eq!(repa.responder.wrong_source, 0, "{repa:?}");
 }
+
+/// Windows that started after `since_ms` (unix ms), until `n` of them with samples arrived.
+async fn windows_after(r: &mut Running, since_ms: u64, n: usize) -> Vec<WindowStats> {
+    tokio::time::timeout(Duration::from_secs(15), async {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let w = r.reports.recv().await.expect("driver stopped");
+            if w.start_unix_ms >= since_ms && w.sent > 0 {
+                out.push(w);
+            }
+        }
+        out
+    })
+    .await
+    .expect("no windows after the rotation within 15 s")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_step_key_rotation_loses_no_probe_while_the_key_spreads() {
+    let (mut ra, mut rb, _, _) = pair(TimestampingRequest::Kernel).await;
+    first_window(&mut ra).await;
+    let k2 = ProbeKey::new(2, [9; 32]);
+    // b has only been told to accept the new key; a already signs with it. Both directions still answer:
+    // a's k2 probes because b accepts k2, b's k1 probes because a keeps k1 for the grace period.
+    rb._commands.send(Command::AcceptKey(k2.clone())).await.unwrap();
+    ra._commands.send(Command::AcceptKey(k2.clone())).await.unwrap();
+    ra._commands.send(Command::RotateKey(k2.clone())).await.unwrap();
+    let since = now_ms() + 1000;
+    for w in windows_after(&mut ra, since, 2).await {
+        assert_eq!(w.lost, 0, "a signs with k2, b accepts it: {w:?}");
+    }
+    for w in windows_after(&mut rb, since, 2).await {
+        assert_eq!(w.lost, 0, "b still signs with k1, a accepts it in grace: {w:?}");
+    }
+    // Control: a key b was never told about is refused, so the check above is not vacuous.
+    ra._commands
+        .send(Command::RotateKey(ProbeKey::new(3, [7; 32])))
+        .await
+        .unwrap();
+    let since = now_ms() + 1000;
+    let w = windows_after(&mut ra, since, 1).await.remove(0);
+    assert_eq!(w.samples, 0, "probes under an unknown key get no answer: {w:?}");
+    assert!(w.lost > 0, "{w:?}");
+    stop(ra).await;
+    stop(rb).await;
+}

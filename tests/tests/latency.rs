@@ -13,10 +13,17 @@ fn agents_measure_a_full_mesh_and_the_coordinator_shows_it() {
         return;
     }
     let opts = FleetOptions {
-        coordinator_args: ["--probe-interval", "200ms", "--probe-window", "2s"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        coordinator_args: [
+            "--probe-interval",
+            "200ms",
+            "--probe-window",
+            "2s",
+            "--probe-key-rotation",
+            "4s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
         ..FleetOptions::test(3)
     };
     let mut fleet = Fleet::new(opts).unwrap();
@@ -26,7 +33,8 @@ fn agents_measure_a_full_mesh_and_the_coordinator_shows_it() {
     }
     fleet.wait_connected(&["agent-1", "agent-2", "agent-3"]);
 
-    let pairs = eventually_patiently(|| {
+    // First every pair measured at all ...
+    eventually_patiently(|| {
         let out = fleet.ctl(&["-o", "json", "latency"]);
         let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {out:?}"))?;
         let pairs = v["pairs"].as_array().cloned().unwrap_or_default();
@@ -35,9 +43,37 @@ fn agents_measure_a_full_mesh_and_the_coordinator_shows_it() {
             .filter(|p| p["samples"].as_u64().unwrap_or(0) > 0)
             .collect();
         if measured.len() == 6 {
-            Ok(measured)
+            Ok(())
         } else {
             Err(format!("{} of 6 pairs measured: {v}", measured.len()))
+        }
+    });
+    // Windows measured after at least two key rotations: the two-step switch loses nothing.
+    let rotations = |fleet: &Fleet| fleet.coordinator().log().matches("latency probe key rotated").count();
+    eventually_patiently(|| match rotations(&fleet) {
+        n if n >= 2 => Ok(()),
+        n => Err(format!("{n} key rotations so far")),
+    });
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let pairs = eventually_patiently(|| {
+        let v = fleet.ctl_json(&["latency"]);
+        let fresh: Vec<Value> = v["pairs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p["samples"].as_u64().unwrap_or(0) > 0 && p["start_unix_ms"].as_u64().unwrap_or(0) >= since)
+            .collect();
+        if fresh.len() == 6 {
+            Ok(fresh)
+        } else {
+            Err(format!(
+                "{} of 6 pairs with windows after the rotations: {v}",
+                fresh.len()
+            ))
         }
     });
     for p in &pairs {
