@@ -17,13 +17,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use nimbus_proto::coordinator_message::Msg as CoordMsg;
-use nimbus_proto::{CoordinatorMessage, LatencyWindow, ProbeConfig, ProbePeer};
+use nimbus_proto::{CoordinatorMessage, LatencySnapshot, LatencyWindow, ProbeConfig, ProbePeer, StoredLatencyWindow};
+use prost::Message;
 use tokio::sync::{Notify, watch};
 
 use crate::context::{Ctx, key_from_id};
 
 /// Windows kept per ordered pair: one hour of 30 s windows.
 pub const MAX_WINDOWS_PER_PAIR: usize = 120;
+/// Store key of the latency checkpoint ([`Probes::snapshot`]).
+pub const SNAPSHOT_BLOB: &str = "latency/latest";
+/// Most pairs a checkpoint restores (a fleet of 5 000 nodes probing 64 peers each has 320 000).
+pub const MAX_SNAPSHOT_PAIRS: usize = 500_000;
+/// How often the checkpoint is written (and once more at shutdown).
+pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(60);
 /// How often the rotating sample of peers changes in large fleets.
 pub const ROTATION: Duration = Duration::from_secs(300);
 
@@ -146,6 +153,47 @@ impl Probes {
         out
     }
 
+    /// The newest window of every pair ([`Probes::latest`]), encoded for the store.
+    pub fn snapshot(&self) -> Vec<u8> {
+        LatencySnapshot {
+            pairs: self
+                .latest()
+                .into_iter()
+                .map(|(from, _, window)| StoredLatencyWindow {
+                    from_node_id: from,
+                    window: Some(window),
+                })
+                .collect(),
+        }
+        .encode_to_vec()
+    }
+
+    /// Loads a checkpoint written by [`Probes::snapshot`] into empty series (at startup). A damaged checkpoint
+    /// is reported and ignored: measurements come back with the next windows. Returns the pairs restored.
+    pub fn restore(&self, bytes: &[u8]) -> usize {
+        let snapshot = match LatencySnapshot::decode(bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "latency checkpoint unreadable; starting with an empty matrix");
+                return 0;
+            }
+        };
+        let mut series = lock(&self.series);
+        let mut restored = 0;
+        for stored in snapshot.pairs.into_iter().take(MAX_SNAPSHOT_PAIRS) {
+            let Some(w) = stored.window else { continue };
+            if stored.from_node_id.is_empty() || w.peer_node_id.is_empty() || stored.from_node_id == w.peer_node_id {
+                continue;
+            }
+            let q = series.entry((stored.from_node_id, w.peer_node_id.clone())).or_default();
+            if q.is_empty() {
+                q.push_back(w);
+                restored += 1;
+            }
+        }
+        restored
+    }
+
     /// The whole series of one ordered pair, oldest first.
     pub fn series(&self, from: &str, to: &str) -> Vec<LatencyWindow> {
         lock(&self.series)
@@ -238,22 +286,52 @@ async fn members(ctx: &Ctx) -> Vec<(String, SocketAddr, Option<String>)> {
     out
 }
 
+/// Writes the latency checkpoint; a failure is logged (the next one retries), never fatal.
+async fn save_snapshot(ctx: &Ctx) {
+    let bytes = ctx.probes.snapshot();
+    match ctx.state(move |s| s.put_config_blob(SNAPSHOT_BLOB, &bytes)).await {
+        Ok(()) => tracing::debug!("latency checkpoint written"),
+        Err(e) => tracing::warn!(error = %e, "latency checkpoint not written; retrying in a minute"),
+    }
+}
+
+/// Loads the checkpoint at startup.
+pub async fn load_snapshot(ctx: &Ctx) {
+    match ctx.state(|s| s.config_blob(SNAPSHOT_BLOB)).await {
+        Ok(Some(bytes)) => {
+            let pairs = ctx.probes.restore(&bytes);
+            tracing::info!(pairs, "latency matrix restored from the last checkpoint");
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "latency checkpoint not read; starting with an empty matrix"),
+    }
+}
+
 /// Push configurations whenever the mesh is dirty (coalesced), and rotate the sample periodically.
 pub async fn run(ctx: std::sync::Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
     let mut rotate = tokio::time::interval(ROTATION);
     rotate.tick().await;
     let mut new_key = tokio::time::interval(ctx.probes.timing.key_rotation);
     new_key.tick().await;
+    let mut checkpoint = tokio::time::interval(SNAPSHOT_EVERY);
+    checkpoint.tick().await;
     loop {
         tokio::select! {
             _ = ctx.probes.dirty.notified() => {}
+            _ = checkpoint.tick() => {
+                save_snapshot(&ctx).await;
+                continue;
+            }
             _ = rotate.tick() => { ctx.probes.round.fetch_add(1, Ordering::Relaxed); }
             _ = new_key.tick() => {
                 let key_id = ctx.probes.rotate_key();
                 ctx.metrics.probe_key_rotations.inc();
                 tracing::info!(key_id, "latency probe key rotated; pushing it to every member");
             }
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => {
+                save_snapshot(&ctx).await;
+                return;
+            }
         }
         // Let a burst of connects settle into one recomputation.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -325,6 +403,30 @@ mod tests {
             );
         }
         assert_eq!(after[0].1.key, after[1].1.key, "still one fleet key");
+    }
+
+    #[test]
+    fn the_checkpoint_restores_the_newest_window_of_every_pair() {
+        let p = probes();
+        p.set_port("a", 7444);
+        p.set_port("b", 7444);
+        let w = |peer: &str, start: u64, sent: u32| LatencyWindow {
+            peer_node_id: peer.into(),
+            start_unix_ms: start,
+            sent,
+            samples: sent,
+            p50_ns: 100 + start,
+            ..Default::default()
+        };
+        p.record("a", vec![w("b", 1, 10), w("b", 2, 10), w("b", 3, 0)]);
+        p.record("b", vec![w("a", 5, 10)]);
+        let bytes = p.snapshot();
+        let q = probes();
+        assert_eq!(q.restore(&bytes), 2);
+        assert_eq!(q.latest(), p.latest());
+        assert_eq!(q.series("a", "b").len(), 1, "only the newest window with probes");
+        assert_eq!(q.series("a", "b")[0].start_unix_ms, 2);
+        assert_eq!(probes().restore(b"\xff\xff not protobuf"), 0, "damaged: ignored");
     }
 
     #[test]

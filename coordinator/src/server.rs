@@ -290,6 +290,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
     }
     {
         let (ctx, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
+        crate::probes::load_snapshot(&ctx).await;
         tasks.push(tokio::spawn(async move {
             crate::probes::run(ctx, rx).await;
             Ok(())

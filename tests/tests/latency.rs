@@ -150,6 +150,28 @@ fn agents_measure_a_full_mesh_and_the_coordinator_shows_it() {
         "{helm:?}"
     );
 
+    // The matrix survives a coordinator restart (checkpointed at shutdown and every minute): with every agent
+    // stopped, so nothing new can arrive, the restarted coordinator still shows all six pairs.
+    for i in 1..=3 {
+        fleet.agent(i).terminate().unwrap();
+        assert!(fleet.agent(i).wait_exit(e2e::patience()).is_some());
+    }
+    fleet.coordinator().terminate().unwrap();
+    assert_eq!(
+        fleet.coordinator().wait_exit(e2e::patience()).and_then(|s| s.code()),
+        Some(0)
+    );
+    fleet.start_coordinator();
+    let restored = fleet.ctl_json(&["latency"]);
+    let with_samples = restored["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["samples"].as_u64().unwrap_or(0) > 0)
+        .count();
+    assert_eq!(with_samples, 6, "{restored}");
+    assert!(fleet.coordinator().log().contains("latency matrix restored"));
+
     // A broken file is refused with its position.
     std::fs::write(&stores, "galera:\n  - name: ledger\n    colour: blue\n").unwrap();
     let bad = fleet.ctl(&["plan", "replication", "-f", &stores.display().to_string()]);
