@@ -78,8 +78,14 @@ pub fn load(dir: &Path) -> Result<Option<Identity>, AgentError> {
 /// Write the identity atomically (temp file 0600, fsync, rename).
 pub fn save(dir: &Path, id: &Identity) -> Result<(), AgentError> {
     let p = identity_path(dir);
-    let tmp = dir.join(".identity.json.tmp");
     let body = serde_json::to_vec_pretty(id).map_err(|e| state_err(&p, e))?;
+    write_private(dir, IDENTITY_FILE, &body)
+}
+
+/// Writes `dir/name` atomically: a temp file created 0600, fsync, rename, fsync of the directory.
+pub fn write_private(dir: &Path, name: &str, body: &[u8]) -> Result<(), AgentError> {
+    let p = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -89,7 +95,7 @@ pub fn save(dir: &Path, id: &Identity) -> Result<(), AgentError> {
         .map_err(|e| state_err(&tmp, e))?;
     f.set_permissions(std::fs::Permissions::from_mode(0o600))
         .map_err(|e| state_err(&tmp, e))?;
-    f.write_all(&body)
+    f.write_all(body)
         .and_then(|_| f.sync_all())
         .map_err(|e| state_err(&tmp, e))?;
     std::fs::rename(&tmp, &p).map_err(|e| state_err(&p, e))?;

@@ -19,6 +19,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod desired;
 pub mod enroll;
 pub mod error;
 pub mod identity;

@@ -153,7 +153,7 @@ async fn stay_connected(
     let mut last_ok = Instant::now();
     let mut last_check = Instant::now();
     loop {
-        match session(id, stop.clone(), latest.clone(), probes, events).await {
+        match session(id, &cfg.state_dir, stop.clone(), latest.clone(), probes, events).await {
             Ok(()) => {
                 last_ok = Instant::now();
                 backoff.reset();
@@ -226,6 +226,7 @@ fn failed(established: bool, why: impl std::fmt::Display) -> SessionError {
 /// One fleet stream, from connect to its end.
 async fn session(
     id: &Identity,
+    state_dir: &std::path::Path,
     mut stop: watch::Receiver<bool>,
     mut latest: inventory::Latest,
     probes: &probes::ProbeHandle,
@@ -277,7 +278,12 @@ async fn session(
     tracing::info!(node = %id.node_name, "fleet stream open");
     events.connected(id);
     match client.get_desired_state(DesiredStateRequest {}).await {
-        Ok(d) => tracing::info!(generation = d.get_ref().generation, "desired state pulled"),
+        Ok(d) => {
+            tracing::info!(generation = d.get_ref().generation, "desired state pulled");
+            if let Some(observed) = crate::desired::apply(state_dir, d.get_ref()) {
+                let _ = tx.try_send(send(AgentMsg::Observed(observed)));
+            }
+        }
         Err(s) => tracing::warn!(error = %s.message(), "cannot pull desired state"),
     }
 
@@ -323,7 +329,14 @@ async fn session(
                         tracing::error!(reason = %r.reason, "the coordinator revoked this node");
                         return Err(SessionError::Revoked(r.reason));
                     }
-                    Some(CoordMsg::DesiredState(d)) => tracing::info!(generation = d.generation, "desired state pushed"),
+                    Some(CoordMsg::DesiredState(d)) => {
+                        tracing::info!(generation = d.generation, "desired state pushed");
+                        if let Some(observed) = crate::desired::apply(state_dir, &d)
+                            && tx.send(send(AgentMsg::Observed(observed))).await.is_err()
+                        {
+                            return Err(failed(true, "stream closed"));
+                        }
+                    }
                     Some(CoordMsg::ProbeConfig(c)) => {
                         tracing::debug!(generation = c.generation, targets = c.targets.len(), "probe configuration");
                         probes.configure(c);

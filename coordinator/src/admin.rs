@@ -7,6 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nimbus_proto::admin_server::Admin;
 use nimbus_proto::coordinator_message::Msg as CoordMsg;
 use nimbus_proto::{
+    ApplyPolicyRequest, ApplyPolicyResponse, Change, GetPolicyRequest, ListPolicyRevisionsRequest,
+    ListPolicyRevisionsResponse, NodeChange, PolicyRevision, RollbackPolicyRequest,
+};
+use nimbus_proto::{
     CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, GetNodeRequest, Inventory, LatencyMatrix, LatencyPair,
     LatencyRequest, ListNodesRequest, ListNodesResponse, ListTokensRequest, ListTokensResponse, Node, PlanRequest,
     PlanResponse, RevokeNodeRequest, RevokeNodeResponse, RevokeTokenRequest, RevokeTokenResponse, Revoked, TokenInfo,
@@ -29,6 +33,28 @@ pub struct AdminService {
 impl AdminService {
     pub fn new(ctx: Arc<Ctx>) -> Self {
         Self { ctx }
+    }
+
+    /// Runs an apply or rollback, logs and pushes what it stored, and answers.
+    async fn finish_apply<F>(&self, f: F) -> Result<Response<ApplyPolicyResponse>, Status>
+    where
+        F: FnOnce(&crate::state::State) -> Result<crate::placement::ApplyOutcome, crate::state::StateError>
+            + Send
+            + 'static,
+    {
+        let mut outcome = self.ctx.state(f).await?;
+        if outcome.revision > 0 {
+            tracing::info!(
+                revision = outcome.revision,
+                previous = outcome.previous_revision,
+                digest = %outcome.digest,
+                nodes_changed = outcome.changes.len(),
+                "fleet policy applied"
+            );
+            let pushed = std::mem::take(&mut outcome.pushed);
+            crate::placement::push(&self.ctx, pushed).await;
+        }
+        Ok(Response::new(apply_response(outcome)))
     }
 
     fn node_view(&self, n: NodeRecord, hw: Option<HardwareRecord>) -> Node {
@@ -112,7 +138,116 @@ impl AdminService {
                 .and_then(|s| s.last_handshake_age)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            placement: None,
+            unplaced_reason: String::new(),
+            convergence: String::new(),
         }
+    }
+}
+
+/// A node's place under the current policy, read with the node.
+struct PlaceInfo {
+    desired: crate::placement::DesiredRecord,
+    observed: Option<crate::placement::ObservedRecord>,
+    unplaced: Option<String>,
+}
+
+fn place_info(
+    s: &crate::state::State,
+    id: &str,
+    live: Option<&crate::placement::LivePlacement>,
+) -> Result<PlaceInfo, crate::state::StateError> {
+    let unplaced = live.and_then(|l| match l.placement.nodes.get(id) {
+        Some(policy::NodePlacement::Unplaced { reason }) => Some(reason.clone()),
+        _ => None,
+    });
+    Ok(PlaceInfo {
+        desired: s.desired(id)?,
+        observed: s.observed(id)?,
+        unplaced,
+    })
+}
+
+fn set_place(node: &mut Node, info: &PlaceInfo) {
+    node.placement = info
+        .desired
+        .assignment
+        .as_ref()
+        .map(crate::placement::placement_message);
+    node.unplaced_reason = info.unplaced.clone().unwrap_or_default();
+    node.convergence = crate::placement::convergence(&info.desired, info.observed.as_ref());
+}
+
+/// Nodes with hardware and place, the live placement's warnings and revision.
+type NodesWithPlace = (Vec<(NodeRecord, Option<HardwareRecord>, PlaceInfo)>, Vec<String>, u64);
+
+fn nodes_with_place(
+    s: &crate::state::State,
+    nodes: Vec<NodeRecord>,
+) -> Result<NodesWithPlace, crate::state::StateError> {
+    let live = s.live_placement()?;
+    let mut out = Vec::new();
+    for (n, hw) in with_hardware(s, nodes)? {
+        let info = place_info(s, &n.id, live.as_ref())?;
+        out.push((n, hw, info));
+    }
+    let warnings = live
+        .as_ref()
+        .map(|l| l.placement.warnings.iter().map(ToString::to_string).collect())
+        .unwrap_or_default();
+    Ok((out, warnings, live.map_or(0, |l| l.revision)))
+}
+
+/// Who is calling on the local socket: `uid:N` from SO_PEERCRED (the kernel's word, not the client's).
+fn caller<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map_or_else(|| "unknown".to_string(), |c| format!("uid:{}", c.uid()))
+}
+
+fn apply_response(o: crate::placement::ApplyOutcome) -> ApplyPolicyResponse {
+    ApplyPolicyResponse {
+        revision: o.revision,
+        previous_revision: o.previous_revision,
+        changes: o
+            .changes
+            .into_iter()
+            .map(|(name, c)| NodeChange {
+                disruptive: c.is_disruptive(),
+                before_pool: c.before.as_ref().map(|a| a.pool.clone()).unwrap_or_default(),
+                after_pool: c.after.as_ref().map(|a| a.pool.clone()).unwrap_or_default(),
+                before_environment: c.before.as_ref().map(|a| a.environment.clone()).unwrap_or_default(),
+                after_environment: c.after.as_ref().map(|a| a.environment.clone()).unwrap_or_default(),
+                changes: c
+                    .changes
+                    .into_iter()
+                    .map(|ch| Change {
+                        what: ch.what,
+                        disruptive: ch.disruptive,
+                    })
+                    .collect(),
+                node: name,
+            })
+            .collect(),
+        warnings: o.warnings,
+        unchanged: o.unchanged,
+        refused_disruptive: o.refused_disruptive,
+        digest: o.digest,
+    }
+}
+
+fn revision_view(r: crate::placement::PolicyRevisionRecord, with_yaml: bool) -> PolicyRevision {
+    PolicyRevision {
+        revision: r.revision,
+        digest: r.digest,
+        applied_by: r.applied_by,
+        applied_at_unix: r.applied_at,
+        action: r.action,
+        file_name: r.file_name,
+        yaml: if with_yaml { r.yaml } else { String::new() },
+        nodes_changed: r.nodes_changed,
+        disruptive_changes: r.disruptive_changes,
     }
 }
 
@@ -202,9 +337,19 @@ impl Admin for AdminService {
     }
 
     async fn list_nodes(&self, _req: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
-        let nodes = self.ctx.state(|s| with_hardware(s, s.list_nodes()?)).await?;
+        let (nodes, policy_warnings, policy_revision) =
+            self.ctx.state(|s| nodes_with_place(s, s.list_nodes()?)).await?;
         Ok(Response::new(ListNodesResponse {
-            nodes: nodes.into_iter().map(|(n, hw)| self.node_view(n, hw)).collect(),
+            nodes: nodes
+                .into_iter()
+                .map(|(n, hw, info)| {
+                    let mut v = self.node_view(n, hw);
+                    set_place(&mut v, &info);
+                    v
+                })
+                .collect(),
+            policy_warnings,
+            policy_revision,
         }))
     }
 
@@ -213,10 +358,14 @@ impl Admin for AdminService {
         let shown = name.clone();
         let found = self
             .ctx
-            .state(move |s| with_hardware(s, s.node_by_name(&name)?.into_iter().collect()))
+            .state(move |s| nodes_with_place(s, s.node_by_name(&name)?.into_iter().collect()))
             .await?;
-        match found.into_iter().next() {
-            Some((n, hw)) => Ok(Response::new(self.node_view(n, hw))),
+        match found.0.into_iter().next() {
+            Some((n, hw, info)) => {
+                let mut v = self.node_view(n, hw);
+                set_place(&mut v, &info);
+                Ok(Response::new(v))
+            }
             None => Err(Status::not_found(format!(
                 "no node named `{shown}`; list nodes with `nimbusctl nodes`"
             ))),
@@ -259,6 +408,72 @@ impl Admin for AdminService {
             zone_sources,
             findings,
         }))
+    }
+
+    async fn apply_policy(&self, req: Request<ApplyPolicyRequest>) -> Result<Response<ApplyPolicyResponse>, Status> {
+        let applied_by = caller(&req);
+        let r = req.into_inner();
+        let apply = crate::placement::ApplyRequest {
+            file_name: if r.file_name.is_empty() {
+                "policy.yaml".into()
+            } else {
+                r.file_name
+            },
+            yaml: r.yaml,
+            dry_run: r.dry_run,
+            allow_disruptive: r.allow_disruptive,
+            applied_by,
+            action: "apply".into(),
+            now: SystemTime::now(),
+        };
+        self.finish_apply(move |s| s.apply_policy(&apply)).await
+    }
+
+    async fn rollback_policy(
+        &self,
+        req: Request<RollbackPolicyRequest>,
+    ) -> Result<Response<ApplyPolicyResponse>, Status> {
+        let applied_by = caller(&req);
+        let r = req.into_inner();
+        if r.to_revision == 0 {
+            return Err(Status::invalid_argument(
+                "give the revision to roll back to (`nimbusctl policy history` lists them)",
+            ));
+        }
+        let apply = crate::placement::ApplyRequest {
+            file_name: String::new(),
+            yaml: String::new(),
+            dry_run: r.dry_run,
+            allow_disruptive: r.allow_disruptive,
+            applied_by,
+            action: String::new(),
+            now: SystemTime::now(),
+        };
+        let to = r.to_revision;
+        self.finish_apply(move |s| s.rollback_policy(to, &apply)).await
+    }
+
+    async fn list_policy_revisions(
+        &self,
+        _req: Request<ListPolicyRevisionsRequest>,
+    ) -> Result<Response<ListPolicyRevisionsResponse>, Status> {
+        let revs = self.ctx.state(|s| s.policy_revisions()).await?;
+        Ok(Response::new(ListPolicyRevisionsResponse {
+            revisions: revs.into_iter().map(|r| revision_view(r, false)).collect(),
+        }))
+    }
+
+    async fn get_policy(&self, req: Request<GetPolicyRequest>) -> Result<Response<PolicyRevision>, Status> {
+        let n = req.into_inner().revision;
+        match self.ctx.state(move |s| s.policy_revision(n)).await? {
+            Some(r) => Ok(Response::new(revision_view(r, true))),
+            None if n == 0 => Err(Status::not_found(
+                "no policy applied yet; apply one with `nimbusctl apply -f policy.yaml`",
+            )),
+            None => Err(Status::not_found(format!(
+                "no policy revision {n}; `nimbusctl policy history` lists them"
+            ))),
+        }
     }
 
     async fn plan_replication(&self, req: Request<PlanRequest>) -> Result<Response<PlanResponse>, Status> {

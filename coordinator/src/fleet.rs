@@ -144,10 +144,9 @@ impl Fleet for FleetService {
 
     async fn get_desired_state(&self, req: Request<DesiredStateRequest>) -> Result<Response<DesiredState>, Status> {
         let node = node_for(&self.ctx, req.remote_addr()).await?;
-        Ok(Response::new(DesiredState {
-            generation: 0,
-            labels: node.labels.into_iter().collect(),
-        }))
+        let id = node.id.clone();
+        let desired = self.ctx.state(move |s| s.desired(&id)).await?;
+        Ok(Response::new(crate::placement::desired_message(&desired, &node.labels)))
     }
 }
 
@@ -196,7 +195,8 @@ async fn handle(
                 Ok(changes) if changes.is_empty() => tracing::debug!(node = %node.name, "inventory unchanged"),
                 Ok(changes) => {
                     ctx.metrics.inventory_changes.inc();
-                    tracing::info!(node = %node.name, ?changes, "inventory changed")
+                    tracing::info!(node = %node.name, ?changes, "inventory changed");
+                    crate::placement::reconcile(ctx).await;
                 }
                 Err(e) => tracing::warn!(node = %node.name, error = %e.message(), "inventory document not stored"),
             }
@@ -207,6 +207,25 @@ async fn handle(
                 .probes
                 .record(&node.id, report.windows.into_iter().take(n).collect());
             tracing::debug!(node = %node.name, windows = n, kept, "latency windows");
+        }
+        Some(AgentMsg::Observed(o)) => {
+            let id = node.id.clone();
+            let rec = crate::placement::ObservedRecord {
+                generation: o.generation,
+                policy_revision: o.policy_revision,
+                error: clip(o.error, 1024),
+                at: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            };
+            let (generation, failed) = (rec.generation, !rec.error.is_empty());
+            match ctx.state(move |s| s.observe(&id, rec)).await {
+                Ok(()) if failed => {
+                    tracing::warn!(node = %node.name, generation, "agent failed to apply its desired state")
+                }
+                Ok(()) => tracing::info!(node = %node.name, generation, "desired state applied"),
+                Err(e) => tracing::warn!(node = %node.name, error = %e.message(), "observed state refused"),
+            }
         }
         Some(AgentMsg::Hello(_)) => tracing::debug!(node = %node.name, "repeated Hello ignored"),
         None => tracing::debug!(node = %node.name, "empty agent message ignored"),

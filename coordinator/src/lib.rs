@@ -30,6 +30,7 @@ pub mod error;
 pub mod fleet;
 pub mod ipam;
 pub mod metrics;
+pub mod placement;
 pub mod probes;
 pub mod replication;
 pub mod server;

@@ -233,6 +233,16 @@ impl State {
         Err(StateError::Conflict)
     }
 
+    /// The store (for the typed repositories in sibling modules, e.g. `crate::placement`).
+    pub(crate) fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// A JSON record and its raw bytes (for compare-and-swap).
+    pub(crate) fn read_json<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<(T, Vec<u8>)>, StateError> {
+        self.get_json(key)
+    }
+
     /// The overlay plan addresses are allocated from.
     pub fn overlay(&self) -> &OverlayPlan {
         &self.overlay
@@ -857,7 +867,7 @@ fn check_text(what: &str, s: &str, max: usize) -> Result<(), StateError> {
     Ok(())
 }
 
-fn invalid(msg: impl Into<String>) -> StateError {
+pub(crate) fn invalid(msg: impl Into<String>) -> StateError {
     StateError::InvalidArgument(msg.into())
 }
 
@@ -868,7 +878,7 @@ fn decode<T: DeserializeOwned>(key: &[u8], raw: &[u8]) -> Result<T, StateError> 
     })
 }
 
-fn encode<T: Serialize>(key: &[u8], value: &T) -> Result<Vec<u8>, StateError> {
+pub(crate) fn encode<T: Serialize>(key: &[u8], value: &T) -> Result<Vec<u8>, StateError> {
     serde_json::to_vec(value).map_err(|e| StateError::Corrupt {
         key: lossy(key),
         reason: format!("cannot encode record: {e}"),
