@@ -234,6 +234,7 @@ fn apply_response(o: crate::placement::ApplyOutcome) -> ApplyPolicyResponse {
         unchanged: o.unchanged,
         refused_disruptive: o.refused_disruptive,
         digest: o.digest,
+        staged_in_waves: u32::try_from(o.staged).unwrap_or(u32::MAX),
     }
 }
 

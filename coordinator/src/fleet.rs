@@ -220,10 +220,14 @@ async fn handle(
             };
             let (generation, failed) = (rec.generation, !rec.error.is_empty());
             match ctx.state(move |s| s.observe(&id, rec)).await {
-                Ok(()) if failed => {
-                    tracing::warn!(node = %node.name, generation, "agent failed to apply its desired state")
+                Ok(pushed) => {
+                    if failed {
+                        tracing::warn!(node = %node.name, generation, "agent failed to apply its desired state");
+                    } else {
+                        tracing::info!(node = %node.name, generation, "desired state applied");
+                    }
+                    crate::placement::push(ctx, pushed).await;
                 }
-                Ok(()) => tracing::info!(node = %node.name, generation, "desired state applied"),
                 Err(e) => tracing::warn!(node = %node.name, error = %e.message(), "observed state refused"),
             }
         }

@@ -9,6 +9,17 @@
 //! | `policy/rev/<20 digits>`| [`PolicyRevisionRecord`] JSON: the document as applied        |
 //! | `desired/<node id>`     | [`DesiredRecord`] JSON                                        |
 //! | `observed/<node id>`    | [`ObservedRecord`] JSON                                       |
+//! | `rollout/policy`        | [`RolloutRecord`] JSON: the wave engine's state + staged states |
+//!
+//! # Disruptive changes go out in waves
+//! A node leaving its environment or pool is drained and reset, so an apply that does so (with
+//! `allow_disruptive`) does not hand those nodes their new state at once. They become targets of a
+//! `waves::Rollout` (per-pool `max_unavailable` from the policy, one node per zone at a time, pause on the
+//! first failure); their new desired states wait in the rollout record (`staged`) and the live placement keeps
+//! their old place until their wave starts. A node's wave is done when its agent reports the new generation
+//! applied (`ObservedState`); then the next wave starts. The rollout is persisted with the placement in one
+//! transaction, so a restarted coordinator continues where it was. A new apply replaces a running rollout:
+//! nodes not yet moved still hold their old place, so the new diff includes them.
 //!
 //! Every apply is one transaction guarded by a compare-and-swap on `placement/current`, so two concurrent
 //! applies (or an apply racing the placement of a newly enrolled node) never interleave: the loser re-reads
@@ -27,6 +38,7 @@ const LIVE: &[u8] = b"placement/current";
 const REVISIONS: &str = "policy/rev/";
 const DESIRED: &str = "desired/";
 const OBSERVED: &str = "observed/";
+const ROLLOUT: &[u8] = b"rollout/policy";
 /// Largest policy document accepted.
 pub const MAX_POLICY_BYTES: usize = 1 << 20;
 
@@ -90,6 +102,15 @@ pub struct ObservedRecord {
     pub at: u64,
 }
 
+/// A running rollout of disruptive changes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RolloutRecord {
+    pub revision: u64,
+    pub rollout: waves::Rollout,
+    /// New desired states (and places) of target nodes whose wave has not started yet.
+    pub staged: BTreeMap<String, (DesiredRecord, NodePlacement)>,
+}
+
 /// An apply (or rollback) request, already authenticated.
 #[derive(Clone, Debug)]
 pub struct ApplyRequest {
@@ -116,6 +137,8 @@ pub struct ApplyOutcome {
     pub refused_disruptive: bool,
     /// Desired states written: push these to the nodes.
     pub pushed: Vec<(String, DesiredRecord)>,
+    /// Nodes whose disruptive change waits for its wave.
+    pub staged: usize,
 }
 
 impl State {
@@ -188,8 +211,9 @@ impl State {
         Ok(self.read_json::<ObservedRecord>(&observed_key(id))?.map(|(o, _)| o))
     }
 
-    /// Records what node `id`'s agent reports. A generation the coordinator never handed out is refused.
-    pub fn observe(&self, id: &str, observed: ObservedRecord) -> Result<(), StateError> {
+    /// Records what node `id`'s agent reports (a generation the coordinator never handed out is refused) and
+    /// advances a running rollout. Returns desired states to push (nodes whose wave starts now).
+    pub fn observe(&self, id: &str, observed: ObservedRecord) -> Result<Vec<(String, DesiredRecord)>, StateError> {
         let desired = self.desired(id)?;
         if observed.generation > desired.generation {
             return Err(invalid(format!(
@@ -200,7 +224,7 @@ impl State {
         let key = observed_key(id);
         let value = encode(&key, &observed)?;
         self.store().txn(Txn::new().put(key, value))?;
-        Ok(())
+        self.advance_rollout(id, &observed)
     }
 
     /// Desired-state writes that make every node of `placement` match it (only nodes whose place changed get
@@ -323,9 +347,42 @@ impl State {
                 nodes_changed: u32::try_from(diff.len()).unwrap_or(u32::MAX),
                 disruptive_changes: u32::try_from(disruptive).unwrap_or(u32::MAX),
             };
+            // Disruptive nodes keep their old place until their wave; the rest take the new one now.
+            let disruptive_ids: Vec<&str> = diff
+                .iter()
+                .filter(|c| c.is_disruptive())
+                .map(|c| c.node.as_str())
+                .collect();
+            let mut live_now = placement.clone();
+            let mut targets = Vec::new();
+            let mut later = BTreeMap::new();
+            for id in &disruptive_ids {
+                let Some(new_np) = placement.nodes.get(*id) else {
+                    continue;
+                };
+                match current.placement.nodes.get(*id) {
+                    Some(old) => live_now.nodes.insert((*id).to_string(), old.clone()),
+                    None => live_now.nodes.remove(*id),
+                };
+                let pool = current
+                    .placement
+                    .nodes
+                    .get(*id)
+                    .and_then(|np| np.assignment().map(|a| a.pool.clone()))
+                    .or_else(|| new_np.assignment().map(|a| a.pool.clone()))
+                    .unwrap_or_default();
+                let zone = facts.iter().find(|f| f.id == *id).and_then(|f| f.zone.clone());
+                targets.push(waves::Target {
+                    node: (*id).to_string(),
+                    pool,
+                    zone,
+                    disruptive: true,
+                });
+                later.insert((*id).to_string(), new_np.clone());
+            }
             let new_live = LivePlacement {
                 revision,
-                placement: placement.clone(),
+                placement: live_now.clone(),
             };
             let rev_key = revision_key(revision);
             let mut txn = match raw {
@@ -334,13 +391,144 @@ impl State {
             };
             txn = txn
                 .if_absent(rev_key.clone())
-                .put(rev_key.clone(), encode(&rev_key, &record)?)
-                .put(LIVE, encode(LIVE, &new_live)?);
-            let (txn, pushed) = self.desired_updates(&placement, revision, txn)?;
+                .put(rev_key.clone(), encode(&rev_key, &record)?);
+            let (mut txn, mut pushed) = self.desired_updates(&live_now, revision, txn)?;
+            let mut staged_count = 0;
+            let mut final_live = new_live;
+            if targets.is_empty() {
+                txn = txn.delete(ROLLOUT);
+            } else {
+                staged_count = targets.len();
+                let mut staged = BTreeMap::new();
+                for (id, np) in later {
+                    let old = self.desired(&id)?;
+                    let (assignment, unplaced) = match &np {
+                        NodePlacement::Placed(a) => (Some(a.clone()), None),
+                        NodePlacement::Unplaced { reason } => (None, Some(reason.clone())),
+                    };
+                    let d = DesiredRecord {
+                        generation: old.generation + 1,
+                        policy_revision: revision,
+                        assignment,
+                        unplaced,
+                    };
+                    staged.insert(id, (d, np));
+                }
+                let limits = waves::Limits {
+                    max_unavailable_per_pool: policy
+                        .pools()
+                        .iter()
+                        .map(|p| (p.name.clone(), p.max_unavailable.max(1)))
+                        .collect(),
+                    default_max_unavailable: 1,
+                    max_unavailable_per_zone: 1,
+                    max_failures: 0,
+                    wave_size: None,
+                    rollback_on_abort: false,
+                };
+                let rollout =
+                    waves::Rollout::new(targets, limits).map_err(|e| invalid(format!("cannot plan the waves: {e}")))?;
+                let mut rec = RolloutRecord {
+                    revision,
+                    rollout,
+                    staged,
+                };
+                let actions = rec.rollout.handle(waves::Event::Started);
+                let (t, p) = self.run_actions(&mut rec, &mut final_live, actions, txn)?;
+                txn = t;
+                pushed.extend(p);
+                txn = txn.put(ROLLOUT, encode(ROLLOUT, &rec)?);
+            }
+            txn = txn.put(LIVE, encode(LIVE, &final_live)?);
             if self.store().txn(txn)? {
                 out.revision = revision;
                 out.pushed = pushed;
+                out.staged = staged_count;
                 return Ok(out);
+            }
+        }
+        Err(StateError::Conflict)
+    }
+
+    /// Carries out the wave engine's actions: `Apply` moves a staged node's desired state and place into the
+    /// transaction; the rest are logged.
+    fn run_actions(
+        &self,
+        rec: &mut RolloutRecord,
+        live: &mut LivePlacement,
+        actions: Vec<waves::Action>,
+        mut txn: Txn,
+    ) -> Result<(Txn, Vec<(String, DesiredRecord)>), StateError> {
+        let mut pushed = Vec::new();
+        for action in actions {
+            match action {
+                waves::Action::Apply { node, wave } => {
+                    let Some((desired, np)) = rec.staged.remove(&node) else {
+                        continue;
+                    };
+                    tracing::info!(node_id = %node, wave, generation = desired.generation, "wave: moving node");
+                    live.placement.nodes.insert(node.clone(), np);
+                    let key = desired_key(&node);
+                    txn = txn.put(key.clone(), encode(&key, &desired)?);
+                    pushed.push((node, desired));
+                }
+                waves::Action::WaveStarted { wave, nodes } => tracing::info!(wave, ?nodes, "wave started"),
+                waves::Action::WaveFinished { wave } => tracing::info!(wave, "wave finished"),
+                waves::Action::Paused { reason } => tracing::warn!(%reason, "rollout paused"),
+                waves::Action::Completed => tracing::info!(revision = rec.revision, "rollout completed"),
+                waves::Action::Aborted { reason } => tracing::warn!(%reason, "rollout aborted"),
+                waves::Action::WaitHealthy { .. } | waves::Action::Rollback { .. } => {}
+            }
+        }
+        Ok((txn, pushed))
+    }
+
+    /// The running rollout, if any.
+    pub fn rollout(&self) -> Result<Option<RolloutRecord>, StateError> {
+        Ok(self.read_json::<RolloutRecord>(ROLLOUT)?.map(|(r, _)| r))
+    }
+
+    /// Feeds an agent's report into the running rollout: the node's new state applied (done and healthy) or
+    /// failed. Returns the desired states of nodes whose wave starts now.
+    fn advance_rollout(&self, id: &str, observed: &ObservedRecord) -> Result<Vec<(String, DesiredRecord)>, StateError> {
+        for _ in 0..MAX_TXN_ATTEMPTS {
+            let Some((mut rec, raw)) = self.read_json::<RolloutRecord>(ROLLOUT)? else {
+                return Ok(Vec::new());
+            };
+            let Some((mut live, live_raw)) = self.read_json::<LivePlacement>(LIVE)? else {
+                return Ok(Vec::new());
+            };
+            let desired = self.desired(id)?;
+            if rec.rollout.node_state(id).is_none()
+                || rec.staged.contains_key(id)
+                || desired.generation != observed.generation
+                || desired.policy_revision != rec.revision
+            {
+                return Ok(Vec::new());
+            }
+            let mut actions = Vec::new();
+            if observed.error.is_empty() {
+                actions.extend(rec.rollout.handle(waves::Event::NodeDone { node: id.to_string() }));
+                actions.extend(rec.rollout.handle(waves::Event::NodeHealthy { node: id.to_string() }));
+            } else {
+                actions.extend(rec.rollout.handle(waves::Event::NodeFailed {
+                    node: id.to_string(),
+                    reason: observed.error.clone(),
+                }));
+            }
+            if actions.is_empty() {
+                return Ok(Vec::new());
+            }
+            let txn = Txn::new().if_equals(ROLLOUT, raw).if_equals(LIVE, live_raw);
+            let (mut txn, pushed) = self.run_actions(&mut rec, &mut live, actions, txn)?;
+            txn = txn.put(LIVE, encode(LIVE, &live)?);
+            txn = if matches!(rec.rollout.phase(), waves::Phase::Completed | waves::Phase::Aborted) {
+                txn.delete(ROLLOUT)
+            } else {
+                txn.put(ROLLOUT, encode(ROLLOUT, &rec)?)
+            };
+            if self.store().txn(txn)? {
+                return Ok(pushed);
             }
         }
         Err(StateError::Conflict)
@@ -649,6 +837,82 @@ environments:
         );
         let bogus = ObservedRecord { generation: 7, ..ok };
         assert!(s.observe(&late, bogus).is_err(), "a generation never handed out");
+    }
+
+    fn applied(s: &State, id: &str) -> Vec<(String, DesiredRecord)> {
+        let d = s.desired(id).unwrap();
+        s.observe(
+            id,
+            ObservedRecord {
+                generation: d.generation,
+                policy_revision: d.policy_revision,
+                error: String::new(),
+                at: 1,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn disruptive_changes_go_one_node_per_pool_at_a_time_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let store = SledStore::open(dir.path()).unwrap();
+            State::open(
+                Arc::new(store),
+                OverlayPlan::new("10.9.0.0/24".parse().unwrap()).unwrap(),
+            )
+            .unwrap()
+        };
+        let s = open();
+        let ids: Vec<String> = (1..=3).map(|n| enroll(&s, n, "db")).collect();
+        s.apply_policy(&req(&policy("db", ""))).unwrap();
+        for id in &ids {
+            applied(&s, id);
+        }
+        let gen1: Vec<u64> = ids.iter().map(|id| s.desired(id).unwrap().generation).collect();
+        assert_eq!(gen1, [1, 1, 1]);
+
+        // Every db node leaves its pool (drain + reset): with max_unavailable 1, one at a time.
+        let out = s
+            .apply_policy(&ApplyRequest {
+                allow_disruptive: true,
+                ..req(&policy("olap", ""))
+            })
+            .unwrap();
+        assert_eq!(
+            (out.staged, out.pushed.len()),
+            (3, 1),
+            "only the first wave's node is told"
+        );
+        let moved = |s: &State| ids.iter().filter(|id| s.desired(id).unwrap().generation == 2).count();
+        assert_eq!(moved(&s), 1);
+        let first = out.pushed[0].0.clone();
+        let live = s.live_placement().unwrap().unwrap();
+        let still_db = ids
+            .iter()
+            .filter(|id| live.placement.nodes[*id].assignment().is_some_and(|a| a.pool == "db"))
+            .count();
+        assert_eq!(still_db, 2, "nodes waiting for their wave keep their old place");
+
+        // An unrelated report changes nothing; the moved node's report starts the next wave.
+        assert!(applied(&s, &ids.iter().find(|i| **i != first).unwrap().clone()).is_empty());
+        let next = applied(&s, &first);
+        assert_eq!(next.len(), 1);
+        assert_eq!(moved(&s), 2);
+
+        // The coordinator restarts mid-rollout: the next report continues it, nothing is told twice.
+        drop(s);
+        let s = open();
+        let last = applied(&s, &next[0].0);
+        assert_eq!(last.len(), 1);
+        assert_eq!(moved(&s), 3);
+        assert!(applied(&s, &last[0].0).is_empty());
+        assert!(s.rollout().unwrap().is_none(), "completed rollouts are removed");
+        assert!(
+            ids.iter().all(|id| s.desired(id).unwrap().generation == 2),
+            "no node told twice"
+        );
     }
 
     #[test]
