@@ -14,6 +14,9 @@ use tonic::transport::{Channel, Endpoint};
 
 mod hardware;
 mod latency_view;
+mod policy_view;
+
+use policy_view::Verb;
 
 /// Operate a polynimbus fleet through the coordinator's admin API.
 ///
@@ -22,6 +25,9 @@ mod latency_view;
 ///   nimbusctl nodes
 ///   nimbusctl -o json node show agent-1
 ///   nimbusctl node revoke agent-1 --reason "host retired"
+///   nimbusctl policy validate -f policy.yaml && nimbusctl diff -f policy.yaml && nimbusctl apply -f policy.yaml
+///
+/// Exit codes: 0 done, 1 failed or refused, 65 the policy file is invalid.
 #[derive(Parser, Debug)]
 #[command(name = "nimbusctl", version, about, long_about, verbatim_doc_comment)]
 struct Cli {
@@ -44,7 +50,7 @@ struct Cli {
 enum Output {
     Text,
     Json,
-    /// Helm values (`plan replication` only).
+    /// Helm values (`plan replication`) or the policy document (`policy show`).
     Yaml,
 }
 
@@ -53,9 +59,12 @@ enum Cmd {
     /// Join tokens: create, list, revoke.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// List nodes: NAME, ID, OVERLAY-IP, STATE (connected/lost/revoked), LAST-SEEN, VERSION, CPUS, MEMORY.
+    /// List nodes: NAME, ID, OVERLAY-IP, STATE (connected/lost/revoked), ENV, POOL, COHORTS (placement under
+    /// the fleet policy), LAST-SEEN, VERSION, CPUS, MEMORY. Policy warnings (unplaced nodes, pools below their
+    /// minimum) follow on stderr.
     Nodes {
-        /// Also PLATFORM, INSTANCE-TYPE, ZONE and a disk summary (e.g. `2×1.7T nvme-local`).
+        /// Also PLATFORM, INSTANCE-TYPE, ZONE, a disk summary (e.g. `2×1.7T nvme-local`) and CONVERGED (whether
+        /// the agent applied the current policy revision: yes/pending).
         #[arg(long)]
         wide: bool,
     },
@@ -72,6 +81,114 @@ enum Cmd {
     /// Plans from measured latency.
     #[command(subcommand)]
     Plan(PlanCmd),
+    /// The fleet policy: validate a file (locally), list the applied revisions, show one.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Show what applying a policy file would change, without changing anything
+    ///
+    /// The coordinator validates the file and places every node as `apply` would (a dry run: nothing is
+    /// stored). Per node: `NODE: BEFORE → AFTER` (environment/pool, or `unplaced`), then each change.
+    /// DISRUPTIVE nodes and `!` changes mean a new environment or pool, or losing the placement: the node is
+    /// drained, reset (kubeadm reset) and re-joined. Cohort, label and taint changes are applied in place.
+    /// Policy warnings (unplaced nodes, pools below their minimum, overlaps) follow.
+    ///
+    /// Example:
+    ///   nimbusctl diff -f policy.yaml
+    ///   nimbusctl -o json diff -f - < policy.yaml
+    ///
+    /// Exit codes: 0 shown (even with disruptive changes), 65 the file is invalid (every error printed as
+    /// FILE:LINE:COL: MESSAGE (hint: HINT)), 1 other failures.
+    #[command(verbatim_doc_comment)]
+    Diff {
+        /// The policy file (schema: policy/README.md); `-` reads stdin.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Compute the diff as an apply with --allow-disruptive would (no "would be refused" note).
+        #[arg(long)]
+        allow_disruptive: bool,
+    },
+    /// Apply a policy file: store it as a new numbered revision and converge the fleet to it
+    ///
+    /// Prints the new revision and the per-node changes. Run `nimbusctl diff -f FILE` first.
+    /// Disruptive changes (a node moving to another environment or pool, or losing its placement: drain,
+    /// kubeadm reset, re-join) are refused unless --allow-disruptive is given: then nothing is stored, the
+    /// refused changes are listed and the exit code is 1. With it, those nodes are drained and moved in waves
+    /// (each pool's max_unavailable at a time). Cohort, label and taint changes are never disruptive.
+    /// Applying the current policy again stores nothing ("unchanged").
+    ///
+    /// Example:
+    ///   nimbusctl apply -f policy.yaml
+    ///   nimbusctl apply -f policy.yaml --allow-disruptive
+    ///
+    /// Exit codes: 0 applied or unchanged, 1 refused (disruptive) or failed, 65 the file is invalid.
+    #[command(verbatim_doc_comment)]
+    Apply {
+        /// The policy file (schema: policy/README.md); `-` reads stdin.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Allow changes that drain nodes and move them to another environment or pool (in waves).
+        #[arg(long)]
+        allow_disruptive: bool,
+    },
+    /// Re-apply an earlier policy revision, stored as a new revision (history is never rewritten)
+    ///
+    /// Printed like `apply` (or like `diff` with --dry-run). The same rule holds for disruptive changes:
+    /// without --allow-disruptive a rollback that would drain and move nodes is refused (exit 1).
+    ///
+    /// Example:
+    ///   nimbusctl policy history
+    ///   nimbusctl rollback --to 3 --dry-run
+    ///   nimbusctl rollback --to 3 --allow-disruptive
+    ///
+    /// Exit codes: 0 rolled back, unchanged or shown, 1 refused (disruptive) or failed.
+    #[command(verbatim_doc_comment)]
+    Rollback {
+        /// The revision to go back to (see `nimbusctl policy history`).
+        #[arg(long, value_name = "N")]
+        to: u64,
+        /// Only show what would change; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Allow changes that drain nodes and move them to another environment or pool (in waves).
+        #[arg(long)]
+        allow_disruptive: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Check a policy file locally (no coordinator needed): every error with its position, or a summary
+    ///
+    /// Parses and validates the file with the same policy library the coordinator uses on `diff`/`apply`,
+    /// and reports every problem, one per line: FILE:LINE:COL: MESSAGE (hint: HINT). A valid file prints its digest (the same
+    /// for any file meaning the same policy), its environments, its pools with min/max and its cohorts.
+    /// Nothing is sent anywhere; nodes are not placed (use `nimbusctl diff` for that).
+    ///
+    /// Example:
+    ///   nimbusctl policy validate -f deploy/examples/policy.yaml
+    ///   nimbusctl -o json policy validate -f - < policy.yaml
+    ///
+    /// Exit codes: 0 valid, 65 invalid (EX_DATAERR), 1 the file cannot be read.
+    #[command(verbatim_doc_comment)]
+    Validate {
+        /// The policy file (schema: policy/README.md); `-` reads stdin.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Applied revisions, newest first: REV, APPLIED, BY, ACTION (apply / rollback to N), FILE,
+    /// NODES-CHANGED, DISRUPTIVE, DIGEST. Go back with `nimbusctl rollback --to REV`.
+    History,
+    /// Print the YAML of a revision as it was applied (raw on stdout: `nimbusctl policy show > policy.yaml`)
+    ///
+    /// Example:
+    ///   nimbusctl policy show                  # the current policy
+    ///   nimbusctl policy show --revision 3 | diff - policy.yaml
+    #[command(verbatim_doc_comment)]
+    Show {
+        /// The revision; 0 (the default) is the current one.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        revision: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -159,14 +276,61 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
 
+/// The coordinator refused a policy document: the message holds every diagnostic
+/// (`FILE:LINE:COL: MESSAGE (hint: HINT)`), printed as is; the exit code is 65.
+#[derive(Debug)]
+struct InvalidPolicy(String);
+
+impl std::fmt::Display for InvalidPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InvalidPolicy {}
+
+/// Like [`status_err`], but INVALID_ARGUMENT (the policy document failed validation) becomes
+/// [`InvalidPolicy`].
+fn policy_status_err(s: tonic::Status) -> anyhow::Error {
+    if s.code() == tonic::Code::InvalidArgument {
+        InvalidPolicy(s.message().to_string()).into()
+    } else {
+        status_err(s)
+    }
+}
+
+/// The policy file named by `-f`: its name (for error positions) and text. `-` is stdin.
+fn read_policy(file: &Path) -> Result<(String, String)> {
+    if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading the policy from stdin")?;
+        return Ok(("<stdin>".into(), text));
+    }
+    let text = std::fs::read_to_string(file).with_context(|| {
+        format!(
+            "reading the policy file {} (give an existing YAML file with -f FILE, or -f - for stdin)",
+            file.display()
+        )
+    })?;
+    Ok((file.display().to_string(), text))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 fn ago(unix: u64) -> String {
+    ago_at(unix, unix_now())
+}
+
+/// `12s ago`, `5m ago`, `3h ago`, `2d ago` (or `never` for 0), seen from `now`.
+fn ago_at(unix: u64, now: u64) -> String {
     if unix == 0 {
         return "never".into();
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
     let secs = now.saturating_sub(unix);
     match secs {
         0..=59 => format!("{secs}s ago"),
@@ -194,6 +358,7 @@ fn table(header: &[&str]) -> Table {
 }
 
 fn node_json(n: &Node) -> serde_json::Value {
+    let (placement, unplaced_reason, convergence) = policy_view::placement_json(n);
     serde_json::json!({
         "id": n.id, "name": n.name, "overlay_ip": n.overlay_ip, "state": n.state,
         "last_seen_unix": n.last_seen_unix, "agent_version": n.agent_version, "hostname": n.hostname,
@@ -208,7 +373,58 @@ fn node_json(n: &Node) -> serde_json::Value {
         "hardware": hardware::document(&n.inventory_document),
         "inventory_updated_unix": n.inventory_updated_unix,
         "inventory_history": n.inventory_history.iter().map(|c| serde_json::json!({"at_unix": c.at_unix, "changes": c.changes})).collect::<Vec<_>>(),
+        "placement": placement, "unplaced_reason": unplaced_reason, "convergence": convergence,
     })
+}
+
+/// The `nodes` table: NAME, ID, OVERLAY-IP, STATE, ENV, POOL, COHORTS, LAST-SEEN, VERSION, CPUS, MEMORY, and
+/// with `wide` PLATFORM, INSTANCE-TYPE, ZONE, DISKS, CONVERGED.
+fn nodes_table(nodes: &[Node], wide: bool) -> Table {
+    let mut header = vec![
+        "NAME",
+        "ID",
+        "OVERLAY-IP",
+        "STATE",
+        "ENV",
+        "POOL",
+        "COHORTS",
+        "LAST-SEEN",
+        "VERSION",
+        "CPUS",
+        "MEMORY",
+    ];
+    if wide {
+        header.extend(["PLATFORM", "INSTANCE-TYPE", "ZONE", "DISKS", "CONVERGED"]);
+    }
+    let mut t = table(&header);
+    for n in nodes {
+        let inv = n.inventory.clone().unwrap_or_default();
+        let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+        let wide_cols = [
+            dash(&n.platform),
+            dash(&n.instance_type),
+            dash(&n.zone),
+            dash(&n.disk_summary),
+            policy_view::converged(n),
+        ];
+        let mut row = vec![n.name.clone(), n.id.clone(), n.overlay_ip.clone(), n.state.clone()];
+        row.extend(policy_view::node_columns(n));
+        row.extend([
+            ago(n.last_seen_unix),
+            n.agent_version.clone(),
+            if inv.cpus == 0 {
+                "-".into()
+            } else {
+                inv.cpus.to_string()
+            },
+            mem(inv.memory_bytes),
+        ]);
+        if wide {
+            row.extend(wide_cols);
+        }
+        t.add_row(row);
+    }
+    t
 }
 
 fn token_json(t: &TokenInfo) -> serde_json::Value {
@@ -220,17 +436,151 @@ fn token_json(t: &TokenInfo) -> serde_json::Value {
 }
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+    emit(&format!("{}\n", serde_json::to_string_pretty(v)?))
 }
 
-async fn run(cli: Cli) -> Result<()> {
-    let mut c = connect(&cli.socket).await?;
-    let json = cli.output == Output::Json;
-    if cli.output == Output::Yaml && !matches!(cli.cmd, Cmd::Plan(_)) {
-        bail!("-o yaml is only for `plan replication`; use -o json");
+/// Write `text` to stdout. A reader that went away (`nimbusctl policy show | head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("writing to stdout"),
     }
+}
+
+/// `policy validate`: local, no coordinator.
+fn validate(file: &Path, json: bool) -> Result<ExitCode> {
+    let (name, text) = read_policy(file)?;
+    let result = policy::parse(&name, &text);
+    if json {
+        print_json(&policy_view::validate_json(&result))?;
+    }
+    Ok(match &result {
+        Ok(p) => {
+            if !json {
+                emit(&policy_view::validate_summary(&name, p))?;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if !json {
+                eprint!("{}", policy_view::validate_errors(e));
+            }
+            ExitCode::from(policy_view::EX_DATAERR)
+        }
+    })
+}
+
+/// Print a diff/apply/rollback answer; exit 1 when disruptive changes were refused.
+fn show_response(r: &ApplyPolicyResponse, verb: Verb, json: bool) -> Result<ExitCode> {
+    if json {
+        print_json(&policy_view::response_json(r, verb))?;
+    } else {
+        emit(&policy_view::response(r, verb))?;
+    }
+    Ok(if policy_view::refused(r, verb) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    if cli.output == Output::Yaml && !matches!(cli.cmd, Cmd::Plan(_) | Cmd::Policy(PolicyCmd::Show { .. })) {
+        bail!("-o yaml is only for `plan replication` and `policy show`; use -o json");
+    }
+    let json = cli.output == Output::Json;
+    if let Cmd::Policy(PolicyCmd::Validate { file }) = &cli.cmd {
+        return validate(file, json);
+    }
+    // Read the file before connecting, so a typo in -f is reported even without a coordinator.
+    let file = match &cli.cmd {
+        Cmd::Diff { file, .. } | Cmd::Apply { file, .. } => Some(read_policy(file)?),
+        _ => None,
+    };
+    let mut c = connect(&cli.socket).await?;
     match cli.cmd {
+        Cmd::Diff { allow_disruptive, .. } | Cmd::Apply { allow_disruptive, .. } => {
+            let verb = if matches!(cli.cmd, Cmd::Diff { .. }) {
+                Verb::Diff
+            } else {
+                Verb::Apply
+            };
+            let (file_name, yaml) = file.unwrap_or_default();
+            let r = c
+                .apply_policy(ApplyPolicyRequest {
+                    file_name,
+                    yaml,
+                    dry_run: verb.dry_run(),
+                    allow_disruptive,
+                })
+                .await
+                .map_err(policy_status_err)?
+                .into_inner();
+            show_response(&r, verb, json)
+        }
+        Cmd::Rollback {
+            to,
+            dry_run,
+            allow_disruptive,
+        } => {
+            let r = c
+                .rollback_policy(RollbackPolicyRequest {
+                    to_revision: to,
+                    dry_run,
+                    allow_disruptive,
+                })
+                .await
+                .map_err(policy_status_err)?
+                .into_inner();
+            show_response(&r, Verb::Rollback { to, dry_run }, json)
+        }
+        Cmd::Policy(PolicyCmd::History) => {
+            let r = c
+                .list_policy_revisions(ListPolicyRevisionsRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if json {
+                print_json(&serde_json::Value::Array(
+                    r.revisions.iter().map(policy_view::revision_json).collect(),
+                ))?;
+            } else {
+                emit(&policy_view::history(&r.revisions, unix_now()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Policy(PolicyCmd::Show { revision }) => {
+            let r = c
+                .get_policy(GetPolicyRequest { revision })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if json {
+                print_json(&policy_view::revision_json(&r))?;
+            } else if r.yaml.is_empty() {
+                bail!(
+                    "revision {} has no stored document (see `nimbusctl policy history`)",
+                    r.revision
+                );
+            } else {
+                let newline = if r.yaml.ends_with('\n') { "" } else { "\n" };
+                emit(&format!("{}{newline}", r.yaml))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        cmd => {
+            admin(c, cli.output, cmd).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The commands outside the fleet policy.
+async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<()> {
+    let json = output == Output::Json;
+    match cmd {
         Cmd::Token(TokenCmd::Create {
             ttl,
             uses,
@@ -324,51 +674,14 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(status_err)?
                 .into_inner();
             if json {
-                return print_json(&serde_json::Value::Array(r.nodes.iter().map(node_json).collect()));
+                print_json(&serde_json::Value::Array(r.nodes.iter().map(node_json).collect()))?;
+            } else {
+                emit(&format!("{}\n", nodes_table(&r.nodes, wide)))?;
             }
-            let mut header = vec![
-                "NAME",
-                "ID",
-                "OVERLAY-IP",
-                "STATE",
-                "LAST-SEEN",
-                "VERSION",
-                "CPUS",
-                "MEMORY",
-            ];
-            if wide {
-                header.extend(["PLATFORM", "INSTANCE-TYPE", "ZONE", "DISKS"]);
+            // On stderr, so `-o json nodes` stays a plain array of nodes.
+            for w in &r.policy_warnings {
+                eprintln!("warning: {w}");
             }
-            let mut t = table(&header);
-            for n in &r.nodes {
-                let inv = n.inventory.clone().unwrap_or_default();
-                let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
-                let wide_cols = [
-                    dash(&n.platform),
-                    dash(&n.instance_type),
-                    dash(&n.zone),
-                    dash(&n.disk_summary),
-                ];
-                let mut row = vec![
-                    n.name.clone(),
-                    n.id.clone(),
-                    n.overlay_ip.clone(),
-                    n.state.clone(),
-                    ago(n.last_seen_unix),
-                    n.agent_version.clone(),
-                    if inv.cpus == 0 {
-                        "-".into()
-                    } else {
-                        inv.cpus.to_string()
-                    },
-                    mem(inv.memory_bytes),
-                ];
-                if wide {
-                    row.extend(wide_cols);
-                }
-                t.add_row(row);
-            }
-            println!("{t}");
         }
         Cmd::Plan(PlanCmd::Replication { file, keep }) => {
             let stores_yaml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -377,7 +690,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            match cli.output {
+            match output {
                 Output::Yaml => print!("{}", r.helm_yaml),
                 Output::Json => println!("{}", r.json),
                 Output::Text => print!("{}", r.text),
@@ -455,6 +768,7 @@ async fn run(cli: Cli) -> Result<()> {
             ] {
                 println!("{k:<18} {v}");
             }
+            print!("{}", policy_view::placement_section(&n));
             match hardware::document(&n.inventory_document) {
                 Some(doc) => {
                     print!("{}", hardware::render(&doc));
@@ -483,6 +797,9 @@ async fn run(cli: Cli) -> Result<()> {
             };
             println!("node {} revoked; {how}", n.name);
         }
+        Cmd::Policy(_) | Cmd::Diff { .. } | Cmd::Apply { .. } | Cmd::Rollback { .. } => {
+            bail!("internal error: policy commands are handled by run()")
+        }
     }
     Ok(())
 }
@@ -491,10 +808,119 @@ async fn run(cli: Cli) -> Result<()> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("nimbusctl: {e:#}");
-            ExitCode::FAILURE
-        }
+        Ok(code) => code,
+        Err(e) => match e.downcast_ref::<InvalidPolicy>() {
+            Some(InvalidPolicy(diagnostics)) => {
+                eprintln!("{}", diagnostics.trim_end());
+                ExitCode::from(policy_view::EX_DATAERR)
+            }
+            None => {
+                eprintln!("nimbusctl: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent_and_parses_policy_commands() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["nimbusctl", "apply", "-f", "p.yaml", "--allow-disruptive"]).unwrap();
+        assert!(matches!(cli.cmd, Cmd::Apply { allow_disruptive: true, ref file } if file == Path::new("p.yaml")));
+        let cli = Cli::try_parse_from(["nimbusctl", "rollback", "--to", "3", "--dry-run"]).unwrap();
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Rollback {
+                to: 3,
+                dry_run: true,
+                allow_disruptive: false
+            }
+        ));
+        let cli = Cli::try_parse_from(["nimbusctl", "policy", "show"]).unwrap();
+        assert!(matches!(cli.cmd, Cmd::Policy(PolicyCmd::Show { revision: 0 })));
+        assert!(
+            Cli::try_parse_from(["nimbusctl", "rollback"]).is_err(),
+            "--to is required"
+        );
+        assert!(Cli::try_parse_from(["nimbusctl", "diff"]).is_err(), "-f is required");
+    }
+
+    #[test]
+    fn invalid_argument_becomes_exit_65() {
+        let e = policy_status_err(tonic::Status::invalid_argument("p.yaml:1:1: bad (hint: fix)"));
+        assert_eq!(
+            e.downcast_ref::<InvalidPolicy>().map(|i| i.0.as_str()),
+            Some("p.yaml:1:1: bad (hint: fix)")
+        );
+        let e = policy_status_err(tonic::Status::not_found("no revision 9"));
+        assert!(e.downcast_ref::<InvalidPolicy>().is_none());
+        assert_eq!(e.to_string(), "no revision 9");
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(ago_at(0, 100), "never");
+        assert_eq!(ago_at(100, 159), "59s ago");
+        assert_eq!(ago_at(100, 100 + 7200), "2h ago");
+        assert_eq!(ago_at(100, 100 + 3 * 86400), "3d ago");
+    }
+
+    #[test]
+    fn nodes_table_puts_placement_after_state() {
+        let n = Node {
+            name: "db-1".into(),
+            id: "n1".into(),
+            overlay_ip: "100.64.0.2".into(),
+            state: "connected".into(),
+            agent_version: "0.1.0".into(),
+            placement: Some(Placement {
+                environment: "production".into(),
+                pool: "fast-nvme".into(),
+                cohorts: vec!["hub-enclave".into(), "storage".into()],
+                ..Default::default()
+            }),
+            convergence: "converged".into(),
+            ..Default::default()
+        };
+        let unplaced = Node {
+            name: "x".into(),
+            id: "n2".into(),
+            state: "lost".into(),
+            ..Default::default()
+        };
+        let lines: Vec<String> = nodes_table(&[n.clone(), unplaced.clone()], false)
+            .to_string()
+            .lines()
+            .map(|l| l.trim_end().to_string())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                " NAME  ID  OVERLAY-IP  STATE      ENV         POOL       COHORTS              LAST-SEEN  VERSION  CPUS  MEMORY",
+                " db-1  n1  100.64.0.2  connected  production  fast-nvme  hub-enclave,storage  never      0.1.0    -     -",
+                " x     n2              lost       -           -          -                    never               -     -",
+            ]
+        );
+        let wide = nodes_table(&[n, unplaced], true).to_string();
+        let header = wide.lines().next().unwrap_or_default();
+        assert!(
+            header
+                .trim_end()
+                .ends_with("PLATFORM  INSTANCE-TYPE  ZONE  DISKS  CONVERGED"),
+            "{wide}"
+        );
+        assert!(
+            wide.lines()
+                .nth(1)
+                .unwrap_or_default()
+                .trim_end()
+                .ends_with("-      yes"),
+            "{wide}"
+        );
     }
 }
