@@ -322,6 +322,7 @@ impl State {
                     .collect(),
                 ..ApplyOutcome::default()
             };
+            out.changes.sort_by(|a, b| a.0.cmp(&b.0));
             if current_digest == digest && diff.is_empty() {
                 out.unchanged = true;
                 return Ok(out);
