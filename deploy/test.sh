@@ -9,8 +9,8 @@ command -v cargo >/dev/null 2>&1 || {
     echo "test.sh: cargo not found: install Rust with rustup (https://rustup.rs)" >&2
     exit 1
 }
-# The tests lint deploy/*.sh with the shellcheck package.
-./deploy/deps.sh shellcheck
+# The tests lint deploy/*.sh with the shellcheck package; probe_auth captures a latency probe with tcpdump.
+./deploy/deps.sh shellcheck tcpdump
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The e2e tests start the real binaries from target/debug.

@@ -405,30 +405,7 @@ fn validate_kubelet_arg(name: &str, value: &str) -> Result<(), KubeError> {
     Ok(())
 }
 
-fn is_qualified_name(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
-}
-
-fn is_dns_subdomain(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 253
-        && s.split('.').all(|label| {
-            let l = label.as_bytes();
-            !l.is_empty()
-                && l.len() <= 63
-                && l[0].is_ascii_alphanumeric()
-                && l[l.len() - 1].is_ascii_alphanumeric()
-                && l.iter()
-                    .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
-        })
-}
+use policy::k8s_syntax::{is_dns_subdomain, is_label_name as is_qualified_name};
 
 #[cfg(test)]
 mod tests {

@@ -122,4 +122,8 @@ pub use model::{
     COHORT_LABEL_PREFIX, Cohort, Credentials, ENV_LABEL, Environment, EnvironmentMatch, ItemKind, KubeadmApi,
     Kubernetes, LABEL_DOMAIN, POLICY_VERSION, POOL_LABEL, Policy, Pool, PoolMatch, Taint, TaintEffect,
 };
+/// Kubernetes name syntax, shared with the kube crate (which checks again what it renders).
+pub mod k8s_syntax {
+    pub use crate::syntax::{is_dns_subdomain, is_label_name};
+}
 pub use place::{Assignment, NodeFacts, NodePlacement, Placement, Warning, has_local_nvme, place, place_with_previous};

@@ -46,7 +46,7 @@ const VALUE_HINT: &str = "a label value is empty or at most 63 characters of A-Z
                           starting and ending with a letter or digit";
 
 /// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`, at most 63 characters (the name part of a key, and a value).
-fn is_label_name(s: &str) -> bool {
+pub fn is_label_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
@@ -57,7 +57,7 @@ fn is_label_name(s: &str) -> bool {
 }
 
 /// RFC 1123 DNS subdomain: lowercase labels of `[a-z0-9]([-a-z0-9]*[a-z0-9])?` joined by dots, at most 253.
-pub(crate) fn is_dns_subdomain(s: &str) -> bool {
+pub fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
