@@ -70,6 +70,16 @@ pub struct Settings {
     /// Longest the metadata lookup may take. [default: 2s]
     #[arg(long, env = "NIMBUS_METADATA_TIMEOUT")]
     pub metadata_timeout: Option<String>,
+    /// The kubeadm executable run to join the node to its environment's cluster. [default: kubeadm]
+    #[arg(long, env = "NIMBUS_KUBEADM")]
+    pub kubeadm: Option<PathBuf>,
+    /// Where kubeadm keeps kubelet.conf and the PKI (read to tell whether the node is joined).
+    /// [default: /etc/kubernetes]
+    #[arg(long, env = "NIMBUS_KUBERNETES_DIR")]
+    pub kubernetes_dir: Option<PathBuf>,
+    /// The kubelet's state directory (evidence of a half-finished join). [default: /var/lib/kubelet]
+    #[arg(long, env = "NIMBUS_KUBELET_DIR")]
+    pub kubelet_dir: Option<PathBuf>,
     /// Log format: text or json. [default: text]
     #[arg(long, env = "NIMBUS_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -108,6 +118,8 @@ pub struct Config {
     pub probe_listen: Option<SocketAddr>,
     /// `None` when metadata lookups are off.
     pub metadata: Option<inventory::MetadataConfig>,
+    /// kubeadm and the directories it writes (the failure marker lives in the state dir).
+    pub kubeadm: nimbus_kube::kubeadm::Kubeadm,
     pub log_format: String,
     pub log_level: String,
 }
@@ -134,7 +146,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             state_dir, coordinator, ca_pin, node_name, machine_id, tun_name, wg_listen, revocation_check_after,
-            inventory_interval, probe_listen, metadata, log_format)
+            inventory_interval, probe_listen, metadata, kubeadm, log_format)
     }
 }
 
@@ -250,6 +262,16 @@ impl Config {
                 }
             }
         };
+        let defaults = nimbus_kube::kubeadm::Kubeadm::default();
+        let kubeadm = nimbus_kube::kubeadm::Kubeadm {
+            binary: o.kubeadm.or(file.kubeadm).unwrap_or(defaults.binary),
+            kubernetes_dir: o
+                .kubernetes_dir
+                .or(file.kubernetes_dir)
+                .unwrap_or(defaults.kubernetes_dir),
+            kubelet_dir: o.kubelet_dir.or(file.kubelet_dir).unwrap_or(defaults.kubelet_dir),
+            failure_marker: state_dir.join("kubeadm-join-failed"),
+        };
         let log_format = o.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
         check::log_format(&log_format, &mut errs);
         let log_level = o.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
@@ -268,6 +290,7 @@ impl Config {
                 inventory_interval,
                 probe_listen,
                 metadata,
+                kubeadm,
                 log_format,
                 log_level,
             }),

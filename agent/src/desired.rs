@@ -83,6 +83,8 @@ pub fn apply(dir: &Path, d: &DesiredState) -> Option<ObservedState> {
         generation: d.generation,
         policy_revision: d.policy_revision,
         error,
+        kubelet: String::new(),
+        join_error: String::new(),
     })
 }
 
@@ -109,6 +111,7 @@ mod tests {
                 }],
             }),
             policy_revision: 3,
+            join: None,
         }
     }
 

@@ -24,6 +24,7 @@ pub mod enroll;
 pub mod error;
 pub mod identity;
 pub mod inventory;
+pub mod join;
 pub mod probes;
 pub mod run;
 pub mod uevent;

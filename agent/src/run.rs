@@ -153,7 +153,7 @@ async fn stay_connected(
     let mut last_ok = Instant::now();
     let mut last_check = Instant::now();
     loop {
-        match session(id, &cfg.state_dir, stop.clone(), latest.clone(), probes, events).await {
+        match session(id, cfg, stop.clone(), latest.clone(), probes, events).await {
             Ok(()) => {
                 last_ok = Instant::now();
                 backoff.reset();
@@ -223,10 +223,43 @@ fn failed(established: bool, why: impl std::fmt::Display) -> SessionError {
     }
 }
 
+/// Starts the kubelet join a desired state asks for; its result goes up this stream (if it is still open; a
+/// reconnecting agent pulls its desired state again and finds the node joined).
+fn start_join(
+    cfg: &Config,
+    id: &Identity,
+    d: &nimbus_proto::DesiredState,
+    tx: &tokio::sync::mpsc::Sender<nimbus_proto::AgentMessage>,
+) {
+    match crate::join::job(&id.node_name, d) {
+        Ok(None) => {}
+        Ok(Some(job)) => {
+            let tx = tx.clone();
+            crate::join::spawn(cfg.kubeadm.clone(), cfg.state_dir.clone(), job, move |observed| {
+                let _ = tx.try_send(AgentMessage {
+                    msg: Some(AgentMsg::Observed(observed)),
+                });
+            });
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "join request refused");
+            let _ = tx.try_send(AgentMessage {
+                msg: Some(AgentMsg::Observed(nimbus_proto::ObservedState {
+                    generation: d.generation,
+                    policy_revision: d.policy_revision,
+                    error: String::new(),
+                    kubelet: "failed".into(),
+                    join_error: e,
+                })),
+            });
+        }
+    }
+}
+
 /// One fleet stream, from connect to its end.
 async fn session(
     id: &Identity,
-    state_dir: &std::path::Path,
+    cfg: &Config,
     mut stop: watch::Receiver<bool>,
     mut latest: inventory::Latest,
     probes: &probes::ProbeHandle,
@@ -280,9 +313,10 @@ async fn session(
     match client.get_desired_state(DesiredStateRequest {}).await {
         Ok(d) => {
             tracing::info!(generation = d.get_ref().generation, "desired state pulled");
-            if let Some(observed) = crate::desired::apply(state_dir, d.get_ref()) {
+            if let Some(observed) = crate::desired::apply(&cfg.state_dir, d.get_ref()) {
                 let _ = tx.try_send(send(AgentMsg::Observed(observed)));
             }
+            start_join(cfg, id, d.get_ref(), &tx);
         }
         Err(s) => tracing::warn!(error = %s.message(), "cannot pull desired state"),
     }
@@ -331,11 +365,12 @@ async fn session(
                     }
                     Some(CoordMsg::DesiredState(d)) => {
                         tracing::info!(generation = d.generation, "desired state pushed");
-                        if let Some(observed) = crate::desired::apply(state_dir, &d)
+                        if let Some(observed) = crate::desired::apply(&cfg.state_dir, &d)
                             && tx.send(send(AgentMsg::Observed(observed))).await.is_err()
                         {
                             return Err(failed(true, "stream closed"));
                         }
+                        start_join(cfg, id, &d, &tx);
                     }
                     Some(CoordMsg::ProbeConfig(c)) => {
                         tracing::debug!(generation = c.generation, targets = c.targets.len(), "probe configuration");

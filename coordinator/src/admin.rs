@@ -141,6 +141,7 @@ impl AdminService {
             placement: None,
             unplaced_reason: String::new(),
             convergence: String::new(),
+            kubelet: String::new(),
         }
     }
 }
@@ -176,6 +177,12 @@ fn set_place(node: &mut Node, info: &PlaceInfo) {
         .map(crate::placement::placement_message);
     node.unplaced_reason = info.unplaced.clone().unwrap_or_default();
     node.convergence = crate::placement::convergence(&info.desired, info.observed.as_ref());
+    node.kubelet = match (&info.desired.assignment, &info.observed) {
+        (None, _) => String::new(),
+        (Some(_), Some(o)) if o.kubelet == "joined" => "joined".into(),
+        (Some(_), Some(o)) if o.kubelet == "failed" => format!("failed: {}", o.join_error),
+        (Some(_), _) => "joining".into(),
+    };
 }
 
 /// Nodes with hardware and place, the live placement's warnings and revision.

@@ -19,6 +19,8 @@ pub struct Ctx {
     pub ca_pin: pki::Pin,
     pub metrics: crate::metrics::Metrics,
     pub probes: crate::probes::Probes,
+    /// Bootstrap tokens created through the Kubernetes API, to delete after each join.
+    pub join_tokens: crate::join::Issued,
 }
 
 impl Ctx {

@@ -146,7 +146,9 @@ impl Fleet for FleetService {
         let node = node_for(&self.ctx, req.remote_addr()).await?;
         let id = node.id.clone();
         let desired = self.ctx.state(move |s| s.desired(&id)).await?;
-        Ok(Response::new(crate::placement::desired_message(&desired, &node.labels)))
+        let mut state = crate::placement::desired_message(&desired, &node.labels);
+        state.join = crate::join::instruction(&self.ctx, &node.id, &desired).await;
+        Ok(Response::new(state))
     }
 }
 
@@ -217,8 +219,19 @@ async fn handle(
                 at: SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
+                kubelet: match o.kubelet.as_str() {
+                    k @ ("joined" | "failed") => k.to_string(),
+                    _ => String::new(),
+                },
+                join_error: clip(o.join_error, 2048),
             };
             let (generation, failed) = (rec.generation, !rec.error.is_empty());
+            let kubelet = rec.kubelet.clone();
+            if kubelet == "failed" {
+                tracing::warn!(node = %node.name, error = %rec.join_error, "kubelet join failed on the node");
+            } else if kubelet == "joined" {
+                tracing::info!(node = %node.name, "kubelet joined");
+            }
             match ctx.state(move |s| s.observe(&id, rec)).await {
                 Ok(pushed) => {
                     if failed {
@@ -227,6 +240,7 @@ async fn handle(
                         tracing::info!(node = %node.name, generation, "desired state applied");
                     }
                     crate::placement::push(ctx, pushed).await;
+                    crate::join::reported(ctx, &node.id, &kubelet).await;
                 }
                 Err(e) => tracing::warn!(node = %node.name, error = %e.message(), "observed state refused"),
             }

@@ -29,6 +29,7 @@ pub mod enroll;
 pub mod error;
 pub mod fleet;
 pub mod ipam;
+pub mod join;
 pub mod metrics;
 pub mod placement;
 pub mod probes;

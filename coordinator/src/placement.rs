@@ -100,6 +100,12 @@ pub struct ObservedRecord {
     /// Empty when applied.
     pub error: String,
     pub at: u64,
+    /// "joined" or "failed" once the agent ran a kubelet join; "" before.
+    #[serde(default)]
+    pub kubelet: String,
+    /// Where the last join failed (redacted by the agent).
+    #[serde(default)]
+    pub join_error: String,
 }
 
 /// A running rollout of disruptive changes.
@@ -184,6 +190,19 @@ impl State {
             .map(|(r, _)| r))
     }
 
+    /// The current policy, if one was applied.
+    pub fn current_policy(&self) -> Result<Option<Policy>, StateError> {
+        let Some(rev) = self.policy_revision(0)? else {
+            return Ok(None);
+        };
+        Policy::from_canonical_json(&rev.canonical)
+            .map(Some)
+            .map_err(|e| StateError::Corrupt {
+                key: format!("{REVISIONS}{:020}", rev.revision),
+                reason: e.to_string(),
+            })
+    }
+
     /// Every revision, newest first.
     pub fn policy_revisions(&self) -> Result<Vec<PolicyRevisionRecord>, StateError> {
         let mut out = Vec::new();
@@ -220,6 +239,14 @@ impl State {
                 "node {id} reports generation {} but was only given {}",
                 observed.generation, desired.generation
             )));
+        }
+        // A report that does not speak about the kubelet keeps what the last one said.
+        let mut observed = observed;
+        if observed.kubelet.is_empty()
+            && let Some(old) = self.observed(id)?
+        {
+            observed.kubelet = old.kubelet;
+            observed.join_error = old.join_error;
         }
         let key = observed_key(id);
         let value = encode(&key, &observed)?;
@@ -603,6 +630,7 @@ pub fn desired_message(d: &DesiredRecord, labels: &BTreeMap<String, String>) -> 
         labels: labels.clone().into_iter().collect(),
         placement: d.assignment.as_ref().map(placement_message),
         policy_revision: d.policy_revision,
+        join: None,
     }
 }
 
@@ -626,10 +654,10 @@ pub async fn push(ctx: &crate::context::Ctx, pushed: Vec<(String, DesiredRecord)
             Ok(Some(n)) => n.labels,
             _ => continue,
         };
+        let mut state = desired_message(&desired, &labels);
+        state.join = crate::join::instruction(ctx, &id, &desired).await;
         let msg = nimbus_proto::CoordinatorMessage {
-            msg: Some(nimbus_proto::coordinator_message::Msg::DesiredState(desired_message(
-                &desired, &labels,
-            ))),
+            msg: Some(nimbus_proto::coordinator_message::Msg::DesiredState(state)),
         };
         let sent = ctx.sessions.send(&id, msg);
         tracing::info!(node_id = %id, generation = desired.generation, sent, "desired state changed");
@@ -830,6 +858,7 @@ environments:
             policy_revision: 1,
             error: String::new(),
             at: 1,
+            ..Default::default()
         };
         s.observe(&late, ok.clone()).unwrap();
         assert_eq!(
@@ -849,6 +878,7 @@ environments:
                 policy_revision: d.policy_revision,
                 error: String::new(),
                 at: 1,
+                ..Default::default()
             },
         )
         .unwrap()

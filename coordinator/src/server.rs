@@ -215,6 +215,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
             window: config_probe.1,
             key_rotation: config_probe.2,
         }),
+        join_tokens: crate::join::Issued::default(),
     });
 
     // Every active node is a WireGuard peer again after a restart.

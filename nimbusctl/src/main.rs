@@ -374,6 +374,7 @@ fn node_json(n: &Node) -> serde_json::Value {
         "inventory_updated_unix": n.inventory_updated_unix,
         "inventory_history": n.inventory_history.iter().map(|c| serde_json::json!({"at_unix": c.at_unix, "changes": c.changes})).collect::<Vec<_>>(),
         "placement": placement, "unplaced_reason": unplaced_reason, "convergence": convergence,
+        "kubelet": n.kubelet,
     })
 }
 

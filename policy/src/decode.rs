@@ -18,7 +18,13 @@ use crate::syntax::{self, Problem};
 pub(crate) const TOP_FIELDS: &[&str] = &["version", "environments", "pools", "cohorts"];
 pub(crate) const ENV_FIELDS: &[&str] = &["name", "match", "kubernetes"];
 pub(crate) const ENV_MATCH_FIELDS: &[&str] = &["labels"];
-pub(crate) const KUBERNETES_FIELDS: &[&str] = &["api_endpoint", "ca_cert_hash", "kubeadm_api", "credentials"];
+pub(crate) const KUBERNETES_FIELDS: &[&str] = &[
+    "api_endpoint",
+    "ca_cert_hash",
+    "kubeadm_api",
+    "credentials",
+    "join_token_command",
+];
 pub(crate) const CREDENTIALS_FIELDS: &[&str] = &["kubeconfig", "token_command"];
 pub(crate) const POOL_FIELDS: &[&str] = &[
     "name",
@@ -166,6 +172,16 @@ impl<'n> MapView<'n> {
     }
 }
 
+/// What [`Dec::argv`] checks beyond "a list of strings whose program is not empty".
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ArgvRules {
+    /// `credentials.token_command`: nothing more (the program may be found on `PATH`, as in
+    /// `[aws, eks, get-token, ...]`; kept as it was so existing policies stay valid).
+    Token,
+    /// `join_token_command`: the program is an absolute path and no argument is empty.
+    Strict,
+}
+
 fn quote_list(names: &[&str]) -> String {
     names.join(", ")
 }
@@ -296,6 +312,51 @@ impl Dec<'_> {
             }
         }
         Some(out)
+    }
+
+    /// A command's argv (run without a shell): a list of strings whose first entry, the program, is not empty.
+    /// [`ArgvRules::Strict`] also wants the program as an absolute path and no empty argument. `field` names
+    /// the list in messages, `ctx` the entry it belongs to (`environment "prod"`), `fctx` the mapping holding
+    /// it; `example` is shown in the hint of an empty list.
+    fn argv(
+        &mut self,
+        f: Field<'_>,
+        field: &str,
+        fctx: &str,
+        ctx: &str,
+        rules: ArgvRules,
+        example: &str,
+    ) -> Option<Vec<String>> {
+        let total = match f.node {
+            Node::Sequence(seq) => seq.len(),
+            _ => 0,
+        };
+        let argv = self.strings(f, field, fctx)?;
+        if argv.first().is_none_or(|(a, _)| a.is_empty()) {
+            self.error(
+                f.pos(),
+                format!("{field} of {ctx} is empty"),
+                format!("give the command and its arguments, e.g. {example}"),
+            );
+        } else if rules == ArgvRules::Strict && argv.len() == total {
+            // Only when every entry is a string: otherwise the indices below would be off.
+            for (i, (arg, pos)) in argv.iter().enumerate() {
+                if i == 0 && !arg.starts_with('/') {
+                    self.error(
+                        *pos,
+                        format!("program {arg:?} of {field} of {ctx} is not an absolute path"),
+                        "write the program's absolute path, e.g. /usr/local/bin/mint-join-token",
+                    );
+                } else if i > 0 && arg.is_empty() {
+                    self.error(
+                        *pos,
+                        format!("argument #{i} of {field} of {ctx} is empty"),
+                        "remove it or write the argument (the command runs without a shell)",
+                    );
+                }
+            }
+        }
+        Some(argv.into_iter().map(|(a, _)| a).collect())
     }
 
     /// A list of strings that is a set: must not be empty (when `non_empty_hint` is given) and must not repeat.
@@ -506,6 +567,7 @@ fn environment(d: &mut Dec<'_>, idx: usize, node: &Node) -> Option<(Environment,
         ca_cert_hash: String::new(),
         kubeadm_api: KubeadmApi::default(),
         credentials: Credentials::Kubeconfig(String::new()),
+        join_token_command: None,
     };
     if let Some(f) = d.required(
         &m,
@@ -535,6 +597,7 @@ fn decode_kubernetes(d: &mut Dec<'_>, km: &MapView<'_>, kctx: &str, ctx: &str) -
         ca_cert_hash: String::new(),
         kubeadm_api: KubeadmApi::default(),
         credentials: Credentials::Kubeconfig(String::new()),
+        join_token_command: None,
     };
     if let Some(f) = d.required(
         km,
@@ -606,18 +669,28 @@ fn decode_kubernetes(d: &mut Dec<'_>, km: &MapView<'_>, kctx: &str, ctx: &str) -
                 }
             }
             (None, Some(cf)) => {
-                if let Some(argv) = d.strings(cf, "token_command", &cctx) {
-                    if argv.first().is_none_or(|(a, _)| a.is_empty()) {
-                        d.error(
-                            cf.pos(),
-                            format!("token_command of {ctx} is empty"),
-                            "give the command and its arguments, e.g. [aws, eks, get-token, --cluster-name, prod]",
-                        );
-                    }
-                    k.credentials = Credentials::TokenCommand(argv.into_iter().map(|(a, _)| a).collect());
+                if let Some(argv) = d.argv(
+                    cf,
+                    "token_command",
+                    &cctx,
+                    ctx,
+                    ArgvRules::Token,
+                    "[aws, eks, get-token, --cluster-name, prod]",
+                ) {
+                    k.credentials = Credentials::TokenCommand(argv);
                 }
             }
         }
+    }
+    if let Some(f) = km.get("join_token_command") {
+        k.join_token_command = d.argv(
+            f,
+            "join_token_command",
+            kctx,
+            ctx,
+            ArgvRules::Strict,
+            "[/usr/local/bin/mint-join-token, --cluster, prod]",
+        );
     }
     k
 }

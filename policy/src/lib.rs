@@ -64,6 +64,7 @@
 //!       ca_cert_hash: "sha256:<64 hex>"        # kubeadm discovery hash
 //!       kubeadm_api: v1beta4                   # v1beta3 | v1beta4 (default v1beta4)
 //!       credentials: { kubeconfig: /etc/nimbus/envs/production.kubeconfig }  # or { token_command: [argv..] }
+//!       join_token_command: [/usr/local/bin/mint-join-token, --cluster, prod]  # optional: bootstrap tokens
 //! pools:                                       # required, at least one
 //!   - name: fast-nvme
 //!     environments: [production, staging]     # optional; default all

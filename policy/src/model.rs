@@ -163,8 +163,15 @@ pub struct Kubernetes {
     /// kubeadm configuration API version to write. Default [`KubeadmApi::V1beta4`].
     #[serde(default)]
     pub kubeadm_api: KubeadmApi,
-    /// How the coordinator talks to the cluster.
+    /// How the coordinator talks to the cluster (labels, taints, drain; and bootstrap tokens unless
+    /// `join_token_command` is given).
     pub credentials: Credentials,
+    /// argv of a command (run without a shell) that prints one kubeadm bootstrap token
+    /// (`[a-z0-9]{6}.[a-z0-9]{16}`) for a node joining this cluster, e.g.
+    /// `[/usr/local/bin/mint-join-token, --cluster, prod]`. `None`: tokens are created through the Kubernetes
+    /// API with `credentials`. The program is an absolute path and no entry is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_token_command: Option<Vec<String>>,
 }
 
 /// kubeadm configuration API versions: `v1beta3` (kubeadm 1.22-1.30) and `v1beta4` (1.31 and later).

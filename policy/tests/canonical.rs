@@ -39,8 +39,8 @@ fn the_example_file_is_valid_and_covers_the_schema() {
         ])
     );
     let loc = p.locate(ItemKind::Pool, "fast-nvme").unwrap();
-    assert_eq!((loc.file.as_str(), loc.line), ("deploy/examples/policy.yaml", 44));
-    assert_eq!(loc.to_string(), "deploy/examples/policy.yaml:44:5");
+    assert_eq!((loc.file.as_str(), loc.line), ("deploy/examples/policy.yaml", 48));
+    assert_eq!(loc.to_string(), "deploy/examples/policy.yaml:48:5");
     assert_eq!(p.locate(ItemKind::Cohort, "nope"), None);
 }
 
@@ -131,4 +131,46 @@ fn canonical_json_is_validated_like_a_file() {
     assert_eq!(e.0.len(), 1);
     assert!(e.0[0].message.starts_with("invalid JSON: "), "{e}");
     assert!(serde_json::from_str::<Policy>(&json).is_err());
+}
+
+#[test]
+fn the_digest_of_the_example_is_pinned() {
+    // Pinned before `join_token_command` was added: optional fields that are absent must not change the
+    // canonical JSON (and so the digest) of existing policies.
+    let p = policy::parse("policy.yaml", &example_text()).unwrap();
+    assert_eq!(
+        p.digest(),
+        "sha256:f6c2f3aa49cd21e14791f992d4952be0d3683aecc9ac4f472fea9670c80d50be"
+    );
+}
+
+#[test]
+fn join_token_command_is_canonical_only_when_given() {
+    let without = policy::parse("p.yaml", &doc("pools:\n  - name: p\n    match: {}\n")).unwrap();
+    assert!(!without.to_canonical_json().contains("join_token_command"));
+    let with = policy::parse(
+        "p.yaml",
+        &doc("pools:\n  - name: p\n    match: {}\n").replace(
+            "credentials: { kubeconfig: /k/dev }",
+            "credentials: { kubeconfig: /k/dev }\n      join_token_command: [/usr/local/bin/mint-join-token, --cluster, dev]",
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let json = with.to_canonical_json();
+    assert!(
+        json.contains(r#""join_token_command":["/usr/local/bin/mint-join-token","--cluster","dev"]"#),
+        "{json}"
+    );
+    assert_ne!(with.digest(), without.digest());
+    let back = Policy::from_canonical_json(&json).unwrap_or_else(|e| panic!("{e}\n{json}"));
+    assert_eq!(back, with);
+    assert_eq!(back.to_canonical_json(), json);
+    // Canonical JSON is validated like a file: a relative program is refused there too.
+    let bad = json.replace("/usr/local/bin/mint-join-token", "mint-join-token");
+    let e = Policy::from_canonical_json(&bad).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "<canonical>:0:0: program \"mint-join-token\" of join_token_command of environment \"dev\" is not an \
+         absolute path (hint: write the program's absolute path, e.g. /usr/local/bin/mint-join-token)"
+    );
 }

@@ -470,3 +470,123 @@ fn hostile_input_is_an_error_not_a_panic() {
         "{e}"
     );
 }
+
+/// A policy whose one environment `prod` has `join_token_command: VALUE` on line 9, column 27.
+fn with_join_token_command(value: &str) -> String {
+    format!(
+        "version: 1\nenvironments:\n  - name: prod\n    match: {{}}\n    kubernetes:\n      api_endpoint: \"h:1\"\n      ca_cert_hash: \"{HASH}\"\n      credentials: {{ kubeconfig: /k }}\n      join_token_command: {value}\n{POOL}"
+    )
+}
+
+#[test]
+fn join_token_command_table() {
+    // (case, value, expected argv when valid, expected full diagnostics when not)
+    type Case = (&'static str, &'static str, Option<Vec<&'static str>>, Vec<&'static str>);
+    let cases: Vec<Case> = vec![
+        (
+            "accepted",
+            "[/usr/local/bin/mint-join-token, --cluster, prod]",
+            Some(vec!["/usr/local/bin/mint-join-token", "--cluster", "prod"]),
+            vec![],
+        ),
+        ("accepted, program only", "[/bin/mint]", Some(vec!["/bin/mint"]), vec![]),
+        ("null is absent", "null", None, vec![]),
+        (
+            "empty list",
+            "[]",
+            None,
+            vec![
+                "p.yaml:9:27: join_token_command of environment \"prod\" is empty (hint: give the command and its \
+                 arguments, e.g. [/usr/local/bin/mint-join-token, --cluster, prod])",
+            ],
+        ),
+        (
+            "empty program",
+            "[\"\", --cluster]",
+            None,
+            vec![
+                "p.yaml:9:27: join_token_command of environment \"prod\" is empty (hint: give the command and its \
+                 arguments, e.g. [/usr/local/bin/mint-join-token, --cluster, prod])",
+            ],
+        ),
+        (
+            "relative path",
+            "[mint-join-token, --cluster, prod]",
+            None,
+            vec![
+                "p.yaml:9:28: program \"mint-join-token\" of join_token_command of environment \"prod\" is not an \
+                 absolute path (hint: write the program's absolute path, e.g. /usr/local/bin/mint-join-token)",
+            ],
+        ),
+        (
+            "empty argument",
+            "[/bin/mint, \"\", prod]",
+            None,
+            vec![
+                "p.yaml:9:39: argument #1 of join_token_command of environment \"prod\" is empty (hint: remove it or \
+                 write the argument (the command runs without a shell))",
+            ],
+        ),
+        (
+            "non-string entry",
+            "[/bin/mint, [--cluster], { a: b }]",
+            None,
+            vec![
+                "p.yaml:9:39: expected a string for an entry of `join_token_command` in kubernetes of environment \
+                 \"prod\", found a list (hint: write a single value)",
+                "p.yaml:9:52: expected a string for an entry of `join_token_command` in kubernetes of environment \
+                 \"prod\", found a mapping (hint: write a single value)",
+            ],
+        ),
+        (
+            "not a list",
+            "/usr/local/bin/mint-join-token --cluster prod",
+            None,
+            vec![
+                "p.yaml:9:27: expected a list for `join_token_command` in kubernetes of environment \"prod\", found \
+                 a string (hint: write [a, b] or one `- item` per line)",
+            ],
+        ),
+    ];
+    for (case, value, argv, want) in cases {
+        let text = with_join_token_command(value);
+        match policy::parse("p.yaml", &text) {
+            Ok(p) => {
+                assert!(want.is_empty(), "{case}: parsed, wanted {want:?}");
+                let got = p.environment("prod").unwrap().kubernetes.join_token_command.clone();
+                let argv = argv.map(|v| v.into_iter().map(String::from).collect::<Vec<_>>());
+                assert_eq!(got, argv, "{case}");
+            }
+            Err(e) => {
+                let got: Vec<String> = e.0.iter().map(|d| d.to_string()).collect();
+                assert_eq!(got, want, "{case}");
+            }
+        }
+    }
+}
+
+#[test]
+fn join_token_command_is_a_known_field() {
+    assert_eq!(
+        only(&with_join_token_command("[/bin/mint]").replace("join_token_command", "join_command")),
+        "p.yaml:9:7: unknown field `join_command` in kubernetes of environment \"prod\" (hint: allowed fields: \
+         api_endpoint, ca_cert_hash, kubeadm_api, credentials, join_token_command)"
+    );
+}
+
+#[test]
+fn token_command_rules_are_unchanged() {
+    // `credentials.token_command` shares the argv checks but keeps its rules: a program found on PATH and
+    // empty arguments stay valid.
+    let text = with_join_token_command("null").replace(
+        "credentials: { kubeconfig: /k }",
+        "credentials: { token_command: [aws, eks, get-token, \"\"] }",
+    );
+    let p = policy::parse("p.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+    let k = &p.environment("prod").unwrap().kubernetes;
+    assert_eq!(
+        k.credentials,
+        policy::Credentials::TokenCommand(vec!["aws".into(), "eks".into(), "get-token".into(), String::new()])
+    );
+    assert_eq!(k.join_token_command, None);
+}

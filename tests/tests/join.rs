@@ -1,0 +1,162 @@
+//! End-to-end: kubelet join. A policy whose environment mints bootstrap tokens with an operator command puts
+//! two agents in pools; each node is handed its own token over its own stream and runs `kubeadm join --config`
+//! exactly once with its name and polynimbus.io labels; a coordinator restart joins nobody again.
+//! kubeadm is the TEST STAND-IN kube/tests/fixtures/kubeadm-stand-in.sh (no cluster can run here); the token
+//! command is a stand-in script printing random tokens. Needs root and the binaries.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use e2e::fleet::{JoinToken, agent_name, str_field};
+use e2e::{Fleet, eventually_patiently, require_root};
+
+const API: &str = "10.0.0.10:6443";
+
+fn executable(path: &Path, body: &str) {
+    std::fs::write(path, body).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn token(fleet: &Fleet, tier: &str) -> JoinToken {
+    let labels = format!("env=prod,tier={tier}");
+    let json = fleet.ctl_json(&["token", "create", "--ttl", "1h", "--uses", "1", "--labels", &labels]);
+    JoinToken {
+        token: json["token"].as_str().unwrap().to_string(),
+        id: json["token_id"].as_str().unwrap().to_string(),
+        ca_pin: json["ca_pin"].as_str().unwrap().to_string(),
+        json,
+    }
+}
+
+/// A per-agent copy of the kubeadm stand-in with its control file; returns (binary, kubernetes dir, kubelet dir).
+fn stand_in_kubeadm(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let src = e2e::env::workspace_dir().join("kube/tests/fixtures/kubeadm-stand-in.sh");
+    let bin = dir.join("kubeadm");
+    executable(&bin, &std::fs::read_to_string(src).unwrap());
+    let (k, l) = (dir.join("etc-kubernetes"), dir.join("var-lib-kubelet"));
+    std::fs::write(
+        dir.join("control"),
+        format!(
+            "kubernetes_dir={}\nkubelet_dir={}\nserver=https://{API}\n",
+            k.display(),
+            l.display()
+        ),
+    )
+    .unwrap();
+    (bin, k, l)
+}
+
+fn joins(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("calls.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("join "))
+        .count()
+}
+
+#[test]
+fn each_node_joins_once_with_its_own_token_and_labels() {
+    if !require_root() {
+        return;
+    }
+    let mut fleet = Fleet::start(2);
+    let work = fleet.work_dir().to_path_buf();
+    let mint = work.join("mint-join-token");
+    executable(
+        &mint,
+        "#!/bin/sh\n# TEST STAND-IN for an operator's join-token command: prints a fresh kubeadm bootstrap token.\n\
+         id=$(tr -dc a-z0-9 </dev/urandom | head -c 6)\nsecret=$(tr -dc a-z0-9 </dev/urandom | head -c 16)\n\
+         echo \"$id.$secret\" >> \"$(dirname \"$0\")/minted.log\"\necho \"$id.$secret\"\n",
+    );
+    let (db, web) = (token(&fleet, "db"), token(&fleet, "web"));
+    let mut dirs = Vec::new();
+    for i in 1..=2 {
+        let dir = work.join(format!("kubeadm-{i}"));
+        let (bin, k, l) = stand_in_kubeadm(&dir);
+        let args = [
+            "--kubeadm".to_string(),
+            bin.display().to_string(),
+            "--kubernetes-dir".into(),
+            k.display().to_string(),
+            "--kubelet-dir".into(),
+            l.display().to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fleet.start_agent(i, Some(if i == 1 { &db } else { &web }), &args);
+        dirs.push(dir);
+    }
+    fleet.wait_connected(&[agent_name(1), agent_name(2)]);
+
+    let policy = format!(
+        "version: 1\nenvironments:\n  - name: production\n    match: {{ labels: {{ env: prod }} }}\n    kubernetes:\n      api_endpoint: \"{API}\"\n      ca_cert_hash: \"sha256:{}\"\n      credentials: {{ kubeconfig: /etc/nimbus/prod.kubeconfig }}\n      join_token_command: [{}]\npools:\n  - name: db\n    match: {{ labels: {{ tier: db }} }}\n  - name: web\n    match: {{ labels: {{ tier: web }} }}\ncohorts:\n  - name: hub-enclave\n    pools: [db]\n    taints: [ {{ key: polynimbus.io/enclave, value: \"true\", effect: NoSchedule }} ]\n  - name: edge\n    pools: [web]\n",
+        "ab".repeat(32),
+        mint.display()
+    );
+    let file = work.join("policy.yaml");
+    std::fs::write(&file, policy).unwrap();
+    let out = fleet.ctl(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    eventually_patiently(|| {
+        let nodes = fleet.nodes();
+        let states: Vec<String> = nodes.iter().map(|n| str_field(n, "kubelet").to_string()).collect();
+        if states.len() == 2 && states.iter().all(|s| s == "joined") {
+            Ok(())
+        } else {
+            Err(format!("kubelet states {states:?}"))
+        }
+    });
+    let minted: Vec<String> = std::fs::read_to_string(work.join("minted.log"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mut used = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        assert_eq!(joins(dir), 1, "agent-{} joined exactly once", i + 1);
+        let config = std::fs::read_to_string(dir.join("join-1.yaml")).unwrap();
+        assert!(config.contains(&format!("name: agent-{}", i + 1)), "{config}");
+        let pool = if i == 0 { "db" } else { "web" };
+        assert!(config.contains(&format!("polynimbus.io/pool={pool}")), "{config}");
+        if i == 0 {
+            assert!(
+                config.contains("key: polynimbus.io/enclave"),
+                "the cohort's taint: {config}"
+            );
+        }
+        assert_eq!(std::fs::read_to_string(dir.join("join-1.mode")).unwrap().trim(), "600");
+        let tok = minted
+            .iter()
+            .find(|t| config.contains(t.as_str()))
+            .unwrap_or_else(|| panic!("agent-{} joined with a token the command never minted", i + 1));
+        used.push(tok.clone());
+        let secret = tok.split('.').nth(1).unwrap();
+        assert!(
+            !fleet.agent(i + 1).log().contains(secret),
+            "the token's secret never reaches the log"
+        );
+        assert!(!fleet.coordinator().log().contains(secret), "nor the coordinator's log");
+        assert!(
+            !fleet.agent_state_dir(i + 1).join("kubeadm-join.yaml").exists(),
+            "the join configuration (it holds the token) is removed after the join"
+        );
+    }
+    assert_ne!(used[0], used[1], "every node gets its own token");
+
+    // A restart of the coordinator joins nobody again and mints no new token.
+    let minted_before = minted.len();
+    fleet.coordinator().terminate().unwrap();
+    assert!(fleet.coordinator().wait_exit(e2e::patience()).is_some());
+    fleet.start_coordinator();
+    fleet.wait_connected(&[agent_name(1), agent_name(2)]);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(dirs.iter().all(|d| joins(d) == 1));
+    let minted_after = std::fs::read_to_string(work.join("minted.log"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(minted_after, minted_before, "no token for a joined node");
+    assert!(fleet.nodes().iter().all(|n| str_field(n, "kubelet") == "joined"));
+}
