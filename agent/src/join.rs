@@ -78,6 +78,42 @@ where
     });
 }
 
+/// Decommission: undo the join (`kubeadm reset --force` when any trace of one exists), forget the desired
+/// state, and report `kubelet: reset` (or `failed` with the reason).
+pub fn spawn_reset<F>(kubeadm: Kubeadm, state_dir: PathBuf, report: F)
+where
+    F: FnOnce(ObservedState) + Send + 'static,
+{
+    tokio::spawn(async move {
+        let generation = crate::desired::load(&state_dir).map_or(0, |r| r.generation);
+        let result = match kubeadm.state("") {
+            nimbus_kube::kubeadm::JoinState::NotJoined => Ok(false),
+            _ => kubeadm.reset(STEP_TIMEOUT).await.map(|()| true),
+        };
+        let _ = std::fs::remove_file(state_dir.join(crate::desired::DESIRED_FILE));
+        let (kubelet, join_error) = match result {
+            Ok(ran) => {
+                tracing::warn!(
+                    kubeadm_reset = ran,
+                    "decommissioned: kubelet reset, desired state forgotten"
+                );
+                ("reset", String::new())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "decommission: kubeadm reset failed");
+                ("failed", format!("kubeadm reset: {e}"))
+            }
+        };
+        report(ObservedState {
+            generation,
+            policy_revision: 0,
+            error: String::new(),
+            kubelet: kubelet.into(),
+            join_error,
+        });
+    });
+}
+
 async fn run(kubeadm: &Kubeadm, state_dir: &Path, job: Job) -> ObservedState {
     let policy = RetryPolicy {
         attempts: 1,

@@ -372,6 +372,15 @@ async fn session(
                         }
                         start_join(cfg, id, &d, &tx);
                     }
+                    Some(CoordMsg::Decommission(d)) => {
+                        tracing::warn!(reason = %d.reason, "the coordinator is decommissioning this node");
+                        let tx = tx.clone();
+                        crate::join::spawn_reset(cfg.kubeadm.clone(), cfg.state_dir.clone(), move |observed| {
+                            let _ = tx.try_send(AgentMessage {
+                                msg: Some(AgentMsg::Observed(observed)),
+                            });
+                        });
+                    }
                     Some(CoordMsg::ProbeConfig(c)) => {
                         tracing::debug!(generation = c.generation, targets = c.targets.len(), "probe configuration");
                         probes.configure(c);

@@ -15,6 +15,7 @@ use nimbus_proto::{
     LatencyRequest, ListNodesRequest, ListNodesResponse, ListTokensRequest, ListTokensResponse, Node, PlanRequest,
     PlanResponse, RevokeNodeRequest, RevokeNodeResponse, RevokeTokenRequest, RevokeTokenResponse, Revoked, TokenInfo,
 };
+use nimbus_proto::{DecommissionRequest, DecommissionResponse};
 use tonic::{Request, Response, Status};
 
 use crate::context::{Ctx, key_display, key_from_id};
@@ -144,6 +145,36 @@ impl AdminService {
             kubelet: String::new(),
         }
     }
+}
+
+/// Revokes node `name`: stored as revoked, told so over its stream (given a moment to close it), disconnected,
+/// its WireGuard peer removed and its latency series forgotten. Returns the node and whether it was connected.
+pub(crate) async fn revoke(ctx: &Ctx, name: String, reason: String) -> Result<(NodeRecord, bool), Status> {
+    let why = reason.clone();
+    let node = ctx
+        .state(move |s| s.revoke_node(&name, &why, SystemTime::now()))
+        .await?;
+    let was_connected = ctx.sessions.send(
+        &node.id,
+        CoordinatorMessage {
+            msg: Some(CoordMsg::Revoked(Revoked { reason: reason.clone() })),
+        },
+    );
+    if was_connected {
+        // Give the Revoked message time to cross the tunnel; the agent closes its stream when it has it.
+        let deadline = tokio::time::Instant::now() + REVOKE_GRACE;
+        while ctx.sessions.is_connected(&node.id) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    ctx.sessions.kick(&node.id);
+    if let Some(k) = key_from_id(&node.public_key) {
+        ctx.tunnel.remove_peer(&k);
+    }
+    ctx.metrics.node_revocations.inc();
+    ctx.probes.forget(&node.id);
+    tracing::warn!(node = %node.name, node_id = %node.id, %reason, was_connected, "node revoked; WireGuard peer removed");
+    Ok((node, was_connected))
 }
 
 /// A node's place under the current policy, read with the node.
@@ -484,6 +515,30 @@ impl Admin for AdminService {
         }
     }
 
+    async fn decommission_nodes(
+        &self,
+        req: Request<DecommissionRequest>,
+    ) -> Result<Response<DecommissionResponse>, Status> {
+        let by = caller(&req);
+        let r = req.into_inner();
+        if r.names.is_empty() {
+            return Err(Status::invalid_argument(
+                "name at least one node (`nimbusctl nodes` lists them)",
+            ));
+        }
+        let timeout = Duration::from_secs(u64::from(r.drain_timeout_secs.max(1)));
+        let mut results = Vec::new();
+        for name in r.names {
+            let result = crate::decommission::one(&self.ctx, &name, r.no_drain, timeout, &by).await;
+            let failed = !result.done;
+            results.push(result);
+            if failed {
+                break; // one at a time: a failure stops the rest
+            }
+        }
+        Ok(Response::new(DecommissionResponse { results }))
+    }
+
     async fn plan_replication(&self, req: Request<PlanRequest>) -> Result<Response<PlanResponse>, Status> {
         let r = req.into_inner();
         let plan = crate::replication::plan(&self.ctx, &r.stores_yaml).await?;
@@ -514,33 +569,7 @@ impl Admin for AdminService {
         } else {
             crate::fleet::clip(r.reason, 256)
         };
-        let name = r.name;
-        let why = reason.clone();
-        let node = self
-            .ctx
-            .state(move |s| s.revoke_node(&name, &why, SystemTime::now()))
-            .await?;
-        let was_connected = self.ctx.sessions.send(
-            &node.id,
-            CoordinatorMessage {
-                msg: Some(CoordMsg::Revoked(Revoked { reason: reason.clone() })),
-            },
-        );
-        if was_connected {
-            // Give the Revoked message time to cross the tunnel; the agent
-            // closes its stream when it has it.
-            let deadline = tokio::time::Instant::now() + REVOKE_GRACE;
-            while self.ctx.sessions.is_connected(&node.id) && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        self.ctx.sessions.kick(&node.id);
-        if let Some(k) = key_from_id(&node.public_key) {
-            self.ctx.tunnel.remove_peer(&k);
-        }
-        self.ctx.metrics.node_revocations.inc();
-        self.ctx.probes.forget(&node.id);
-        tracing::warn!(node = %node.name, node_id = %node.id, %reason, was_connected, "node revoked; WireGuard peer removed");
+        let (node, was_connected) = revoke(&self.ctx, r.name, reason).await?;
         Ok(Response::new(RevokeNodeResponse {
             node: Some(self.node_view(node, None)),
             was_connected,

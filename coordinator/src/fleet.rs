@@ -220,7 +220,7 @@ async fn handle(
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
                 kubelet: match o.kubelet.as_str() {
-                    k @ ("joined" | "failed") => k.to_string(),
+                    k @ ("joined" | "failed" | "reset") => k.to_string(),
                     _ => String::new(),
                 },
                 join_error: clip(o.join_error, 2048),

@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod config;
 pub mod context;
+pub mod decommission;
 pub mod enroll;
 pub mod error;
 pub mod fleet;

@@ -230,6 +230,27 @@ impl State {
         Ok(self.read_json::<ObservedRecord>(&observed_key(id))?.map(|(o, _)| o))
     }
 
+    /// After a decommission: drops the node's desired and observed state and stores an audit record
+    /// (`decommissioned/<node id>`: name, overlay IP, who, when, the steps taken).
+    pub fn record_decommission(
+        &self,
+        node: &crate::state::NodeRecord,
+        by: &str,
+        steps: &[String],
+    ) -> Result<(), StateError> {
+        let key = format!("decommissioned/{}", node.id).into_bytes();
+        let record = serde_json::json!({
+            "node_id": node.id, "name": node.name, "overlay_ip": node.overlay_ip.to_string(),
+            "by": by, "at": unix(SystemTime::now()), "steps": steps,
+        });
+        let txn = Txn::new()
+            .delete(desired_key(&node.id))
+            .delete(observed_key(&node.id))
+            .put(key.clone(), encode(&key, &record)?);
+        self.store().txn(txn)?;
+        Ok(())
+    }
+
     /// Records what node `id`'s agent reports (a generation the coordinator never handed out is refused) and
     /// advances a running rollout. Returns desired states to push (nodes whose wave starts now).
     pub fn observe(&self, id: &str, observed: ObservedRecord) -> Result<Vec<(String, DesiredRecord)>, StateError> {

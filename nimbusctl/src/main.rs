@@ -239,6 +239,24 @@ enum NodeCmd {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Take nodes out of the fleet, one at a time: drain each through its environment's Kubernetes API
+    /// (cordon, evict pods, delete the Node), run `kubeadm reset` on it, revoke its keys, then free its overlay
+    /// IP and name (an audit record is kept). Stops at the first node that fails and says what to do.
+    ///
+    /// Example: nimbusctl node decommission db-7 db-8 --drain-timeout 10m
+    ///
+    /// Exit codes: 0 all done, 1 a node failed (the ones after it were not touched).
+    Decommission {
+        /// Node names, taken in this order.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Skip the drain: the node's pods stop with it instead of being evicted first.
+        #[arg(long)]
+        no_drain: bool,
+        /// Longest a drain may take (pod disruption budgets can hold evictions back).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        drain_timeout: Duration,
+    },
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -571,6 +589,46 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Node(NodeCmd::Decommission {
+            names,
+            no_drain,
+            drain_timeout,
+        }) => {
+            let r = c
+                .decommission_nodes(DecommissionRequest {
+                    names,
+                    no_drain,
+                    drain_timeout_secs: u32::try_from(drain_timeout.as_secs()).unwrap_or(u32::MAX).max(1),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let all_done = r.results.iter().all(|x| x.done);
+            if json {
+                print_json(&serde_json::Value::Array(
+                    r.results
+                        .iter()
+                        .map(
+                            |x| serde_json::json!({"node": x.node, "done": x.done, "steps": x.steps, "error": x.error}),
+                        )
+                        .collect(),
+                ))?;
+            } else {
+                let mut text = String::new();
+                for x in &r.results {
+                    let verdict = if x.done { "decommissioned" } else { "NOT decommissioned" };
+                    text.push_str(&format!("{}: {verdict}\n", x.node));
+                    for step in &x.steps {
+                        text.push_str(&format!("  - {step}\n"));
+                    }
+                    if !x.error.is_empty() {
+                        text.push_str(&format!("  error: {}\n", x.error));
+                    }
+                }
+                emit(&text)?;
+            }
+            Ok(if all_done { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         cmd => {
             admin(c, cli.output, cmd).await?;
             Ok(ExitCode::SUCCESS)
@@ -798,7 +856,11 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
             };
             println!("node {} revoked; {how}", n.name);
         }
-        Cmd::Policy(_) | Cmd::Diff { .. } | Cmd::Apply { .. } | Cmd::Rollback { .. } => {
+        Cmd::Policy(_)
+        | Cmd::Diff { .. }
+        | Cmd::Apply { .. }
+        | Cmd::Rollback { .. }
+        | Cmd::Node(NodeCmd::Decommission { .. }) => {
             bail!("internal error: policy commands are handled by run()")
         }
     }

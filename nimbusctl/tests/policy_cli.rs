@@ -46,6 +46,9 @@ impl Admin for Fake {
     async fn revoke_token(&self, _: Request<RevokeTokenRequest>) -> R<RevokeTokenResponse> {
         Err(Status::unimplemented("fake"))
     }
+    async fn decommission_nodes(&self, _: Request<DecommissionRequest>) -> R<DecommissionResponse> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn list_nodes(&self, _: Request<ListNodesRequest>) -> R<ListNodesResponse> {
         Ok(Response::new(ListNodesResponse {
             nodes: vec![

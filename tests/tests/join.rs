@@ -159,4 +159,47 @@ fn each_node_joins_once_with_its_own_token_and_labels() {
         .count();
     assert_eq!(minted_after, minted_before, "no token for a joined node");
     assert!(fleet.nodes().iter().all(|n| str_field(n, "kubelet") == "joined"));
+
+    // Decommission agent-2. The drain needs the cluster's API, which is not reachable here: refused with what to
+    // do, and nothing is touched.
+    let before = fleet.node("agent-2").unwrap();
+    let refused = fleet.ctl(&["node", "decommission", "agent-2"]);
+    let text = String::from_utf8_lossy(&refused.stdout).to_string();
+    assert_eq!(refused.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("NOT decommissioned") && text.contains("--no-drain"),
+        "{text}"
+    );
+    assert_eq!(str_field(&fleet.node("agent-2").unwrap(), "state"), "connected");
+    assert!(
+        !std::fs::read_to_string(dirs[1].join("calls.log"))
+            .unwrap()
+            .contains("reset")
+    );
+    // Without the drain: kubeadm reset on the node, keys revoked, IP and name freed.
+    let done = fleet.ctl(&["node", "decommission", "agent-2", "--no-drain"]);
+    let text = String::from_utf8_lossy(&done.stdout).to_string();
+    assert!(done.status.success(), "{text}{}", String::from_utf8_lossy(&done.stderr));
+    for step in ["drain skipped", "kubeadm reset on the node", "keys revoked", "freed"] {
+        assert!(text.contains(step), "{step:?} missing: {text}");
+    }
+    assert!(
+        std::fs::read_to_string(dirs[1].join("calls.log"))
+            .unwrap()
+            .contains("reset --force")
+    );
+    fleet.expect_agent_exit(2, 10, "revoked");
+    let names: Vec<String> = fleet.nodes().iter().map(|n| str_field(n, "name").to_string()).collect();
+    assert_eq!(names, ["agent-1"], "the node record is gone");
+    // The freed name and overlay IP go to the next enrollment.
+    std::fs::remove_dir_all(fleet.agent_state_dir(2)).unwrap();
+    let again = token(&fleet, "web");
+    fleet.start_agent(2, Some(&again), &[]);
+    let back = fleet.wait_connected(&[agent_name(2)]).remove(0);
+    assert_eq!(
+        str_field(&back, "overlay_ip"),
+        str_field(&before, "overlay_ip"),
+        "{back}"
+    );
+    assert_ne!(str_field(&back, "id"), str_field(&before, "id"));
 }
