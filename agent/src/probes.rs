@@ -78,6 +78,18 @@ fn peers(list: &[ProbePeer]) -> Vec<latency::Peer> {
 /// needs to reach every peer (milliseconds), with a wide margin; well inside the old key's grace period.
 pub const KEY_SWITCH_DELAY: Duration = Duration::from_secs(2);
 
+/// Sizes the responder's rate limits for the probe interval: every peer is answered at least twice as fast as
+/// it is told to probe, and the total allows that for the largest mesh a node can be part of
+/// ([`latency::mesh::DEFAULT_MAX_PEERS`] probers), so a fast interval does not starve the answers.
+pub fn scale_responder(r: &mut latency::ResponderConfig, interval_ms: u32) {
+    let rate = 2.0 * 1000.0 / f64::from(interval_ms.max(10));
+    r.per_peer_rate = r.per_peer_rate.max(rate);
+    r.per_peer_burst = r.per_peer_burst.max(2.0 * rate);
+    let peers = latency::mesh::DEFAULT_MAX_PEERS as f64;
+    r.total_rate = r.total_rate.max(rate * peers);
+    r.total_burst = r.total_burst.max(2.0 * rate * peers);
+}
+
 fn key_of(cfg: &ProbeConfig) -> Option<latency::ProbeKey> {
     let secret: [u8; 32] = cfg.key.as_slice().try_into().ok()?;
     Some(latency::ProbeKey::new(cfg.key_id, secret))
@@ -115,10 +127,7 @@ pub async fn start(listen: Option<SocketAddr>, node_id: &str) -> Result<ProbeHan
         config.prober.interval = Duration::from_millis(u64::from(first.interval_ms.max(10)));
         config.prober.window = Duration::from_secs(u64::from(first.window_secs.max(1)));
         config.prober.timeout = config.prober.timeout.min(config.prober.window / 2);
-        // Answer every peer at least twice as fast as it is told to probe.
-        let rate = 2.0 * 1000.0 / f64::from(first.interval_ms.max(10));
-        config.responder.per_peer_rate = config.responder.per_peer_rate.max(rate);
-        config.responder.per_peer_burst = config.responder.per_peer_burst.max(2.0 * rate);
+        scale_responder(&mut config.responder, first.interval_ms);
         let mut driver = match latency::Driver::new(socket, me, key, config) {
             Ok(d) => d,
             Err(e) => {
@@ -170,6 +179,23 @@ pub async fn start(listen: Option<SocketAddr>, node_id: &str) -> Result<ProbeHan
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_responder_can_answer_a_full_mesh_at_any_interval() {
+        let mut slow = latency::ResponderConfig::default();
+        scale_responder(&mut slow, 1000);
+        assert_eq!(
+            slow.total_rate,
+            latency::ResponderConfig::default().total_rate,
+            "defaults suffice at 1 s"
+        );
+        let mut fast = latency::ResponderConfig::default();
+        scale_responder(&mut fast, 10);
+        // 64 probers at 100 probes/s each: 6400 answers/s needed, twice that allowed.
+        assert!(fast.total_rate >= 2.0 * 6400.0, "{fast:?}");
+        assert!(fast.per_peer_rate >= 200.0);
+        assert!(fast.validate().is_ok());
+    }
 
     #[test]
     fn hostile_peer_lists_are_filtered() {
