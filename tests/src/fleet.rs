@@ -762,8 +762,18 @@ impl Fleet {
 
     /// `nimbusctl -o json token create --ttl TTL --uses USES`.
     pub fn try_create_token(&self, ttl: &str, uses: u32) -> Result<JoinToken> {
+        self.try_create_labelled_token(ttl, uses, "")
+    }
+
+    /// `nimbusctl -o json token create --ttl TTL --uses USES --labels LABELS` (`k=v,k2=v2`; none when empty):
+    /// nodes enrolled with it carry the labels.
+    pub fn try_create_labelled_token(&self, ttl: &str, uses: u32, labels: &str) -> Result<JoinToken> {
         let uses = uses.to_string();
-        let json = self.try_ctl_json(&["token", "create", "--ttl", ttl, "--uses", &uses])?;
+        let mut args = vec!["token", "create", "--ttl", ttl, "--uses", &uses];
+        if !labels.is_empty() {
+            args.extend(["--labels", labels]);
+        }
+        let json = self.try_ctl_json(&args)?;
         let field = |key: &str| -> Result<String> {
             json.get(key)
                 .and_then(Value::as_str)
@@ -785,6 +795,12 @@ impl Fleet {
     pub fn create_token(&self, ttl: &str, uses: u32) -> JoinToken {
         self.try_create_token(ttl, uses)
             .unwrap_or_else(|e| panic!("creating a token: {e}"))
+    }
+
+    /// [`Fleet::try_create_labelled_token`], panicking on error.
+    pub fn create_labelled_token(&self, ttl: &str, uses: u32, labels: &str) -> JoinToken {
+        self.try_create_labelled_token(ttl, uses, labels)
+            .unwrap_or_else(|e| panic!("creating a token with labels {labels}: {e}"))
     }
 
     /// `nimbusctl -o json token list`.

@@ -19,14 +19,7 @@ fn executable(path: &Path, body: &str) {
 }
 
 fn token(fleet: &Fleet, tier: &str) -> JoinToken {
-    let labels = format!("env=prod,tier={tier}");
-    let json = fleet.ctl_json(&["token", "create", "--ttl", "1h", "--uses", "1", "--labels", &labels]);
-    JoinToken {
-        token: json["token"].as_str().unwrap().to_string(),
-        id: json["token_id"].as_str().unwrap().to_string(),
-        ca_pin: json["ca_pin"].as_str().unwrap().to_string(),
-        json,
-    }
+    fleet.create_labelled_token("1h", 1, &format!("env=prod,tier={tier}"))
 }
 
 /// A per-agent copy of the kubeadm stand-in with its control file; returns (binary, kubernetes dir, kubelet dir).

@@ -29,14 +29,7 @@ fn policy(db_tier: &str, web_labels: &str) -> String {
 }
 
 fn token(fleet: &Fleet, tier: &str) -> JoinToken {
-    let labels = format!("env=prod,tier={tier}");
-    let json = fleet.ctl_json(&["token", "create", "--ttl", "1h", "--uses", "2", "--labels", &labels]);
-    JoinToken {
-        token: json["token"].as_str().unwrap().to_string(),
-        id: json["token_id"].as_str().unwrap().to_string(),
-        ca_pin: json["ca_pin"].as_str().unwrap().to_string(),
-        json,
-    }
+    fleet.create_labelled_token("1h", 2, &format!("env=prod,tier={tier}"))
 }
 
 /// (env, pool, convergence) per node name.
