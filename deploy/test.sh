@@ -11,8 +11,12 @@ command -v cargo >/dev/null 2>&1 || {
 }
 # The tests lint deploy/*.sh with the shellcheck package; probe_auth captures a latency probe with tcpdump.
 ./deploy/deps.sh shellcheck tcpdump
+# A clean run gains nothing from incremental caches; they doubled the size of target/.
+export CARGO_INCREMENTAL=0
+df -h . | sed 's/^/test.sh: disk: /'
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The e2e tests start the real binaries from target/debug.
 cargo build --workspace --bins --locked
 NIMBUS_REQUIRE_ROOT_TESTS=1 cargo test --workspace --locked
+df -h . | sed 's/^/test.sh: disk after the tests: /'
