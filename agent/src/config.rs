@@ -17,6 +17,8 @@ pub const DEFAULT_PROBE_LISTEN: &str = "0.0.0.0:7444";
 
 /// How often the inventory is re-collected (kernel uevents also trigger it). Default 60 s.
 pub const DEFAULT_INVENTORY_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the agent looks for hand-made changes to what it manages. Default 60 s.
+pub const DEFAULT_DRIFT_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How long the tunnel may stay dead before the agent asks the enrollment
 /// endpoint whether this node was revoked. Default 60 s.
@@ -80,6 +82,10 @@ pub struct Settings {
     /// The kubelet's state directory (evidence of a half-finished join). [default: /var/lib/kubelet]
     #[arg(long, env = "NIMBUS_KUBELET_DIR")]
     pub kubelet_dir: Option<PathBuf>,
+    /// How often the agent checks what it manages on the host (desired.json, the kubelet join) for hand-made
+    /// changes and reverts them. [default: 60s]
+    #[arg(long, env = "NIMBUS_DRIFT_CHECK_INTERVAL")]
+    pub drift_check_interval: Option<String>,
     /// Log format: text or json. [default: text]
     #[arg(long, env = "NIMBUS_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -120,6 +126,7 @@ pub struct Config {
     pub metadata: Option<inventory::MetadataConfig>,
     /// kubeadm and the directories it writes (the failure marker lives in the state dir).
     pub kubeadm: nimbus_kube::kubeadm::Kubeadm,
+    pub drift_check_interval: Duration,
     pub log_format: String,
     pub log_level: String,
 }
@@ -146,7 +153,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             state_dir, coordinator, ca_pin, node_name, machine_id, tun_name, wg_listen, revocation_check_after,
-            inventory_interval, probe_listen, metadata, kubeadm, log_format)
+            inventory_interval, probe_listen, metadata, kubeadm, drift_check_interval, log_format)
     }
 }
 
@@ -272,6 +279,17 @@ impl Config {
             kubelet_dir: o.kubelet_dir.or(file.kubelet_dir).unwrap_or(defaults.kubelet_dir),
             failure_marker: state_dir.join("kubeadm-join-failed"),
         };
+        let drift_check_interval = check::duration(
+            "drift_check_interval",
+            o.drift_check_interval.or(file.drift_check_interval).as_deref(),
+            DEFAULT_DRIFT_CHECK_INTERVAL,
+            &mut errs,
+        );
+        if drift_check_interval < Duration::from_secs(1) {
+            errs.push(format!(
+                "drift_check_interval {drift_check_interval:?} is too short: use at least 1s (a minute in production)"
+            ));
+        }
         let log_format = o.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
         check::log_format(&log_format, &mut errs);
         let log_level = o.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
@@ -291,6 +309,7 @@ impl Config {
                 probe_listen,
                 metadata,
                 kubeadm,
+                drift_check_interval,
                 log_format,
                 log_level,
             }),

@@ -1,6 +1,7 @@
 //! The node's desired state from the coordinator (pulled when a stream opens, pushed when it changes):
 //! recorded in the state dir (`desired.json`, 0600, atomic) and acknowledged with an `ObservedState`.
-//! Later steps (kubelet join, storage) act on the placement it carries; for now the agent records it.
+//! The kubelet join (`crate::join`) acts on the placement it carries; `crate::drift` restores the file when it
+//! is removed or edited by hand.
 
 use std::path::Path;
 
@@ -50,41 +51,45 @@ pub fn load(dir: &Path) -> Option<Recorded> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// Writes `d` to `desired.json` unless the file already holds it. Returns whether it wrote.
+pub fn record(dir: &Path, d: &DesiredState) -> Result<bool, String> {
+    let rec = Recorded::from_message(d);
+    if load(dir).as_ref() == Some(&rec) {
+        return Ok(false);
+    }
+    let body = serde_json::to_vec_pretty(&rec).map_err(|e| e.to_string())?;
+    identity::write_private(dir, DESIRED_FILE, &body).map_err(|e| e.to_string())?;
+    Ok(true)
+}
+
 /// Applies `d` (generation 0: nothing to do yet) and says what happened, for the coordinator.
 pub fn apply(dir: &Path, d: &DesiredState) -> Option<ObservedState> {
     if d.generation == 0 {
         return None;
     }
-    let rec = Recorded::from_message(d);
-    let error = if load(dir).as_ref() == Some(&rec) {
-        String::new()
-    } else {
-        match serde_json::to_vec_pretty(&rec)
-            .map_err(|e| e.to_string())
-            .and_then(|body| identity::write_private(dir, DESIRED_FILE, &body).map_err(|e| e.to_string()))
-        {
-            Ok(()) => {
-                tracing::info!(
-                    generation = rec.generation,
-                    environment = %rec.environment,
-                    pool = %rec.pool,
-                    cohorts = ?rec.cohorts,
-                    "desired state applied"
-                );
-                String::new()
-            }
-            Err(e) => {
-                tracing::error!(generation = rec.generation, error = %e, "desired state not recorded");
-                format!("recording the desired state: {e}")
-            }
+    let p = d.placement.clone().unwrap_or_default();
+    let error = match record(dir, d) {
+        Ok(true) => {
+            tracing::info!(
+                generation = d.generation,
+                environment = %p.environment,
+                pool = %p.pool,
+                cohorts = ?p.cohorts,
+                "desired state applied"
+            );
+            String::new()
+        }
+        Ok(false) => String::new(),
+        Err(e) => {
+            tracing::error!(generation = d.generation, error = %e, "desired state not recorded");
+            format!("recording the desired state: {e}")
         }
     };
     Some(ObservedState {
         generation: d.generation,
         policy_revision: d.policy_revision,
         error,
-        kubelet: String::new(),
-        join_error: String::new(),
+        ..Default::default()
     })
 }
 

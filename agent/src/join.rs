@@ -17,6 +17,44 @@ use nimbus_proto::{DesiredState, ObservedState};
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 /// The join configuration (holds the token; removed after every attempt).
 pub const CONFIG_FILE: &str = "kubeadm-join.yaml";
+/// Written (0600) after a join this agent ran or confirmed: the API endpoint joined. It marks the join as
+/// ours, so only a join we made is undone when the node leaves its environment, and a kubelet.conf removed by
+/// hand is noticed (see `crate::drift`).
+pub const JOINED_FILE: &str = "kubelet-joined.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Joined {
+    server: String,
+}
+
+/// The API endpoint this agent joined the node to, if it did.
+pub fn joined_server(state_dir: &Path) -> Option<String> {
+    let bytes = std::fs::read(state_dir.join(JOINED_FILE)).ok()?;
+    serde_json::from_slice::<Joined>(&bytes).ok().map(|j| j.server)
+}
+
+fn record_joined(state_dir: &Path, server: &str) {
+    let body = serde_json::to_vec(&Joined {
+        server: server.to_string(),
+    })
+    .unwrap_or_default();
+    if let Err(e) = crate::identity::write_private(state_dir, JOINED_FILE, &body) {
+        tracing::warn!(error = %e, "cannot record the join; a hand-made undo of it will not be noticed");
+    }
+}
+
+/// Whether a join is running now.
+pub fn running() -> bool {
+    RUNNING.load(Ordering::SeqCst)
+}
+
+/// Whether `d` takes the node out of every environment while a join of ours is in place (then it is undone
+/// with `kubeadm reset`).
+pub fn leaving(state_dir: &Path, d: &DesiredState) -> bool {
+    d.generation > 0
+        && d.placement.as_ref().is_none_or(|p| p.environment.is_empty())
+        && joined_server(state_dir).is_some()
+}
 
 static RUNNING: AtomicBool = AtomicBool::new(false);
 
@@ -78,25 +116,42 @@ where
     });
 }
 
-/// Decommission: undo the join (`kubeadm reset --force` when any trace of one exists), forget the desired
-/// state, and report `kubelet: reset` (or `failed` with the reason).
-pub fn spawn_reset<F>(kubeadm: Kubeadm, state_dir: PathBuf, report: F)
+/// Why the join is undone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reset {
+    /// The node is decommissioned: also forget the desired state.
+    Decommission,
+    /// The node left every environment (desired state `generation`, `policy_revision`).
+    Leave { generation: u64, policy_revision: u64 },
+}
+
+/// Undo the join (`kubeadm reset --force` when any trace of one exists) and report `kubelet: reset` (or
+/// `failed` with the reason); on decommission also forget the desired state.
+pub fn spawn_reset<F>(kubeadm: Kubeadm, state_dir: PathBuf, why: Reset, report: F)
 where
     F: FnOnce(ObservedState) + Send + 'static,
 {
     tokio::spawn(async move {
-        let generation = crate::desired::load(&state_dir).map_or(0, |r| r.generation);
+        let (generation, policy_revision) = match why {
+            Reset::Decommission => (crate::desired::load(&state_dir).map_or(0, |r| r.generation), 0),
+            Reset::Leave {
+                generation,
+                policy_revision,
+            } => (generation, policy_revision),
+        };
         let result = match kubeadm.state("") {
             nimbus_kube::kubeadm::JoinState::NotJoined => Ok(false),
             _ => kubeadm.reset(STEP_TIMEOUT).await.map(|()| true),
         };
-        let _ = std::fs::remove_file(state_dir.join(crate::desired::DESIRED_FILE));
+        if result.is_ok() {
+            let _ = std::fs::remove_file(state_dir.join(JOINED_FILE));
+        }
+        if why == Reset::Decommission {
+            let _ = std::fs::remove_file(state_dir.join(crate::desired::DESIRED_FILE));
+        }
         let (kubelet, join_error) = match result {
             Ok(ran) => {
-                tracing::warn!(
-                    kubeadm_reset = ran,
-                    "decommissioned: kubelet reset, desired state forgotten"
-                );
+                tracing::warn!(kubeadm_reset = ran, ?why, "kubelet join undone");
                 ("reset", String::new())
             }
             Err(e) => {
@@ -106,10 +161,11 @@ where
         };
         report(ObservedState {
             generation,
-            policy_revision: 0,
+            policy_revision,
             error: String::new(),
             kubelet: kubelet.into(),
             join_error,
+            ..Default::default()
         });
     });
 }
@@ -141,10 +197,12 @@ async fn run(kubeadm: &Kubeadm, state_dir: &Path, job: Job) -> ObservedState {
     let (kubelet, join_error) = match outcome {
         Ok(JoinOutcome::AlreadyJoined { server }) => {
             tracing::info!(%server, "kubelet already joined");
+            record_joined(state_dir, &job.params.api_endpoint);
             ("joined", String::new())
         }
         Ok(JoinOutcome::Joined { attempts, report }) => {
             tracing::info!(attempts, last_phase = ?report.last_phase, "kubelet joined");
+            record_joined(state_dir, &job.params.api_endpoint);
             ("joined", String::new())
         }
         Err(e) => {
@@ -158,6 +216,12 @@ async fn run(kubeadm: &Kubeadm, state_dir: &Path, job: Job) -> ObservedState {
         error: String::new(),
         kubelet: kubelet.into(),
         join_error,
+        kubelet_server: if kubelet == "joined" {
+            job.params.api_endpoint.clone()
+        } else {
+            String::new()
+        },
+        drift_corrected: Vec::new(),
     }
 }
 

@@ -20,6 +20,7 @@
 pub mod backoff;
 pub mod config;
 pub mod desired;
+pub mod drift;
 pub mod enroll;
 pub mod error;
 pub mod identity;

@@ -231,15 +231,29 @@ fn start_join(
     d: &nimbus_proto::DesiredState,
     tx: &tokio::sync::mpsc::Sender<nimbus_proto::AgentMessage>,
 ) {
+    let report = |tx: tokio::sync::mpsc::Sender<AgentMessage>| {
+        move |observed| {
+            let _ = tx.try_send(AgentMessage {
+                msg: Some(AgentMsg::Observed(observed)),
+            });
+        }
+    };
+    if crate::join::leaving(&cfg.state_dir, d) {
+        tracing::warn!(
+            generation = d.generation,
+            "the node left every environment: undoing its kubelet join"
+        );
+        let why = crate::join::Reset::Leave {
+            generation: d.generation,
+            policy_revision: d.policy_revision,
+        };
+        crate::join::spawn_reset(cfg.kubeadm.clone(), cfg.state_dir.clone(), why, report(tx.clone()));
+        return;
+    }
     match crate::join::job(&id.node_name, d) {
         Ok(None) => {}
         Ok(Some(job)) => {
-            let tx = tx.clone();
-            crate::join::spawn(cfg.kubeadm.clone(), cfg.state_dir.clone(), job, move |observed| {
-                let _ = tx.try_send(AgentMessage {
-                    msg: Some(AgentMsg::Observed(observed)),
-                });
-            });
+            crate::join::spawn(cfg.kubeadm.clone(), cfg.state_dir.clone(), job, report(tx.clone()));
         }
         Err(e) => {
             tracing::error!(error = %e, "join request refused");
@@ -250,6 +264,7 @@ fn start_join(
                     error: String::new(),
                     kubelet: "failed".into(),
                     join_error: e,
+                    ..Default::default()
                 })),
             });
         }
@@ -310,6 +325,8 @@ async fn session(
     };
     tracing::info!(node = %id.node_name, "fleet stream open");
     events.connected(id);
+    // The last desired state, without its join instruction: what the drift check restores.
+    let mut last_desired = nimbus_proto::DesiredState::default();
     match client.get_desired_state(DesiredStateRequest {}).await {
         Ok(d) => {
             tracing::info!(generation = d.get_ref().generation, "desired state pulled");
@@ -317,9 +334,17 @@ async fn session(
                 let _ = tx.try_send(send(AgentMsg::Observed(observed)));
             }
             start_join(cfg, id, d.get_ref(), &tx);
+            last_desired = nimbus_proto::DesiredState {
+                join: None,
+                ..d.into_inner()
+            };
         }
         Err(s) => tracing::warn!(error = %s.message(), "cannot pull desired state"),
     }
+    let mut drift_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + cfg.drift_check_interval,
+        cfg.drift_check_interval,
+    );
 
     let mut tick = tokio::time::interval(interval);
     let mut seq = 0u64;
@@ -342,6 +367,13 @@ async fn session(
                 let inv = latest.borrow_and_update().clone();
                 if let Some(inv) = inv
                     && tx.send(send(AgentMsg::Inventory(inventory::message(&inv)))).await.is_err()
+                {
+                    return Err(failed(true, "stream closed"));
+                }
+            }
+            _ = drift_tick.tick() => {
+                if let Some(observed) = crate::drift::check(&cfg.state_dir, &cfg.kubeadm, &last_desired)
+                    && tx.send(send(AgentMsg::Observed(observed))).await.is_err()
                 {
                     return Err(failed(true, "stream closed"));
                 }
@@ -371,15 +403,18 @@ async fn session(
                             return Err(failed(true, "stream closed"));
                         }
                         start_join(cfg, id, &d, &tx);
+                        last_desired = nimbus_proto::DesiredState { join: None, ..d };
                     }
                     Some(CoordMsg::Decommission(d)) => {
                         tracing::warn!(reason = %d.reason, "the coordinator is decommissioning this node");
                         let tx = tx.clone();
-                        crate::join::spawn_reset(cfg.kubeadm.clone(), cfg.state_dir.clone(), move |observed| {
+                        let why = crate::join::Reset::Decommission;
+                        crate::join::spawn_reset(cfg.kubeadm.clone(), cfg.state_dir.clone(), why, move |observed| {
                             let _ = tx.try_send(AgentMessage {
                                 msg: Some(AgentMsg::Observed(observed)),
                             });
                         });
+                        last_desired = nimbus_proto::DesiredState::default();
                     }
                     Some(CoordMsg::ProbeConfig(c)) => {
                         tracing::debug!(generation = c.generation, targets = c.targets.len(), "probe configuration");

@@ -11,11 +11,13 @@ use nimbus_proto::{
     ListPolicyRevisionsResponse, NodeChange, PolicyRevision, RollbackPolicyRequest,
 };
 use nimbus_proto::{
+    ControlRolloutRequest, DecommissionRequest, DecommissionResponse, GetRolloutRequest, RolloutNode, RolloutStatus,
+};
+use nimbus_proto::{
     CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, GetNodeRequest, Inventory, LatencyMatrix, LatencyPair,
     LatencyRequest, ListNodesRequest, ListNodesResponse, ListTokensRequest, ListTokensResponse, Node, PlanRequest,
     PlanResponse, RevokeNodeRequest, RevokeNodeResponse, RevokeTokenRequest, RevokeTokenResponse, Revoked, TokenInfo,
 };
-use nimbus_proto::{DecommissionRequest, DecommissionResponse};
 use tonic::{Request, Response, Status};
 
 use crate::context::{Ctx, key_display, key_from_id};
@@ -54,6 +56,7 @@ impl AdminService {
             );
             let pushed = std::mem::take(&mut outcome.pushed);
             crate::placement::push(&self.ctx, pushed).await;
+            self.ctx.cluster_sync.kick();
         }
         Ok(Response::new(apply_response(outcome)))
     }
@@ -143,7 +146,18 @@ impl AdminService {
             unplaced_reason: String::new(),
             convergence: String::new(),
             kubelet: String::new(),
+            cluster_sync: String::new(),
+            drift: String::new(),
+            drift_unix: 0,
         }
+    }
+
+    /// The node view with its place, cluster sync and drift.
+    fn full_view(&self, n: NodeRecord, hw: Option<HardwareRecord>, info: &PlaceInfo) -> Node {
+        let mut v = self.node_view(n, hw);
+        set_place(&mut v, info);
+        v.cluster_sync = self.ctx.cluster_sync.status(&v.id);
+        v
     }
 }
 
@@ -175,6 +189,64 @@ pub(crate) async fn revoke(ctx: &Ctx, name: String, reason: String) -> Result<(N
     ctx.probes.forget(&node.id);
     tracing::warn!(node = %node.name, node_id = %node.id, %reason, was_connected, "node revoked; WireGuard peer removed");
     Ok((node, was_connected))
+}
+
+/// At most 256 characters of an operator's reason.
+fn clip_reason(reason: &str) -> String {
+    reason.chars().take(256).collect()
+}
+
+/// The wire form of a rollout record (`None`: no rollout ever).
+fn rollout_view(
+    s: &crate::state::State,
+    rec: Option<&crate::placement::RolloutRecord>,
+    active: bool,
+    timeout: Duration,
+) -> Result<RolloutStatus, crate::state::StateError> {
+    let Some(rec) = rec else {
+        return Ok(RolloutStatus {
+            node_timeout_secs: timeout.as_secs(),
+            ..RolloutStatus::default()
+        });
+    };
+    let st = rec.rollout.status();
+    let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+    let mut nodes = Vec::new();
+    for ns in st.nodes {
+        let name = s
+            .node(&ns.target.node)?
+            .map_or_else(|| ns.target.node.clone(), |r| r.name);
+        nodes.push(RolloutNode {
+            node_id: ns.target.node.clone(),
+            name,
+            pool: ns.target.pool.clone(),
+            zone: ns.target.zone.clone().unwrap_or_default(),
+            state: match &ns.state {
+                waves::NodeState::Pending => "pending".into(),
+                waves::NodeState::Applying { .. } => "applying".into(),
+                waves::NodeState::WaitingHealthy { .. } => "waiting-healthy".into(),
+                waves::NodeState::Healthy => "healthy".into(),
+                waves::NodeState::Failed { reason } => format!("failed: {reason}"),
+            },
+            wave: ns.wave.unwrap_or(0),
+            started_unix: rec.started.get(&ns.target.node).copied().unwrap_or(0),
+        });
+    }
+    Ok(RolloutStatus {
+        active,
+        revision: rec.revision,
+        phase: st.phase.to_string(),
+        current_wave: st.current_wave,
+        pause_reason: st.pause_reason.unwrap_or_default(),
+        nodes,
+        total: n(st.counts.total),
+        pending: n(st.counts.pending),
+        applying: n(st.counts.applying),
+        waiting_healthy: n(st.counts.waiting_healthy),
+        healthy: n(st.counts.healthy),
+        failed: n(st.counts.failed),
+        node_timeout_secs: timeout.as_secs(),
+    })
 }
 
 /// A node's place under the current policy, read with the node.
@@ -212,8 +284,13 @@ fn set_place(node: &mut Node, info: &PlaceInfo) {
         (None, _) => String::new(),
         (Some(_), Some(o)) if o.kubelet == "joined" => "joined".into(),
         (Some(_), Some(o)) if o.kubelet == "failed" => format!("failed: {}", o.join_error),
+        (Some(_), Some(o)) if o.kubelet == "drifted" => format!("drifted: {}", o.join_error),
         (Some(_), _) => "joining".into(),
     };
+    if let Some(o) = &info.observed {
+        node.drift = o.drift.clone();
+        node.drift_unix = o.drift_at;
+    }
 }
 
 /// Nodes with hardware and place, the live placement's warnings and revision.
@@ -381,11 +458,7 @@ impl Admin for AdminService {
         Ok(Response::new(ListNodesResponse {
             nodes: nodes
                 .into_iter()
-                .map(|(n, hw, info)| {
-                    let mut v = self.node_view(n, hw);
-                    set_place(&mut v, &info);
-                    v
-                })
+                .map(|(n, hw, info)| self.full_view(n, hw, &info))
                 .collect(),
             policy_warnings,
             policy_revision,
@@ -400,11 +473,7 @@ impl Admin for AdminService {
             .state(move |s| nodes_with_place(s, s.node_by_name(&name)?.into_iter().collect()))
             .await?;
         match found.0.into_iter().next() {
-            Some((n, hw, info)) => {
-                let mut v = self.node_view(n, hw);
-                set_place(&mut v, &info);
-                Ok(Response::new(v))
-            }
+            Some((n, hw, info)) => Ok(Response::new(self.full_view(n, hw, &info))),
             None => Err(Status::not_found(format!(
                 "no node named `{shown}`; list nodes with `nimbusctl nodes`"
             ))),
@@ -537,6 +606,39 @@ impl Admin for AdminService {
             }
         }
         Ok(Response::new(DecommissionResponse { results }))
+    }
+
+    async fn get_rollout(&self, _req: Request<GetRolloutRequest>) -> Result<Response<RolloutStatus>, Status> {
+        let timeout = self.ctx.config.rollout_node_timeout;
+        let view = self
+            .ctx
+            .state(move |s| {
+                let (rec, active) = match s.rollout()? {
+                    Some(r) => (Some(r), true),
+                    None => (s.last_rollout()?, false),
+                };
+                rollout_view(s, rec.as_ref(), active, timeout)
+            })
+            .await?;
+        Ok(Response::new(view))
+    }
+
+    async fn control_rollout(&self, req: Request<ControlRolloutRequest>) -> Result<Response<RolloutStatus>, Status> {
+        let by = caller(&req);
+        let r = req.into_inner();
+        let control: crate::rollout::Control = r.action.parse().map_err(Status::invalid_argument)?;
+        let reason = clip_reason(&r.reason);
+        let timeout = self.ctx.config.rollout_node_timeout;
+        let (pushed, view) = self
+            .ctx
+            .state(move |s| {
+                let (pushed, rec) = s.control_rollout(control, &by, &reason)?;
+                let active = s.rollout()?.is_some();
+                Ok((pushed, rollout_view(s, Some(&rec), active, timeout)?))
+            })
+            .await?;
+        crate::placement::push(&self.ctx, pushed).await;
+        Ok(Response::new(view))
     }
 
     async fn plan_replication(&self, req: Request<PlanRequest>) -> Result<Response<PlanResponse>, Status> {

@@ -31,6 +31,10 @@ pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_PROBE_WINDOW: Duration = Duration::from_secs(30);
 /// How often the fleet's latency probe key is replaced. Default 24 h.
 pub const DEFAULT_PROBE_KEY_ROTATION: Duration = Duration::from_secs(24 * 3600);
+/// How often node labels and taints are reconciled in each environment's cluster. Default 60 s.
+pub const DEFAULT_CLUSTER_SYNC_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a rollout node may take from its wave's start to healthy. Default 15 min.
+pub const DEFAULT_ROLLOUT_NODE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Heartbeat interval told to agents. Default 10 s.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// How often in-memory last-seen times are written to the store. Default 15 s.
@@ -85,6 +89,14 @@ pub struct Settings {
     /// two seconds later; the old one stays accepted for a minute). [default: 24h]
     #[arg(long, env = "NIMBUS_PROBE_KEY_ROTATION")]
     pub probe_key_rotation: Option<String>,
+    /// How often node labels and taints are reconciled through each environment's Kubernetes API (hand-made
+    /// changes to polynimbus.io labels are reverted). [default: 60s]
+    #[arg(long, env = "NIMBUS_CLUSTER_SYNC_INTERVAL")]
+    pub cluster_sync_interval: Option<String>,
+    /// How long a node in a rollout wave may take to report healthy (change applied, kubelet joined)
+    /// before it counts as failed and the rollout pauses. [default: 15m]
+    #[arg(long, env = "NIMBUS_ROLLOUT_NODE_TIMEOUT")]
+    pub rollout_node_timeout: Option<String>,
     /// Prometheus metrics (HTTP GET /metrics) listen address, or `off`. [default: 127.0.0.1:9464]
     #[arg(long, env = "NIMBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -125,6 +137,8 @@ pub struct Config {
     pub probe_interval: Duration,
     pub probe_window: Duration,
     pub probe_key_rotation: Duration,
+    pub cluster_sync_interval: Duration,
+    pub rollout_node_timeout: Duration,
     pub log_format: String,
     pub log_level: String,
     pub tls: Option<TlsFiles>,
@@ -253,6 +267,28 @@ impl Config {
             DEFAULT_PROBE_KEY_ROTATION,
             &mut errs,
         );
+        let cluster_sync_interval = check::duration(
+            "cluster_sync_interval",
+            o.cluster_sync_interval.or(file.cluster_sync_interval).as_deref(),
+            DEFAULT_CLUSTER_SYNC_INTERVAL,
+            &mut errs,
+        );
+        let rollout_node_timeout = check::duration(
+            "rollout_node_timeout",
+            o.rollout_node_timeout.or(file.rollout_node_timeout).as_deref(),
+            DEFAULT_ROLLOUT_NODE_TIMEOUT,
+            &mut errs,
+        );
+        if cluster_sync_interval < Duration::from_secs(1) {
+            errs.push(format!(
+                "cluster_sync_interval {cluster_sync_interval:?} is too short: use at least 1s (a minute in production)"
+            ));
+        }
+        if rollout_node_timeout < Duration::from_secs(1) {
+            errs.push(format!(
+                "rollout_node_timeout {rollout_node_timeout:?} is too short: a node needs time to drain and join; use at least 1s (minutes in production)"
+            ));
+        }
         if probe_key_rotation < Duration::from_secs(3) {
             errs.push(format!(
                 "probe_key_rotation {probe_key_rotation:?} is too short: agents switch keys in two steps 2 s apart; use at least 3s (hours in production)"
@@ -309,6 +345,8 @@ impl Config {
                     probe_interval,
                     probe_window,
                     probe_key_rotation,
+                    cluster_sync_interval,
+                    rollout_node_timeout,
                     log_format,
                     log_level,
                     tls,
@@ -328,7 +366,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             data_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, tun_name, mtu,
-            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, log_format, tls)
+            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, cluster_sync_interval, rollout_node_timeout, log_format, tls)
     }
 }
 

@@ -21,6 +21,8 @@ pub struct Ctx {
     pub probes: crate::probes::Probes,
     /// Bootstrap tokens created through the Kubernetes API, to delete after each join.
     pub join_tokens: crate::join::Issued,
+    /// Last label/taint reconciliation per node in its cluster, and the kick to run one soon.
+    pub cluster_sync: crate::clustersync::ClusterSync,
 }
 
 impl Ctx {

@@ -212,7 +212,7 @@ async fn handle(
         }
         Some(AgentMsg::Observed(o)) => {
             let id = node.id.clone();
-            let rec = crate::placement::ObservedRecord {
+            let mut rec = crate::placement::ObservedRecord {
                 generation: o.generation,
                 policy_revision: o.policy_revision,
                 error: clip(o.error, 1024),
@@ -220,17 +220,40 @@ async fn handle(
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
                 kubelet: match o.kubelet.as_str() {
-                    k @ ("joined" | "failed" | "reset") => k.to_string(),
+                    k @ ("joined" | "failed" | "reset" | "drifted") => k.to_string(),
                     _ => String::new(),
                 },
                 join_error: clip(o.join_error, 2048),
+                kubelet_server: if o.kubelet == "joined" {
+                    clip(o.kubelet_server, 256)
+                } else {
+                    String::new()
+                },
+                drift: clip(
+                    o.drift_corrected
+                        .iter()
+                        .take(16)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    2048,
+                ),
+                drift_at: 0,
             };
+            if !rec.drift.is_empty() {
+                rec.drift_at = rec.at;
+                ctx.metrics.host_drift_corrected.inc_by(o.drift_corrected.len() as u64);
+                tracing::warn!(node = %node.name, drift = %rec.drift, "hand-made changes on the node found and reverted by its agent");
+            }
             let (generation, failed) = (rec.generation, !rec.error.is_empty());
             let kubelet = rec.kubelet.clone();
             if kubelet == "failed" {
                 tracing::warn!(node = %node.name, error = %rec.join_error, "kubelet join failed on the node");
+            } else if kubelet == "drifted" {
+                tracing::warn!(node = %node.name, why = %rec.join_error, "kubelet join undone on the node by hand; sending a fresh join");
             } else if kubelet == "joined" {
-                tracing::info!(node = %node.name, "kubelet joined");
+                tracing::info!(node = %node.name, server = %rec.kubelet_server, "kubelet joined");
+                ctx.cluster_sync.kick();
             }
             match ctx.state(move |s| s.observe(&id, rec)).await {
                 Ok(pushed) => {

@@ -42,10 +42,10 @@ pub async fn instruction(ctx: &Ctx, id: &str, d: &DesiredRecord) -> Option<JoinI
         .state(move |s| Ok((s.current_policy()?, s.observed(&lookup)?)))
         .await
         .ok()?;
-    if observed.is_some_and(|o| o.kubelet == "joined") {
+    let k = policy?.environment(&env)?.kubernetes.clone();
+    if observed.is_some_and(|o| o.joined_to(&k.api_endpoint)) {
         return None;
     }
-    let k = policy?.environment(&env)?.kubernetes.clone();
     let minted = match (&k.join_token_command, &k.credentials) {
         (Some(argv), _) => CommandTokenSource {
             argv: argv.clone(),
@@ -96,8 +96,8 @@ pub async fn instruction(ctx: &Ctx, id: &str, d: &DesiredRecord) -> Option<JoinI
     })
 }
 
-/// The node reported its kubelet: delete the API token after a join; after a failure send a fresh token
-/// (with the same desired state) a little later.
+/// The node reported its kubelet: delete the API token after a join; after a failure (or a join undone by hand
+/// on the node: "drifted") send a fresh token (with the same desired state) a little later.
 pub async fn reported(ctx: &std::sync::Arc<Ctx>, id: &str, kubelet: &str) {
     match kubelet {
         "joined" => {
@@ -116,7 +116,7 @@ pub async fn reported(ctx: &std::sync::Arc<Ctx>, id: &str, kubelet: &str) {
                 }
             }
         }
-        "failed" => {
+        "failed" | "drifted" => {
             let (ctx, id) = (std::sync::Arc::clone(ctx), id.to_string());
             tokio::spawn(async move {
                 tokio::time::sleep(RETRY_AFTER).await;

@@ -19,10 +19,17 @@
 //! * `ipam`     — overlay address plan.
 //! * `probes`   — the latency mesh: probe configs pushed to agents, reported windows kept per pair.
 //! * `replication` — stores.yaml planned against measured latency (nimbus-planner), drift watch.
+//! * `placement` — the fleet policy in the store: revisions, live placement, desired/observed per node.
+//! * `rollout`  — disruptive changes in waves: health gates, deadlines, pause/resume/abort.
+//! * `moves`    — nodes leaving a cluster in a rollout are drained there before they are told.
+//! * `join`     — per-node bootstrap tokens for kubelet joins.
+//! * `clustersync` — node labels/taints kept in each environment's cluster through the Kubernetes API.
+//! * `decommission` — drain, reset, revoke, free IP and name.
 //! * `metrics`  — Prometheus counters and the `GET /metrics` endpoint.
 //! * `error`    — `CoordError` and the one mapping to `tonic::Status`.
 
 pub mod admin;
+pub mod clustersync;
 pub mod config;
 pub mod context;
 pub mod decommission;
@@ -32,9 +39,11 @@ pub mod fleet;
 pub mod ipam;
 pub mod join;
 pub mod metrics;
+pub mod moves;
 pub mod placement;
 pub mod probes;
 pub mod replication;
+pub mod rollout;
 pub mod server;
 pub mod sessions;
 pub mod state;

@@ -52,6 +52,12 @@ pub struct Metrics {
     pub node_revocations: Counter,
     pub replication_drift: Family<KindLabel, Counter>,
     pub probe_key_rotations: Counter,
+    /// Node label/taint reconciliations through the Kubernetes API, by result: in_sync, corrected, error.
+    pub cluster_syncs: Family<ResultLabel, Counter>,
+    /// Hand-made changes agents found on their hosts and reverted.
+    pub host_drift_corrected: Counter,
+    /// Rollout nodes that were not healthy before their deadline.
+    pub rollout_timeouts: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -106,6 +112,21 @@ pub fn render(m: &Metrics, s: &Snapshot) -> String {
         "probe_key_rotations",
         "Latency probe key rotations since start",
         m.probe_key_rotations.clone(),
+    );
+    r.register(
+        "cluster_node_syncs",
+        "Node labels and taints reconciled through the Kubernetes API, by result (in_sync, corrected, error)",
+        m.cluster_syncs.clone(),
+    );
+    r.register(
+        "host_drift_corrected",
+        "Hand-made changes on hosts that agents found and reverted",
+        m.host_drift_corrected.clone(),
+    );
+    r.register(
+        "rollout_node_timeouts",
+        "Rollout nodes not healthy before their deadline",
+        m.rollout_timeouts.clone(),
     );
     r.register(
         "agents_connected",

@@ -10,6 +10,7 @@
 //! | `desired/<node id>`     | [`DesiredRecord`] JSON                                        |
 //! | `observed/<node id>`    | [`ObservedRecord`] JSON                                       |
 //! | `rollout/policy`        | [`RolloutRecord`] JSON: the wave engine's state + staged states |
+//! | `rollout/last`          | the last finished [`RolloutRecord`] (see `crate::rollout`)     |
 //!
 //! # Disruptive changes go out in waves
 //! A node leaving its environment or pool is drained and reset, so an apply that does so (with
@@ -17,7 +18,7 @@
 //! `waves::Rollout` (per-pool `max_unavailable` from the policy, one node per zone at a time, pause on the
 //! first failure); their new desired states wait in the rollout record (`staged`) and the live placement keeps
 //! their old place until their wave starts. A node's wave is done when its agent reports the new generation
-//! applied (`ObservedState`); then the next wave starts. The rollout is persisted with the placement in one
+//! applied and its kubelet healthy (`crate::rollout`); then the next wave starts. The rollout is persisted with the placement in one
 //! transaction, so a restarted coordinator continues where it was. A new apply replaces a running rollout:
 //! nodes not yet moved still hold their old place, so the new diff includes them.
 //!
@@ -34,11 +35,11 @@ use serde::{Deserialize, Serialize};
 use crate::state::{MAX_TXN_ATTEMPTS, NodeStatus, State, StateError, encode, invalid};
 use crate::store::Txn;
 
-const LIVE: &[u8] = b"placement/current";
+pub(crate) const LIVE: &[u8] = b"placement/current";
 const REVISIONS: &str = "policy/rev/";
 const DESIRED: &str = "desired/";
 const OBSERVED: &str = "observed/";
-const ROLLOUT: &[u8] = b"rollout/policy";
+pub(crate) const ROLLOUT: &[u8] = b"rollout/policy";
 /// Largest policy document accepted.
 pub const MAX_POLICY_BYTES: usize = 1 << 20;
 
@@ -46,7 +47,7 @@ fn revision_key(n: u64) -> Vec<u8> {
     format!("{REVISIONS}{n:020}").into_bytes()
 }
 
-fn desired_key(id: &str) -> Vec<u8> {
+pub(crate) fn desired_key(id: &str) -> Vec<u8> {
     format!("{DESIRED}{id}").into_bytes()
 }
 
@@ -106,6 +107,22 @@ pub struct ObservedRecord {
     /// Where the last join failed (redacted by the agent).
     #[serde(default)]
     pub join_error: String,
+    /// With `kubelet == "joined"`: the API endpoint joined ("" from agents before this field: taken as the
+    /// node's current environment).
+    #[serde(default)]
+    pub kubelet_server: String,
+    /// The last hand-made drift the agent reverted, and when (unix seconds).
+    #[serde(default)]
+    pub drift: String,
+    #[serde(default)]
+    pub drift_at: u64,
+}
+
+impl ObservedRecord {
+    /// Whether the kubelet reported joined to `api_endpoint`.
+    pub fn joined_to(&self, api_endpoint: &str) -> bool {
+        self.kubelet == "joined" && (self.kubelet_server.is_empty() || self.kubelet_server == api_endpoint)
+    }
 }
 
 /// A running rollout of disruptive changes.
@@ -115,6 +132,13 @@ pub struct RolloutRecord {
     pub rollout: waves::Rollout,
     /// New desired states (and places) of target nodes whose wave has not started yet.
     pub staged: BTreeMap<String, (DesiredRecord, NodePlacement)>,
+    /// When each node's wave started (unix seconds): its deadline runs from here.
+    #[serde(default)]
+    pub started: BTreeMap<String, u64>,
+    /// Nodes whose wave started but which are drained from their old cluster (API endpoint) first: their new
+    /// desired state stays in `staged` until the drain is done (`crate::moves`).
+    #[serde(default)]
+    pub draining: BTreeMap<String, String>,
 }
 
 /// An apply (or rollback) request, already authenticated.
@@ -263,11 +287,16 @@ impl State {
         }
         // A report that does not speak about the kubelet keeps what the last one said.
         let mut observed = observed;
-        if observed.kubelet.is_empty()
-            && let Some(old) = self.observed(id)?
-        {
-            observed.kubelet = old.kubelet;
-            observed.join_error = old.join_error;
+        if let Some(old) = self.observed(id)? {
+            if observed.kubelet.is_empty() {
+                observed.kubelet = old.kubelet;
+                observed.join_error = old.join_error;
+                observed.kubelet_server = old.kubelet_server;
+            }
+            if observed.drift.is_empty() {
+                observed.drift = old.drift;
+                observed.drift_at = old.drift_at;
+            }
         }
         let key = observed_key(id);
         let value = encode(&key, &observed)?;
@@ -481,6 +510,8 @@ impl State {
                     revision,
                     rollout,
                     staged,
+                    started: BTreeMap::new(),
+                    draining: BTreeMap::new(),
                 };
                 let actions = rec.rollout.handle(waves::Event::Started);
                 let (t, p) = self.run_actions(&mut rec, &mut final_live, actions, txn)?;
@@ -494,90 +525,6 @@ impl State {
                 out.pushed = pushed;
                 out.staged = staged_count;
                 return Ok(out);
-            }
-        }
-        Err(StateError::Conflict)
-    }
-
-    /// Carries out the wave engine's actions: `Apply` moves a staged node's desired state and place into the
-    /// transaction; the rest are logged.
-    fn run_actions(
-        &self,
-        rec: &mut RolloutRecord,
-        live: &mut LivePlacement,
-        actions: Vec<waves::Action>,
-        mut txn: Txn,
-    ) -> Result<(Txn, Vec<(String, DesiredRecord)>), StateError> {
-        let mut pushed = Vec::new();
-        for action in actions {
-            match action {
-                waves::Action::Apply { node, wave } => {
-                    let Some((desired, np)) = rec.staged.remove(&node) else {
-                        continue;
-                    };
-                    tracing::info!(node_id = %node, wave, generation = desired.generation, "wave: moving node");
-                    live.placement.nodes.insert(node.clone(), np);
-                    let key = desired_key(&node);
-                    txn = txn.put(key.clone(), encode(&key, &desired)?);
-                    pushed.push((node, desired));
-                }
-                waves::Action::WaveStarted { wave, nodes } => tracing::info!(wave, ?nodes, "wave started"),
-                waves::Action::WaveFinished { wave } => tracing::info!(wave, "wave finished"),
-                waves::Action::Paused { reason } => tracing::warn!(%reason, "rollout paused"),
-                waves::Action::Completed => tracing::info!(revision = rec.revision, "rollout completed"),
-                waves::Action::Aborted { reason } => tracing::warn!(%reason, "rollout aborted"),
-                waves::Action::WaitHealthy { .. } | waves::Action::Rollback { .. } => {}
-            }
-        }
-        Ok((txn, pushed))
-    }
-
-    /// The running rollout, if any.
-    pub fn rollout(&self) -> Result<Option<RolloutRecord>, StateError> {
-        Ok(self.read_json::<RolloutRecord>(ROLLOUT)?.map(|(r, _)| r))
-    }
-
-    /// Feeds an agent's report into the running rollout: the node's new state applied (done and healthy) or
-    /// failed. Returns the desired states of nodes whose wave starts now.
-    fn advance_rollout(&self, id: &str, observed: &ObservedRecord) -> Result<Vec<(String, DesiredRecord)>, StateError> {
-        for _ in 0..MAX_TXN_ATTEMPTS {
-            let Some((mut rec, raw)) = self.read_json::<RolloutRecord>(ROLLOUT)? else {
-                return Ok(Vec::new());
-            };
-            let Some((mut live, live_raw)) = self.read_json::<LivePlacement>(LIVE)? else {
-                return Ok(Vec::new());
-            };
-            let desired = self.desired(id)?;
-            if rec.rollout.node_state(id).is_none()
-                || rec.staged.contains_key(id)
-                || desired.generation != observed.generation
-                || desired.policy_revision != rec.revision
-            {
-                return Ok(Vec::new());
-            }
-            let mut actions = Vec::new();
-            if observed.error.is_empty() {
-                actions.extend(rec.rollout.handle(waves::Event::NodeDone { node: id.to_string() }));
-                actions.extend(rec.rollout.handle(waves::Event::NodeHealthy { node: id.to_string() }));
-            } else {
-                actions.extend(rec.rollout.handle(waves::Event::NodeFailed {
-                    node: id.to_string(),
-                    reason: observed.error.clone(),
-                }));
-            }
-            if actions.is_empty() {
-                return Ok(Vec::new());
-            }
-            let txn = Txn::new().if_equals(ROLLOUT, raw).if_equals(LIVE, live_raw);
-            let (mut txn, pushed) = self.run_actions(&mut rec, &mut live, actions, txn)?;
-            txn = txn.put(LIVE, encode(LIVE, &live)?);
-            txn = if matches!(rec.rollout.phase(), waves::Phase::Completed | waves::Phase::Aborted) {
-                txn.delete(ROLLOUT)
-            } else {
-                txn.put(ROLLOUT, encode(ROLLOUT, &rec)?)
-            };
-            if self.store().txn(txn)? {
-                return Ok(pushed);
             }
         }
         Err(StateError::Conflict)
@@ -625,6 +572,11 @@ impl State {
     }
 }
 
+/// A taint's effect as Kubernetes spells it (`NoSchedule`, `PreferNoSchedule`, `NoExecute`).
+pub fn taint_effect(t: &policy::Taint) -> String {
+    format!("{:?}", t.effect)
+}
+
 /// The wire form of an assignment.
 pub fn placement_message(a: &Assignment) -> nimbus_proto::Placement {
     nimbus_proto::Placement {
@@ -638,7 +590,7 @@ pub fn placement_message(a: &Assignment) -> nimbus_proto::Placement {
             .map(|t| nimbus_proto::Taint {
                 key: t.key.clone(),
                 value: t.value.clone(),
-                effect: format!("{:?}", t.effect),
+                effect: taint_effect(t),
             })
             .collect(),
     }
@@ -696,7 +648,7 @@ pub async fn reconcile(ctx: &crate::context::Ctx) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -707,7 +659,7 @@ mod tests {
     use crate::state::EnrollInput;
     use crate::store::SledStore;
 
-    const ENV: &str = r#"version: 1
+    pub(crate) const ENV: &str = r#"version: 1
 environments:
   - name: production
     match: { labels: { env: prod } }
@@ -717,13 +669,13 @@ environments:
       credentials: { kubeconfig: /etc/nimbus/prod.kubeconfig }
 "#;
 
-    fn policy(db_tier: &str, web_labels: &str) -> String {
+    pub(crate) fn policy(db_tier: &str, web_labels: &str) -> String {
         format!(
             "{ENV}pools:\n  - name: db\n    match: {{ labels: {{ tier: {db_tier} }} }}\n    min: 1\n  - name: web\n    match: {{ labels: {{ tier: web }} }}\n    min: 1\n    labels: {{ {web_labels} }}\ncohorts:\n  - name: hub-enclave\n    pools: [db]\n  - name: edge\n    pools: [web]\n"
         )
     }
 
-    fn state() -> (tempfile::TempDir, State) {
+    pub(crate) fn state() -> (tempfile::TempDir, State) {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
         let s = State::open(
@@ -734,7 +686,7 @@ environments:
         (dir, s)
     }
 
-    fn enroll(s: &State, n: u8, tier: &str) -> String {
+    pub(crate) fn enroll(s: &State, n: u8, tier: &str) -> String {
         let labels = [("env", "prod"), ("tier", tier)]
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -758,7 +710,7 @@ environments:
         node.id
     }
 
-    fn req(yaml: &str) -> ApplyRequest {
+    pub(crate) fn req(yaml: &str) -> ApplyRequest {
         ApplyRequest {
             file_name: "policy.yaml".into(),
             yaml: yaml.into(),
@@ -890,7 +842,7 @@ environments:
         assert!(s.observe(&late, bogus).is_err(), "a generation never handed out");
     }
 
-    fn applied(s: &State, id: &str) -> Vec<(String, DesiredRecord)> {
+    pub(crate) fn applied(s: &State, id: &str) -> Vec<(String, DesiredRecord)> {
         let d = s.desired(id).unwrap();
         s.observe(
             id,
@@ -899,6 +851,9 @@ environments:
                 policy_revision: d.policy_revision,
                 error: String::new(),
                 at: 1,
+                // A placed node is healthy only once its kubelet is joined to its environment.
+                kubelet: "joined".into(),
+                kubelet_server: "10.0.0.10:6443".into(),
                 ..Default::default()
             },
         )
@@ -925,7 +880,8 @@ environments:
         let gen1: Vec<u64> = ids.iter().map(|id| s.desired(id).unwrap().generation).collect();
         assert_eq!(gen1, [1, 1, 1]);
 
-        // Every db node leaves its pool (drain + reset): with max_unavailable 1, one at a time.
+        // Every db node loses its place (drain + reset): with max_unavailable 1, one at a time, each drained
+        // from its cluster before it is told.
         let out = s
             .apply_policy(&ApplyRequest {
                 allow_disruptive: true,
@@ -934,12 +890,15 @@ environments:
             .unwrap();
         assert_eq!(
             (out.staged, out.pushed.len()),
-            (3, 1),
-            "only the first wave's node is told"
+            (3, 0),
+            "the first wave's node is drained first"
         );
+        let draining = |s: &State| -> String { s.rollout().unwrap().unwrap().draining.keys().next().unwrap().clone() };
+        let first = draining(&s);
         let moved = |s: &State| ids.iter().filter(|id| s.desired(id).unwrap().generation == 2).count();
+        assert_eq!(moved(&s), 0);
+        assert_eq!(s.finish_drain(&first).unwrap().len(), 1);
         assert_eq!(moved(&s), 1);
-        let first = out.pushed[0].0.clone();
         let live = s.live_placement().unwrap().unwrap();
         let still_db = ids
             .iter()
@@ -947,24 +906,44 @@ environments:
             .count();
         assert_eq!(still_db, 2, "nodes waiting for their wave keep their old place");
 
-        // An unrelated report changes nothing; the moved node's report starts the next wave.
+        // The node acknowledges but its kubelet is still joined: not healthy. Once it reports the reset, the next
+        // wave starts (with a drain). An unrelated report changes nothing.
         assert!(applied(&s, &ids.iter().find(|i| **i != first).unwrap().clone()).is_empty());
-        let next = applied(&s, &first);
-        assert_eq!(next.len(), 1);
+        assert!(applied(&s, &first).is_empty());
+        assert!(reset(&s, &first).is_empty());
+        let second = draining(&s);
+        assert_ne!(second, first);
+        assert_eq!(s.finish_drain(&second).unwrap().len(), 1);
         assert_eq!(moved(&s), 2);
 
         // The coordinator restarts mid-rollout: the next report continues it, nothing is told twice.
         drop(s);
         let s = open();
-        let last = applied(&s, &next[0].0);
-        assert_eq!(last.len(), 1);
+        assert!(reset(&s, &second).is_empty());
+        let third = draining(&s);
+        drop(s);
+        let s = open();
+        assert_eq!(draining(&s), third, "a drain in progress survives a restart");
+        assert_eq!(s.finish_drain(&third).unwrap().len(), 1);
         assert_eq!(moved(&s), 3);
-        assert!(applied(&s, &last[0].0).is_empty());
+        assert!(reset(&s, &third).is_empty());
         assert!(s.rollout().unwrap().is_none(), "completed rollouts are removed");
+        assert_eq!(s.last_rollout().unwrap().unwrap().rollout.status().counts.healthy, 3);
         assert!(
             ids.iter().all(|id| s.desired(id).unwrap().generation == 2),
             "no node told twice"
         );
+    }
+
+    fn reset(s: &State, id: &str) -> Vec<(String, DesiredRecord)> {
+        let d = s.desired(id).unwrap();
+        let o = ObservedRecord {
+            generation: d.generation,
+            policy_revision: d.policy_revision,
+            kubelet: "reset".into(),
+            ..Default::default()
+        };
+        s.observe(id, o).unwrap()
     }
 
     #[test]

@@ -216,6 +216,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
             key_rotation: config_probe.2,
         }),
         join_tokens: crate::join::Issued::default(),
+        cluster_sync: crate::clustersync::ClusterSync::default(),
     });
 
     // Every active node is a WireGuard peer again after a restart.
@@ -302,6 +303,24 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         let every = ctx.config.probe_window;
         tasks.push(tokio::spawn(async move {
             crate::replication::watch_drift(c, every, rx).await;
+            Ok(())
+        }));
+    }
+    {
+        let (c, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
+        let every = ctx.config.cluster_sync_interval;
+        tasks.push(tokio::spawn(async move {
+            crate::clustersync::run(c, every, rx).await;
+            Ok(())
+        }));
+        let (c, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            crate::rollout::run_deadlines(c, rx).await;
+            Ok(())
+        }));
+        let (c, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            crate::moves::run(c, rx).await;
             Ok(())
         }));
     }

@@ -15,6 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 mod hardware;
 mod latency_view;
 mod policy_view;
+mod rollout_view;
 
 use policy_view::Verb;
 
@@ -130,6 +131,9 @@ enum Cmd {
         #[arg(long)]
         allow_disruptive: bool,
     },
+    /// Rollouts of disruptive changes (apply --allow-disruptive): status, pause, resume, abort.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
     /// Re-apply an earlier policy revision, stored as a new revision (history is never rewritten)
     ///
     /// Printed like `apply` (or like `diff` with --dry-run). The same rule holds for disruptive changes:
@@ -152,6 +156,34 @@ enum Cmd {
         /// Allow changes that drain nodes and move them to another environment or pool (in waves).
         #[arg(long)]
         allow_disruptive: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RolloutCmd {
+    /// The running rollout (or the last one): phase, wave, and per node its pool, zone, wave and state
+    ///
+    /// A node of a wave is healthy when its agent applied the new desired state and its kubelet is joined to
+    /// the node's environment (or, leaving every environment, reset). A node not healthy within the
+    /// coordinator's --rollout-node-timeout (default 15m) fails, and the first failure pauses the rollout.
+    ///
+    /// Exit codes: 0 shown, 1 failed.
+    #[command(verbatim_doc_comment)]
+    Status,
+    /// Start no new wave; nodes already in flight finish. Resume with `rollout resume`.
+    Pause {
+        /// Why (shown in the coordinator log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Continue a paused rollout (also after it paused itself on a failed or timed-out node).
+    Resume,
+    /// Stop the rollout for good: nodes not moved yet keep their old place (a later `diff` shows them again);
+    /// nodes already moved stay moved.
+    Abort {
+        /// Why (shown in the coordinator log).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
 }
 
@@ -392,7 +424,7 @@ fn node_json(n: &Node) -> serde_json::Value {
         "inventory_updated_unix": n.inventory_updated_unix,
         "inventory_history": n.inventory_history.iter().map(|c| serde_json::json!({"at_unix": c.at_unix, "changes": c.changes})).collect::<Vec<_>>(),
         "placement": placement, "unplaced_reason": unplaced_reason, "convergence": convergence,
-        "kubelet": n.kubelet,
+        "kubelet": n.kubelet, "cluster_sync": n.cluster_sync, "drift": n.drift, "drift_unix": n.drift_unix,
     })
 }
 
@@ -855,6 +887,38 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
                 "it was offline and will learn it when it next tries to connect"
             };
             println!("node {} revoked; {how}", n.name);
+        }
+        Cmd::Rollout(rc) => {
+            let r = match rc {
+                RolloutCmd::Status => c.get_rollout(GetRolloutRequest {}).await,
+                RolloutCmd::Pause { reason } => {
+                    c.control_rollout(ControlRolloutRequest {
+                        action: "pause".into(),
+                        reason,
+                    })
+                    .await
+                }
+                RolloutCmd::Resume => {
+                    c.control_rollout(ControlRolloutRequest {
+                        action: "resume".into(),
+                        reason: String::new(),
+                    })
+                    .await
+                }
+                RolloutCmd::Abort { reason } => {
+                    c.control_rollout(ControlRolloutRequest {
+                        action: "abort".into(),
+                        reason,
+                    })
+                    .await
+                }
+            }
+            .map_err(status_err)?
+            .into_inner();
+            if json {
+                return print_json(&rollout_view::json(&r));
+            }
+            emit(&rollout_view::text(&r, unix_now()))?;
         }
         Cmd::Policy(_)
         | Cmd::Diff { .. }

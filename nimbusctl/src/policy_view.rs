@@ -410,6 +410,16 @@ pub fn placement_section(n: &Node) -> String {
         ("taints", join_or_dash(&taints)),
         ("convergence", dash(&n.convergence)),
         ("unplaced-reason", dash(&n.unplaced_reason)),
+        ("kubelet", dash(&n.kubelet)),
+        ("cluster-sync", dash(&n.cluster_sync)),
+        (
+            "host-drift",
+            if n.drift.is_empty() {
+                "-".into()
+            } else {
+                format!("{} ({})", n.drift, crate::ago(n.drift_unix))
+            },
+        ),
     ] {
         out += &format!("  {k:<16} {v}\n");
     }

@@ -16,6 +16,41 @@ const EXAMPLE: &str = include_str!("../../deploy/examples/policy.yaml");
 struct Fake {
     applied: Arc<Mutex<Vec<ApplyPolicyRequest>>>,
     rollbacks: Arc<Mutex<Vec<RollbackPolicyRequest>>>,
+    controls: Arc<Mutex<Vec<ControlRolloutRequest>>>,
+}
+
+fn paused_rollout() -> RolloutStatus {
+    RolloutStatus {
+        active: true,
+        revision: 5,
+        phase: "paused".into(),
+        current_wave: 1,
+        pause_reason: "1 node(s) failed, more than max_failures = 0; last: n1: timed out".into(),
+        total: 2,
+        pending: 1,
+        failed: 1,
+        node_timeout_secs: 900,
+        nodes: vec![
+            RolloutNode {
+                node_id: "n1".into(),
+                name: "db-1".into(),
+                pool: "performance".into(),
+                zone: "a".into(),
+                state: "failed: timed out".into(),
+                wave: 1,
+                started_unix: 1_700_000_000,
+            },
+            RolloutNode {
+                node_id: "n2".into(),
+                name: "db-2".into(),
+                pool: "performance".into(),
+                zone: "b".into(),
+                state: "pending".into(),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    }
 }
 
 fn move_db1() -> NodeChange {
@@ -48,6 +83,21 @@ impl Admin for Fake {
     }
     async fn decommission_nodes(&self, _: Request<DecommissionRequest>) -> R<DecommissionResponse> {
         Err(Status::unimplemented("fake"))
+    }
+    async fn get_rollout(&self, _: Request<GetRolloutRequest>) -> R<RolloutStatus> {
+        Ok(Response::new(paused_rollout()))
+    }
+    async fn control_rollout(&self, req: Request<ControlRolloutRequest>) -> R<RolloutStatus> {
+        let r = req.into_inner();
+        self.controls.lock().unwrap().push(r.clone());
+        match r.action.as_str() {
+            "resume" => Ok(Response::new(RolloutStatus {
+                phase: "running".into(),
+                pause_reason: String::new(),
+                ..paused_rollout()
+            })),
+            _ => Err(Status::failed_precondition("no rollout is running")),
+        }
     }
     async fn list_nodes(&self, _: Request<ListNodesRequest>) -> R<ListNodesResponse> {
         Ok(Response::new(ListNodesResponse {
@@ -423,4 +473,47 @@ fn history_show_and_nodes() {
     assert_eq!(nodes[1]["unplaced_reason"], "matches no environment");
     assert_eq!(nodes[0]["name"], "db-1");
     assert!(stderr.starts_with("warning: "), "{stderr}");
+}
+
+#[test]
+fn rollout_status_and_control() {
+    let fake = Fake::default();
+    let (_dir, socket) = serve(fake.clone());
+    let (code, stdout, stderr) = out(&ctl(&socket, &["rollout", "status"], None));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.starts_with("running rollout of policy revision 5: paused (1 node(s) failed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("2 nodes: 0 healthy, 0 in flight, 1 pending, 1 failed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("db-1") && stdout.contains("failed: timed out"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("nimbusctl rollout resume"), "{stdout}");
+
+    let (code, stdout, _) = out(&ctl(&socket, &["-o", "json", "rollout", "status"], None));
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["nodes"][1]["name"], "db-2");
+    assert_eq!(v["counts"]["pending"], 1);
+
+    let (code, stdout, stderr) = out(&ctl(&socket, &["rollout", "resume"], None));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.starts_with("running rollout of policy revision 5: running\n"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = out(&ctl(&socket, &["rollout", "abort", "--reason", "bad release"], None));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no rollout is running"), "{stderr}");
+    let sent = fake.controls.lock().unwrap();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(
+        (sent[1].action.as_str(), sent[1].reason.as_str()),
+        ("abort", "bad release")
+    );
 }
