@@ -15,6 +15,8 @@
 //! - [`fleet`]: [`Fleet`] — coordinator + agents + `nimbusctl`, logs dumped when a test panics.
 //! - [`lab`]: `nimbus-lab up/down/status` (the binary only parses flags).
 //! - [`state`]: [`LabState`] file and [`teardown_from_state`] for `nimbus-lab down`.
+//! - [`kubeadm`]: [`kubeadm::KubeadmStandIn`] — the kubeadm TEST STAND-IN installed per agent, and a stand-in
+//!   join-token command.
 //! - [`kube_api`]: [`kube_api::KubeApiStandIn`] — the Kubernetes API TEST STAND-IN process (not a Kubernetes
 //!   API server) and its control client, for tests of what the coordinator does in a cluster.
 //! - [`delay`]: [`DelayLab`] — zones of hosts joined through a userspace delay router (TUN + policy routing,
@@ -30,6 +32,7 @@ pub mod env;
 pub mod error;
 pub mod fleet;
 pub mod kube_api;
+pub mod kubeadm;
 pub mod lab;
 pub mod netns;
 pub mod process;

@@ -5,48 +5,14 @@
 //! command is a stand-in script printing random tokens. Needs root and the binaries.
 #![allow(clippy::unwrap_used)]
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-
 use e2e::fleet::{JoinToken, agent_name, str_field};
+use e2e::kubeadm::{KubeadmStandIn, install_mint_command, minted};
 use e2e::{Fleet, eventually_patiently, require_root};
 
 const API: &str = "10.0.0.10:6443";
 
-fn executable(path: &Path, body: &str) {
-    std::fs::write(path, body).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
 fn token(fleet: &Fleet, tier: &str) -> JoinToken {
     fleet.create_labelled_token("1h", 1, &format!("env=prod,tier={tier}"))
-}
-
-/// A per-agent copy of the kubeadm stand-in with its control file; returns (binary, kubernetes dir, kubelet dir).
-fn stand_in_kubeadm(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
-    let src = e2e::env::workspace_dir().join("kube/tests/fixtures/kubeadm-stand-in.sh");
-    let bin = dir.join("kubeadm");
-    executable(&bin, &std::fs::read_to_string(src).unwrap());
-    let (k, l) = (dir.join("etc-kubernetes"), dir.join("var-lib-kubelet"));
-    std::fs::write(
-        dir.join("control"),
-        format!(
-            "kubernetes_dir={}\nkubelet_dir={}\nserver=https://{API}\n",
-            k.display(),
-            l.display()
-        ),
-    )
-    .unwrap();
-    (bin, k, l)
-}
-
-fn joins(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join("calls.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("join "))
-        .count()
 }
 
 #[test]
@@ -57,28 +23,15 @@ fn each_node_joins_once_with_its_own_token_and_labels() {
     let mut fleet = Fleet::start(2);
     let work = fleet.work_dir().to_path_buf();
     let mint = work.join("mint-join-token");
-    executable(
-        &mint,
-        "#!/bin/sh\n# TEST STAND-IN for an operator's join-token command: prints a fresh kubeadm bootstrap token.\n\
-         id=$(tr -dc a-z0-9 </dev/urandom | head -c 6)\nsecret=$(tr -dc a-z0-9 </dev/urandom | head -c 16)\n\
-         echo \"$id.$secret\" >> \"$(dirname \"$0\")/minted.log\"\necho \"$id.$secret\"\n",
-    );
+    install_mint_command(&mint).unwrap();
     let (db, web) = (token(&fleet, "db"), token(&fleet, "web"));
     let mut dirs = Vec::new();
     for i in 1..=2 {
-        let dir = work.join(format!("kubeadm-{i}"));
-        let (bin, k, l) = stand_in_kubeadm(&dir);
-        let args = [
-            "--kubeadm".to_string(),
-            bin.display().to_string(),
-            "--kubernetes-dir".into(),
-            k.display().to_string(),
-            "--kubelet-dir".into(),
-            l.display().to_string(),
-        ];
+        let kubeadm = KubeadmStandIn::install(&work.join(format!("kubeadm-{i}"))).unwrap();
+        let args = kubeadm.agent_args();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         fleet.start_agent(i, Some(if i == 1 { &db } else { &web }), &args);
-        dirs.push(dir);
+        dirs.push(kubeadm);
     }
     fleet.wait_connected(&[agent_name(1), agent_name(2)]);
 
@@ -101,15 +54,12 @@ fn each_node_joins_once_with_its_own_token_and_labels() {
             Err(format!("kubelet states {states:?}"))
         }
     });
-    let minted: Vec<String> = std::fs::read_to_string(work.join("minted.log"))
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let minted = minted(&mint);
     let mut used = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
-        assert_eq!(joins(dir), 1, "agent-{} joined exactly once", i + 1);
-        let config = std::fs::read_to_string(dir.join("join-1.yaml")).unwrap();
+        assert_eq!(dir.joins(), 1, "agent-{} joined exactly once", i + 1);
+        assert_eq!(dir.joined_server().as_deref(), Some("https://10.0.0.10:6443"));
+        let (config, mode) = dir.join_config(1).unwrap();
         assert!(config.contains(&format!("name: agent-{}", i + 1)), "{config}");
         let pool = if i == 0 { "db" } else { "web" };
         assert!(config.contains(&format!("polynimbus.io/pool={pool}")), "{config}");
@@ -119,7 +69,7 @@ fn each_node_joins_once_with_its_own_token_and_labels() {
                 "the cohort's taint: {config}"
             );
         }
-        assert_eq!(std::fs::read_to_string(dir.join("join-1.mode")).unwrap().trim(), "600");
+        assert_eq!(mode, "600");
         let tok = minted
             .iter()
             .find(|t| config.contains(t.as_str()))
@@ -145,12 +95,12 @@ fn each_node_joins_once_with_its_own_token_and_labels() {
     fleet.start_coordinator();
     fleet.wait_connected(&[agent_name(1), agent_name(2)]);
     std::thread::sleep(std::time::Duration::from_secs(3));
-    assert!(dirs.iter().all(|d| joins(d) == 1));
-    let minted_after = std::fs::read_to_string(work.join("minted.log"))
-        .unwrap()
-        .lines()
-        .count();
-    assert_eq!(minted_after, minted_before, "no token for a joined node");
+    assert!(dirs.iter().all(|d| d.joins() == 1));
+    assert_eq!(
+        e2e::kubeadm::minted(&mint).len(),
+        minted_before,
+        "no token for a joined node"
+    );
     assert!(fleet.nodes().iter().all(|n| str_field(n, "kubelet") == "joined"));
 
     // Decommission agent-2. The drain needs the cluster's API, which is not reachable here: refused with what to
@@ -164,11 +114,7 @@ fn each_node_joins_once_with_its_own_token_and_labels() {
         "{text}"
     );
     assert_eq!(str_field(&fleet.node("agent-2").unwrap(), "state"), "connected");
-    assert!(
-        !std::fs::read_to_string(dirs[1].join("calls.log"))
-            .unwrap()
-            .contains("reset")
-    );
+    assert_eq!(dirs[1].resets(), 0);
     // Without the drain: kubeadm reset on the node, keys revoked, IP and name freed.
     let done = fleet.ctl(&["node", "decommission", "agent-2", "--no-drain"]);
     let text = String::from_utf8_lossy(&done.stdout).to_string();
@@ -176,11 +122,7 @@ fn each_node_joins_once_with_its_own_token_and_labels() {
     for step in ["drain skipped", "kubeadm reset on the node", "keys revoked", "freed"] {
         assert!(text.contains(step), "{step:?} missing: {text}");
     }
-    assert!(
-        std::fs::read_to_string(dirs[1].join("calls.log"))
-            .unwrap()
-            .contains("reset --force")
-    );
+    assert!(dirs[1].calls().contains(&"reset --force".to_string()));
     fleet.expect_agent_exit(2, 10, "revoked");
     let names: Vec<String> = fleet.nodes().iter().map(|n| str_field(n, "name").to_string()).collect();
     assert_eq!(names, ["agent-1"], "the node record is gone");

@@ -1,7 +1,10 @@
 //! End-to-end: a fleet policy applied to four agents. Each node gets the right environment, pool, cohorts and
 //! labels, delivered over its own fleet stream and acknowledged; re-applying changes nothing; a change touches
 //! only the affected nodes; a disruptive change is refused without `--allow-disruptive` and goes out in waves
-//! with it; a coordinator restart changes nobody's desired state; rollback restores a revision.
+//! with it, each node's wave done only when its kubelet is reset (leaving) or joined again (rollback); a
+//! coordinator restart changes nobody's desired state; rollback restores a revision.
+//! kubeadm and the join-token command are TEST STAND-INs (`e2e::kubeadm`); the environment gives no API access
+//! the coordinator can use (a bearer-token command), so nodes leave without a drain (logged).
 //! Needs root and the daemon binaries (`cargo build --workspace --bins`).
 #![allow(clippy::unwrap_used)]
 
@@ -9,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use e2e::fleet::{JoinToken, agent_name, str_field};
+use e2e::kubeadm::{KubeadmStandIn, install_mint_command};
 use e2e::{Fleet, eventually_patiently, require_root};
 use serde_json::Value;
 
@@ -19,12 +23,19 @@ environments:
     kubernetes:
       api_endpoint: "10.0.0.10:6443"
       ca_cert_hash: "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
-      credentials: { kubeconfig: /etc/nimbus/prod.kubeconfig }
+      credentials: { token_command: [/bin/false] }
+      join_token_command: [MINT]
 "#;
 
-fn policy(db_tier: &str, web_labels: &str) -> String {
+/// Where the join-token stand-in lives (beside the policy file).
+fn mint(fleet: &Fleet) -> std::path::PathBuf {
+    fleet.work_dir().join("mint-join-token")
+}
+
+fn policy(fleet: &Fleet, db_tier: &str, web_labels: &str) -> String {
+    let env = ENV.replace("MINT", &mint(fleet).display().to_string());
     format!(
-        "{ENV}pools:\n  - name: db\n    match: {{ labels: {{ tier: {db_tier} }} }}\n    min: 1\n    max_unavailable: 1\n  - name: web\n    match: {{ labels: {{ tier: web }} }}\n    min: 1\n    labels: {{ {web_labels} }}\ncohorts:\n  - name: hub-enclave\n    pools: [db]\n  - name: edge\n    pools: [web]\n"
+        "{env}pools:\n  - name: db\n    match: {{ labels: {{ tier: {db_tier} }} }}\n    min: 1\n    max_unavailable: 1\n  - name: web\n    match: {{ labels: {{ tier: web }} }}\n    min: 1\n    labels: {{ {web_labels} }}\ncohorts:\n  - name: hub-enclave\n    pools: [db]\n  - name: edge\n    pools: [web]\n"
     )
 }
 
@@ -93,9 +104,15 @@ fn a_policy_places_nodes_converges_them_and_changes_only_what_it_must() {
         return;
     }
     let mut fleet = Fleet::start(4);
+    install_mint_command(&mint(&fleet)).unwrap();
     let (db, web) = (token(&fleet, "db"), token(&fleet, "web"));
+    let mut kubeadm = Vec::new();
     for i in 1..=4 {
-        fleet.start_agent(i, Some(if i <= 2 { &db } else { &web }), &[]);
+        let k = KubeadmStandIn::install(&fleet.work_dir().join(format!("kubeadm-{i}"))).unwrap();
+        let args = k.agent_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fleet.start_agent(i, Some(if i <= 2 { &db } else { &web }), &args);
+        kubeadm.push(k);
     }
     fleet.wait_connected(&(1..=4).map(agent_name).collect::<Vec<_>>());
     let file = fleet.work_dir().join("policy.yaml");
@@ -107,7 +124,7 @@ fn a_policy_places_nodes_converges_them_and_changes_only_what_it_must() {
     assert!(text(&bad).contains("policy.yaml:2:1"), "{}", text(&bad));
 
     // Apply: every node placed by its enrollment labels, told over its stream, acknowledged.
-    std::fs::write(&file, policy("db", "")).unwrap();
+    std::fs::write(&file, policy(&fleet, "db", "")).unwrap();
     let out = apply(&fleet, &file, &[]);
     assert!(
         out.status.success() && text(&out).contains("applied revision 1"),
@@ -123,6 +140,14 @@ fn a_policy_places_nodes_converges_them_and_changes_only_what_it_must() {
             ("agent-4", "web"),
         ],
     );
+    eventually_patiently(|| {
+        let joined = kubeadm.iter().filter(|k| k.joins() == 1).count();
+        if joined == 4 {
+            Ok(())
+        } else {
+            Err(format!("{joined} of 4 nodes joined"))
+        }
+    });
     let r1 = recorded(&fleet, 1);
     assert_eq!(r1["pool"], "db", "{r1}");
     assert_eq!(r1["cohorts"], serde_json::json!(["hub-enclave"]), "{r1}");
@@ -139,7 +164,7 @@ fn a_policy_places_nodes_converges_them_and_changes_only_what_it_must() {
     assert_eq!(fleet.ctl_json(&["policy", "history"]).as_array().unwrap().len(), 1);
 
     // A label on the web pool: only agent-3 and agent-4 change.
-    std::fs::write(&file, policy("db", "\"polynimbus.io/ingress\": \"true\"")).unwrap();
+    std::fs::write(&file, policy(&fleet, "db", "\"polynimbus.io/ingress\": \"true\"")).unwrap();
     let diff = fleet.ctl_json(&["diff", "-f", file.to_str().unwrap()]);
     let changed: Vec<&str> = diff["changes"]
         .as_array()
@@ -157,7 +182,7 @@ fn a_policy_places_nodes_converges_them_and_changes_only_what_it_must() {
     assert_eq!(recorded(&fleet, 1)["generation"], 1, "agent-1 untouched");
 
     // Moving the db nodes out of their pool is disruptive: refused without consent, nothing changes.
-    std::fs::write(&file, policy("olap", "\"polynimbus.io/ingress\": \"true\"")).unwrap();
+    std::fs::write(&file, policy(&fleet, "olap", "\"polynimbus.io/ingress\": \"true\"")).unwrap();
     let refused = apply(&fleet, &file, &[]);
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
     assert!(text(&refused).contains("--allow-disruptive"), "{}", text(&refused));
@@ -168,6 +193,29 @@ fn a_policy_places_nodes_converges_them_and_changes_only_what_it_must() {
     wait_places(&fleet, &[("agent-1", ""), ("agent-2", ""), ("agent-3", "web")]);
     let reason = fleet.node("agent-1").unwrap()["unplaced_reason"].clone();
     assert!(reason.as_str().unwrap().contains("pool"), "{reason}");
+    // Each left its cluster (kubeadm reset) before the wave counted it healthy; the rollout is complete.
+    let status = eventually_patiently(|| {
+        let st = fleet.ctl_json(&["rollout", "status"]);
+        if st["phase"] == "completed" {
+            Ok(st)
+        } else {
+            Err(format!("{st}"))
+        }
+    });
+    assert_eq!(status["counts"]["healthy"], 2, "{status}");
+    let waves: Vec<u64> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["wave"].as_u64().unwrap())
+        .collect();
+    assert_eq!(waves, [1, 2], "one db node at a time: {status}");
+    assert!(
+        kubeadm[..2]
+            .iter()
+            .all(|k| k.resets() == 1 && k.joined_server().is_none())
+    );
+    assert_eq!(kubeadm[2].resets(), 0);
 
     // A coordinator restart hands nobody a new generation.
     let before: Vec<Value> = (1..=4).map(|i| recorded(&fleet, i)["generation"].clone()).collect();
@@ -191,6 +239,15 @@ fn a_policy_places_nodes_converges_them_and_changes_only_what_it_must() {
             ("agent-4", "web"),
         ],
     );
+    // Healthy again means joined again: one more join each.
+    eventually_patiently(|| {
+        let joins: Vec<usize> = kubeadm.iter().map(KubeadmStandIn::joins).collect();
+        if joins == [2, 2, 1, 1] {
+            Ok(())
+        } else {
+            Err(format!("joins {joins:?}"))
+        }
+    });
     let history = fleet.ctl_json(&["policy", "history"]);
     let history = history.as_array().unwrap();
     assert_eq!(history.len(), 4, "{history:?}");
