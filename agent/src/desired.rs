@@ -114,6 +114,7 @@ mod tests {
                     value: "true".into(),
                     effect: "NoSchedule".into(),
                 }],
+                storage_plan: Vec::new(),
             }),
             policy_revision: 3,
             join: None,

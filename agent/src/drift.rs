@@ -61,6 +61,7 @@ pub fn check(state_dir: &Path, kubeadm: &Kubeadm, last: &DesiredState) -> Option
         join_error: rejoin.unwrap_or_default(),
         kubelet_server: String::new(),
         drift_corrected: corrected,
+        storage: Vec::new(),
     })
 }
 

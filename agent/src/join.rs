@@ -222,6 +222,7 @@ async fn run(kubeadm: &Kubeadm, state_dir: &Path, job: Job) -> ObservedState {
             String::new()
         },
         drift_corrected: Vec::new(),
+        storage: Vec::new(),
     }
 }
 

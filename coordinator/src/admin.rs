@@ -149,6 +149,7 @@ impl AdminService {
             cluster_sync: String::new(),
             drift: String::new(),
             drift_unix: 0,
+            storage: Vec::new(),
         }
     }
 
@@ -290,6 +291,15 @@ fn set_place(node: &mut Node, info: &PlaceInfo) {
     if let Some(o) = &info.observed {
         node.drift = o.drift.clone();
         node.drift_unix = o.drift_at;
+        node.storage = o
+            .storage
+            .iter()
+            .map(|v| nimbus_proto::StorageVolumeStatus {
+                name: v.name.clone(),
+                state: v.state.clone(),
+                detail: v.detail.clone(),
+            })
+            .collect();
     }
 }
 

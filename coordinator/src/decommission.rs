@@ -116,11 +116,21 @@ async fn run(
         );
         if sent {
             let deadline = tokio::time::Instant::now() + RESET_TIMEOUT;
+            let storage_removed: Vec<String>;
             loop {
                 let lookup = id.clone();
                 let o = ctx.state(move |s| s.observed(&lookup)).await.ok().flatten();
                 match o {
-                    Some(o) if o.at >= asked_at && o.kubelet == "reset" => break,
+                    Some(o) if o.at >= asked_at && o.kubelet == "reset" => {
+                        let removed: Vec<String> = o
+                            .storage
+                            .iter()
+                            .filter(|v| v.state == "removed")
+                            .map(|v| format!("{} ({})", v.name, v.detail))
+                            .collect();
+                        storage_removed = removed;
+                        break;
+                    }
                     Some(o) if o.at >= asked_at && o.kubelet == "failed" => {
                         return Err(format!("kubeadm reset on {name} failed: {}", o.join_error));
                     }
@@ -135,6 +145,12 @@ async fn run(
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             steps.push("kubeadm reset on the node, desired state forgotten".into());
+            if !storage_removed.is_empty() {
+                steps.push(format!(
+                    "storage this project created removed: {}",
+                    storage_removed.join("; ")
+                ));
+            }
         } else if joined {
             return Err(format!(
                 "{name} is offline, so kubeadm reset cannot run on it; bring it back, or revoke it with \

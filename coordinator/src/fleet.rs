@@ -239,7 +239,27 @@ async fn handle(
                     2048,
                 ),
                 drift_at: 0,
+                storage: o
+                    .storage
+                    .into_iter()
+                    .take(32)
+                    .map(|v| crate::placement::StorageStatus {
+                        name: clip(v.name, 64),
+                        state: match v.state.as_str() {
+                            s @ ("ready" | "created" | "refused" | "failed" | "removed") => s.to_string(),
+                            _ => "failed".to_string(),
+                        },
+                        detail: clip(v.detail, 1024),
+                    })
+                    .collect(),
             };
+            for v in rec
+                .storage
+                .iter()
+                .filter(|v| v.state == "refused" || v.state == "failed")
+            {
+                tracing::warn!(node = %node.name, volume = %v.name, state = %v.state, detail = %v.detail, "storage not prepared on the node");
+            }
             if !rec.drift.is_empty() {
                 rec.drift_at = rec.at;
                 ctx.metrics.host_drift_corrected.inc_by(o.drift_corrected.len() as u64);

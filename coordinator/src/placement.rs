@@ -116,6 +116,18 @@ pub struct ObservedRecord {
     pub drift: String,
     #[serde(default)]
     pub drift_at: u64,
+    /// The storage plan as the agent last reported applying it, per volume.
+    #[serde(default)]
+    pub storage: Vec<StorageStatus>,
+}
+
+/// One volume of an agent's storage report.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct StorageStatus {
+    pub name: String,
+    /// "ready", "created", "refused", "failed", or "removed" (decommission).
+    pub state: String,
+    pub detail: String,
 }
 
 impl ObservedRecord {
@@ -296,6 +308,9 @@ impl State {
             if observed.drift.is_empty() {
                 observed.drift = old.drift;
                 observed.drift_at = old.drift_at;
+            }
+            if observed.storage.is_empty() {
+                observed.storage = old.storage;
             }
         }
         let key = observed_key(id);
@@ -531,7 +546,8 @@ impl State {
     }
 
     /// Places nodes the live placement does not know yet (new enrollments, first inventories) under the current
-    /// policy. Nodes already placed keep their place: moving them is a disruptive change only an apply makes.
+    /// policy, and follows inventory changes of placed nodes within their place (storage volumes). Nodes already
+    /// placed keep their environment and pool: moving them is a disruptive change only an apply makes.
     /// Returns the desired states to push.
     pub fn reconcile_placement(&self) -> Result<Vec<(String, DesiredRecord)>, StateError> {
         for _ in 0..MAX_TXN_ATTEMPTS {
@@ -552,7 +568,14 @@ impl State {
                 if let Some(NodePlacement::Placed(old)) = live.placement.nodes.get(id)
                     && np.assignment() != Some(old)
                 {
-                    *np = NodePlacement::Placed(old.clone());
+                    // Same environment and pool: only what the inventory decides changed (storage volumes, e.g.
+                    // instance-store disks with new serials after a stop/start, and their labels); not disruptive.
+                    let same_place = np
+                        .assignment()
+                        .is_some_and(|a| a.environment == old.environment && a.pool == old.pool);
+                    if !same_place {
+                        *np = NodePlacement::Placed(old.clone());
+                    }
                 }
             }
             if merged == live.placement {
@@ -593,6 +616,14 @@ pub fn placement_message(a: &Assignment) -> nimbus_proto::Placement {
                 effect: taint_effect(t),
             })
             .collect(),
+        storage_plan: if a.storage.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&storage::StoragePlan {
+                volumes: a.storage.clone(),
+            })
+            .unwrap_or_default()
+        },
     }
 }
 

@@ -609,6 +609,7 @@ mod tests {
                 cohorts: Vec::new(),
                 labels: Default::default(),
                 taints: Vec::new(),
+                storage: Vec::new(),
             }),
             ..Default::default()
         };

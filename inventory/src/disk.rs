@@ -38,7 +38,27 @@ pub(crate) fn collect(ctx: &mut Ctx<'_>, mounts: &[Mount], swaps: &[String]) -> 
         }
     }
     attach_mounts(ctx, &mut disks, mounts, swaps);
+    attach_by_id(ctx, &mut disks);
     (disks, extras)
+}
+
+/// Where udev puts the stable names of block devices.
+pub(crate) const BY_ID_DIR: &str = "dev/disk/by-id";
+
+/// Fills each disk's `by_id` from the `dev/disk/by-id` symlinks whose target is the whole disk (partition
+/// links, `…-partN`, point at partitions and are skipped by name match).
+fn attach_by_id(ctx: &mut Ctx<'_>, disks: &mut [Disk]) {
+    for link in ctx.dir_names(None, BY_ID_DIR) {
+        let Some(target) = ctx.link_name(format!("{BY_ID_DIR}/{link}")) else {
+            continue;
+        };
+        if let Some(d) = disks.iter_mut().find(|d| d.name == target) {
+            d.by_id.push(format!("/{BY_ID_DIR}/{link}"));
+        }
+    }
+    for d in disks.iter_mut() {
+        d.by_id.sort();
+    }
 }
 
 fn skip_name(name: &str) -> bool {

@@ -73,6 +73,13 @@ pub use reader::Unreadable;
 pub use summary::{disk_summary, human_size};
 pub use versions::probe_versions;
 
+/// What a block device (or an image file) holds at its start (and, for md members, near its end): partition
+/// table, file system, LVM or md member, LUKS — see the `signature` module's table. `Ok(None)`: readable, nothing
+/// recognised. Used by the agent's storage setup to refuse disks that carry data.
+pub fn probe_signature(path: &std::path::Path, size_bytes: Option<u64>) -> std::io::Result<Option<Signature>> {
+    signature::probe(path, size_bytes)
+}
+
 /// Interface-name prefixes skipped by default: per-pod container plumbing that comes and goes with workloads
 /// (veth pairs; Calico `cali*`, Cilium `lxc*`, Azure CNI `azv*`, GKE `gke*`) and `kube-ipvs0`, whose addresses
 /// are every Service IP of the cluster.

@@ -201,9 +201,30 @@ pub struct Disk {
     pub dm_name: Option<String>,
     /// Loop devices: the backing file (`loop/backing_file`).
     pub backing_file: Option<String>,
+    /// Stable names: the `/dev/disk/by-id/` links (made by udev) that point at this device, sorted; the first
+    /// is the one storage plans use (see [`Disk::stable_path`]).
+    #[serde(default)]
+    pub by_id: Vec<String>,
 }
 
 impl Disk {
+    /// The stable path of this disk: a `/dev/disk/by-id/` link that names its serial or WWN when there is one
+    /// (`nvme-<model>_<serial>`, `ata-…`, `scsi-…`, `wwn-…`), else the first link; `None` without links.
+    pub fn stable_path(&self) -> Option<&str> {
+        let names_identity = |p: &&String| {
+            let leaf = p.rsplit('/').next().unwrap_or("");
+            self.serial
+                .as_deref()
+                .is_some_and(|s| !s.is_empty() && leaf.contains(&s.replace(' ', "_")))
+                || leaf.starts_with("wwn-")
+        };
+        self.by_id
+            .iter()
+            .find(names_identity)
+            .or_else(|| self.by_id.first())
+            .map(String::as_str)
+    }
+
     /// The partition that holds the root file system, if any.
     pub fn root_partition(&self) -> Option<&Partition> {
         self.partitions.iter().find(|p| p.holds_root)

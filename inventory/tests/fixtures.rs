@@ -152,7 +152,25 @@ fn aws_nitro_i3en() {
         assert_eq!(d.size_bytes, Some(2_500_000_000_000));
         assert_eq!(d.transport, Transport::Nvme);
         assert!(!d.holds_root);
+        // The stable name is the udev link naming the serial, not the eui alias.
+        assert_eq!(
+            d.stable_path(),
+            Some(format!("/dev/disk/by-id/nvme-Amazon_EC2_NVMe_Instance_Storage_{serial}").as_str())
+        );
     }
+    assert_eq!(
+        disk(&inv, "nvme1n1").by_id.len(),
+        2,
+        "partition links are not the disk's"
+    );
+    assert_eq!(
+        disk(&inv, "nvme0n1").by_id,
+        ["/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0a1b2c3d4e5f60718"]
+    );
+    assert!(
+        disk(&inv, "loop0").stable_path().is_none(),
+        "no udev link: no stable path"
+    );
     let data = disk(&inv, "nvme1n1");
     assert_eq!(
         sig(data.signature.as_ref()),

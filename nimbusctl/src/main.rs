@@ -16,6 +16,7 @@ mod hardware;
 mod latency_view;
 mod policy_view;
 mod rollout_view;
+mod storage_view;
 
 use policy_view::Verb;
 
@@ -131,6 +132,9 @@ enum Cmd {
         #[arg(long)]
         allow_disruptive: bool,
     },
+    /// Local storage planned for nodes by their pool's storage profiles.
+    #[command(subcommand)]
+    Storage(StorageCmd),
     /// Rollouts of disruptive changes (apply --allow-disruptive): status, pause, resume, abort.
     #[command(subcommand)]
     Rollout(RolloutCmd),
@@ -156,6 +160,26 @@ enum Cmd {
         /// Allow changes that drain nodes and move them to another environment or pool (in waves).
         #[arg(long)]
         allow_disruptive: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StorageCmd {
+    /// The node's storage plan: per volume its layout, file system, mount point and disks (by stable
+    /// /dev/disk/by-id path, serial, WWN, size), disks explicitly allowed to be wiped, and what the agent
+    /// last reported (ready, created, refused: why, failed: why)
+    ///
+    /// The coordinator selects the disks from the node's current inventory at every apply, so instance-store
+    /// disks that come back with new serials are found again. A disk carrying data is never touched unless
+    /// the profile's `wipe` names its serial, WWN or by-id path.
+    ///
+    /// Example:
+    ///   nimbusctl storage plan db-1
+    ///   nimbusctl -o json storage plan db-1
+    #[command(verbatim_doc_comment)]
+    Plan {
+        /// The node's name (see `nimbusctl nodes`).
+        node: String,
     },
 }
 
@@ -425,6 +449,7 @@ fn node_json(n: &Node) -> serde_json::Value {
         "inventory_history": n.inventory_history.iter().map(|c| serde_json::json!({"at_unix": c.at_unix, "changes": c.changes})).collect::<Vec<_>>(),
         "placement": placement, "unplaced_reason": unplaced_reason, "convergence": convergence,
         "kubelet": n.kubelet, "cluster_sync": n.cluster_sync, "drift": n.drift, "drift_unix": n.drift_unix,
+        "storage": n.storage.iter().map(|s| serde_json::json!({"name": s.name, "state": s.state, "detail": s.detail})).collect::<Vec<_>>(),
     })
 }
 
@@ -887,6 +912,18 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
                 "it was offline and will learn it when it next tries to connect"
             };
             println!("node {} revoked; {how}", n.name);
+        }
+        Cmd::Storage(StorageCmd::Plan { node }) => {
+            let n = c
+                .get_node(GetNodeRequest { name: node })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let plan = storage_view::plan(&n)?;
+            if json {
+                return print_json(&storage_view::json(&n, &plan));
+            }
+            emit(&storage_view::text(&n, &plan))?;
         }
         Cmd::Rollout(rc) => {
             let r = match rc {

@@ -749,8 +749,11 @@ mod tests {
                         effect: "PreferNoSchedule".into(),
                     },
                 ],
+                storage_plan: Vec::new(),
             }),
             convergence: "converged".into(),
+            kubelet: "joined".into(),
+            cluster_sync: "in sync".into(),
             ..Default::default()
         };
         assert_eq!(node_columns(&n), ["production", "fast-nvme", "hub-enclave"]);
@@ -764,7 +767,10 @@ mod tests {
              \x20 labels           polynimbus.io/pool=fast-nvme\n\
              \x20 taints           polynimbus.io/enclave=true:NoSchedule,polynimbus.io/edge:PreferNoSchedule\n\
              \x20 convergence      converged\n\
-             \x20 unplaced-reason  -\n"
+             \x20 unplaced-reason  -\n\
+             \x20 kubelet          joined\n\
+             \x20 cluster-sync     in sync\n\
+             \x20 host-drift       -\n"
         );
         let unplaced = Node {
             name: "x".into(),

@@ -11,7 +11,8 @@ use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode, Span};
 
 use crate::diagnostic::{Pos, Sink};
 use crate::model::{
-    Cohort, Credentials, Environment, EnvironmentMatch, KubeadmApi, Kubernetes, Pool, PoolMatch, Taint, TaintEffect,
+    Cohort, Credentials, DiskSelector, Environment, EnvironmentMatch, KubeadmApi, Kubernetes, Pool, PoolMatch,
+    StorageLayout, StorageProfile, Taint, TaintEffect,
 };
 use crate::syntax::{self, Problem};
 
@@ -34,6 +35,40 @@ pub(crate) const POOL_FIELDS: &[&str] = &[
     "max",
     "max_unavailable",
     "labels",
+    "storage",
+];
+pub(crate) const STORAGE_FIELDS: &[&str] = &[
+    "name",
+    "disks",
+    "layout",
+    "filesystem",
+    "mount_point",
+    "mount_options",
+    "labels",
+    "wipe",
+];
+pub(crate) const DISK_SELECTOR_FIELDS: &[&str] = &["class", "transport", "min_size", "model", "max_disks"];
+/// Disk classes as the inventory serializes them (`removable` and `unknown` are never chosen).
+pub(crate) const DISK_CLASSES: &[(&str, inventory::DiskClass)] = &[
+    ("local-instance-store", inventory::DiskClass::LocalInstanceStore),
+    ("local", inventory::DiskClass::Local),
+    ("network-volume", inventory::DiskClass::NetworkVolume),
+    ("virtual-disk", inventory::DiskClass::VirtualDisk),
+    ("logical", inventory::DiskClass::Logical),
+];
+pub(crate) const TRANSPORTS: &[(&str, inventory::Transport)] = &[
+    ("nvme", inventory::Transport::Nvme),
+    ("sata", inventory::Transport::Sata),
+    ("sas", inventory::Transport::Sas),
+    ("scsi", inventory::Transport::Scsi),
+    ("virtio", inventory::Transport::Virtio),
+    ("xen", inventory::Transport::Xen),
+    ("iscsi", inventory::Transport::Iscsi),
+    ("loop", inventory::Transport::Loop),
+];
+/// Mount points under these are refused (system directories).
+const SYSTEM_DIRS: &[&str] = &[
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr",
 ];
 pub(crate) const POOL_MATCH_FIELDS: &[&str] = &[
     "platform",
@@ -716,6 +751,7 @@ fn pool(d: &mut Dec<'_>, idx: usize, node: &Node) -> Option<(Pool, PoolPos)> {
         max: None,
         max_unavailable: 1,
         labels: BTreeMap::new(),
+        storage: Vec::new(),
     };
 
     if let Some(f) = m.get("environments") {
@@ -762,8 +798,255 @@ fn pool(d: &mut Dec<'_>, idx: usize, node: &Node) -> Option<(Pool, PoolPos)> {
     if let Some(f) = m.get("labels") {
         (p.labels, pos.labels) = d.node_labels(f, &ctx);
     }
+    if let Some(f) = m.get("storage") {
+        p.storage = storage_profiles(d, f, &ctx);
+    }
     p.name = name?.0;
     Some((p, pos))
+}
+
+/// `storage:` of a pool: a list of profiles with unique names and mount points.
+fn storage_profiles(d: &mut Dec<'_>, f: Field<'_>, pctx: &str) -> Vec<StorageProfile> {
+    let Node::Sequence(seq) = f.node else {
+        d.type_error(f.pos(), "a list", &format!("`storage` in {pctx}"), f.node);
+        return Vec::new();
+    };
+    let mut out: Vec<StorageProfile> = Vec::new();
+    for (i, item) in seq.iter().enumerate() {
+        let Some((profile, name_pos, mount_pos)) = storage_profile(d, i + 1, item, pctx) else {
+            continue;
+        };
+        if out.iter().any(|o| o.name == profile.name) {
+            d.error(
+                name_pos,
+                format!("storage profile {:?} appears twice in {pctx}", profile.name),
+                "give each profile of a pool its own name",
+            );
+        }
+        if !profile.mount_point.is_empty() && out.iter().any(|o| o.mount_point == profile.mount_point) {
+            d.error(
+                mount_pos,
+                format!("mount point {} is used twice in {pctx}", profile.mount_point),
+                "give each storage profile its own mount point",
+            );
+        }
+        out.push(profile);
+    }
+    out
+}
+
+fn storage_profile(d: &mut Dec<'_>, idx: usize, node: &Node, pctx: &str) -> Option<(StorageProfile, Pos, Pos)> {
+    let generic = format!("storage profile #{idx} of {pctx}");
+    let m = d.map(node, node_pos(node), &generic)?;
+    let name = d.name(&m, "storage profile", &generic);
+    let ctx = name
+        .as_ref()
+        .map_or(generic, |(n, _)| format!("storage profile {n:?} of {pctx}"));
+    d.unknown(&m, &ctx, STORAGE_FIELDS);
+    let mut ok = true;
+    let mut disks = DiskSelector::default();
+    match d.required(
+        &m,
+        "disks",
+        &ctx,
+        "add `disks:` with the rules the disks satisfy (class, transport, min_size, model, max_disks), e.g.          { class: [local-instance-store] }",
+    ) {
+        Some(f) => match d.field_map(f, "disks", &ctx) {
+            Some(dm) => disks = disk_selector(d, &dm, &format!("disks of {ctx}")),
+            None => ok = false,
+        },
+        None => ok = false,
+    }
+    let mut layout = StorageLayout::PerDisk;
+    if let Some(f) = m.get("layout")
+        && let Some((s, pos)) = d.string(f, "layout", &ctx)
+    {
+        match StorageLayout::ALL.into_iter().find(|l| l.as_str() == s) {
+            Some(l) => layout = l,
+            None => d.error(
+                pos,
+                format!("unknown layout {s:?} in {ctx}"),
+                "one of per-disk, lvm, raid0",
+            ),
+        }
+    }
+    let mut filesystem = storage::Filesystem::Xfs;
+    if let Some(f) = m.get("filesystem")
+        && let Some((s, pos)) = d.string(f, "filesystem", &ctx)
+    {
+        match s.as_str() {
+            "xfs" => filesystem = storage::Filesystem::Xfs,
+            "ext4" => filesystem = storage::Filesystem::Ext4,
+            _ => d.error(pos, format!("unknown filesystem {s:?} in {ctx}"), "one of xfs, ext4"),
+        }
+    }
+    let mut mount_point = String::new();
+    let mut mount_pos = m.pos;
+    match m.get("mount_point") {
+        Some(f) => {
+            if let Some((s, pos)) = d.string(f, "mount_point", &ctx) {
+                mount_pos = pos;
+                match check_mount_point(&s) {
+                    Ok(()) => mount_point = s,
+                    Err(hint) => d.error(pos, format!("mount point {s:?} of {ctx} is not usable"), hint),
+                }
+            }
+        }
+        None if layout == StorageLayout::Lvm => {}
+        None => d.error(
+            m.pos,
+            format!("missing field `mount_point` in {ctx}"),
+            "add e.g. `mount_point: /var/lib/nimbus/volumes/fast` (only an lvm layout may omit it: the volume              group is then left to a CSI driver)",
+        ),
+    }
+    let mut mount_options = Vec::new();
+    if let Some(f) = m.get("mount_options")
+        && let Some(items) = d.strings(f, "mount_options", &ctx)
+    {
+        for (o, pos) in items {
+            let fine = !o.is_empty()
+                && o.bytes().all(|b| b.is_ascii_alphanumeric() || b"=_-.,:/".contains(&b))
+                && !o.contains(',');
+            if fine {
+                mount_options.push(o);
+            } else {
+                d.error(
+                    pos,
+                    format!("invalid mount option {o:?} in {ctx}"),
+                    "one option per list item, letters, digits and = _ - . : / only (e.g. noatime)",
+                );
+            }
+        }
+    }
+    let mut labels = BTreeMap::new();
+    if let Some(f) = m.get("labels") {
+        (labels, _) = d.node_labels(f, &ctx);
+    }
+    let mut wipe = Vec::new();
+    if let Some(f) = m.get("wipe")
+        && let Some(items) = d.string_set(f, "wipe", &ctx, None)
+    {
+        for (w, pos) in items {
+            if w.trim().is_empty() {
+                d.error(
+                    pos,
+                    format!("empty entry in `wipe` of {ctx}"),
+                    "name a disk by serial, WWN or by-id path",
+                );
+            } else {
+                wipe.push(w);
+            }
+        }
+    }
+    let (name, name_pos) = name?;
+    if !ok {
+        return None;
+    }
+    Some((
+        StorageProfile {
+            name,
+            disks,
+            layout,
+            filesystem,
+            mount_point,
+            mount_options,
+            labels,
+            wipe,
+        },
+        name_pos,
+        mount_pos,
+    ))
+}
+
+/// Why `p` cannot be a mount point (as a hint), if it cannot.
+fn check_mount_point(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') || p == "/" {
+        return Err("write an absolute directory other than /, e.g. /var/lib/nimbus/volumes/fast".into());
+    }
+    if p.ends_with('/') || p.contains("//") || p.split('/').any(|c| c == "." || c == "..") {
+        return Err("write it normalized: no trailing /, no //, no . or .. components".into());
+    }
+    if !p.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-.".contains(&b)) {
+        return Err("use letters, digits and / _ - . only".into());
+    }
+    if let Some(sys) = SYSTEM_DIRS.iter().find(|s| p == **s || p.starts_with(&format!("{s}/"))) {
+        return Err(format!(
+            "{sys} is a system directory; mount volumes under e.g. /var/lib/nimbus/volumes"
+        ));
+    }
+    Ok(())
+}
+
+fn disk_selector(d: &mut Dec<'_>, dm: &MapView<'_>, ctx: &str) -> DiskSelector {
+    d.unknown(dm, ctx, DISK_SELECTOR_FIELDS);
+    let mut out = DiskSelector::default();
+    let empty = |field: &str| {
+        Some((
+            format!("`{field}` in {ctx} is an empty list"),
+            "an empty list matches no disk; omit the key to accept any",
+        ))
+    };
+    if let Some(f) = dm.get("class")
+        && let Some(items) = d.string_set(f, "class", ctx, empty("class"))
+    {
+        for (s, pos) in items {
+            match DISK_CLASSES.iter().find(|(n, _)| *n == s) {
+                Some((_, c)) => out.class.push(*c),
+                None => d.error(
+                    pos,
+                    format!("unknown disk class {s:?} in {ctx}"),
+                    format!(
+                        "one of {}",
+                        quote_list(&DISK_CLASSES.iter().map(|(n, _)| *n).collect::<Vec<_>>())
+                    ),
+                ),
+            }
+        }
+    }
+    if let Some(f) = dm.get("transport")
+        && let Some(items) = d.string_set(f, "transport", ctx, empty("transport"))
+    {
+        for (s, pos) in items {
+            match TRANSPORTS.iter().find(|(n, _)| *n == s) {
+                Some((_, t)) => out.transport.push(*t),
+                None => d.error(
+                    pos,
+                    format!("unknown transport {s:?} in {ctx}"),
+                    format!(
+                        "one of {}",
+                        quote_list(&TRANSPORTS.iter().map(|(n, _)| *n).collect::<Vec<_>>())
+                    ),
+                ),
+            }
+        }
+    }
+    if let Some(f) = dm.get("min_size")
+        && let Some((s, pos)) = d.string(f, "min_size", ctx)
+    {
+        match syntax::parse_size(&format!("min_size of {ctx}"), &s) {
+            Ok(n) => out.min_size = Some(n),
+            Err(p) => d.problem(pos, p),
+        }
+    }
+    if let Some(f) = dm.get("model")
+        && let Some((s, pos)) = d.string(f, "model", ctx)
+    {
+        match syntax::check_glob(&format!("model of {ctx}"), &s) {
+            Ok(()) => out.model = Some(s),
+            Err(p) => d.problem(pos, p),
+        }
+    }
+    if let Some(f) = dm.get("max_disks") {
+        out.max_disks = d.uint(f, "max_disks", ctx);
+        if out.max_disks == Some(0) {
+            d.error(
+                f.pos(),
+                format!("max_disks of {ctx} is 0"),
+                "omit it to take every matching disk",
+            );
+        }
+    }
+    out
 }
 
 fn pool_match(d: &mut Dec<'_>, mm: &MapView<'_>, mctx: &str) -> PoolMatch {

@@ -145,6 +145,24 @@ fn assignment_changes(b: Option<&Assignment>, a: &Assignment) -> Vec<Change> {
             _ => {}
         }
     }
+    let empty_s = Vec::new();
+    let bs = b.map_or(&empty_s, |b| &b.storage);
+    let names: BTreeSet<&String> = bs.iter().chain(a.storage.iter()).map(|v| &v.name).collect();
+    for n in names {
+        let (x, y) = (
+            bs.iter().find(|v| &v.name == n),
+            a.storage.iter().find(|v| &v.name == n),
+        );
+        let disks = |v: &storage::Volume| v.disks.iter().map(|d| d.by_id.as_str()).collect::<Vec<_>>().join(", ");
+        match (x, y) {
+            (None, Some(y)) => out.push(change(format!("storage {n} added: {}", disks(y)), false)),
+            (Some(_), None) => out.push(change(format!("storage {n} removed"), false)),
+            (Some(x), Some(y)) if x != y => {
+                out.push(change(format!("storage {n}: {} -> {}", disks(x), disks(y)), false));
+            }
+            _ => {}
+        }
+    }
     out
 }
 

@@ -113,6 +113,7 @@ mod diagnostic;
 mod diff;
 mod model;
 mod place;
+mod storage_select;
 mod syntax;
 mod validate;
 
@@ -123,8 +124,10 @@ pub use model::{
     COHORT_LABEL_PREFIX, Cohort, Credentials, ENV_LABEL, Environment, EnvironmentMatch, ItemKind, KubeadmApi,
     Kubernetes, LABEL_DOMAIN, POLICY_VERSION, POOL_LABEL, Policy, Pool, PoolMatch, Taint, TaintEffect,
 };
+pub use model::{DiskSelector, StorageLayout, StorageProfile};
 /// Kubernetes name syntax, shared with the kube crate (which checks again what it renders).
 pub mod k8s_syntax {
     pub use crate::syntax::{is_dns_subdomain, is_label_name};
 }
 pub use place::{Assignment, NodeFacts, NodePlacement, Placement, Warning, has_local_nvme, place, place_with_previous};
+pub use storage_select::volumes as storage_volumes;

@@ -232,6 +232,9 @@ pub struct Pool {
     /// Extra node labels (keys under `polynimbus.io/`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Local storage the pool's nodes prepare (see [`StorageProfile`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub storage: Vec<StorageProfile>,
 }
 
 fn one() -> u32 {
@@ -369,4 +372,81 @@ impl fmt::Display for TaintEffect {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// A pool's local storage: which disks of each node (selected from its inventory at every apply), how they
+/// are combined, the file system and where it is mounted, and the node labels announcing it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageProfile {
+    /// `[a-z0-9-]{1,32}`, unique in the pool; names the LVM volume group / md array (`nimbus-<name>`).
+    pub name: String,
+    pub disks: DiskSelector,
+    #[serde(default)]
+    pub layout: StorageLayout,
+    #[serde(default = "xfs")]
+    pub filesystem: storage::Filesystem,
+    /// Absolute; empty only for an `lvm` layout left to a CSI driver (volume group only).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mount_point: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_options: Vec<String>,
+    /// Node labels (keys under `polynimbus.io/`) set on nodes where the profile found at least one disk.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Serials, WWNs or by-id paths of disks whose existing data may be destroyed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wipe: Vec<String>,
+}
+
+fn xfs() -> storage::Filesystem {
+    storage::Filesystem::Xfs
+}
+
+/// How a profile combines its disks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StorageLayout {
+    /// One file system per disk.
+    #[default]
+    PerDisk,
+    /// One LVM volume group (and, with a mount point, one logical volume with a file system).
+    Lvm,
+    /// One md RAID0 stripe with one file system.
+    Raid0,
+}
+
+impl StorageLayout {
+    pub const ALL: [StorageLayout; 3] = [StorageLayout::PerDisk, StorageLayout::Lvm, StorageLayout::Raid0];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageLayout::PerDisk => "per-disk",
+            StorageLayout::Lvm => "lvm",
+            StorageLayout::Raid0 => "raid0",
+        }
+    }
+}
+
+/// Which disks of a node a profile takes. Never the disk holding the root file system, a mounted disk, a
+/// read-only or removable one. Absent rules accept any disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSelector {
+    /// Inventory disk classes (`local-instance-store`, `local`, `network-volume`, `virtual-disk`, `logical`);
+    /// empty: any but `logical` and `removable`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub class: Vec<inventory::DiskClass>,
+    /// Transports (`nvme`, `sata`, `sas`, `scsi`, `virtio`, `xen`, ...); empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transport: Vec<inventory::Transport>,
+    /// Minimum size in bytes, written as a size (`100GiB`).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "size_opt")]
+    pub min_size: Option<u64>,
+    /// Glob (`*`, `?`) over the disk model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// At most this many disks (the first by stable path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_disks: Option<u32>,
 }

@@ -202,6 +202,10 @@ pub struct Assignment {
     pub labels: BTreeMap<String, String>,
     /// The cohorts' taints, sorted.
     pub taints: Vec<Taint>,
+    /// The node's local storage: one volume per storage profile of the pool that found disks on it. The
+    /// profiles' labels are in `labels` only for those.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub storage: Vec<storage::Volume>,
 }
 
 /// Something placement noticed. Serialized with a `kind` tag; `Display` is a sentence for operators.
@@ -246,6 +250,13 @@ pub enum Warning {
         pool: String,
         cohort: String,
         other: String,
+    },
+    /// A storage profile of the node's pool found no disk on it (no volume, no labels from the profile).
+    StorageWithoutDisks {
+        node_id: String,
+        node: String,
+        pool: String,
+        profile: String,
     },
     /// Several nodes were given with the same id; only the last (by name) was placed.
     DuplicateNodeId { node_id: String },
@@ -296,6 +307,13 @@ impl fmt::Display for Warning {
                 "cohorts {cohort:?} and {other:?} prefer not to share nodes but both run on pool {pool:?} in \
                  environment {environment:?}"
             ),
+            Warning::StorageWithoutDisks {
+                node, pool, profile, ..
+            } => write!(
+                f,
+                "storage profile {profile:?} of pool {pool:?} found no disk on node {node:?} (check its inventory: \
+                 `nimbusctl node show {node} --hardware`)"
+            ),
             Warning::DuplicateNodeId { node_id } => {
                 write!(
                     f,
@@ -329,6 +347,7 @@ impl Policy {
             cohorts,
             labels,
             taints: taints.into_iter().collect(),
+            storage: Vec::new(),
         })
     }
 }
@@ -422,6 +441,7 @@ pub fn place_with_previous(policy: &Policy, nodes: &[NodeFacts], previous: Optio
     }
 
     let mut pool_warnings = Vec::new();
+    let mut storage_warnings = Vec::new();
     for ((env, pool), mut members) in groups {
         let Some(assignment) = policy.assignment(&env, &pool) else {
             continue;
@@ -445,9 +465,26 @@ pub fn place_with_previous(policy: &Policy, nodes: &[NodeFacts], previous: Optio
                 max,
             });
         }
+        let profiles = policy.pool(&pool).map(|p| p.storage.as_slice()).unwrap_or_default();
         for (i, node) in members.iter().enumerate() {
             let placement = if i < limit {
-                NodePlacement::Placed(assignment.clone())
+                let mut a = assignment.clone();
+                let (volumes, without) = crate::storage_select::volumes(profiles, node.inventory.as_ref());
+                for v in &volumes {
+                    if let Some(p) = profiles.iter().find(|p| p.name == v.name) {
+                        a.labels.extend(p.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    }
+                }
+                a.storage = volumes;
+                for profile in without {
+                    storage_warnings.push(Warning::StorageWithoutDisks {
+                        node_id: node.id.clone(),
+                        node: node.name.clone(),
+                        pool: pool.clone(),
+                        profile,
+                    });
+                }
+                NodePlacement::Placed(a)
             } else {
                 unplaced(format!("pool {pool:?} is full (max {})", max.unwrap_or_default()))
             };
@@ -462,6 +499,7 @@ pub fn place_with_previous(policy: &Policy, nodes: &[NodeFacts], previous: Optio
     );
     out.warnings.extend(overlap_warnings);
     out.warnings.extend(pool_warnings);
+    out.warnings.extend(storage_warnings);
     // With duplicate ids the last node (by name) is the one placed; report that one.
     let last: BTreeMap<&str, &NodeFacts> = order.iter().map(|n| (n.id.as_str(), *n)).collect();
     for node in &order {

@@ -125,7 +125,7 @@ fn canonical_json_is_validated_like_a_file() {
         e.to_string(),
         "<canonical>:0:0: invalid pool name \"P\" (hint: names are 1-32 characters of a-z, 0-9 and '-', starting \
          and ending with a letter or digit)\n<canonical>:0:0: unknown field `extra` in pool \"P\" (hint: allowed \
-         fields: name, environments, match, min, max, max_unavailable, labels)"
+         fields: name, environments, match, min, max, max_unavailable, labels, storage)"
     );
     let e = Policy::from_canonical_json("{").unwrap_err();
     assert_eq!(e.0.len(), 1);
@@ -140,7 +140,7 @@ fn the_digest_of_the_example_is_pinned() {
     let p = policy::parse("policy.yaml", &example_text()).unwrap();
     assert_eq!(
         p.digest(),
-        "sha256:f6c2f3aa49cd21e14791f992d4952be0d3683aecc9ac4f472fea9670c80d50be"
+        "sha256:ddb1a71a82a66f028cd906bfdab23052491bb208c20957da6714127483d03ceb"
     );
 }
 

@@ -79,7 +79,15 @@ fn fixtures_land_in_the_right_pools() {
             ("polynimbus.io/env", "production"),
             ("polynimbus.io/pool", "fast-nvme"),
             ("polynimbus.io/storage", "local-nvme"),
+            // The example's storage profile found the empty instance-store disk.
+            ("polynimbus.io/storage-class", "fast-nvme"),
         ])
+    );
+    assert_eq!(a.storage.len(), 1);
+    assert_eq!(
+        a.storage[0].disks.len(),
+        1,
+        "the other instance-store disk holds a mounted xfs"
     );
     assert_eq!(
         a.taints,
@@ -377,4 +385,75 @@ fn duplicate_node_ids_are_reported() {
         "{:#?}",
         p.warnings
     );
+}
+
+#[test]
+fn storage_profiles_pick_disks_by_selector_and_name_them_by_stable_path() {
+    let policy = small_policy(
+        "pools:\n  - name: fast\n    environments: [prod]\n    match: {}\n    storage:\n      - name: fast\n        \
+         disks: { class: [local-instance-store], model: \"Amazon EC2 NVMe*\", min_size: 1TB }\n        layout: raid0\n        \
+         mount_point: /var/lib/nimbus/volumes/fast\n        mount_options: [noatime]\n        \
+         labels: { \"polynimbus.io/storage\": fast-nvme }\n      - name: scratch\n        disks: { class: [local] }\n        \
+         mount_point: /var/lib/nimbus/volumes/scratch\n",
+    );
+    let node = fixture_node("i3en", "prod", "aws-nitro-i3en");
+    let p = place(&policy, std::slice::from_ref(&node));
+    let NodePlacement::Placed(a) = &p.nodes["i3en"] else {
+        panic!("unplaced: {:?}", p.nodes["i3en"]);
+    };
+    assert_eq!(a.storage.len(), 1, "{:?}", a.storage);
+    let v = &a.storage[0];
+    assert_eq!(
+        v.layout,
+        storage::Layout::Raid0 {
+            name: "nimbus-fast".into()
+        }
+    );
+    let paths: Vec<&str> = v.disks.iter().map(|d| d.by_id.as_str()).collect();
+    // nvme1n1 holds a mounted xfs (/var/lib/mysql): not ours, so not taken. The root EBS disk never is.
+    assert_eq!(
+        paths,
+        ["/dev/disk/by-id/nvme-Amazon_EC2_NVMe_Instance_Storage_AWS61C0E9A7B2D3F4A5B"]
+    );
+    assert_eq!(v.disks[0].serial.as_deref(), Some("AWS61C0E9A7B2D3F4A5B"));
+    assert_eq!(v.mount_options, ["noatime"]);
+    assert_eq!(a.labels["polynimbus.io/storage"], "fast-nvme");
+    let missing = Warning::StorageWithoutDisks {
+        node_id: "i3en".into(),
+        node: node.name.clone(),
+        pool: "fast".into(),
+        profile: "scratch".into(),
+    };
+    assert!(p.warnings.contains(&missing), "{:?}", p.warnings);
+
+    // The instance store comes back empty with new serials: found again by the selector, under its new name.
+    let mut inv = node.inventory.clone().unwrap();
+    for d in inv.disks.iter_mut().filter(|d| d.name == "nvme2n1") {
+        d.serial = Some("AWSNEW0000000000001".into());
+        d.by_id = vec!["/dev/disk/by-id/nvme-Amazon_EC2_NVMe_Instance_Storage_AWSNEW0000000000001".into()];
+    }
+    let moved = NodeFacts {
+        inventory: Some(inv),
+        ..node.clone()
+    };
+    let again = place(&policy, &[moved]);
+    let a2 = again.nodes["i3en"].assignment().unwrap();
+    assert_eq!(a2.storage[0].disks[0].serial.as_deref(), Some("AWSNEW0000000000001"));
+    let changes = policy::diff(&p, &again);
+    assert_eq!(changes.len(), 1);
+    assert!(
+        !changes[0].is_disruptive(),
+        "a new disk under the same profile is not disruptive"
+    );
+    assert!(
+        changes[0].changes[0].what.starts_with("storage fast: "),
+        "{:?}",
+        changes[0].changes
+    );
+
+    // Without an inventory nothing is planned, and nothing is labelled.
+    let bare = NodeFacts::new("bare", "bare").with_label("env", "prod");
+    let p = place(&policy, &[bare]);
+    let a = p.nodes["bare"].assignment().unwrap();
+    assert!(a.storage.is_empty() && !a.labels.contains_key("polynimbus.io/storage"));
 }

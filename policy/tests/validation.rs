@@ -351,7 +351,7 @@ fn hints_say_what_to_do() {
     assert_eq!(
         only(&doc("pools:\n  - name: general\n    match: {}\n    size: 3\n")),
         "p.yaml:18:5: unknown field `size` in pool \"general\" (hint: allowed fields: name, environments, match, \
-         min, max, max_unavailable, labels)"
+         min, max, max_unavailable, labels, storage)"
     );
     assert_eq!(
         only(&doc("pools:\n  - name: general\n    match: { cpus: 3 }\n")),
@@ -589,4 +589,69 @@ fn token_command_rules_are_unchanged() {
         policy::Credentials::TokenCommand(vec!["aws".into(), "eks".into(), "get-token".into(), String::new()])
     );
     assert_eq!(k.join_token_command, None);
+}
+
+#[test]
+fn storage_profile_errors() {
+    let pool = |storage: &str| {
+        doc(&format!(
+            "pools:\n  - name: general\n    match: {{}}\n    storage:\n{storage}"
+        ))
+    };
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "valid, lvm may omit the mount point",
+            pool(
+                "      - name: fast\n        disks: { class: [local-instance-store], min_size: 100GiB }\n        layout: raid0\n        mount_point: /var/lib/nimbus/volumes/fast\n      - name: topolvm\n        disks: { transport: [nvme] }\n        layout: lvm\n",
+            ),
+            vec![],
+        ),
+        (
+            "unknown fields, layout, class, filesystem",
+            pool(
+                "      - name: fast\n        size: 3\n        disks: { class: [ssd], speed: 9 }\n        layout: raid5\n        filesystem: zfs\n        mount_point: /data\n",
+            ),
+            vec![
+                "20:9: unknown field `size` in storage profile \"fast\" of pool \"general\"",
+                "21:26: unknown disk class \"ssd\" in disks of storage profile \"fast\" of pool \"general\"",
+                "21:32: unknown field `speed` in disks of storage profile \"fast\" of pool \"general\"",
+                "22:17: unknown layout \"raid5\" in storage profile \"fast\" of pool \"general\"",
+                "23:21: unknown filesystem \"zfs\" in storage profile \"fast\" of pool \"general\"",
+            ],
+        ),
+        (
+            "mount points",
+            pool(
+                "      - name: a\n        disks: {}\n        mount_point: data\n      - name: b\n        disks: {}\n        mount_point: /etc/nimbus\n      - name: c\n        disks: {}\n",
+            ),
+            vec![
+                "21:22: mount point \"data\" of storage profile \"a\" of pool \"general\" is not usable",
+                "24:22: mount point \"/etc/nimbus\" of storage profile \"b\" of pool \"general\" is not usable",
+                "25:9: missing field `mount_point` in storage profile \"c\" of pool \"general\"",
+            ],
+        ),
+        (
+            "duplicates and zero disks",
+            pool(
+                "      - name: a\n        disks: { max_disks: 0 }\n        mount_point: /v/a\n      - name: a\n        disks: {}\n        mount_point: /v/a\n",
+            ),
+            vec![
+                "20:29: max_disks of disks of storage profile \"a\" of pool \"general\" is 0",
+                "22:15: storage profile \"a\" appears twice in pool \"general\"",
+                "24:22: mount point /v/a is used twice in pool \"general\"",
+            ],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, text, want) in &cases {
+        let got = errors(text);
+        if got != *want {
+            failures.push(format!("case {name}:\n  want {want:#?}\n  got  {got:#?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let hint = only(&pool(
+        "      - name: a\n        disks: {}\n        mount_point: /etc/x\n",
+    ));
+    assert!(hint.contains("(hint: /etc is a system directory"), "{hint}");
 }
