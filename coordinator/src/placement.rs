@@ -873,6 +873,53 @@ environments:
         assert!(s.observe(&late, bogus).is_err(), "a generation never handed out");
     }
 
+    #[test]
+    fn storage_follows_the_inventory_without_moving_the_node() {
+        let (_d, s) = state();
+        let id = enroll(&s, 1, "db");
+        let disk = |serial: &str| inventory::Disk {
+            name: "nvme1n1".into(),
+            size_bytes: Some(2_000_000_000_000),
+            serial: Some(serial.into()),
+            model: Some("Amazon EC2 NVMe Instance Storage".into()),
+            transport: inventory::Transport::Nvme,
+            class: inventory::DiskClass::LocalInstanceStore,
+            by_id: vec![format!(
+                "/dev/disk/by-id/nvme-Amazon_EC2_NVMe_Instance_Storage_{serial}"
+            )],
+            ..Default::default()
+        };
+        let inv = |serial: &str| inventory::Inventory {
+            disks: vec![disk(serial)],
+            ..Default::default()
+        };
+        s.set_hardware(&id, inv("AWS1"), SystemTime::now()).unwrap();
+        let with_storage = policy("db", "").replace(
+            "    min: 1\n  - name: web",
+            "    min: 1\n    storage:\n      - name: fast\n        disks: { class: [local-instance-store] }\n        \
+             mount_point: /var/lib/nimbus/volumes/fast\n  - name: web",
+        );
+        s.apply_policy(&req(&with_storage)).unwrap();
+        let d1 = s.desired(&id).unwrap();
+        let a1 = d1.assignment.clone().unwrap();
+        assert_eq!(a1.storage[0].disks[0].serial.as_deref(), Some("AWS1"));
+        let msg = placement_message(&a1);
+        let plan: storage::StoragePlan = serde_json::from_slice(&msg.storage_plan).unwrap();
+        assert_eq!(plan.volumes[0].mount_point, "/var/lib/nimbus/volumes/fast");
+
+        // After a stop/start the instance store is a new disk: the plan follows, the node stays in its pool.
+        s.set_hardware(&id, inv("AWS2"), SystemTime::now()).unwrap();
+        let pushed = s.reconcile_placement().unwrap();
+        assert_eq!(pushed.len(), 1);
+        let d2 = s.desired(&id).unwrap();
+        assert_eq!(d2.generation, d1.generation + 1);
+        let a2 = d2.assignment.unwrap();
+        assert_eq!((a2.environment.as_str(), a2.pool.as_str()), ("production", "db"));
+        assert_eq!(a2.storage[0].disks[0].serial.as_deref(), Some("AWS2"));
+        assert!(s.reconcile_placement().unwrap().is_empty(), "idempotent");
+        assert!(s.rollout().unwrap().is_none(), "not a disruptive change");
+    }
+
     pub(crate) fn applied(s: &State, id: &str) -> Vec<(String, DesiredRecord)> {
         let d = s.desired(id).unwrap();
         s.observe(
