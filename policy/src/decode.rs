@@ -47,7 +47,7 @@ pub(crate) const STORAGE_FIELDS: &[&str] = &[
     "labels",
     "wipe",
 ];
-pub(crate) const DISK_SELECTOR_FIELDS: &[&str] = &["class", "transport", "min_size", "model", "max_disks"];
+pub(crate) const DISK_SELECTOR_FIELDS: &[&str] = &["class", "transport", "min_size", "model", "by_id", "max_disks"];
 /// Disk classes as the inventory serializes them (`removable` and `unknown` are never chosen).
 pub(crate) const DISK_CLASSES: &[(&str, inventory::DiskClass)] = &[
     ("local-instance-store", inventory::DiskClass::LocalInstanceStore),
@@ -1033,6 +1033,19 @@ fn disk_selector(d: &mut Dec<'_>, dm: &MapView<'_>, ctx: &str) -> DiskSelector {
     {
         match syntax::check_glob(&format!("model of {ctx}"), &s) {
             Ok(()) => out.model = Some(s),
+            Err(p) => d.problem(pos, p),
+        }
+    }
+    if let Some(f) = dm.get("by_id")
+        && let Some((s, pos)) = d.string(f, "by_id", ctx)
+    {
+        match syntax::check_glob(&format!("by_id of {ctx}"), &s) {
+            Ok(()) if !s.contains('/') => out.by_id = Some(s),
+            Ok(()) => d.error(
+                pos,
+                format!("by_id of {ctx} contains a /"),
+                "write a glob over the link name only, e.g. nvme-Amazon_EC2_NVMe_*",
+            ),
             Err(p) => d.problem(pos, p),
         }
     }

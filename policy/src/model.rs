@@ -446,6 +446,9 @@ pub struct DiskSelector {
     /// Glob (`*`, `?`) over the disk model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Glob over the name of the disk's stable `/dev/disk/by-id/` link (e.g. `nvme-Amazon_EC2_NVMe_*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_id: Option<String>,
     /// At most this many disks (the first by stable path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_disks: Option<u32>,

@@ -29,6 +29,10 @@ pub fn volumes(profiles: &[StorageProfile], inv: Option<&Inventory>) -> (Vec<sto
             .filter(|d| !taken.contains(&d.name.as_str()))
             .filter(|d| eligible(d, p))
             .filter_map(|d| d.stable_path().map(|path| (d, path)))
+            .filter(|(_, path)| {
+                let leaf = path.rsplit('/').next().unwrap_or_default();
+                p.disks.by_id.as_deref().is_none_or(|g| glob_match(g, leaf))
+            })
             .collect();
         disks.sort_by(|a, b| a.1.cmp(b.1));
         if let Some(max) = p.disks.max_disks {

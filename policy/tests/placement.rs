@@ -451,6 +451,18 @@ fn storage_profiles_pick_disks_by_selector_and_name_them_by_stable_path() {
         changes[0].changes
     );
 
+    // A glob over the by-id name narrows the choice.
+    let by_id = |glob: &str| {
+        let policy = small_policy(&format!(
+            "pools:\n  - name: fast\n    environments: [prod]\n    match: {{}}\n    storage:\n      - name: fast\n        \
+             disks: {{ by_id: \"{glob}\" }}\n        mount_point: /v/fast\n"
+        ));
+        let p = place(&policy, std::slice::from_ref(&node));
+        p.nodes["i3en"].assignment().unwrap().storage.iter().map(|v| v.disks.len()).sum::<usize>()
+    };
+    assert_eq!(by_id("nvme-Amazon_EC2_NVMe_Instance_Storage_*"), 1);
+    assert_eq!(by_id("wwn-*"), 0);
+
     // Without an inventory nothing is planned, and nothing is labelled.
     let bare = NodeFacts::new("bare", "bare").with_label("env", "prod");
     let p = place(&policy, &[bare]);
