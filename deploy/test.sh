@@ -9,8 +9,9 @@ command -v cargo >/dev/null 2>&1 || {
     echo "test.sh: cargo not found: install Rust with rustup (https://rustup.rs)" >&2
     exit 1
 }
-# The tests lint deploy/*.sh with the shellcheck package; probe_auth captures a latency probe with tcpdump.
-./deploy/deps.sh shellcheck tcpdump
+# The tests lint deploy/*.sh with the shellcheck package; probe_auth captures a latency probe with tcpdump; the
+# storage tests partition, format and mount loop devices (sfdisk is in fdisk, mkfs.xfs in xfsprogs).
+./deploy/deps.sh shellcheck tcpdump fdisk xfsprogs e2fsprogs util-linux
 # A clean run gains nothing from incremental caches; they doubled the size of target/.
 export CARGO_INCREMENTAL=0
 df -h . | sed 's/^/test.sh: disk: /'

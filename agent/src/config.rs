@@ -17,6 +17,8 @@ pub const DEFAULT_PROBE_LISTEN: &str = "0.0.0.0:7444";
 
 /// How often the inventory is re-collected (kernel uevents also trigger it). Default 60 s.
 pub const DEFAULT_INVENTORY_INTERVAL: Duration = Duration::from_secs(60);
+/// Where the .mount units of prepared volumes go.
+pub const DEFAULT_STORAGE_UNIT_DIR: &str = "/etc/systemd/system";
 /// How often the agent looks for hand-made changes to what it manages. Default 60 s.
 pub const DEFAULT_DRIFT_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -82,6 +84,9 @@ pub struct Settings {
     /// The kubelet's state directory (evidence of a half-finished join). [default: /var/lib/kubelet]
     #[arg(long, env = "NIMBUS_KUBELET_DIR")]
     pub kubelet_dir: Option<PathBuf>,
+    /// Where the agent writes the systemd .mount units of the volumes it prepares. [default: /etc/systemd/system]
+    #[arg(long, env = "NIMBUS_STORAGE_UNIT_DIR")]
+    pub storage_unit_dir: Option<PathBuf>,
     /// How often the agent checks what it manages on the host (desired.json, the kubelet join) for hand-made
     /// changes and reverts them. [default: 60s]
     #[arg(long, env = "NIMBUS_DRIFT_CHECK_INTERVAL")]
@@ -127,6 +132,7 @@ pub struct Config {
     /// kubeadm and the directories it writes (the failure marker lives in the state dir).
     pub kubeadm: nimbus_kube::kubeadm::Kubeadm,
     pub drift_check_interval: Duration,
+    pub storage_unit_dir: PathBuf,
     pub log_format: String,
     pub log_level: String,
 }
@@ -153,7 +159,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             state_dir, coordinator, ca_pin, node_name, machine_id, tun_name, wg_listen, revocation_check_after,
-            inventory_interval, probe_listen, metadata, kubeadm, drift_check_interval, log_format)
+            inventory_interval, probe_listen, metadata, kubeadm, drift_check_interval, storage_unit_dir, log_format)
     }
 }
 
@@ -290,6 +296,16 @@ impl Config {
                 "drift_check_interval {drift_check_interval:?} is too short: use at least 1s (a minute in production)"
             ));
         }
+        let storage_unit_dir = o
+            .storage_unit_dir
+            .or(file.storage_unit_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STORAGE_UNIT_DIR));
+        if !storage_unit_dir.is_absolute() {
+            errs.push(format!(
+                "storage_unit_dir `{}` must be an absolute path",
+                storage_unit_dir.display()
+            ));
+        }
         let log_format = o.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
         check::log_format(&log_format, &mut errs);
         let log_level = o.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
@@ -310,6 +326,7 @@ impl Config {
                 metadata,
                 kubeadm,
                 drift_check_interval,
+                storage_unit_dir,
                 log_format,
                 log_level,
             }),

@@ -24,6 +24,9 @@ pub struct Recorded {
     pub labels: std::collections::BTreeMap<String, String>,
     /// `key=value:Effect`
     pub taints: Vec<String>,
+    /// The storage plan (empty when none, or when the coordinator's plan was unreadable).
+    #[serde(default)]
+    pub storage: storage::StoragePlan,
 }
 
 impl Recorded {
@@ -41,6 +44,7 @@ impl Recorded {
                 .into_iter()
                 .map(|t| format!("{}={}:{}", t.key, t.value, t.effect))
                 .collect(),
+            storage: crate::volumes::plan_of(d).unwrap_or_default(),
         }
     }
 }

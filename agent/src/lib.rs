@@ -15,6 +15,10 @@
 //!   re-collect on a timer and on uevents, publish only changes.
 //! * `probes`    — the latency probe socket and driver (nimbus-latency), configured by the coordinator.
 //! * `uevent`    — kernel uevent listener that wakes the watcher when disks or NICs change.
+//! * `desired`   — the desired state recorded in `desired.json` and acknowledged.
+//! * `join`      — kubelet join / reset with kubeadm (nimbus-kube).
+//! * `volumes`   — the storage plan applied with nimbus-storage; removal at decommission.
+//! * `drift`     — hand-made changes to what the agent manages, found and reverted on a timer.
 //! * `error`     — `AgentError` and the documented exit codes.
 
 pub mod backoff;
@@ -29,6 +33,7 @@ pub mod join;
 pub mod probes;
 pub mod run;
 pub mod uevent;
+pub mod volumes;
 
 pub use config::Config;
 pub use error::AgentError;

@@ -26,6 +26,10 @@ struct Args {
     /// TOML configuration file (keys as the long flags, with `_` for `-`).
     #[arg(long, env = "NIMBUS_CONFIG")]
     config: Option<PathBuf>,
+    /// Print the commands the recorded storage plan (desired.json in --state-dir) would run on this host, change
+    /// nothing, and exit (0: printed, 1: it cannot be applied, with the reason).
+    #[arg(long)]
+    storage_dry_run: bool,
     #[command(flatten)]
     settings: Settings,
 }
@@ -46,6 +50,33 @@ impl agent::run::Events for Notify {
     }
 }
 
+/// `--storage-dry-run`.
+fn storage_dry_run(cfg: &Config) -> ExitCode {
+    let plan = agent::desired::load(&cfg.state_dir)
+        .map(|r| r.storage)
+        .unwrap_or_default();
+    if plan.volumes.is_empty() {
+        println!("no storage plan recorded in {}", cfg.state_dir.display());
+        return ExitCode::SUCCESS;
+    }
+    match agent::volumes::dry_run(cfg, &plan) {
+        Ok(commands) if commands.is_empty() => {
+            println!("the storage plan is in place: nothing to run");
+            ExitCode::SUCCESS
+        }
+        Ok(commands) => {
+            for c in commands {
+                println!("{c}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nimbus-agent: storage: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let cfg = match load(&args) {
@@ -57,6 +88,9 @@ fn main() -> ExitCode {
             return ExitCode::from(agent::error::EXIT_USAGE);
         }
     };
+    if args.storage_dry_run {
+        return storage_dry_run(&cfg);
+    }
     let logs = daemon::logging::init(
         cfg.log_format.parse().unwrap_or(daemon::logging::LogFormat::Text),
         &cfg.log_level,

@@ -271,6 +271,49 @@ fn start_join(
     }
 }
 
+/// Applies the storage plan a desired state carries (in the background); the result goes up this stream.
+/// `drift`: a periodic re-apply, reported only when it had to prepare something again.
+fn start_storage(
+    cfg: &Config,
+    d: &nimbus_proto::DesiredState,
+    drift: bool,
+    tx: &tokio::sync::mpsc::Sender<nimbus_proto::AgentMessage>,
+) {
+    let tx = tx.clone();
+    crate::volumes::spawn_apply(cfg, d, drift, move |observed| {
+        let _ = tx.try_send(AgentMessage {
+            msg: Some(AgentMsg::Observed(observed)),
+        });
+    });
+}
+
+/// Decommission: `kubeadm reset`, then remove the storage this agent created; one report with both.
+fn start_decommission(cfg: &Config, tx: &tokio::sync::mpsc::Sender<nimbus_proto::AgentMessage>) {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let why = crate::join::Reset::Decommission;
+    crate::join::spawn_reset(cfg.kubeadm.clone(), cfg.state_dir.clone(), why, move |observed| {
+        let _ = done_tx.send(observed);
+    });
+    let (cfg, tx) = (cfg.clone(), tx.clone());
+    tokio::spawn(async move {
+        let Ok(mut observed) = done_rx.await else { return };
+        if observed.kubelet == "reset" {
+            match tokio::task::spawn_blocking(move || crate::volumes::remove_blocking(&cfg)).await {
+                Ok(Ok(removed)) => observed.storage = removed,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "decommission: the storage this agent created was not removed");
+                    observed.kubelet = "failed".into();
+                    observed.join_error = format!("removing the storage this agent created: {e}");
+                }
+                Err(e) => tracing::error!(error = %e, "decommission: storage removal task failed"),
+            }
+        }
+        let _ = tx.try_send(AgentMessage {
+            msg: Some(AgentMsg::Observed(observed)),
+        });
+    });
+}
+
 /// One fleet stream, from connect to its end.
 async fn session(
     id: &Identity,
@@ -334,6 +377,7 @@ async fn session(
                 let _ = tx.try_send(send(AgentMsg::Observed(observed)));
             }
             start_join(cfg, id, d.get_ref(), &tx);
+            start_storage(cfg, d.get_ref(), false, &tx);
             last_desired = nimbus_proto::DesiredState {
                 join: None,
                 ..d.into_inner()
@@ -377,6 +421,7 @@ async fn session(
                 {
                     return Err(failed(true, "stream closed"));
                 }
+                start_storage(cfg, &last_desired, true, &tx);
             }
             Some(w) = windows.recv() => {
                 let mut batch = vec![probes::window_message(&w)];
@@ -403,17 +448,12 @@ async fn session(
                             return Err(failed(true, "stream closed"));
                         }
                         start_join(cfg, id, &d, &tx);
+                        start_storage(cfg, &d, false, &tx);
                         last_desired = nimbus_proto::DesiredState { join: None, ..d };
                     }
                     Some(CoordMsg::Decommission(d)) => {
                         tracing::warn!(reason = %d.reason, "the coordinator is decommissioning this node");
-                        let tx = tx.clone();
-                        let why = crate::join::Reset::Decommission;
-                        crate::join::spawn_reset(cfg.kubeadm.clone(), cfg.state_dir.clone(), why, move |observed| {
-                            let _ = tx.try_send(AgentMessage {
-                                msg: Some(AgentMsg::Observed(observed)),
-                            });
-                        });
+                        start_decommission(cfg, &tx);
                         last_desired = nimbus_proto::DesiredState::default();
                     }
                     Some(CoordMsg::ProbeConfig(c)) => {

@@ -458,7 +458,13 @@ fn storage_profiles_pick_disks_by_selector_and_name_them_by_stable_path() {
              disks: {{ by_id: \"{glob}\" }}\n        mount_point: /v/fast\n"
         ));
         let p = place(&policy, std::slice::from_ref(&node));
-        p.nodes["i3en"].assignment().unwrap().storage.iter().map(|v| v.disks.len()).sum::<usize>()
+        p.nodes["i3en"]
+            .assignment()
+            .unwrap()
+            .storage
+            .iter()
+            .map(|v| v.disks.len())
+            .sum::<usize>()
     };
     assert_eq!(by_id("nvme-Amazon_EC2_NVMe_Instance_Storage_*"), 1);
     assert_eq!(by_id("wwn-*"), 0);

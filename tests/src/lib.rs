@@ -15,6 +15,7 @@
 //! - [`fleet`]: [`Fleet`] — coordinator + agents + `nimbusctl`, logs dumped when a test panics.
 //! - [`lab`]: `nimbus-lab up/down/status` (the binary only parses flags).
 //! - [`state`]: [`LabState`] file and [`teardown_from_state`] for `nimbus-lab down`.
+//! - [`blockdev`]: [`blockdev::LoopDisk`] — a loop device with a `/dev/disk/by-id/` link, for storage tests.
 //! - [`kubeadm`]: [`kubeadm::KubeadmStandIn`] — the kubeadm TEST STAND-IN installed per agent, and a stand-in
 //!   join-token command.
 //! - [`kube_api`]: [`kube_api::KubeApiStandIn`] — the Kubernetes API TEST STAND-IN process (not a Kubernetes
@@ -27,6 +28,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod blockdev;
 pub mod delay;
 pub mod env;
 pub mod error;
