@@ -11,29 +11,17 @@ use nimbus_proto::{DesiredState, ObservedState, StorageVolumeStatus};
 
 use crate::config::Config;
 
-/// Largest storage plan accepted.
-pub const MAX_PLAN_BYTES: usize = 256 * 1024;
-
 static RUNNING: AtomicBool = AtomicBool::new(false);
 
 /// The storage plan `d` carries (empty when none). An oversized or unreadable plan is an error for the
 /// coordinator.
 pub fn plan_of(d: &DesiredState) -> Result<storage::StoragePlan, String> {
-    let raw = d
-        .placement
-        .as_ref()
-        .map(|p| p.storage_plan.as_slice())
-        .unwrap_or_default();
-    if raw.is_empty() {
-        return Ok(storage::StoragePlan::default());
-    }
-    if raw.len() > MAX_PLAN_BYTES {
-        return Err(format!(
-            "the storage plan is {} bytes; at most {MAX_PLAN_BYTES} are accepted",
-            raw.len()
-        ));
-    }
-    serde_json::from_slice(raw).map_err(|e| format!("the storage plan is not readable: {e}"))
+    storage::StoragePlan::from_json(
+        d.placement
+            .as_ref()
+            .map(|p| p.storage_plan.as_slice())
+            .unwrap_or_default(),
+    )
 }
 
 /// The engine's view of this host.
@@ -83,15 +71,26 @@ fn statuses(report: &storage::Report) -> Vec<StorageVolumeStatus> {
         .collect()
 }
 
-/// The commands applying `plan` would run on this host, without running them.
+/// What applying `plan` would do on this host, without doing it: the commands (and file changes, as
+/// `# write PATH` lines) in order, then one `# volume NAME refused|failed: REASON` line per volume that would not
+/// be prepared.
 pub fn dry_run(cfg: &Config, plan: &storage::StoragePlan) -> Result<Vec<String>, String> {
     let opts = storage::ApplyOptions {
         dry_run: true,
         ..storage::ApplyOptions::default()
     };
-    storage::apply(&host(cfg), plan, &opts)
-        .map(|r| r.commands)
-        .map_err(|e| e.to_string())
+    let report = storage::apply(&host(cfg), plan, &opts).map_err(|e| e.to_string())?;
+    let mut lines = report.commands.clone();
+    lines.extend(report.files.iter().map(|f| format!("# {f}")));
+    for v in report.problems() {
+        let (state, why) = match &v.state {
+            storage::VolumeState::Refused(why) => ("refused", why),
+            storage::VolumeState::Failed(why) => ("failed", why),
+            _ => continue,
+        };
+        lines.push(format!("# volume {} {state}: {why}", v.name));
+    }
+    Ok(lines)
 }
 
 /// Removes every volume this agent created (decommission); per volume what was removed.
@@ -194,7 +193,7 @@ mod tests {
         assert!(plan_of(&desired(b"")).unwrap().volumes.is_empty());
         let e = plan_of(&desired(b"{\"volumes\": 3}")).unwrap_err();
         assert!(e.contains("not readable"), "{e}");
-        let huge = vec![b' '; MAX_PLAN_BYTES + 1];
+        let huge = vec![b' '; storage::MAX_PLAN_BYTES + 1];
         assert!(plan_of(&desired(&huge)).unwrap_err().contains("at most"));
         let ok = br#"{"volumes":[{"name":"fast","layout":{"kind":"per_disk"},"disks":[],"filesystem":"xfs","mount_point":"/v/fast","mount_options":[],"wipe":[]}]}"#;
         assert_eq!(plan_of(&desired(ok)).unwrap().volumes[0].name, "fast");

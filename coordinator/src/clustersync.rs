@@ -231,8 +231,7 @@ mod tests {
     use nimbus_kube::token::BootstrapToken;
 
     use super::*;
-    use crate::placement::ObservedRecord;
-    use crate::placement::tests::{enroll, policy, req, state};
+    use crate::placement::tests::{enroll, policy, report, req, state};
 
     /// TEST FAKE of a cluster (the real client is tested against the API stand-in in the kube crate and e2e):
     /// node `broken` fails, `drifted` needs a label put back, the rest are in sync.
@@ -281,18 +280,7 @@ mod tests {
     }
 
     fn joined(s: &State, id: &str, server: &str) {
-        let d = s.desired(id).unwrap();
-        s.observe(
-            id,
-            ObservedRecord {
-                generation: d.generation,
-                policy_revision: d.policy_revision,
-                kubelet: "joined".into(),
-                kubelet_server: server.into(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        report(s, id, "joined", server);
     }
 
     #[test]

@@ -920,22 +920,26 @@ environments:
         assert!(s.rollout().unwrap().is_none(), "not a disruptive change");
     }
 
-    pub(crate) fn applied(s: &State, id: &str) -> Vec<(String, DesiredRecord)> {
+    /// The agent of `id` reports its current desired state applied, with this kubelet state and endpoint.
+    pub(crate) fn report(s: &State, id: &str, kubelet: &str, server: &str) -> Vec<(String, DesiredRecord)> {
         let d = s.desired(id).unwrap();
         s.observe(
             id,
             ObservedRecord {
                 generation: d.generation,
                 policy_revision: d.policy_revision,
-                error: String::new(),
                 at: 1,
-                // A placed node is healthy only once its kubelet is joined to its environment.
-                kubelet: "joined".into(),
-                kubelet_server: "10.0.0.10:6443".into(),
+                kubelet: kubelet.into(),
+                kubelet_server: server.into(),
                 ..Default::default()
             },
         )
         .unwrap()
+    }
+
+    /// Applied, kubelet joined to ENV's endpoint (a placed node is healthy only once joined).
+    pub(crate) fn applied(s: &State, id: &str) -> Vec<(String, DesiredRecord)> {
+        report(s, id, "joined", "10.0.0.10:6443")
     }
 
     #[test]
@@ -1014,14 +1018,7 @@ environments:
     }
 
     fn reset(s: &State, id: &str) -> Vec<(String, DesiredRecord)> {
-        let d = s.desired(id).unwrap();
-        let o = ObservedRecord {
-            generation: d.generation,
-            policy_revision: d.policy_revision,
-            kubelet: "reset".into(),
-            ..Default::default()
-        };
-        s.observe(id, o).unwrap()
+        report(s, id, "reset", "")
     }
 
     #[test]

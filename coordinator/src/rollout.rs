@@ -407,7 +407,7 @@ pub async fn run_deadlines(ctx: std::sync::Arc<crate::context::Ctx>, mut shutdow
 mod tests {
     use super::*;
     use crate::placement::ApplyRequest;
-    use crate::placement::tests::{enroll, req, state};
+    use crate::placement::tests::{enroll, report, req, state};
 
     const HASH: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -424,22 +424,6 @@ mod tests {
             m("production"),
             m("staging"),
         )
-    }
-
-    fn report(s: &State, id: &str, kubelet: &str, server: &str) -> Vec<(String, DesiredRecord)> {
-        let d = s.desired(id).unwrap();
-        s.observe(
-            id,
-            ObservedRecord {
-                generation: d.generation,
-                policy_revision: d.policy_revision,
-                at: 1,
-                kubelet: kubelet.into(),
-                kubelet_server: server.into(),
-                ..Default::default()
-            },
-        )
-        .unwrap()
     }
 
     fn env_of(s: &State, id: &str) -> String {

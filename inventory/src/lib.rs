@@ -73,6 +73,9 @@ pub use reader::Unreadable;
 pub use summary::{disk_summary, human_size};
 pub use versions::probe_versions;
 
+/// A field of `/proc/*/mountinfo` or `/proc/swaps` with the kernel's octal escapes undone (`\040` → space).
+pub use mounts::unescape as unescape_mount_field;
+
 /// What a block device (or an image file) holds at its start (and, for md members, near its end): partition
 /// table, file system, LVM or md member, LUKS — see the `signature` module's table. `Ok(None)`: readable, nothing
 /// recognised. Used by the agent's storage setup to refuse disks that carry data.

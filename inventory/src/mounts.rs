@@ -72,7 +72,7 @@ pub(crate) fn read_swaps(ctx: &mut Ctx<'_>) -> Vec<String> {
 }
 
 /// Undo the kernel's octal escapes (`\040` space, `\011` tab, `\012` newline, `\134` backslash).
-fn unescape(s: &str) -> String {
+pub fn unescape(s: &str) -> String {
     if !s.contains('\\') {
         return s.to_string();
     }

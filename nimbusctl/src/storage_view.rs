@@ -1,6 +1,6 @@
 //! `nimbusctl storage plan NODE`: the node's storage plan (from its placement) and what its agent reported.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use nimbus_proto::Node;
 use serde_json::{Value, json};
 
@@ -11,10 +11,7 @@ pub fn plan(n: &Node) -> Result<storage::StoragePlan> {
         .as_ref()
         .map(|p| p.storage_plan.as_slice())
         .unwrap_or_default();
-    if raw.is_empty() {
-        return Ok(storage::StoragePlan::default());
-    }
-    serde_json::from_slice(raw).with_context(|| format!("the storage plan of {} is not readable", n.name))
+    storage::StoragePlan::from_json(raw).map_err(|e| anyhow::anyhow!("node {}: {e}", n.name))
 }
 
 fn layout(v: &storage::Volume) -> String {

@@ -18,6 +18,19 @@ fn errors(text: &str) -> Vec<String> {
     }
 }
 
+/// Every case (name, document, expected `LINE:COL: MESSAGE` list) gives exactly its diagnostics; all failing
+/// cases are reported together.
+fn check_cases(cases: &[(&str, String, Vec<&str>)]) {
+    let mut failures = Vec::new();
+    for (name, text, want) in cases {
+        let got = errors(text);
+        if got != *want {
+            failures.push(format!("case {name}:\n  want {want:#?}\n  got  {got:#?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 const POOL: &str = "pools:\n  - name: general\n    match: { labels: { tier: general } }\n";
 
 #[test]
@@ -329,14 +342,7 @@ fn table() {
             ],
         ),
     ];
-    let mut failures = Vec::new();
-    for (name, text, want) in &cases {
-        let got = errors(text);
-        if got != *want {
-            failures.push(format!("case {name}:\n  want {want:#?}\n  got  {got:#?}"));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    check_cases(&cases);
 }
 
 /// The full `FILE:LINE:COL: MESSAGE (hint: HINT)` line of the only diagnostic of `text`.
@@ -642,14 +648,7 @@ fn storage_profile_errors() {
             ],
         ),
     ];
-    let mut failures = Vec::new();
-    for (name, text, want) in &cases {
-        let got = errors(text);
-        if got != *want {
-            failures.push(format!("case {name}:\n  want {want:#?}\n  got  {got:#?}"));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    check_cases(&cases);
     let hint = only(&pool(
         "      - name: a\n        disks: {}\n        mount_point: /etc/x\n",
     ));

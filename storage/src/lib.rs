@@ -55,7 +55,7 @@ pub use apply::{
 };
 pub use error::StorageError;
 pub use host::{DEFAULT_MKFS_TIMEOUT, DEFAULT_UNIT_DIR, Host, Ids, KernelSupport};
-pub use model::{DiskRef, Filesystem, Layout, StoragePlan, Volume};
+pub use model::{DiskRef, Filesystem, Layout, MAX_PLAN_BYTES, StoragePlan, Volume};
 pub use remove::{RemoveOptions, remove};
 pub use runner::{Command, Output, RecordingRunner, Runner, SystemRunner};
 pub use state::{STATE_FILE, State};

@@ -9,6 +9,26 @@ pub struct StoragePlan {
     pub volumes: Vec<Volume>,
 }
 
+/// Largest serialized plan accepted from the wire.
+pub const MAX_PLAN_BYTES: usize = 256 * 1024;
+
+impl StoragePlan {
+    /// The plan from its JSON form as it travels in a desired state (hostile input: size-limited, parsed);
+    /// empty bytes: no plan.
+    pub fn from_json(raw: &[u8]) -> Result<StoragePlan, String> {
+        if raw.is_empty() {
+            return Ok(StoragePlan::default());
+        }
+        if raw.len() > MAX_PLAN_BYTES {
+            return Err(format!(
+                "the storage plan is {} bytes; at most {MAX_PLAN_BYTES} are accepted",
+                raw.len()
+            ));
+        }
+        serde_json::from_slice(raw).map_err(|e| format!("the storage plan is not readable: {e}"))
+    }
+}
+
 /// One volume built from `disks` and mounted at `mount_point` (for `PerDisk` with several disks: at
 /// `mount_point/0`, `mount_point/1`, … in `disks` order).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -70,9 +70,9 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
             let r: Vec<&str> = right.split(' ').collect();
             Some(MountEntry {
                 dev: l.get(2)?.parse().ok()?,
-                mount_point: unescape_octal(l.get(4)?),
-                fstype: unescape_octal(r.first()?),
-                source: unescape_octal(r.get(1).unwrap_or(&"")),
+                mount_point: inventory::unescape_mount_field(l.get(4)?),
+                fstype: inventory::unescape_mount_field(r.first()?),
+                source: inventory::unescape_mount_field(r.get(1).unwrap_or(&"")),
             })
         })
         .collect()
@@ -82,23 +82,6 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
 pub fn read_mountinfo(path: &Path) -> Result<Vec<MountEntry>, StorageError> {
     let text = fs::read_to_string(path).map_err(|e| StorageError::io("reading", path, e))?;
     Ok(parse_mountinfo(&text))
-}
-
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A partition of a disk, from sysfs.

@@ -761,6 +761,24 @@ impl Fleet {
     }
 
     /// `nimbusctl -o json token create --ttl TTL --uses USES`.
+    /// Waits (patiently) until the last rollout of disruptive changes has `phase` (e.g. `completed`) and returns
+    /// `nimbusctl rollout status` as JSON plus each node's wave, in the status's order.
+    pub fn wait_rollout(&self, phase: &str) -> (Value, Vec<u64>) {
+        let status = crate::eventually_patiently(|| {
+            let st = self.ctl_json(&["rollout", "status"]);
+            if st["phase"] == phase {
+                Ok(st)
+            } else {
+                Err(format!("{st}"))
+            }
+        });
+        let waves = status["nodes"]
+            .as_array()
+            .map(|ns| ns.iter().filter_map(|n| n["wave"].as_u64()).collect())
+            .unwrap_or_default();
+        (status, waves)
+    }
+
     pub fn try_create_token(&self, ttl: &str, uses: u32) -> Result<JoinToken> {
         self.try_create_labelled_token(ttl, uses, "")
     }

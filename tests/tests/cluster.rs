@@ -220,21 +220,8 @@ fn the_cluster_follows_the_policy_and_hand_made_drift_is_reverted() {
         &policy(&kubeconfig, "staging", "\"polynimbus.io/ingress\": \"true\""),
         &["--allow-disruptive"],
     );
-    let status = eventually_patiently(|| {
-        let st = fleet.ctl_json(&["rollout", "status"]);
-        if st["phase"] == "completed" {
-            Ok(st)
-        } else {
-            Err(format!("{st}"))
-        }
-    });
+    let (status, waves) = fleet.wait_rollout("completed");
     assert_eq!(status["counts"]["healthy"], 2, "{status}");
-    let waves: Vec<u64> = status["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["wave"].as_u64().unwrap())
-        .collect();
     assert_eq!(waves, [1, 2], "{status}");
     for k in &kubeadm[..2] {
         assert_eq!(

@@ -143,8 +143,32 @@ fn the_agent_prepares_empty_disks_refuses_disks_with_data_and_decommission_remov
     );
     assert_eq!(sha(full.file()), before, "a disk with data is never written");
 
-    // Mounted in the agent's mount namespace, by UUID, from a .mount unit with nofail.
+    // The operator's dry run on the node (in the agent's mount namespace): nothing to do for `fast`, and why
+    // `data` would not be prepared.
     let pid = fleet.agent(1).pid();
+    let state_dir = fleet.agent_state_dir(1).display().to_string();
+    let out = std::process::Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "--"])
+        .arg(&fleet.bins().agent)
+        .args([
+            "--storage-dry-run",
+            "--state-dir",
+            &state_dir,
+            "--storage-unit-dir",
+            &unit_dir,
+        ])
+        .output()
+        .unwrap();
+    let dry = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{dry}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !dry.contains("sfdisk") && !dry.contains("mkfs"),
+        "fast is in place: {dry}"
+    );
+    assert!(dry.contains("# volume data refused:") && dry.contains("ext4"), "{dry}");
+    assert_eq!(sha(full.file()), before, "a dry run changes nothing");
+
+    // Mounted in the agent's mount namespace, by UUID, from a .mount unit with nofail.
     let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
     let fast = mount_root.join("fast").display().to_string();
     assert!(

@@ -1,0 +1,74 @@
+//! The files every artefact puts on the host: the agent configuration, the join token file, and the systemd
+//! unit / drop-in.
+
+use serde::Serialize;
+
+use crate::error::BootstrapError;
+use crate::spec::{AGENT_BINARY_PATH, AGENT_CONFIG_PATH, Checked, TOKEN_FILE_PATH};
+
+/// The keys of the agent's TOML configuration that bootstrap sets (the agent's `Settings` names).
+#[derive(Serialize)]
+struct AgentConfig<'a> {
+    coordinator: &'a str,
+    ca_pin: &'a str,
+    token_file: &'a str,
+    state_dir: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_name: Option<&'a str>,
+}
+
+/// `/etc/nimbus/agent.toml`: coordinator, CA pin, token file, state directory, node name. Holds no secret.
+pub(crate) fn agent_config(c: &Checked<'_>) -> Result<String, BootstrapError> {
+    let body = toml::to_string(&AgentConfig {
+        coordinator: &c.spec.coordinator,
+        ca_pin: &c.spec.ca_pin,
+        token_file: TOKEN_FILE_PATH,
+        state_dir: c.state_dir,
+        node_name: c.spec.node_name.as_deref(),
+    })
+    .map_err(|e| BootstrapError::render("the agent configuration", e))?;
+    Ok(format!(
+        "# polynimbus agent configuration, written by nimbus-bootstrap.\n\
+         # The join token is in {TOKEN_FILE_PATH} (mode 0600); the agent needs it only to enroll the first time.\n\
+         {body}"
+    ))
+}
+
+/// `/etc/nimbus/join-token`: the token and a newline.
+pub(crate) fn token_file(c: &Checked<'_>) -> String {
+    format!("{}\n", c.spec.token)
+}
+
+/// The drop-in every kind gets: it points the agent at the configuration whatever unit the package ships.
+pub(crate) fn dropin() -> String {
+    format!(
+        "# Written by nimbus-bootstrap: run nimbus-agent with the configuration it rendered.\n\
+         [Service]\n\
+         Environment=NIMBUS_CONFIG={AGENT_CONFIG_PATH}\n"
+    )
+}
+
+/// The unit for a bare-binary agent (packages ship their own, hardened one).
+pub(crate) fn binary_unit() -> String {
+    format!(
+        "# Written by nimbus-bootstrap for an agent installed as a bare binary.\n\
+         [Unit]\n\
+         Description=polynimbus agent\n\
+         Documentation=https://github.com/polynimbus/polynimbus\n\
+         Wants=network-online.target\n\
+         After=network-online.target\n\
+         \n\
+         [Service]\n\
+         Type=notify\n\
+         ExecStart={AGENT_BINARY_PATH}\n\
+         # The agent reports ready once enrolled; a bare-metal enrollment can wait for `nimbusctl node accept`.\n\
+         TimeoutStartSec=infinity\n\
+         Restart=on-failure\n\
+         RestartSec=5s\n\
+         # 10 revoked, 64 bad configuration, 77 enrollment refused: a restart cannot fix these.\n\
+         RestartPreventExitStatus=10 64 77\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n"
+    )
+}

@@ -1,0 +1,85 @@
+#!/bin/sh
+# polynimbus: installs the nimbus-agent and enrolls this host. Rendered by nimbus-bootstrap.
+# Idempotent: once the agent is installed and enabled, running it again changes nothing.
+# SECRET: holds a single-use join token (id abcdefghij) valid until 2026-05-01T12:00:00Z (1h after minting). Keep it private until the host has enrolled; it is useless afterwards.
+set -eu
+umask 022
+
+log() {
+    printf 'nimbus-bootstrap: %s\n' "$*" >&2
+}
+
+# put PATH MODE < CONTENT: installs CONTENT at PATH with MODE; a file that already holds it is left alone.
+put() {
+    mkdir -p "$(dirname "$1")"
+    rm -f "$1.nimbus-new"
+    (umask 077 && cat > "$1.nimbus-new")
+    chmod "$2" "$1.nimbus-new"
+    if [ -f "$1" ] && [ "$(sha256sum < "$1.nimbus-new")" = "$(sha256sum < "$1")" ]; then
+        rm -f "$1.nimbus-new"
+        if [ "$(stat -c %a "$1")" != "${2#0}" ]; then
+            chmod "$2" "$1"
+        fi
+    else
+        mv -f "$1.nimbus-new" "$1"
+        log "wrote $1"
+    fi
+}
+
+# download FILE: fetches the package to FILE and checks its SHA-256; a mismatch stops the script.
+download() {
+    mkdir -p "$(dirname "$1")"
+    rm -f "$1.part"
+    log "downloading $package_url"
+    curl --fail --silent --show-error --location --retry 5 --output "$1.part" "$package_url"
+    if ! printf '%s  %s\n' "$package_sha256" "$1.part" | sha256sum -c -; then
+        rm -f "$1.part"
+        log "the download does not have SHA-256 $package_sha256: not installing it; check the package URL and digest"
+        exit 1
+    fi
+    mv -f "$1.part" "$1"
+}
+
+package_url='https://coord.example.net:7443/packages/nimbus-agent_0.1.0_amd64.deb'
+package_sha256='e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'
+config_file='/etc/nimbus/agent.toml'
+
+# The agent configuration, and the join token it enrolls with (0600).
+put '/etc/nimbus/agent.toml' 0644 <<'NIMBUS_EOF'
+# polynimbus agent configuration, written by nimbus-bootstrap.
+# The join token is in /etc/nimbus/join-token (mode 0600); the agent needs it only to enroll the first time.
+coordinator = "coord.example.net:7443"
+ca_pin = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+token_file = "/etc/nimbus/join-token"
+state_dir = "/var/lib/nimbus-agent"
+node_name = "edge-1"
+NIMBUS_EOF
+put '/etc/nimbus/join-token' 0600 <<'NIMBUS_EOF'
+nimbus1.abcdefghij.0123456789abcdefghijklmnopqrstuv
+NIMBUS_EOF
+# Point the service at the configuration, whichever unit the package ships.
+put '/etc/systemd/system/nimbus-agent.service.d/10-bootstrap.conf' 0644 <<'NIMBUS_EOF'
+# Written by nimbus-bootstrap: run nimbus-agent with the configuration it rendered.
+[Service]
+Environment=NIMBUS_CONFIG=/etc/nimbus/agent.toml
+NIMBUS_EOF
+
+# The agent itself: skipped when this exact package is already installed.
+marker='/var/lib/nimbus-bootstrap/package.sha256'
+pkg='/var/cache/nimbus-bootstrap/nimbus-agent.deb'
+if [ -f "$marker" ] && [ "$(cat "$marker")" = "$package_sha256" ] && dpkg -s nimbus-agent 2>/dev/null | grep -qx 'Status: install ok installed'; then
+    log "the nimbus-agent package $package_sha256 is already installed"
+else
+    download "$pkg"
+    dpkg -i "$pkg"
+    mkdir -p "$(dirname "$marker")"
+    printf '%s\n' "$package_sha256" > "$marker"
+fi
+
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl enable --now --no-block nimbus-agent.service
+    log "nimbus-agent is enabled and starting; follow it with: journalctl -u nimbus-agent -f"
+else
+    log "systemd is not running here: start the agent yourself, e.g. NIMBUS_CONFIG=$config_file nimbus-agent"
+fi
