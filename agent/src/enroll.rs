@@ -22,6 +22,34 @@ pub struct HostFacts {
     pub machine_id: String,
     pub node_name: String,
     pub agent_version: String,
+    /// MAC addresses of the host's interfaces (a bare-metal token may be bound to one of them).
+    pub macs: Vec<String>,
+}
+
+/// The MAC addresses of this host's network interfaces from `/sys/class/net/*/address` (loopback, all-zero
+/// and unreadable ones left out), sorted.
+pub fn host_macs() -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/sys/class/net") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        if e.file_name() == "lo" {
+            continue;
+        }
+        if let Ok(a) = std::fs::read_to_string(e.path().join("address")) {
+            let a = a.trim().to_ascii_lowercase();
+            let is_mac = a.len() == 17
+                && a.split(':')
+                    .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
+            if is_mac && a != "00:00:00:00:00:00" {
+                out.push(a);
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Shape check only ("nimbus1.<id>.<secret>", no whitespace); the coordinator
@@ -113,8 +141,17 @@ pub async fn enroll(
         machine_id: facts.machine_id,
         agent_version: facts.agent_version,
         node_name: facts.node_name,
+        macs: facts.macs,
     };
     let r = call(addr, client.enroll(req)).await?;
+    if r.pending {
+        tracing::warn!(
+            node = %r.node_name,
+            "enrolled, waiting for an operator to accept this node (`nimbusctl node accept {}`); the tunnel comes up \
+             once it is accepted",
+            r.node_name
+        );
+    }
     let bad = |what: &str| {
         AgentError::Other(format!(
             "the coordinator's enrollment answer has an invalid {what}; is it a compatible version?"

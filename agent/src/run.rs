@@ -82,8 +82,9 @@ async fn identity(cfg: &Config, key: &tunnel::PublicKey) -> Result<Identity, Age
         hostname: host,
         machine_id,
         agent_version: crate::VERSION.into(),
+        macs: enroll::host_macs(),
     };
-    tracing::info!(coordinator = %addr, node = %facts.node_name, "enrolling");
+    tracing::info!(coordinator = %addr, node = %facts.node_name, macs = ?facts.macs, "enrolling");
     let id = enroll::enroll(addr, pin, token, key, facts).await?;
     identity::save(&cfg.state_dir, &id)?;
     tracing::info!(node = %id.node_name, node_id = %id.node_id, overlay_ip = %id.overlay_ip, "enrolled");
@@ -193,6 +194,13 @@ async fn check_revoked(id: &Identity, key: &tunnel::PublicKey) -> Result<(), Age
     };
     match enroll::status(&id.enroll_endpoint, &pin, key).await {
         Ok((NodeStatus::Revoked, reason)) => Err(AgentError::Revoked(reason)),
+        Ok((NodeStatus::Pending, _)) => {
+            tracing::warn!(
+                "this node still waits for an operator: `nimbusctl node accept {}`",
+                id.node_name
+            );
+            Ok(())
+        }
         Ok((NodeStatus::Unknown, _)) => {
             tracing::error!(
                 "the coordinator does not know this node's key (its state was lost or the node was deleted); \

@@ -42,7 +42,10 @@ pub fn render(spec: &BootstrapSpec) -> Result<Artefact, BootstrapError> {
 
 /// `custom-data.b64` for a payload rendered elsewhere (e.g. [`cloud_init::multipart`] with user scripts), with
 /// the spec's notes.
-pub fn render_multipart(spec: &BootstrapSpec, user_scripts: &[(&str, &str, &[u8])]) -> Result<Artefact, BootstrapError> {
+pub fn render_multipart(
+    spec: &BootstrapSpec,
+    user_scripts: &[(&str, &str, &[u8])],
+) -> Result<Artefact, BootstrapError> {
     let c = spec.checked()?;
     let cc = cloud_init::cloud_config_checked(&c)?;
     render_payload(&c.token_notes(), &cloud_init::multipart(cc.as_bytes(), user_scripts)?)
@@ -82,13 +85,19 @@ mod tests {
                 limit: 65_535
             }
         );
-        assert!(e.to_string().contains("65536 bytes, over the platform limit of 65535"), "{e}");
+        assert!(
+            e.to_string().contains("65536 bytes, over the platform limit of 65535"),
+            "{e}"
+        );
     }
 
     #[test]
     fn round_trip() {
         let payload = b"#cloud-config\nruncmd: [[echo, hi]]\n";
         let encoded = custom_data(payload).unwrap();
-        assert_eq!(base64::engine::general_purpose::STANDARD.decode(encoded).unwrap(), payload);
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD.decode(encoded).unwrap(),
+            payload
+        );
     }
 }

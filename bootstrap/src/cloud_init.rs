@@ -93,7 +93,10 @@ pub fn render(spec: &BootstrapSpec) -> Result<Artefact, BootstrapError> {
 }
 
 /// `user-data.mime`: the cloud-config plus `user_scripts`, as one MIME multipart message (see [`multipart`]).
-pub fn render_multipart(spec: &BootstrapSpec, user_scripts: &[(&str, &str, &[u8])]) -> Result<Artefact, BootstrapError> {
+pub fn render_multipart(
+    spec: &BootstrapSpec,
+    user_scripts: &[(&str, &str, &[u8])],
+) -> Result<Artefact, BootstrapError> {
     let c = spec.checked()?;
     let mut a = Artefact {
         notes: c.token_notes(),
@@ -134,7 +137,9 @@ pub fn multipart(cloud_config: &[u8], user_scripts: &[(&str, &str, &[u8])]) -> R
         if !type_ok {
             return Err(BootstrapError::invalid(
                 format!("user_scripts[{i}].content_type"),
-                format!("{content_type:?} is not a MIME type; give one such as text/x-shellscript or text/cloud-config"),
+                format!(
+                    "{content_type:?} is not a MIME type; give one such as text/x-shellscript or text/cloud-config"
+                ),
             ));
         }
     }
@@ -147,7 +152,9 @@ pub fn multipart(cloud_config: &[u8], user_scripts: &[(&str, &str, &[u8])]) -> R
 
     let boundary = boundary_for(&parts);
     let mut out = Vec::new();
-    out.extend_from_slice(format!("Content-Type: multipart/mixed; boundary=\"{boundary}\"\nMIME-Version: 1.0\n\n").as_bytes());
+    out.extend_from_slice(
+        format!("Content-Type: multipart/mixed; boundary=\"{boundary}\"\nMIME-Version: 1.0\n\n").as_bytes(),
+    );
     for (name, content_type, body) in &parts {
         let seven_bit = is_7bit(body);
         out.extend_from_slice(
@@ -197,7 +204,8 @@ fn boundary_for(parts: &[(&str, String, &[u8])]) -> String {
 }
 
 fn is_7bit(body: &[u8]) -> bool {
-    body.iter().all(|&b| b != 0 && b != b'\r' && b < 0x80) && body.split(|&b| b == b'\n').all(|l| l.len() <= MAX_7BIT_LINE)
+    body.iter().all(|&b| b != 0 && b != b'\r' && b < 0x80)
+        && body.split(|&b| b == b'\n').all(|l| l.len() <= MAX_7BIT_LINE)
 }
 
 /// Base64 in lines of 76 characters (RFC 2045 §6.8), each ending in a newline but the last.
@@ -218,9 +226,21 @@ mod tests {
 
     #[test]
     fn boundary_is_stable_and_content_derived() {
-        let a = multipart(b"#cloud-config\n{}\n", &[("a.sh", "text/x-shellscript", b"#!/bin/sh\necho a\n")]).unwrap();
-        let b = multipart(b"#cloud-config\n{}\n", &[("a.sh", "text/x-shellscript", b"#!/bin/sh\necho a\n")]).unwrap();
-        let c = multipart(b"#cloud-config\n{}\n", &[("a.sh", "text/x-shellscript", b"#!/bin/sh\necho b\n")]).unwrap();
+        let a = multipart(
+            b"#cloud-config\n{}\n",
+            &[("a.sh", "text/x-shellscript", b"#!/bin/sh\necho a\n")],
+        )
+        .unwrap();
+        let b = multipart(
+            b"#cloud-config\n{}\n",
+            &[("a.sh", "text/x-shellscript", b"#!/bin/sh\necho a\n")],
+        )
+        .unwrap();
+        let c = multipart(
+            b"#cloud-config\n{}\n",
+            &[("a.sh", "text/x-shellscript", b"#!/bin/sh\necho b\n")],
+        )
+        .unwrap();
         assert_eq!(a, b);
         let first_line = |m: &[u8]| m.split(|&x| x == b'\n').next().unwrap().to_vec();
         assert_ne!(first_line(&a), first_line(&c));

@@ -186,7 +186,10 @@ pub fn render(base: &BootstrapSpec, ipxe: &IpxeSpec) -> Result<Artefact, Bootstr
     script.push_str("# Holds no secret: each machine's join token is in its NoCloud seed, not here.\n");
     script.push_str("# Any other machine stops at the default branch and never enrolls.\n\n");
     for (mac, _) in &hosts {
-        script.push_str(&format!("iseq ${{netX/mac}} {mac} && goto nimbus_{} ||\n", mac.replace(':', "")));
+        script.push_str(&format!(
+            "iseq ${{netX/mac}} {mac} && goto nimbus_{} ||\n",
+            mac.replace(':', "")
+        ));
     }
     script.push_str("\n# Default branch: not a registered machine.\n");
     script.push_str("echo polynimbus: ${netX/mac} is not registered for enrollment, not booting it\n");
@@ -216,8 +219,16 @@ pub fn render(base: &BootstrapSpec, ipxe: &IpxeSpec) -> Result<Artefact, Bootstr
         })
         .map_err(|e| BootstrapError::render("the NoCloud meta-data", e))?;
         seeds.push((format!("seeds/{mac}/meta-data"), meta, false));
-        seeds.push((format!("seeds/{mac}/user-data"), cloud_init::cloud_config_checked(&c)?, true));
-        seeds.push((format!("seeds/{mac}/vendor-data"), "#cloud-config\n{}\n".to_string(), false));
+        seeds.push((
+            format!("seeds/{mac}/user-data"),
+            cloud_init::cloud_config_checked(&c)?,
+            true,
+        ));
+        seeds.push((
+            format!("seeds/{mac}/vendor-data"),
+            "#cloud-config\n{}\n".to_string(),
+            false,
+        ));
         if a.notes.is_empty() {
             a.notes = c.token_notes();
             a.notes[0] = format!(

@@ -20,7 +20,7 @@
 //! # Layout
 //!
 //! - [`spec`]: [`BootstrapSpec`], [`PackageSource`], [`Artefact`], the host paths the artefacts install to.
-//! - [`error`]: [`BootstrapError`].
+//! - [`error`]: the one error type, [`BootstrapError`].
 //! - [`shell`]: the idempotent POSIX install script and [`shell::quote`]; stand-alone `install-agent.sh`.
 //! - [`cloud_init`]: `#cloud-config` user-data (AWS and every cloud-init image) and MIME multipart.
 //! - [`azure`]: custom data, base64, within Azure's 65 535-byte limit.

@@ -56,8 +56,9 @@ pub fn render(spec: &BootstrapSpec) -> Result<Artefact, BootstrapError> {
         ..Artefact::default()
     };
     a.push(SCRIPT_FILE, script(&c, ScriptKind::Standalone)?, true);
-    a.notes
-        .push(format!("run {SCRIPT_FILE} as root on the host (sh {SCRIPT_FILE}); running it again changes nothing"));
+    a.notes.push(format!(
+        "run {SCRIPT_FILE} as root on the host (sh {SCRIPT_FILE}); running it again changes nothing"
+    ));
     Ok(a)
 }
 
@@ -69,32 +70,39 @@ fn put(out: &mut String, path: &str, mode: &str, content: &str) -> Result<(), Bo
             format!("the content for {path} cannot be embedded in a here-document"),
         ));
     }
-    out.push_str(&format!("put {} {mode} <<'{HEREDOC_END}'\n{content}{HEREDOC_END}\n", quote(path)?));
+    out.push_str(&format!(
+        "put {} {mode} <<'{HEREDOC_END}'\n{content}{HEREDOC_END}\n",
+        quote(path)?
+    ));
     Ok(())
 }
 
 const PRELUDE: &str = r#"set -eu
 umask 022
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 
 log() {
     printf 'nimbus-bootstrap: %s\n' "$*" >&2
 }
 
-# put PATH MODE < CONTENT: installs CONTENT at PATH with MODE; a file that already holds it is left alone.
+# put PATH MODE < CONTENT: installs CONTENT at PATH with MODE. A file that already holds it is left alone, and
+# so is its directory: the comparison happens in a private scratch directory.
 put() {
-    mkdir -p "$(dirname "$1")"
-    rm -f "$1.nimbus-new"
-    (umask 077 && cat > "$1.nimbus-new")
-    chmod "$2" "$1.nimbus-new"
-    if [ -f "$1" ] && [ "$(sha256sum < "$1.nimbus-new")" = "$(sha256sum < "$1")" ]; then
-        rm -f "$1.nimbus-new"
+    (umask 077 && cat > "$scratch/new")
+    if [ -f "$1" ] && [ "$(sha256sum < "$scratch/new")" = "$(sha256sum < "$1")" ]; then
         if [ "$(stat -c %a "$1")" != "${2#0}" ]; then
             chmod "$2" "$1"
         fi
     else
+        mkdir -p "$(dirname "$1")"
+        rm -f "$1.nimbus-new"
+        (umask 077 && cat "$scratch/new" > "$1.nimbus-new")
+        chmod "$2" "$1.nimbus-new"
         mv -f "$1.nimbus-new" "$1"
         log "wrote $1"
     fi
+    rm -f "$scratch/new"
 }
 
 # download FILE: fetches the package to FILE and checks its SHA-256; a mismatch stops the script.
@@ -164,7 +172,10 @@ pub(crate) fn script(c: &Checked<'_>, kind: ScriptKind) -> Result<String, Bootst
                 )
             };
             s.push_str(&format!("marker={}\n", quote(PACKAGE_MARKER_PATH)?));
-            s.push_str(&format!("pkg={}\n", quote(&format!("{DOWNLOAD_DIR}/{AGENT_PACKAGE_NAME}.{ext}"))?));
+            s.push_str(&format!(
+                "pkg={}\n",
+                quote(&format!("{DOWNLOAD_DIR}/{AGENT_PACKAGE_NAME}.{ext}"))?
+            ));
             s.push_str(&format!(
                 "if [ -f \"$marker\" ] && [ \"$(cat \"$marker\")\" = \"$package_sha256\" ] && {is_installed}; then\n"
             ));

@@ -141,7 +141,7 @@ impl BootstrapSpec {
 
 impl Checked<'_> {
     /// The notes every artefact holding this spec's token carries.
-    pub fn token_notes(&self) -> Vec<String> {
+    pub(crate) fn token_notes(&self) -> Vec<String> {
         let mut notes = vec![format!(
             "contains a single-use join token (id {}) valid until {}: it is the only secret in these files; \
              keep them private until the host has enrolled",
@@ -157,7 +157,7 @@ impl Checked<'_> {
     }
 
     /// The one-line comment that says an artefact holds the token.
-    pub fn secret_comment(&self) -> String {
+    pub(crate) fn secret_comment(&self) -> String {
         format!(
             "SECRET: holds a single-use join token (id {}) valid until {}. Keep it private until the host has \
              enrolled; it is useless afterwards.",

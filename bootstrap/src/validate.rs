@@ -55,11 +55,15 @@ pub(crate) fn endpoint(field: &str, value: &str) -> Result<()> {
     let bad = |why: &str| {
         BootstrapError::invalid(
             field,
-            format!("{value:?} {why}; give the enrollment endpoint as HOST:PORT, e.g. 192.0.2.10:7443 or [2001:db8::1]:7443"),
+            format!(
+                "{value:?} {why}; give the enrollment endpoint as HOST:PORT, e.g. 192.0.2.10:7443 or [2001:db8::1]:7443"
+            ),
         )
     };
     let (host, port) = if let Some(rest) = value.strip_prefix('[') {
-        let (addr, port) = rest.split_once("]:").ok_or_else(|| bad("has no `]:PORT` after the IPv6 address"))?;
+        let (addr, port) = rest
+            .split_once("]:")
+            .ok_or_else(|| bad("has no `]:PORT` after the IPv6 address"))?;
         addr.parse::<Ipv6Addr>()
             .map_err(|_| bad("does not hold an IPv6 address between the brackets"))?;
         (None, port)
@@ -72,7 +76,7 @@ pub(crate) fn endpoint(field: &str, value: &str) -> Result<()> {
         _ => return Err(bad("does not end in a port number 1-65535")),
     }
     if let Some(host) = host {
-        dns_name(host).map_err(|why| bad(why))?;
+        dns_name(host).map_err(bad)?;
     }
     Ok(())
 }
@@ -119,7 +123,9 @@ pub(crate) fn token<'a>(field: &str, value: &'a str) -> Result<&'a str> {
     let bad = |why: &str| {
         BootstrapError::invalid(
             field,
-            format!("malformed join token: {why}; expected nimbus1.<id>.<secret> as printed by `nimbusctl token create`"),
+            format!(
+                "malformed join token: {why}; expected nimbus1.<id>.<secret> as printed by `nimbusctl token create`"
+            ),
         )
     };
     let mut parts = value.split('.');
@@ -153,7 +159,9 @@ pub(crate) fn url(field: &str, value: &str) -> Result<Scheme> {
     let bad = |why: &str| {
         BootstrapError::invalid(
             field,
-            format!("{value:?} {why}; give an http:// or https:// URL such as https://mirror.example.net/nimbus-agent.deb"),
+            format!(
+                "{value:?} {why}; give an http:// or https:// URL such as https://mirror.example.net/nimbus-agent.deb"
+            ),
         )
     };
     if value.len() > MAX_URL_LEN {
@@ -214,7 +222,9 @@ pub(crate) fn node_name(field: &str, value: &str) -> Result<()> {
     single_line(field, value)?;
     let ok = !value.is_empty()
         && value.len() <= 63
-        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !value.starts_with('-')
         && !value.ends_with('-');
     if !ok {
@@ -236,7 +246,9 @@ pub(crate) fn abs_path(field: &str, value: &str) -> Result<()> {
     if !ok {
         return Err(BootstrapError::invalid(
             field,
-            format!("{value:?} is not a plain absolute path; use characters [A-Za-z0-9/._-], e.g. /var/lib/nimbus-agent"),
+            format!(
+                "{value:?} is not a plain absolute path; use characters [A-Za-z0-9/._-], e.g. /var/lib/nimbus-agent"
+            ),
         ));
     }
     Ok(())
@@ -245,7 +257,7 @@ pub(crate) fn abs_path(field: &str, value: &str) -> Result<()> {
 /// Normalises a MAC address to lowercase colon form (`52:54:00:ab:cd:ef`). Accepts colon- or hyphen-separated
 /// pairs or 12 bare hex digits; refuses the all-zero, broadcast and multicast addresses, which no NIC boots
 /// with.
-pub fn normalize_mac(value: &str) -> Result<String> {
+pub fn normalize_mac(value: &str) -> std::result::Result<String, BootstrapError> {
     normalize_mac_field("mac", value)
 }
 
@@ -298,7 +310,12 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        for ok in ["192.0.2.10:7443", "coord.example.net:7443", "[2001:db8::1]:7443", "localhost:1"] {
+        for ok in [
+            "192.0.2.10:7443",
+            "coord.example.net:7443",
+            "[2001:db8::1]:7443",
+            "localhost:1",
+        ] {
             endpoint("coordinator", ok).unwrap();
         }
         for bad in [

@@ -1,5 +1,6 @@
 //! Behaviour of the renderers: encodings round-trip, limits hold, hostile values are refused, secrets are
 //! marked and never leak into messages.
+#![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed assertion
 
 mod common;
 
@@ -76,10 +77,20 @@ fn azure_limit_is_checked_on_the_payload_before_base64() {
     let over = script_of(n + 1);
     let e = azure::render_multipart(&s, &[("big.sh", "text/x-shellscript", over.as_bytes())]).unwrap_err();
     assert!(
-        matches!(e, BootstrapError::TooLarge { size: 65_536, limit: 65_535, .. }),
+        matches!(
+            e,
+            BootstrapError::TooLarge {
+                size: 65_536,
+                limit: 65_535,
+                ..
+            }
+        ),
         "{e:?}"
     );
-    assert!(e.to_string().contains("user scripts"), "the message says what to do: {e}");
+    assert!(
+        e.to_string().contains("user scripts"),
+        "the message says what to do: {e}"
+    );
 }
 
 #[test]
@@ -134,7 +145,10 @@ fn opennebula_context_round_trips() {
         opennebula::CONTEXT_FILE,
     );
     assert_eq!(attr(&ci, "USERDATA_ENCODING"), "base64");
-    assert_eq!(b64d(&attr(&ci, "USER_DATA")), cloud_init::cloud_config(&s).unwrap().as_bytes());
+    assert_eq!(
+        b64d(&attr(&ci, "USER_DATA")),
+        cloud_init::cloud_config(&s).unwrap().as_bytes()
+    );
     assert!(!ci.contains("START_SCRIPT"));
 
     let mut unnamed = s.clone();
@@ -150,10 +164,7 @@ fn opennebula_context_round_trips() {
 fn parse_multipart(msg: &[u8]) -> Vec<(BTreeMap<String, String>, Vec<u8>)> {
     let msg = std::str::from_utf8(msg).unwrap();
     let (top, rest) = msg.split_once("\n\n").unwrap();
-    let ct = top
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Type: "))
-        .unwrap();
+    let ct = top.lines().find_map(|l| l.strip_prefix("Content-Type: ")).unwrap();
     assert!(ct.starts_with("multipart/mixed; boundary=\""), "{ct}");
     assert!(top.contains("MIME-Version: 1.0"));
     let boundary = ct.split('"').nth(1).unwrap();
@@ -192,7 +203,11 @@ fn multipart_parses_back() {
     let cc = cloud_init::cloud_config(&s).unwrap();
     let binary: Vec<u8> = (0u8..=255).collect();
     let scripts: [(&str, &str, &[u8]); 3] = [
-        ("10-tune.sh", "text/x-shellscript", b"#!/bin/sh\nsysctl -w vm.swappiness=10\n"),
+        (
+            "10-tune.sh",
+            "text/x-shellscript",
+            b"#!/bin/sh\nsysctl -w vm.swappiness=10\n",
+        ),
         ("no-newline.sh", "text/x-shellscript", b"#!/bin/sh\ntrue"),
         ("blob.bin", "application/octet-stream", &binary),
     ];
@@ -200,7 +215,10 @@ fn multipart_parses_back() {
     let parts = parse_multipart(a.file(cloud_init::MULTIPART_FILE).unwrap());
     assert_eq!(parts.len(), 4);
     assert_eq!(parts[0].0["Content-Type"], "text/cloud-config; charset=\"utf-8\"");
-    assert_eq!(parts[0].0["Content-Disposition"], "attachment; filename=\"cloud-config.yaml\"");
+    assert_eq!(
+        parts[0].0["Content-Disposition"],
+        "attachment; filename=\"cloud-config.yaml\""
+    );
     assert_eq!(parts[0].1, cc.as_bytes());
     for (i, (name, ct, body)) in scripts.iter().enumerate() {
         let (h, b) = &parts[i + 1];
@@ -241,7 +259,9 @@ fn hostile_values_are_refused_everywhere() {
         ("token_expiry", |s, v| s.token_expiry = format!("soon{v}")),
         ("node_name", |s, v| s.node_name = Some(format!("edge{v}"))),
         ("package.url", |s, v| s.package.url = format!("{}{v}", s.package.url)),
-        ("package.sha256", |s, v| s.package.sha256 = format!("{}{v}", s.package.sha256)),
+        ("package.sha256", |s, v| {
+            s.package.sha256 = format!("{}{v}", s.package.sha256)
+        }),
         ("state_dir", |s, v| s.state_dir = Some(format!("/var/lib/nimbus{v}"))),
     ];
     let hostile = ["\n", "\r", "\0", "'\n; reboot #", "\u{1b}[2J"];
@@ -391,8 +411,16 @@ fn agent_config_is_toml_the_agent_reads() {
 fn install_script_per_kind() {
     for (kind, install, gone) in [
         (PackageKind::Deb, "dpkg -i \"$pkg\"", ["rpm -U", "install -m 0755"]),
-        (PackageKind::Rpm, "rpm -U --replacepkgs --oldpackage \"$pkg\"", ["dpkg -i", "install -m 0755"]),
-        (PackageKind::Binary, "install -m 0755 \"$pkg\" \"$agent_bin\"", ["dpkg -i", "rpm -U"]),
+        (
+            PackageKind::Rpm,
+            "rpm -U --replacepkgs --oldpackage \"$pkg\"",
+            ["dpkg -i", "install -m 0755"],
+        ),
+        (
+            PackageKind::Binary,
+            "install -m 0755 \"$pkg\" \"$agent_bin\"",
+            ["dpkg -i", "rpm -U"],
+        ),
     ] {
         let s = spec(kind);
         let script = shell::install_script(&s, ScriptKind::InstallOnly).unwrap();
@@ -410,26 +438,43 @@ fn install_script_per_kind() {
         ] {
             assert!(script.contains(needed), "{kind:?} script lacks {needed}");
         }
-        assert_eq!(script.contains("ExecStart=/usr/local/bin/nimbus-agent"), kind == PackageKind::Binary);
+        assert_eq!(
+            script.contains("ExecStart=/usr/local/bin/nimbus-agent"),
+            kind == PackageKind::Binary
+        );
         assert!(!script.contains(TOKEN));
         let standalone = shell::install_script(&s, ScriptKind::Standalone).unwrap();
-        assert!(standalone.contains(&format!("put '/etc/nimbus/join-token' 0600 <<'NIMBUS_EOF'\n{TOKEN}\nNIMBUS_EOF\n")));
+        assert!(standalone.contains(&format!(
+            "put '/etc/nimbus/join-token' 0600 <<'NIMBUS_EOF'\n{TOKEN}\nNIMBUS_EOF\n"
+        )));
     }
 }
 
 #[test]
 fn notes_flag_plain_http() {
     let mut s = spec(PackageKind::Deb);
-    assert!(!cloud_init::render(&s).unwrap().notes.iter().any(|n| n.contains("plain http")));
+    assert!(
+        !cloud_init::render(&s)
+            .unwrap()
+            .notes
+            .iter()
+            .any(|n| n.contains("plain http"))
+    );
     s.package.url = "http://coord.example.net:8080/nimbus-agent.deb".into();
     let notes = cloud_init::render(&s).unwrap().notes;
-    assert!(notes.iter().any(|n| n.contains("plain http") && n.contains("SHA-256")), "{notes:?}");
+    assert!(
+        notes.iter().any(|n| n.contains("plain http") && n.contains("SHA-256")),
+        "{notes:?}"
+    );
     assert!(notes[0].contains("valid until 2026-05-01T12:00:00Z"), "{notes:?}");
 
     let mut i = ipxe_spec();
     i.seed_base_url = "http://coord.example.net:8080/seed".into();
     let notes = ipxe::render(&spec(PackageKind::Deb), &i).unwrap().notes;
-    assert!(notes.iter().any(|n| n.contains("seeds are served over plain http")), "{notes:?}");
+    assert!(
+        notes.iter().any(|n| n.contains("seeds are served over plain http")),
+        "{notes:?}"
+    );
 }
 
 #[test]
@@ -444,10 +489,23 @@ fn ipxe_script_structure() {
     // The default branch sits between the comparisons and the first machine: a MAC that matched nothing
     // reaches `exit` before any kernel line.
     assert!(last_iseq < exit && exit < first_label, "{script}");
-    assert!(lines[last_iseq..exit].iter().all(|l| !l.starts_with("kernel") && !l.starts_with("boot")));
-    assert!(lines[last_iseq..exit].iter().any(|l| l.starts_with("echo ")), "the default branch says why");
-    for (mac, label) in [("52:54:00:12:34:56", "nimbus_525400123456"), ("52:54:00:ab:cd:ef", "nimbus_525400abcdef")] {
-        assert!(lines.contains(&format!("iseq ${{netX/mac}} {mac} && goto {label} ||").as_str()), "{script}");
+    assert!(
+        lines[last_iseq..exit]
+            .iter()
+            .all(|l| !l.starts_with("kernel") && !l.starts_with("boot"))
+    );
+    assert!(
+        lines[last_iseq..exit].iter().any(|l| l.starts_with("echo ")),
+        "the default branch says why"
+    );
+    for (mac, label) in [
+        ("52:54:00:12:34:56", "nimbus_525400123456"),
+        ("52:54:00:ab:cd:ef", "nimbus_525400abcdef"),
+    ] {
+        assert!(
+            lines.contains(&format!("iseq ${{netX/mac}} {mac} && goto {label} ||").as_str()),
+            "{script}"
+        );
         let at = lines.iter().position(|l| *l == format!(":{label}")).unwrap();
         let branch = &lines[at..];
         let kernel = branch.iter().find(|l| l.starts_with("kernel ")).unwrap();
@@ -457,11 +515,17 @@ fn ipxe_script_structure() {
         );
         assert!(kernel.ends_with("ip=dhcp console=ttyS0,115200n8"), "{kernel}");
         assert!(branch.iter().any(|l| l.starts_with("initrd --name initrd https://")));
-        assert!(branch.iter().take_while(|l| **l != "boot").count() < branch.len(), "a boot line follows");
+        assert!(
+            branch.iter().take_while(|l| **l != "boot").count() < branch.len(),
+            "a boot line follows"
+        );
 
         let meta: serde_norway::Value =
             serde_norway::from_slice(a.file(&format!("seeds/{mac}/meta-data")).unwrap()).unwrap();
-        assert_eq!(meta["instance-id"].as_str().unwrap(), format!("iid-nimbus-{}", mac.replace(':', "")));
+        assert_eq!(
+            meta["instance-id"].as_str().unwrap(),
+            format!("iid-nimbus-{}", mac.replace(':', ""))
+        );
         let user = text(&a, &format!("seeds/{mac}/user-data"));
         assert!(user.starts_with("#cloud-config\n"));
         assert!(a.secret_files.contains(&format!("seeds/{mac}/user-data")));
@@ -505,7 +569,11 @@ fn ipxe_refuses_bad_machines_and_arguments() {
         "${net0/mac}",
         "",
     ] {
-        assert_eq!(field_of(with_hosts(vec![host(mac, "n1", common::TOKEN_B)])), "hosts[0].mac", "{mac:?}");
+        assert_eq!(
+            field_of(with_hosts(vec![host(mac, "n1", common::TOKEN_B)])),
+            "hosts[0].mac",
+            "{mac:?}"
+        );
     }
     assert_eq!(field_of(with_hosts(vec![])), "hosts");
     assert_eq!(
@@ -523,9 +591,15 @@ fn ipxe_refuses_bad_machines_and_arguments() {
         ])),
         "hosts[1].node_name"
     );
-    assert_eq!(field_of(with_hosts(vec![host("52:54:00:12:34:56", "N_1", common::TOKEN_B)])), "hosts[0].node_name");
+    assert_eq!(
+        field_of(with_hosts(vec![host("52:54:00:12:34:56", "N_1", common::TOKEN_B)])),
+        "hosts[0].node_name"
+    );
     let e = with_hosts(vec![host("52:54:00:12:34:56", "n1", "nimbus1.short.secretsecret")]).unwrap_err();
-    assert!(matches!(&e, BootstrapError::Invalid { field, .. } if field == "hosts[0].token"), "{e:?}");
+    assert!(
+        matches!(&e, BootstrapError::Invalid { field, .. } if field == "hosts[0].token"),
+        "{e:?}"
+    );
     assert!(!e.to_string().contains("secretsecret"));
 
     for (arg, why) in [
@@ -546,7 +620,10 @@ fn ipxe_refuses_bad_machines_and_arguments() {
         assert_eq!(field_of(ipxe::render(&base, &i)), "kernel_args[1]", "{why}: {arg:?}");
     }
     for (field, set) in [
-        ("kernel_url", (|i: &mut ipxe::IpxeSpec| i.kernel_url = "https://b/${x}".into()) as fn(&mut ipxe::IpxeSpec)),
+        (
+            "kernel_url",
+            (|i: &mut ipxe::IpxeSpec| i.kernel_url = "https://b/${x}".into()) as fn(&mut ipxe::IpxeSpec),
+        ),
         ("initrd_url", |i| i.initrd_url = "tftp://b/initrd".into()),
         ("seed_base_url", |i| i.seed_base_url = "https://c/seed?x=1".into()),
         ("seed_base_url", |i| i.seed_base_url = "https://c/seed;x".into()),
@@ -563,5 +640,8 @@ fn rendering_is_deterministic() {
     let a: Vec<Artefact> = all_renderings(&s).into_iter().map(Result::unwrap).collect();
     let b: Vec<Artefact> = all_renderings(&s).into_iter().map(Result::unwrap).collect();
     assert!(a == b);
-    assert_eq!(ipxe::render(&s, &ipxe_spec()).unwrap(), ipxe::render(&s, &ipxe_spec()).unwrap());
+    assert_eq!(
+        ipxe::render(&s, &ipxe_spec()).unwrap(),
+        ipxe::render(&s, &ipxe_spec()).unwrap()
+    );
 }

@@ -1,5 +1,6 @@
 //! Golden files: every artefact of a fixed spec, byte for byte, under tests/golden/<case>/. A file name's `:`
 //! (MACs) becomes `-` on disk. `NIMBUS_BLESS=1 cargo test -p nimbus-bootstrap --test golden` rewrites them.
+#![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed assertion
 
 mod common;
 
@@ -11,7 +12,9 @@ use bootstrap::{Artefact, PackageKind, azure, cloud_init, ipxe, opennebula, shel
 use common::{ipxe_spec, spec};
 
 fn golden_dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(case)
 }
 
 /// The notes and the secret-file list, as text.
@@ -28,11 +31,7 @@ fn summary(a: &Artefact) -> String {
 
 fn check(case: &str, a: &Artefact) {
     let dir = golden_dir(case);
-    let mut expected: Vec<(String, Vec<u8>)> = a
-        .files
-        .iter()
-        .map(|(n, c)| (n.replace(':', "-"), c.clone()))
-        .collect();
+    let mut expected: Vec<(String, Vec<u8>)> = a.files.iter().map(|(n, c)| (n.replace(':', "-"), c.clone())).collect();
     expected.push(("ARTEFACT.txt".into(), summary(a).into_bytes()));
     let bless = std::env::var("NIMBUS_BLESS").as_deref() == Ok("1");
     if bless {
@@ -46,7 +45,10 @@ fn check(case: &str, a: &Artefact) {
             continue;
         }
         let want = fs::read(&path).unwrap_or_else(|e| {
-            panic!("{}: {e}; run NIMBUS_BLESS=1 cargo test -p nimbus-bootstrap --test golden", path.display())
+            panic!(
+                "{}: {e}; run NIMBUS_BLESS=1 cargo test -p nimbus-bootstrap --test golden",
+                path.display()
+            )
         });
         assert!(
             want == *contents,
@@ -71,17 +73,33 @@ fn check(case: &str, a: &Artefact) {
     on_disk.sort();
     let mut names: Vec<String> = expected.into_iter().map(|(n, _)| n).collect();
     names.sort();
-    assert_eq!(on_disk, names, "golden files in {} do not match the artefact's files", dir.display());
+    assert_eq!(
+        on_disk,
+        names,
+        "golden files in {} do not match the artefact's files",
+        dir.display()
+    );
 }
 
 #[test]
 fn cloud_init_golden() {
     check("cloud-init", &cloud_init::render(&spec(PackageKind::Deb)).unwrap());
     let scripts: [(&str, &str, &[u8]); 2] = [
-        ("10-tune.sh", "text/x-shellscript", b"#!/bin/sh\nsysctl -w vm.swappiness=10\n"),
-        ("motd.txt", "text/x-shellscript", "#!/bin/sh\necho 'Grüße' > /etc/motd\n".as_bytes()),
+        (
+            "10-tune.sh",
+            "text/x-shellscript",
+            b"#!/bin/sh\nsysctl -w vm.swappiness=10\n",
+        ),
+        (
+            "motd.txt",
+            "text/x-shellscript",
+            "#!/bin/sh\necho 'Grüße' > /etc/motd\n".as_bytes(),
+        ),
     ];
-    check("cloud-init-multipart", &cloud_init::render_multipart(&spec(PackageKind::Deb), &scripts).unwrap());
+    check(
+        "cloud-init-multipart",
+        &cloud_init::render_multipart(&spec(PackageKind::Deb), &scripts).unwrap(),
+    );
 }
 
 #[test]
@@ -91,8 +109,14 @@ fn azure_golden() {
 
 #[test]
 fn opennebula_golden() {
-    check("opennebula-start-script", &opennebula::render(&spec(PackageKind::Deb), ContextMode::StartScript).unwrap());
-    check("opennebula-cloud-init", &opennebula::render(&spec(PackageKind::Rpm), ContextMode::CloudInit).unwrap());
+    check(
+        "opennebula-start-script",
+        &opennebula::render(&spec(PackageKind::Deb), ContextMode::StartScript).unwrap(),
+    );
+    check(
+        "opennebula-cloud-init",
+        &opennebula::render(&spec(PackageKind::Rpm), ContextMode::CloudInit).unwrap(),
+    );
 }
 
 #[test]

@@ -7,11 +7,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nimbus_proto::admin_server::Admin;
 use nimbus_proto::coordinator_message::Msg as CoordMsg;
 use nimbus_proto::{
-    ApplyPolicyRequest, ApplyPolicyResponse, Change, GetPolicyRequest, ListPolicyRevisionsRequest,
-    ListPolicyRevisionsResponse, NodeChange, PolicyRevision, RollbackPolicyRequest,
+    AcceptNodeRequest, ControlRolloutRequest, DecommissionRequest, DecommissionResponse, GetRolloutRequest,
+    RolloutNode, RolloutStatus,
 };
 use nimbus_proto::{
-    ControlRolloutRequest, DecommissionRequest, DecommissionResponse, GetRolloutRequest, RolloutNode, RolloutStatus,
+    ApplyPolicyRequest, ApplyPolicyResponse, Change, GetPolicyRequest, ListPolicyRevisionsRequest,
+    ListPolicyRevisionsResponse, NodeChange, PolicyRevision, RollbackPolicyRequest,
 };
 use nimbus_proto::{
     CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, GetNodeRequest, Inventory, LatencyMatrix, LatencyPair,
@@ -65,6 +66,7 @@ impl AdminService {
         let connected = self.ctx.sessions.is_connected(&n.id);
         let state = match (n.status, connected) {
             (NodeStatus::Revoked, _) => "revoked",
+            (NodeStatus::Pending, _) => "pending",
             (_, true) => "connected",
             _ => "lost",
         };
@@ -401,6 +403,8 @@ fn token_view(t: TokenRecord) -> TokenInfo {
         revoked: t.revoked,
         labels: t.labels.into_iter().collect(),
         description: t.description,
+        bind_mac: t.bind_mac.unwrap_or_default(),
+        require_acceptance: t.require_acceptance,
     }
 }
 
@@ -432,11 +436,20 @@ impl Admin for AdminService {
         }
         let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
         let description = crate::fleet::clip(r.description, 256);
+        let bound = !r.bind_mac.is_empty();
+        let binding = crate::state::TokenBinding {
+            mac: bound.then_some(r.bind_mac),
+            // A MAC is easy to fake: bound tokens wait for an operator unless told otherwise.
+            require_acceptance: r.require_acceptance || (bound && !r.auto_accept),
+        };
         let (token, rec) = self
             .ctx
-            .state(move |s| s.create_token(ttl, r.uses, labels, description, SystemTime::now()))
+            .state(move |s| s.create_bound_token(ttl, r.uses, labels, description, binding, SystemTime::now()))
             .await?;
-        tracing::info!(token_id = %rec.id, uses = rec.uses_total, expires_at = rec.expires_at, "join token created");
+        tracing::info!(
+            token_id = %rec.id, uses = rec.uses_total, expires_at = rec.expires_at, bind_mac = ?rec.bind_mac,
+            require_acceptance = rec.require_acceptance, "join token created"
+        );
         Ok(Response::new(CreateTokenResponse {
             token: token.to_string_secret(),
             token_id: rec.id,
@@ -444,6 +457,31 @@ impl Admin for AdminService {
             expires_at_unix: rec.expires_at,
             enroll_endpoints: vec![self.ctx.config.enroll_endpoint()],
         }))
+    }
+
+    async fn accept_node(&self, req: Request<AcceptNodeRequest>) -> Result<Response<Node>, Status> {
+        let by = caller(&req);
+        let name = req.into_inner().name;
+        let lookup = name.clone();
+        let node = self.ctx.state(move |s| s.accept_node(&lookup, &by)).await?;
+        let key = key_from_id(&node.public_key)
+            .ok_or_else(|| Status::internal("the node's stored public key is invalid; see the coordinator log"))?;
+        self.ctx
+            .tunnel
+            .add_peer(crate::enroll::peer_for(&node, key))
+            .map_err(|e| {
+                tracing::error!(error = %e, node = %node.name, "cannot add WireGuard peer");
+                Status::internal("cannot add the WireGuard peer; see the coordinator log")
+            })?;
+        crate::placement::reconcile(&self.ctx).await;
+        let found = self
+            .ctx
+            .state(move |s| nodes_with_place(s, s.node_by_name(&name)?.into_iter().collect()))
+            .await?;
+        match found.0.into_iter().next() {
+            Some((n, hw, info)) => Ok(Response::new(self.full_view(n, hw, &info))),
+            None => Err(Status::not_found("the node disappeared while being accepted")),
+        }
     }
 
     async fn list_tokens(&self, _req: Request<ListTokensRequest>) -> Result<Response<ListTokensResponse>, Status> {

@@ -47,6 +47,7 @@ impl Enrollment for EnrollmentService {
             machine_id: r.machine_id,
             agent_version: r.agent_version,
             requested_name: r.node_name,
+            macs: r.macs.into_iter().take(64).collect(),
         };
         let token = r.token;
         let node = match self
@@ -61,12 +62,20 @@ impl Enrollment for EnrollmentService {
                 return Err(status);
             }
         };
-        self.ctx.tunnel.add_peer(peer_for(&node, key)).map_err(|e| {
-            tracing::error!(error = %e, node = %node.name, "cannot add WireGuard peer");
-            Status::internal("cannot add the WireGuard peer; see the coordinator log")
-        })?;
+        let pending = node.status == crate::state::NodeStatus::Pending;
+        if pending {
+            tracing::warn!(
+                node_id = %node.id, node = %node.name, remote = ?remote,
+                "node enrolled, pending: it gets no tunnel until `nimbusctl node accept {}`", node.name
+            );
+        } else {
+            self.ctx.tunnel.add_peer(peer_for(&node, key)).map_err(|e| {
+                tracing::error!(error = %e, node = %node.name, "cannot add WireGuard peer");
+                Status::internal("cannot add the WireGuard peer; see the coordinator log")
+            })?;
+            tracing::info!(node_id = %node.id, node = %node.name, overlay_ip = %node.overlay_ip, remote = ?remote, "node enrolled");
+        }
         self.ctx.metrics.enrollment(true);
-        tracing::info!(node_id = %node.id, node = %node.name, overlay_ip = %node.overlay_ip, remote = ?remote, "node enrolled");
         Ok(Response::new(EnrollResponse {
             node_id: node.id.clone(),
             node_name: node.name.clone(),
@@ -78,6 +87,7 @@ impl Enrollment for EnrollmentService {
             fleet_port: u32::from(self.ctx.config.fleet_port),
             mtu: u32::from(self.ctx.config.mtu),
             labels: node.labels.clone().into_iter().collect(),
+            pending,
         }))
     }
 
@@ -93,6 +103,14 @@ impl Enrollment for EnrollmentService {
             .await?;
         let (status, reason) = if revoked {
             (NodeStatus::Revoked, "this node was revoked by an operator".to_string())
+        } else if node
+            .as_ref()
+            .is_some_and(|n| n.status == crate::state::NodeStatus::Pending)
+        {
+            (
+                NodeStatus::Pending,
+                "this node waits for an operator: `nimbusctl node accept NAME`".to_string(),
+            )
         } else if node.is_some() {
             (NodeStatus::Active, String::new())
         } else {

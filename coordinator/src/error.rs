@@ -67,7 +67,7 @@ impl From<&StateError> for tonic::Status {
             | StateError::TokenExpired { .. }
             | StateError::TokenUsedUp
             | StateError::TokenRevoked => Status::unauthenticated(e.to_string()),
-            StateError::KeyRevoked => Status::permission_denied(e.to_string()),
+            StateError::KeyRevoked | StateError::TokenMacMismatch { .. } => Status::permission_denied(e.to_string()),
             StateError::Ipam(_) => Status::resource_exhausted(e.to_string()),
             StateError::NotFound { .. } => Status::not_found(e.to_string()),
             StateError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),

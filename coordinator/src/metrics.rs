@@ -83,6 +83,8 @@ pub struct Snapshot {
     pub agents_connected: u64,
     pub nodes_active: u64,
     pub nodes_revoked: u64,
+    /// Enrolled, waiting for `nimbusctl node accept`.
+    pub nodes_pending: u64,
     pub wireguard_peers: u64,
     pub tunnel: tunnel::RouterCounters,
 }
@@ -140,6 +142,9 @@ pub fn render(m: &Metrics, s: &Snapshot) -> String {
     nodes
         .get_or_create(&StateLabel { state: "revoked" })
         .set(s.nodes_revoked as i64);
+    nodes
+        .get_or_create(&StateLabel { state: "pending" })
+        .set(s.nodes_pending as i64);
     r.register("nodes", "Enrolled nodes by state", nodes);
     r.register(
         "wireguard_peers",
@@ -176,17 +181,22 @@ pub fn render(m: &Metrics, s: &Snapshot) -> String {
 }
 
 async fn snapshot(ctx: &Ctx) -> Snapshot {
-    let (active, revoked) = match ctx.state(|s| s.list_nodes()).await {
+    let (active, revoked, pending) = match ctx.state(|s| s.list_nodes()).await {
         Ok(nodes) => {
-            let revoked = nodes.iter().filter(|n| n.status == NodeStatus::Revoked).count() as u64;
-            (nodes.len() as u64 - revoked, revoked)
+            let count = |st: NodeStatus| nodes.iter().filter(|n| n.status == st).count() as u64;
+            (
+                count(NodeStatus::Active),
+                count(NodeStatus::Revoked),
+                count(NodeStatus::Pending),
+            )
         }
-        Err(_) => (0, 0),
+        Err(_) => (0, 0, 0),
     };
     Snapshot {
         agents_connected: ctx.sessions.connected_count() as u64,
         nodes_active: active,
         nodes_revoked: revoked,
+        nodes_pending: pending,
         wireguard_peers: ctx.tunnel.stats().len() as u64,
         tunnel: ctx.tunnel.counters(),
     }
@@ -246,6 +256,7 @@ mod tests {
             agents_connected: 3,
             nodes_active: 3,
             nodes_revoked: 1,
+            nodes_pending: 2,
             wireguard_peers: 3,
             tunnel: tunnel::RouterCounters {
                 spoofed_source: 7,
@@ -259,6 +270,7 @@ mod tests {
             "nimbus_fleet_streams_refused_total 1",
             "nimbus_agents_connected 3",
             "nimbus_nodes{state=\"revoked\"} 1",
+            "nimbus_nodes{state=\"pending\"} 2",
             "nimbus_wireguard_dropped_packets_total{reason=\"spoofed_source\"} 7",
             "# HELP nimbus_wireguard_peers",
         ] {

@@ -734,6 +734,7 @@ environments:
                     machine_id: format!("{n:032x}"),
                     agent_version: "0.1.0".into(),
                     requested_name: format!("node-{n}"),
+                    macs: Vec::new(),
                 },
                 SystemTime::now(),
             )

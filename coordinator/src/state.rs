@@ -58,6 +58,11 @@ pub enum StateError {
     #[error("join token was revoked; create a new one with `nimbusctl token create`")]
     TokenRevoked,
     #[error(
+        "this join token is bound to MAC address {mac}, which this host does not have; use the token made for \
+         this host, or create one with `nimbusctl token create --bind-mac <its MAC>`"
+    )]
+    TokenMacMismatch { mac: String },
+    #[error(
         "this WireGuard public key belongs to a revoked node; give the agent a new key (remove its key file) \
          and enroll again"
     )]
@@ -87,6 +92,8 @@ pub enum StateError {
 pub enum NodeStatus {
     Active,
     Revoked,
+    /// Enrolled with a token that requires acceptance; not a WireGuard peer until `accept_node`.
+    Pending,
 }
 
 /// What an agent reports about its machine.
@@ -170,6 +177,32 @@ pub struct TokenRecord {
     pub description: String,
     #[serde(default)]
     pub revoked: bool,
+    /// Only a host with this MAC (lowercase, colon form) may enroll with the token.
+    #[serde(default)]
+    pub bind_mac: Option<String>,
+    /// Enrollments wait in [`NodeStatus::Pending`] until an operator accepts them.
+    #[serde(default)]
+    pub require_acceptance: bool,
+}
+
+/// Restrictions on a join token beyond its TTL and uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenBinding {
+    /// Bind to this MAC (any common spelling; stored lowercase with colons). Implies a single use.
+    pub mac: Option<String>,
+    /// Enrollments wait for `accept_node`.
+    pub require_acceptance: bool,
+}
+
+/// `aa:bb:cc:dd:ee:ff` from `AA-BB-CC-DD-EE-FF`, `aabb.ccdd.eeff` or `aa:bb:…`; `None` if it is not a MAC.
+pub fn normalize_mac(s: &str) -> Option<String> {
+    let hex: String = s.chars().filter(|c| !matches!(c, ':' | '-' | '.')).collect();
+    if hex.len() != 12 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let lower = hex.to_ascii_lowercase();
+    let pairs: Vec<&str> = (0..6).map(|i| &lower[i * 2..i * 2 + 2]).collect();
+    Some(pairs.join(":"))
 }
 
 /// What an agent sends to enroll. Every field is untrusted.
@@ -182,6 +215,8 @@ pub struct EnrollInput {
     pub agent_version: String,
     /// Preferred node name; empty means "use the hostname".
     pub requested_name: String,
+    /// The host's NIC MACs, as the agent claims them (checked only against a MAC-bound token).
+    pub macs: Vec<String>,
 }
 
 /// The coordinator's typed state.
@@ -260,6 +295,32 @@ impl State {
         description: String,
         now: SystemTime,
     ) -> Result<(JoinToken, TokenRecord), StateError> {
+        self.create_bound_token(ttl, uses, labels, description, TokenBinding::default(), now)
+    }
+
+    /// [`State::create_token`] with a MAC binding and/or required acceptance.
+    pub fn create_bound_token(
+        &self,
+        ttl: Duration,
+        uses: u32,
+        labels: BTreeMap<String, String>,
+        description: String,
+        binding: TokenBinding,
+        now: SystemTime,
+    ) -> Result<(JoinToken, TokenRecord), StateError> {
+        let bind_mac = match &binding.mac {
+            Some(m) => Some(normalize_mac(m).ok_or_else(|| {
+                invalid(format!(
+                    "{m:?} is not a MAC address; write it as aa:bb:cc:dd:ee:ff (the NIC the host boots from)"
+                ))
+            })?),
+            None => None,
+        };
+        if bind_mac.is_some() && uses != 1 {
+            return Err(invalid(format!(
+                "a token bound to a MAC address is single-use (one host); got {uses} uses"
+            )));
+        }
         if uses == 0 {
             return Err(invalid("a join token needs at least 1 use"));
         }
@@ -281,6 +342,8 @@ impl State {
                 labels: labels.clone(),
                 description: description.clone(),
                 revoked: false,
+                bind_mac: bind_mac.clone(),
+                require_acceptance: binding.require_acceptance,
             };
             let key = keys::token(&record.id);
             let value = encode(&key, &record)?;
@@ -355,7 +418,7 @@ impl State {
             let by_key = keys::node_by_key(&public_key);
             if let Some(id) = self.get_str(&by_key)? {
                 return match self.node(&id)? {
-                    Some(node) if node.status == NodeStatus::Active => {
+                    Some(node) if node.status != NodeStatus::Revoked => {
                         if node.token_id != record.id {
                             check_token_usable(&record, now_s)?;
                         }
@@ -369,6 +432,12 @@ impl State {
                 };
             }
             check_token_usable(&record, now_s)?;
+            if let Some(mac) = &record.bind_mac
+                && !req.macs.iter().filter_map(|m| normalize_mac(m)).any(|m| &m == mac)
+            {
+                tracing::warn!(token_id = %record.id, bound = %mac, claimed = ?req.macs, "enrollment from a host without the token's MAC");
+                return Err(StateError::TokenMacMismatch { mac: mac.clone() });
+            }
 
             let overlay_ip = self.overlay.first_free(&self.used_ips()?)?;
             let id = format!("n{}", token::random_alnum(12));
@@ -384,7 +453,11 @@ impl State {
                 labels: record.labels.clone(),
                 enrolled_at: now_s,
                 token_id: record.id.clone(),
-                status: NodeStatus::Active,
+                status: if record.require_acceptance {
+                    NodeStatus::Pending
+                } else {
+                    NodeStatus::Active
+                },
                 revoked_at: None,
                 revoke_reason: None,
                 inventory: None,
@@ -484,6 +557,38 @@ impl State {
                 .delete(keys::node_by_key(&node.public_key));
             if self.store.txn(txn)? {
                 tracing::info!(node = %node.name, node_id = %node.id, reason, "node revoked");
+                return Ok(node);
+            }
+        }
+        Err(StateError::Conflict)
+    }
+
+    /// Admits a pending node (`nimbusctl node accept`): it becomes active (the caller adds its WireGuard peer).
+    /// Accepting an active node returns it unchanged; a revoked one is an error.
+    pub fn accept_node(&self, name: &str, by: &str) -> Result<NodeRecord, StateError> {
+        let not_found = || StateError::NotFound {
+            what: "node",
+            name: name.to_owned(),
+        };
+        for _ in 0..MAX_TXN_ATTEMPTS {
+            let id = self.get_str(&keys::node_by_name(name))?.ok_or_else(not_found)?;
+            let node_key = keys::node(&id);
+            let (mut node, raw) = self.get_json::<NodeRecord>(&node_key)?.ok_or_else(not_found)?;
+            match node.status {
+                NodeStatus::Active => return Ok(node),
+                NodeStatus::Revoked => {
+                    return Err(invalid(format!(
+                        "node {name} was revoked and cannot be accepted; enroll the host again with a new token"
+                    )));
+                }
+                NodeStatus::Pending => {}
+            }
+            node.status = NodeStatus::Active;
+            let txn = Txn::new()
+                .if_equals(node_key.clone(), raw)
+                .put(node_key.clone(), encode(&node_key, &node)?);
+            if self.store.txn(txn)? {
+                tracing::warn!(node = %node.name, node_id = %node.id, by, "pending node accepted");
                 return Ok(node);
             }
         }
@@ -932,6 +1037,7 @@ mod tests {
             machine_id: format!("{b:032x}"),
             agent_version: "0.1.0".to_owned(),
             requested_name: String::new(),
+            macs: vec!["02:00:00:00:00:01".to_owned()],
         }
     }
 
@@ -939,6 +1045,63 @@ mod tests {
         let labels = BTreeMap::from([("role".to_owned(), "worker".to_owned())]);
         let (t, rec) = state.create_token(HOUR, uses, labels, "test".to_owned(), t0()).unwrap();
         (t.to_string_secret(), rec)
+    }
+
+    #[test]
+    fn a_mac_bound_token_enrolls_only_that_host_and_waits_for_acceptance() {
+        let (_d, s) = setup("10.9.0.0/24");
+        let bound = |mac: &str, uses: u32| {
+            s.create_bound_token(
+                HOUR,
+                uses,
+                BTreeMap::new(),
+                String::new(),
+                TokenBinding {
+                    mac: Some(mac.into()),
+                    require_acceptance: true,
+                },
+                t0(),
+            )
+        };
+        assert!(
+            bound("02:00:00:00:00:01", 2)
+                .unwrap_err()
+                .to_string()
+                .contains("single-use")
+        );
+        assert!(
+            bound("not-a-mac", 1)
+                .unwrap_err()
+                .to_string()
+                .contains("not a MAC address")
+        );
+        let (t, rec) = bound("02-00-00-00-00-01", 1).unwrap();
+        assert_eq!(rec.bind_mac.as_deref(), Some("02:00:00:00:00:01"), "stored normalized");
+        let secret = t.to_string_secret();
+
+        let elsewhere = EnrollInput {
+            macs: vec!["02:00:00:00:00:99".into()],
+            ..input(2, "other")
+        };
+        let err = s.enroll(&secret, elsewhere, t0()).unwrap_err();
+        assert!(matches!(err, StateError::TokenMacMismatch { .. }), "{err:?}");
+        assert_eq!(s.list_tokens().unwrap()[0].uses_left, 1, "a refused host spends no use");
+
+        let node = s.enroll(&secret, input(1, "metal-1"), t0()).unwrap();
+        assert_eq!(node.status, NodeStatus::Pending);
+        let again = s.enroll(&secret, input(1, "metal-1"), t0()).unwrap();
+        assert_eq!(again.id, node.id, "a pending node may retry its enrollment");
+
+        let accepted = s.accept_node(&node.name, "uid:0").unwrap();
+        assert_eq!(accepted.status, NodeStatus::Active);
+        assert_eq!(s.accept_node(&node.name, "uid:0").unwrap().status, NodeStatus::Active);
+        s.revoke_node(&node.name, "gone", t0()).unwrap();
+        assert!(
+            s.accept_node(&node.name, "uid:0").is_err(),
+            "a revoked node cannot be accepted"
+        );
+        assert_eq!(normalize_mac("AABB.CCDD.EEFF").as_deref(), Some("aa:bb:cc:dd:ee:ff"));
+        assert_eq!(normalize_mac("aa:bb:cc:dd:ee"), None);
     }
 
     fn ip(s: &str) -> Ipv4Addr {

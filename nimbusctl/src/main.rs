@@ -278,6 +278,16 @@ enum TokenCmd {
         /// Free-text note shown in `token list`.
         #[arg(long, default_value = "")]
         description: String,
+        /// Bare metal: only a host with this MAC address may enroll with the token (single use). Such
+        /// enrollments wait in `pending` until `nimbusctl node accept NAME`, since a MAC is easy to fake.
+        #[arg(long, value_name = "MAC")]
+        bind_mac: Option<String>,
+        /// With --bind-mac: admit the node at once instead of waiting for `node accept`.
+        #[arg(long, requires = "bind_mac")]
+        auto_accept: bool,
+        /// Enrollments with this token wait in `pending` until `nimbusctl node accept NAME`.
+        #[arg(long, conflicts_with = "auto_accept")]
+        require_acceptance: bool,
     },
     /// List tokens (never their secrets).
     List,
@@ -289,6 +299,10 @@ enum TokenCmd {
 enum NodeCmd {
     /// Everything known about a node.
     Show { name: String },
+    /// Admit a pending node (enrolled with a token that requires acceptance, e.g. a MAC-bound bare-metal token):
+    /// its WireGuard peer is added and its tunnel comes up. Check its MAC, hostname and machine id first with
+    /// `nimbusctl node show NAME`.
+    Accept { name: String },
     /// Revoke a node: it is told to stop, its WireGuard peer is removed and its key can never enroll again.
     Revoke {
         name: String,
@@ -507,7 +521,7 @@ fn token_json(t: &TokenInfo) -> serde_json::Value {
     serde_json::json!({
         "id": t.id, "created_at_unix": t.created_at_unix, "expires_at_unix": t.expires_at_unix,
         "uses_total": t.uses_total, "uses_left": t.uses_left, "revoked": t.revoked, "labels": t.labels,
-        "description": t.description,
+        "description": t.description, "bind_mac": t.bind_mac, "require_acceptance": t.require_acceptance,
     })
 }
 
@@ -702,6 +716,9 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
             uses,
             labels,
             description,
+            bind_mac,
+            auto_accept,
+            require_acceptance,
         }) => {
             let r = c
                 .create_token(CreateTokenRequest {
@@ -709,6 +726,9 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
                     uses,
                     labels: labels.into_iter().collect(),
                     description,
+                    bind_mac: bind_mac.unwrap_or_default(),
+                    require_acceptance,
+                    auto_accept,
                 })
                 .await
                 .map_err(status_err)?
@@ -748,7 +768,15 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            let mut t = table(&["ID", "STATE", "USES-LEFT", "EXPIRES", "LABELS", "DESCRIPTION"]);
+            let mut t = table(&[
+                "ID",
+                "STATE",
+                "USES-LEFT",
+                "EXPIRES",
+                "LABELS",
+                "BOUND-TO",
+                "DESCRIPTION",
+            ]);
             for tok in &r.tokens {
                 let state = if tok.revoked {
                     "revoked"
@@ -766,6 +794,12 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
                     format!("{}/{}", tok.uses_left, tok.uses_total),
                     when(tok.expires_at_unix),
                     labels.join(","),
+                    match (tok.bind_mac.is_empty(), tok.require_acceptance) {
+                        (true, false) => "-".into(),
+                        (true, true) => "any (accept)".into(),
+                        (false, true) => format!("{} (accept)", tok.bind_mac),
+                        (false, false) => tok.bind_mac.clone(),
+                    },
                     tok.description.clone(),
                 ]);
             }
@@ -895,6 +929,20 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
                 }
                 None => println!("{:<18} not reported yet", "hardware"),
             }
+        }
+        Cmd::Node(NodeCmd::Accept { name }) => {
+            let n = c
+                .accept_node(AcceptNodeRequest { name })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if json {
+                return print_json(&node_json(&n));
+            }
+            println!(
+                "node {} accepted; its tunnel comes up at its next connection attempt",
+                n.name
+            );
         }
         Cmd::Node(NodeCmd::Revoke { name, reason }) => {
             let r = c

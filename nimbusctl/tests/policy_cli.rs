@@ -84,6 +84,9 @@ impl Admin for Fake {
     async fn decommission_nodes(&self, _: Request<DecommissionRequest>) -> R<DecommissionResponse> {
         Err(Status::unimplemented("fake"))
     }
+    async fn accept_node(&self, _: Request<AcceptNodeRequest>) -> R<Node> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn get_rollout(&self, _: Request<GetRolloutRequest>) -> R<RolloutStatus> {
         Ok(Response::new(paused_rollout()))
     }

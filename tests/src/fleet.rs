@@ -787,11 +787,18 @@ impl Fleet {
     /// nodes enrolled with it carry the labels.
     pub fn try_create_labelled_token(&self, ttl: &str, uses: u32, labels: &str) -> Result<JoinToken> {
         let uses = uses.to_string();
-        let mut args = vec!["token", "create", "--ttl", ttl, "--uses", &uses];
+        let mut args = vec!["--ttl", ttl, "--uses", &uses];
         if !labels.is_empty() {
             args.extend(["--labels", labels]);
         }
-        let json = self.try_ctl_json(&args)?;
+        self.try_create_token_with(&args)
+    }
+
+    /// `nimbusctl token create ARGS...` (e.g. `--bind-mac`), parsed.
+    pub fn try_create_token_with(&self, args: &[&str]) -> Result<JoinToken> {
+        let mut all = vec!["token", "create"];
+        all.extend_from_slice(args);
+        let json = self.try_ctl_json(&all)?;
         let field = |key: &str| -> Result<String> {
             json.get(key)
                 .and_then(Value::as_str)

@@ -1,5 +1,5 @@
 //! The fixed inputs of the golden and tool tests, and the gate for tests that need system tools.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use bootstrap::ipxe::{BareMetalHost, IpxeSpec, NoCloudDatasource};
 use bootstrap::{BootstrapSpec, PackageKind, PackageSource};

@@ -4,26 +4,30 @@
 # SECRET: holds a single-use join token (id abcdefghij) valid until 2026-05-01T12:00:00Z (1h after minting). Keep it private until the host has enrolled; it is useless afterwards.
 set -eu
 umask 022
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 
 log() {
     printf 'nimbus-bootstrap: %s\n' "$*" >&2
 }
 
-# put PATH MODE < CONTENT: installs CONTENT at PATH with MODE; a file that already holds it is left alone.
+# put PATH MODE < CONTENT: installs CONTENT at PATH with MODE. A file that already holds it is left alone, and
+# so is its directory: the comparison happens in a private scratch directory.
 put() {
-    mkdir -p "$(dirname "$1")"
-    rm -f "$1.nimbus-new"
-    (umask 077 && cat > "$1.nimbus-new")
-    chmod "$2" "$1.nimbus-new"
-    if [ -f "$1" ] && [ "$(sha256sum < "$1.nimbus-new")" = "$(sha256sum < "$1")" ]; then
-        rm -f "$1.nimbus-new"
+    (umask 077 && cat > "$scratch/new")
+    if [ -f "$1" ] && [ "$(sha256sum < "$scratch/new")" = "$(sha256sum < "$1")" ]; then
         if [ "$(stat -c %a "$1")" != "${2#0}" ]; then
             chmod "$2" "$1"
         fi
     else
+        mkdir -p "$(dirname "$1")"
+        rm -f "$1.nimbus-new"
+        (umask 077 && cat "$scratch/new" > "$1.nimbus-new")
+        chmod "$2" "$1.nimbus-new"
         mv -f "$1.nimbus-new" "$1"
         log "wrote $1"
     fi
+    rm -f "$scratch/new"
 }
 
 # download FILE: fetches the package to FILE and checks its SHA-256; a mismatch stops the script.
