@@ -12,6 +12,7 @@ use nimbus_proto::admin_client::AdminClient;
 use nimbus_proto::*;
 use tonic::transport::{Channel, Endpoint};
 
+mod bootstrap_cmd;
 mod hardware;
 mod latency_view;
 mod policy_view;
@@ -132,6 +133,10 @@ enum Cmd {
         #[arg(long)]
         allow_disruptive: bool,
     },
+    /// Put the agent on new hosts: render cloud-init, Azure custom data, OpenNebula context, VMware guestinfo or
+    /// iPXE artefacts with a fresh join token.
+    #[command(subcommand)]
+    Bootstrap(BootstrapCmd),
     /// Local storage planned for nodes by their pool's storage profiles.
     #[command(subcommand)]
     Storage(StorageCmd),
@@ -161,6 +166,91 @@ enum Cmd {
         #[arg(long)]
         allow_disruptive: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum BootstrapCmd {
+    /// Mint a single-use join token for a new host and render what makes it install and enroll the agent at
+    /// first boot
+    ///
+    /// The token carries the enrollment labels of the environment's (and --pool's) match rules in the current
+    /// policy, so the host lands there. It is the only secret in the output: files holding it are written
+    /// 0600 (the rest 0644) into --out; hand them to the platform and delete them.
+    ///
+    ///   aws         user-data.yaml (#cloud-config): EC2 user data
+    ///   azure       custom-data.b64: the VM's custom data (64 KiB limit checked)
+    ///   opennebula  context.one: the template's CONTEXT section (START_SCRIPT_BASE64, or USER_DATA with
+    ///               --opennebula-cloud-init for cloud-init images)
+    ///   vmware      guestinfo.vmx / guestinfo.json: guestinfo.userdata and .metadata (base64)
+    ///   ipxe        boot.ipxe + seeds/<mac>/{meta-data,user-data}: one token per --host, bound to its MAC;
+    ///               those enrollments wait in `pending` until `nimbusctl node accept NAME`
+    ///
+    /// Example:
+    ///   nimbusctl bootstrap render --platform aws --env production \
+    ///     --package-url http://10.0.0.5:8080/nimbus-agent_0.1.0_amd64.deb --package-sha256 <hex> --out ./db-7
+    ///   nimbusctl bootstrap render --platform ipxe --env production --host 52:54:00:ab:cd:ef=metal-1 \
+    ///     --kernel-url https://boot/vmlinuz --initrd-url https://boot/initrd --seed-url https://boot/seeds \
+    ///     --package-url https://mirror/nimbus-agent.deb --package-sha256 <hex>
+    #[command(verbatim_doc_comment)]
+    Render {
+        #[arg(long, value_enum)]
+        platform: bootstrap_cmd::Platform,
+        /// The environment the host joins (its match labels go onto the token).
+        #[arg(long)]
+        env: String,
+        /// A pool that selects nodes by enrollment labels (those go onto the token too).
+        #[arg(long)]
+        pool: Option<String>,
+        /// The node name the agent asks for.
+        #[arg(long)]
+        node_name: Option<String>,
+        /// How long the token stays valid.
+        #[arg(long, default_value = "2h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Where the host downloads the agent package (the coordinator's package mirror or another one).
+        #[arg(long)]
+        package_url: String,
+        /// SHA-256 (hex) of the package; the host refuses a download that does not match.
+        #[arg(long)]
+        package_sha256: String,
+        /// deb, rpm or binary.
+        #[arg(long, default_value = "deb", value_parser = parse_package_kind)]
+        package_kind: bootstrap::PackageKind,
+        /// Output directory (created 0700).
+        #[arg(long, default_value = "nimbus-bootstrap")]
+        out: PathBuf,
+        /// iPXE: a machine allowed to boot into enrollment, MAC=NAME (repeat).
+        #[arg(long = "host", value_parser = parse_host)]
+        hosts: Vec<(String, String)>,
+        /// iPXE: the installer kernel.
+        #[arg(long)]
+        kernel_url: Option<String>,
+        /// iPXE: the installer initrd.
+        #[arg(long)]
+        initrd_url: Option<String>,
+        /// iPXE: where the NoCloud seeds (seeds/<mac>/) are served.
+        #[arg(long)]
+        seed_url: Option<String>,
+        /// OpenNebula: USER_DATA for images with cloud-init instead of START_SCRIPT_BASE64.
+        #[arg(long)]
+        opennebula_cloud_init: bool,
+    },
+}
+
+fn parse_package_kind(s: &str) -> Result<bootstrap::PackageKind, String> {
+    match s {
+        "deb" => Ok(bootstrap::PackageKind::Deb),
+        "rpm" => Ok(bootstrap::PackageKind::Rpm),
+        "binary" => Ok(bootstrap::PackageKind::Binary),
+        other => Err(format!("{other:?}: use deb, rpm or binary")),
+    }
+}
+
+fn parse_host(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(m, n)| (m.to_string(), n.to_string()))
+        .filter(|(m, n)| !m.is_empty() && !n.is_empty())
+        .ok_or_else(|| format!("{s:?}: write MAC=NAME, e.g. 52:54:00:ab:cd:ef=metal-1"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -960,6 +1050,58 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
                 "it was offline and will learn it when it next tries to connect"
             };
             println!("node {} revoked; {how}", n.name);
+        }
+        Cmd::Bootstrap(BootstrapCmd::Render {
+            platform,
+            env,
+            pool,
+            node_name,
+            ttl,
+            package_url,
+            package_sha256,
+            package_kind,
+            out,
+            hosts,
+            kernel_url,
+            initrd_url,
+            seed_url,
+            opennebula_cloud_init,
+        }) => {
+            let args = bootstrap_cmd::RenderArgs {
+                platform,
+                env,
+                pool,
+                node_name,
+                ttl,
+                package_url,
+                package_sha256,
+                package_kind,
+                out: out.clone(),
+                hosts,
+                kernel_url,
+                initrd_url,
+                seed_url,
+                opennebula_cloud_init,
+            };
+            let a = bootstrap_cmd::render(&mut c, &args).await?;
+            let files: Vec<String> = a.files.iter().map(|(n, _)| n.clone()).collect();
+            if json {
+                return print_json(&serde_json::json!({
+                    "out": out.display().to_string(), "files": files, "secret_files": a.secret_files, "notes": a.notes,
+                }));
+            }
+            println!("wrote {} file(s) to {}:", files.len(), out.display());
+            for f in &files {
+                let secret = if a.secret_files.contains(f) {
+                    "  (holds the join token, 0600)"
+                } else {
+                    ""
+                };
+                println!("  {f}{secret}");
+            }
+            for n in &a.notes {
+                println!("note: {n}");
+            }
         }
         Cmd::Storage(StorageCmd::Plan { node }) => {
             let n = c

@@ -17,7 +17,12 @@ struct Fake {
     applied: Arc<Mutex<Vec<ApplyPolicyRequest>>>,
     rollbacks: Arc<Mutex<Vec<RollbackPolicyRequest>>>,
     controls: Arc<Mutex<Vec<ControlRolloutRequest>>>,
+    tokens: Arc<Mutex<Vec<CreateTokenRequest>>>,
+    /// `get_policy` answers the example policy instead of a stub document.
+    example_policy: bool,
 }
+
+const TOKEN: &str = "nimbus1.abcdefghij.0123456789abcdefghijklmnopqrstuv";
 
 fn paused_rollout() -> RolloutStatus {
     RolloutStatus {
@@ -72,8 +77,15 @@ type R<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl Admin for Fake {
-    async fn create_token(&self, _: Request<CreateTokenRequest>) -> R<CreateTokenResponse> {
-        Err(Status::unimplemented("fake"))
+    async fn create_token(&self, req: Request<CreateTokenRequest>) -> R<CreateTokenResponse> {
+        self.tokens.lock().unwrap().push(req.into_inner());
+        Ok(Response::new(CreateTokenResponse {
+            token: TOKEN.into(),
+            token_id: "abcdefghij".into(),
+            ca_pin: format!("sha256:{}", "ab".repeat(32)),
+            expires_at_unix: 1_700_000_000,
+            enroll_endpoints: vec!["192.0.2.1:7443".into()],
+        }))
     }
     async fn list_tokens(&self, _: Request<ListTokensRequest>) -> R<ListTokensResponse> {
         Err(Status::unimplemented("fake"))
@@ -209,6 +221,13 @@ impl Admin for Fake {
         }))
     }
     async fn get_policy(&self, req: Request<GetPolicyRequest>) -> R<PolicyRevision> {
+        if self.example_policy {
+            return Ok(Response::new(PolicyRevision {
+                revision: 1,
+                yaml: EXAMPLE.into(),
+                ..Default::default()
+            }));
+        }
         match req.into_inner().revision {
             0 | 4 => Ok(Response::new(PolicyRevision {
                 revision: 4,
@@ -518,5 +537,118 @@ fn rollout_status_and_control() {
     assert_eq!(
         (sent[1].action.as_str(), sent[1].reason.as_str()),
         ("abort", "bad release")
+    );
+}
+
+#[test]
+fn bootstrap_render_mints_a_token_with_the_environment_labels_and_writes_private_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let fake = Fake {
+        example_policy: true,
+        ..Fake::default()
+    };
+    let (dir, socket) = serve(fake.clone());
+    let out_dir = dir.path().join("db-7");
+    let out_s = out_dir.display().to_string();
+    let sha = "cd".repeat(32);
+    let (code, stdout, stderr) = out(&ctl(
+        &socket,
+        &[
+            "bootstrap",
+            "render",
+            "--platform",
+            "aws",
+            "--env",
+            "production",
+            "--node-name",
+            "db-7",
+            "--package-url",
+            "http://192.0.2.1:8080/nimbus-agent.deb",
+            "--package-sha256",
+            &sha,
+            "--out",
+            &out_s,
+        ],
+        None,
+    ));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("user-data.yaml  (holds the join token, 0600)"),
+        "{stdout}"
+    );
+    let user_data = std::fs::read_to_string(out_dir.join("user-data.yaml")).unwrap();
+    assert!(user_data.starts_with("#cloud-config"), "{user_data}");
+    assert!(user_data.contains(TOKEN) && user_data.contains(&sha));
+    let mode = std::fs::metadata(out_dir.join("user-data.yaml"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let sent = fake.tokens.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].uses, 1, "single use");
+    let policy = policy::parse("p.yaml", EXAMPLE).unwrap();
+    let labels: std::collections::BTreeMap<String, String> = sent[0].labels.clone().into_iter().collect();
+    assert!(
+        policy.environment("production").unwrap().selector.matches(&labels),
+        "{labels:?}"
+    );
+
+    // iPXE: one token per host, bound to its MAC.
+    let (code, stdout, stderr) = out(&ctl(
+        &socket,
+        &[
+            "bootstrap",
+            "render",
+            "--platform",
+            "ipxe",
+            "--env",
+            "production",
+            "--host",
+            "52:54:00:AB:CD:EF=metal-1",
+            "--kernel-url",
+            "https://boot.example/vmlinuz",
+            "--initrd-url",
+            "https://boot.example/initrd",
+            "--seed-url",
+            "https://boot.example/seeds",
+            "--package-url",
+            "https://mirror.example/a.deb",
+            "--package-sha256",
+            &sha,
+            "--out",
+            &dir.path().join("metal").display().to_string(),
+        ],
+        None,
+    ));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let sent = fake.tokens.lock().unwrap().clone();
+    assert_eq!(sent.last().unwrap().bind_mac, "52:54:00:ab:cd:ef");
+    assert!(dir.path().join("metal/boot.ipxe").exists());
+
+    // An unknown environment is refused with the ones that exist.
+    let (code, _, stderr) = out(&ctl(
+        &socket,
+        &[
+            "bootstrap",
+            "render",
+            "--platform",
+            "aws",
+            "--env",
+            "moon",
+            "--package-url",
+            "http://x/a.deb",
+            "--package-sha256",
+            &sha,
+            "--out",
+            &out_s,
+        ],
+        None,
+    ));
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("no environment \"moon\"") && stderr.contains("production"),
+        "{stderr}"
     );
 }
