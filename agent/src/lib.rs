@@ -18,6 +18,7 @@
 //! * `desired`   — the desired state recorded in `desired.json` and acknowledged.
 //! * `join`      — kubelet join / reset with kubeadm (nimbus-kube).
 //! * `volumes`   — the storage plan applied with nimbus-storage; removal at decommission.
+//! * `install`   — `nimbus-agent bootstrap`: install the agent on a bare host, idempotently.
 //! * `drift`     — hand-made changes to what the agent manages, found and reverted on a timer.
 //! * `error`     — `AgentError` and the documented exit codes.
 
@@ -28,6 +29,7 @@ pub mod drift;
 pub mod enroll;
 pub mod error;
 pub mod identity;
+pub mod install;
 pub mod inventory;
 pub mod join;
 pub mod probes;

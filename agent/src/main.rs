@@ -32,6 +32,120 @@ struct Args {
     storage_dry_run: bool,
     #[command(flatten)]
     settings: Settings,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Install the agent on this host: the binary (/usr/local/bin), its configuration (/etc/nimbus/agent.toml),
+    /// the join token (/etc/nimbus/join-token, 0600, only while the host is not enrolled), the state directory,
+    /// a systemd unit and drop-in; then enable and start it when systemd runs the host, or print what remains.
+    /// Idempotent: a second run changes nothing.
+    ///
+    /// Example: nimbus-agent bootstrap --coordinator 192.0.2.1:7443 --ca-pin sha256:<hex> --token-file ./token
+    #[command(verbatim_doc_comment)]
+    Bootstrap {
+        /// Enrollment endpoint HOST:PORT (from `nimbusctl token create`).
+        #[arg(long)]
+        coordinator: String,
+        /// The coordinator CA's pin, sha256:<hex> (from `nimbusctl token create`).
+        #[arg(long)]
+        ca_pin: String,
+        /// The join token (prefer --token-file: a command line is visible to other users).
+        #[arg(long, conflicts_with = "token_file")]
+        token: Option<String>,
+        /// A file holding the join token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// The node name to ask for (default: the hostname).
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Install into this directory instead of / (image builds, tests); nothing is started then.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+}
+
+/// `nimbus-agent bootstrap`.
+fn bootstrap(cmd: Cmd) -> ExitCode {
+    let Cmd::Bootstrap {
+        coordinator,
+        ca_pin,
+        token,
+        token_file,
+        node_name,
+        root,
+    } = cmd;
+    let token = match (token, token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(f)) => match std::fs::read_to_string(&f) {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(e) => {
+                eprintln!("nimbus-agent: bootstrap: cannot read {}: {e}", f.display());
+                return ExitCode::from(agent::error::EXIT_USAGE);
+            }
+        },
+        (None, None) => None,
+    };
+    let binary = match std::env::current_exe() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("nimbus-agent: bootstrap: cannot find this program's path: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let spec = agent::install::InstallSpec {
+        root: root.clone(),
+        binary,
+        coordinator,
+        ca_pin,
+        token,
+        node_name,
+    };
+    let steps = match agent::install::install(&spec) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("nimbus-agent: bootstrap: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    let changed = steps.iter().filter(|s| s.changed).count();
+    for s in &steps {
+        println!("{} {}", if s.changed { "written:  " } else { "unchanged:" }, s.what);
+    }
+    if agent::install::systemd_manages(&root) {
+        for argv in agent::install::START_COMMANDS {
+            match std::process::Command::new(argv[0]).args(&argv[1..]).status() {
+                Ok(st) if st.success() => println!("ran:       {}", argv.join(" ")),
+                Ok(st) => {
+                    eprintln!("nimbus-agent: bootstrap: `{}` failed ({st})", argv.join(" "));
+                    return ExitCode::FAILURE;
+                }
+                Err(e) => {
+                    eprintln!("nimbus-agent: bootstrap: cannot run `{}`: {e}", argv.join(" "));
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        println!("the agent is starting; follow it with `journalctl -u nimbus-agent -f`");
+    } else {
+        println!(
+            "systemd does not run {} (or it is not /): to start the agent, run",
+            root.display()
+        );
+        for argv in agent::install::START_COMMANDS {
+            println!("  {}", argv.join(" "));
+        }
+        println!(
+            "(or start {} directly with NIMBUS_CONFIG=/etc/nimbus/agent.toml)",
+            bootstrap::spec::AGENT_BINARY_PATH
+        );
+    }
+    if changed == 0 {
+        println!("nothing changed");
+    }
+    ExitCode::SUCCESS
 }
 
 fn load(args: &Args) -> Result<Config, Vec<String>> {
@@ -79,6 +193,9 @@ fn storage_dry_run(cfg: &Config) -> ExitCode {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(cmd) = args.cmd {
+        return bootstrap(cmd);
+    }
     let cfg = match load(&args) {
         Ok(c) => c,
         Err(errs) => {

@@ -19,12 +19,28 @@ struct AgentConfig<'a> {
 
 /// `/etc/nimbus/agent.toml`: coordinator, CA pin, token file, state directory, node name. Holds no secret.
 pub(crate) fn agent_config(c: &Checked<'_>) -> Result<String, BootstrapError> {
+    agent_config_for(
+        &c.spec.coordinator,
+        &c.spec.ca_pin,
+        c.state_dir,
+        c.spec.node_name.as_deref(),
+    )
+}
+
+/// [`agent_config`] from plain values (also what `nimbus-agent bootstrap` writes on a host). The caller has
+/// validated them.
+pub fn agent_config_for(
+    coordinator: &str,
+    ca_pin: &str,
+    state_dir: &str,
+    node_name: Option<&str>,
+) -> Result<String, BootstrapError> {
     let body = toml::to_string(&AgentConfig {
-        coordinator: &c.spec.coordinator,
-        ca_pin: &c.spec.ca_pin,
+        coordinator,
+        ca_pin,
         token_file: TOKEN_FILE_PATH,
-        state_dir: c.state_dir,
-        node_name: c.spec.node_name.as_deref(),
+        state_dir,
+        node_name,
     })
     .map_err(|e| BootstrapError::render("the agent configuration", e))?;
     Ok(format!(
@@ -40,7 +56,7 @@ pub(crate) fn token_file(c: &Checked<'_>) -> String {
 }
 
 /// The drop-in every kind gets: it points the agent at the configuration whatever unit the package ships.
-pub(crate) fn dropin() -> String {
+pub fn dropin() -> String {
     format!(
         "# Written by nimbus-bootstrap: run nimbus-agent with the configuration it rendered.\n\
          [Service]\n\
@@ -49,7 +65,7 @@ pub(crate) fn dropin() -> String {
 }
 
 /// The unit for a bare-binary agent (packages ship their own, hardened one).
-pub(crate) fn binary_unit() -> String {
+pub fn binary_unit() -> String {
     format!(
         "# Written by nimbus-bootstrap for an agent installed as a bare binary.\n\
          [Unit]\n\

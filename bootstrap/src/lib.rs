@@ -30,7 +30,7 @@
 //! - `validate` (private): the syntax checks; `agent_files` (private): agent configuration TOML, systemd
 //!   unit and drop-in.
 
-mod agent_files;
+pub mod agent_files;
 pub mod azure;
 pub mod cloud_init;
 pub mod error;
