@@ -155,6 +155,21 @@ impl AdminService {
         }
     }
 
+    /// Node `name` as `GetNode` shows it.
+    async fn named_view(&self, name: String) -> Result<Node, Status> {
+        let shown = name.clone();
+        let found = self
+            .ctx
+            .state(move |s| nodes_with_place(s, s.node_by_name(&name)?.into_iter().collect()))
+            .await?;
+        match found.0.into_iter().next() {
+            Some((n, hw, info)) => Ok(self.full_view(n, hw, &info)),
+            None => Err(Status::not_found(format!(
+                "no node named `{shown}`; list nodes with `nimbusctl nodes`"
+            ))),
+        }
+    }
+
     /// The node view with its place, cluster sync and drift.
     fn full_view(&self, n: NodeRecord, hw: Option<HardwareRecord>, info: &PlaceInfo) -> Node {
         let mut v = self.node_view(n, hw);
@@ -466,22 +481,9 @@ impl Admin for AdminService {
         let node = self.ctx.state(move |s| s.accept_node(&lookup, &by)).await?;
         let key = key_from_id(&node.public_key)
             .ok_or_else(|| Status::internal("the node's stored public key is invalid; see the coordinator log"))?;
-        self.ctx
-            .tunnel
-            .add_peer(crate::enroll::peer_for(&node, key))
-            .map_err(|e| {
-                tracing::error!(error = %e, node = %node.name, "cannot add WireGuard peer");
-                Status::internal("cannot add the WireGuard peer; see the coordinator log")
-            })?;
+        crate::enroll::add_peer(&self.ctx, &node, key)?;
         crate::placement::reconcile(&self.ctx).await;
-        let found = self
-            .ctx
-            .state(move |s| nodes_with_place(s, s.node_by_name(&name)?.into_iter().collect()))
-            .await?;
-        match found.0.into_iter().next() {
-            Some((n, hw, info)) => Ok(Response::new(self.full_view(n, hw, &info))),
-            None => Err(Status::not_found("the node disappeared while being accepted")),
-        }
+        self.named_view(name).await.map(Response::new)
     }
 
     async fn list_tokens(&self, _req: Request<ListTokensRequest>) -> Result<Response<ListTokensResponse>, Status> {
@@ -514,18 +516,7 @@ impl Admin for AdminService {
     }
 
     async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
-        let name = req.into_inner().name;
-        let shown = name.clone();
-        let found = self
-            .ctx
-            .state(move |s| nodes_with_place(s, s.node_by_name(&name)?.into_iter().collect()))
-            .await?;
-        match found.0.into_iter().next() {
-            Some((n, hw, info)) => Ok(Response::new(self.full_view(n, hw, &info))),
-            None => Err(Status::not_found(format!(
-                "no node named `{shown}`; list nodes with `nimbusctl nodes`"
-            ))),
-        }
+        self.named_view(req.into_inner().name).await.map(Response::new)
     }
 
     async fn latency(&self, _req: Request<LatencyRequest>) -> Result<Response<LatencyMatrix>, Status> {

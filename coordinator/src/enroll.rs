@@ -34,6 +34,14 @@ pub fn peer_for(node: &NodeRecord, key: tunnel::PublicKey) -> tunnel::PeerConfig
     }
 }
 
+/// Makes `node` (key `key`) a WireGuard peer of the coordinator.
+pub(crate) fn add_peer(ctx: &Ctx, node: &NodeRecord, key: tunnel::PublicKey) -> Result<(), Status> {
+    ctx.tunnel.add_peer(peer_for(node, key)).map_err(|e| {
+        tracing::error!(error = %e, node = %node.name, "cannot add WireGuard peer");
+        Status::internal("cannot add the WireGuard peer; see the coordinator log")
+    })
+}
+
 #[tonic::async_trait]
 impl Enrollment for EnrollmentService {
     async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
@@ -69,10 +77,7 @@ impl Enrollment for EnrollmentService {
                 "node enrolled, pending: it gets no tunnel until `nimbusctl node accept {}`", node.name
             );
         } else {
-            self.ctx.tunnel.add_peer(peer_for(&node, key)).map_err(|e| {
-                tracing::error!(error = %e, node = %node.name, "cannot add WireGuard peer");
-                Status::internal("cannot add the WireGuard peer; see the coordinator log")
-            })?;
+            add_peer(&self.ctx, &node, key)?;
             tracing::info!(node_id = %node.id, node = %node.name, overlay_ip = %node.overlay_ip, remote = ?remote, "node enrolled");
         }
         self.ctx.metrics.enrollment(true);

@@ -536,6 +536,29 @@ impl State {
     /// revoked node returns its record unchanged.
     pub fn revoke_node(&self, name: &str, reason: &str, now: SystemTime) -> Result<NodeRecord, StateError> {
         check_text("revoke reason", reason, MAX_TEXT_LEN)?;
+        let node = self.change_node(name, |node, id, txn| {
+            if node.status == NodeStatus::Revoked {
+                return Ok(None);
+            }
+            node.status = NodeStatus::Revoked;
+            node.revoked_at = Some(unix(now));
+            node.revoke_reason = (!reason.is_empty()).then(|| reason.to_owned());
+            Ok(Some(
+                txn.put(keys::revoked_key(&node.public_key), id.as_bytes())
+                    .delete(keys::node_by_key(&node.public_key)),
+            ))
+        })?;
+        tracing::info!(node = %node.name, node_id = %node.id, reason, "node revoked");
+        Ok(node)
+    }
+
+    /// Reads node `name` and lets `change` edit it: `Ok(None)` leaves the record as it is (returned unchanged),
+    /// `Ok(Some(txn))` writes the edited record (plus whatever `change` added to `txn`) in one compare-and-swap
+    /// transaction, retried on conflict.
+    fn change_node<F>(&self, name: &str, mut change: F) -> Result<NodeRecord, StateError>
+    where
+        F: FnMut(&mut NodeRecord, &str, Txn) -> Result<Option<Txn>, StateError>,
+    {
         let not_found = || StateError::NotFound {
             what: "node",
             name: name.to_owned(),
@@ -544,19 +567,13 @@ impl State {
             let id = self.get_str(&keys::node_by_name(name))?.ok_or_else(not_found)?;
             let node_key = keys::node(&id);
             let (mut node, raw) = self.get_json::<NodeRecord>(&node_key)?.ok_or_else(not_found)?;
-            if node.status == NodeStatus::Revoked {
+            let Some(txn) = change(&mut node, &id, Txn::new())? else {
                 return Ok(node);
-            }
-            node.status = NodeStatus::Revoked;
-            node.revoked_at = Some(unix(now));
-            node.revoke_reason = (!reason.is_empty()).then(|| reason.to_owned());
-            let txn = Txn::new()
+            };
+            let txn = txn
                 .if_equals(node_key.clone(), raw)
-                .put(node_key.clone(), encode(&node_key, &node)?)
-                .put(keys::revoked_key(&node.public_key), id.as_bytes())
-                .delete(keys::node_by_key(&node.public_key));
+                .put(node_key.clone(), encode(&node_key, &node)?);
             if self.store.txn(txn)? {
-                tracing::info!(node = %node.name, node_id = %node.id, reason, "node revoked");
                 return Ok(node);
             }
         }
@@ -566,33 +583,22 @@ impl State {
     /// Admits a pending node (`nimbusctl node accept`): it becomes active (the caller adds its WireGuard peer).
     /// Accepting an active node returns it unchanged; a revoked one is an error.
     pub fn accept_node(&self, name: &str, by: &str) -> Result<NodeRecord, StateError> {
-        let not_found = || StateError::NotFound {
-            what: "node",
-            name: name.to_owned(),
-        };
-        for _ in 0..MAX_TXN_ATTEMPTS {
-            let id = self.get_str(&keys::node_by_name(name))?.ok_or_else(not_found)?;
-            let node_key = keys::node(&id);
-            let (mut node, raw) = self.get_json::<NodeRecord>(&node_key)?.ok_or_else(not_found)?;
-            match node.status {
-                NodeStatus::Active => return Ok(node),
-                NodeStatus::Revoked => {
-                    return Err(invalid(format!(
-                        "node {name} was revoked and cannot be accepted; enroll the host again with a new token"
-                    )));
-                }
-                NodeStatus::Pending => {}
+        let mut accepted = false;
+        let node = self.change_node(name, |node, _, txn| match node.status {
+            NodeStatus::Active => Ok(None),
+            NodeStatus::Revoked => Err(invalid(format!(
+                "node {name} was revoked and cannot be accepted; enroll the host again with a new token"
+            ))),
+            NodeStatus::Pending => {
+                node.status = NodeStatus::Active;
+                accepted = true;
+                Ok(Some(txn))
             }
-            node.status = NodeStatus::Active;
-            let txn = Txn::new()
-                .if_equals(node_key.clone(), raw)
-                .put(node_key.clone(), encode(&node_key, &node)?);
-            if self.store.txn(txn)? {
-                tracing::warn!(node = %node.name, node_id = %node.id, by, "pending node accepted");
-                return Ok(node);
-            }
+        })?;
+        if accepted {
+            tracing::warn!(node = %node.name, node_id = %node.id, by, "pending node accepted");
         }
-        Err(StateError::Conflict)
+        Ok(node)
     }
 
     /// Deletes a revoked node, freeing its name and overlay address. Its key stays in `revoked-keys/`.
