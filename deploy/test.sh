@@ -11,8 +11,9 @@ command -v cargo >/dev/null 2>&1 || {
 }
 # The tests lint deploy/*.sh with the shellcheck package; probe_auth captures a latency probe with tcpdump; the
 # storage tests partition, format and mount loop devices (sfdisk is in fdisk, mkfs.xfs in xfsprogs); the bootstrap
-# tests check rendered cloud-configs with `cloud-init schema`.
-./deploy/deps.sh shellcheck tcpdump fdisk xfsprogs e2fsprogs util-linux cloud-init
+# tests check rendered cloud-configs with `cloud-init schema`; the packaging test runs `systemd-analyze verify`
+# and `security` on the units.
+./deploy/deps.sh shellcheck tcpdump fdisk xfsprogs e2fsprogs util-linux cloud-init systemd
 # A clean run gains nothing from incremental caches; they doubled the size of target/.
 export CARGO_INCREMENTAL=0
 df -h . | sed 's/^/test.sh: disk: /'
