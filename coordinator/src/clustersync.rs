@@ -237,6 +237,14 @@ mod tests {
     /// node `broken` fails, `drifted` needs a label put back, the rest are in sync.
     type Call = (String, BTreeMap<String, String>, Vec<Taint>);
 
+    /// What the fake answers for calls the sync never makes (a test fails if one is made and checked).
+    fn not_used() -> KubeError {
+        KubeError::InvalidParams {
+            field: "call".into(),
+            reason: "the cluster sync does not make this call".into(),
+        }
+    }
+
     #[derive(Default)]
     struct FakeCluster {
         calls: Mutex<Vec<Call>>,
@@ -244,10 +252,10 @@ mod tests {
 
     impl Cluster for FakeCluster {
         async fn create_bootstrap_token(&self, _: &BootstrapToken, _: Duration, _: &str) -> Result<(), KubeError> {
-            unimplemented!("not used by the sync")
+            Err(not_used())
         }
         async fn delete_bootstrap_token(&self, _: &str) -> Result<(), KubeError> {
-            unimplemented!("not used by the sync")
+            Err(not_used())
         }
         async fn reconcile_node(
             &self,
@@ -269,13 +277,13 @@ mod tests {
             }
         }
         async fn cordon(&self, _: &str) -> Result<(), KubeError> {
-            unimplemented!("not used by the sync")
+            Err(not_used())
         }
         async fn drain(&self, _: &str, _: Duration) -> Result<DrainReport, KubeError> {
-            unimplemented!("not used by the sync")
+            Err(not_used())
         }
         async fn delete_node(&self, _: &str) -> Result<(), KubeError> {
-            unimplemented!("not used by the sync")
+            Err(not_used())
         }
     }
 
