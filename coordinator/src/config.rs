@@ -97,6 +97,13 @@ pub struct Settings {
     /// before it counts as failed and the rollout pauses. [default: 15m]
     #[arg(long, env = "NIMBUS_ROLLOUT_NODE_TIMEOUT")]
     pub rollout_node_timeout: Option<String>,
+    /// Directory of agent packages (and other files for new hosts, e.g. iPXE seeds) served by the package
+    /// mirror. Serving is off unless both this and --packages-listen are set.
+    #[arg(long, env = "NIMBUS_PACKAGES_DIR")]
+    pub packages_dir: Option<PathBuf>,
+    /// Package mirror HTTP listen address, e.g. 0.0.0.0:8080 (plain HTTP: hosts check each package's SHA-256).
+    #[arg(long, env = "NIMBUS_PACKAGES_LISTEN")]
+    pub packages_listen: Option<String>,
     /// Prometheus metrics (HTTP GET /metrics) listen address, or `off`. [default: 127.0.0.1:9464]
     #[arg(long, env = "NIMBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -139,6 +146,8 @@ pub struct Config {
     pub probe_key_rotation: Duration,
     pub cluster_sync_interval: Duration,
     pub rollout_node_timeout: Duration,
+    /// The package mirror: directory and listen address (both or neither).
+    pub packages: Option<(PathBuf, SocketAddr)>,
     pub log_format: String,
     pub log_level: String,
     pub tls: Option<TlsFiles>,
@@ -279,6 +288,17 @@ impl Config {
             DEFAULT_ROLLOUT_NODE_TIMEOUT,
             &mut errs,
         );
+        let packages = match (
+            o.packages_dir.or(file.packages_dir),
+            o.packages_listen.or(file.packages_listen),
+        ) {
+            (None, None) => None,
+            (Some(dir), Some(listen)) => parse_addr("packages_listen", &listen, &mut errs).map(|a| (dir, a)),
+            _ => {
+                errs.push("packages_dir and packages_listen go together (or neither, to serve no packages)".into());
+                None
+            }
+        };
         if cluster_sync_interval < Duration::from_secs(1) {
             errs.push(format!(
                 "cluster_sync_interval {cluster_sync_interval:?} is too short: use at least 1s (a minute in production)"
@@ -347,6 +367,7 @@ impl Config {
                     probe_key_rotation,
                     cluster_sync_interval,
                     rollout_node_timeout,
+                    packages,
                     log_format,
                     log_level,
                     tls,
@@ -366,7 +387,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             data_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, tun_name, mtu,
-            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, cluster_sync_interval, rollout_node_timeout, log_format, tls)
+            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, cluster_sync_interval, rollout_node_timeout, packages, log_format, tls)
     }
 }
 

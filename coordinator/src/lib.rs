@@ -25,6 +25,7 @@
 //! * `join`     — per-node bootstrap tokens for kubelet joins.
 //! * `clustersync` — node labels/taints kept in each environment's cluster through the Kubernetes API.
 //! * `decommission` — drain, reset, revoke, free IP and name.
+//! * `packages` — the package mirror: agent packages (and seeds) over HTTP for new hosts, content-addressed.
 //! * `metrics`  — Prometheus counters and the `GET /metrics` endpoint.
 //! * `error`    — `CoordError` and the one mapping to `tonic::Status`.
 
@@ -40,6 +41,7 @@ pub mod ipam;
 pub mod join;
 pub mod metrics;
 pub mod moves;
+pub mod packages;
 pub mod placement;
 pub mod probes;
 pub mod replication;

@@ -166,6 +166,26 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
             source,
         })?),
     };
+    if let Some((dir, _)) = &config.packages
+        && !dir.is_dir()
+    {
+        return Err(CoordError::Config(vec![format!(
+            "packages_dir {} is not a directory; create it and put the agent packages there",
+            dir.display()
+        )]));
+    }
+    let packages_listener = match &config.packages {
+        None => None,
+        Some((dir, addr)) => Some((
+            dir.clone(),
+            TcpListener::bind(addr).await.map_err(|source| CoordError::Listen {
+                what: "package mirror (HTTP)",
+                addr: addr.to_string(),
+                hint: listen_hint(&source),
+                source,
+            })?,
+        )),
+    };
     let admin_listener = bind_admin_socket(&config.admin_socket)?;
 
     let wg_key = tunnel::keys::load_or_create_secret(&config.data_dir.join("wg.key"))?;
@@ -277,6 +297,21 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         "admin"
     ));
 
+    if let Some((dir, l)) = packages_listener {
+        let rx = shutdown_rx.clone();
+        tracing::info!(dir = %dir.display(), addr = ?l.local_addr().ok(), "package mirror serving");
+        let mirror = Arc::new(crate::packages::Mirror::new(dir));
+        tasks.push(tokio::spawn(async move {
+            crate::packages::serve(l, mirror, rx)
+                .await
+                .map_err(|source| CoordError::Listen {
+                    what: "package mirror (HTTP)",
+                    addr: "accept".into(),
+                    hint: listen_hint(&source),
+                    source,
+                })
+        }));
+    }
     if let Some(l) = metrics_listener {
         let (ctx, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
         tasks.push(tokio::spawn(async move {
