@@ -21,5 +21,8 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The e2e tests start the real binaries from target/debug.
 cargo build --workspace --bins --locked
+# The .deb test packages that dev build with the pinned cargo-deb: install it (once, about 1.5 minutes) and
+# build the packages here, so the test itself only inspects and installs them.
+./packaging/build-deb.sh > /dev/null
 NIMBUS_REQUIRE_ROOT_TESTS=1 cargo test --workspace --locked
 df -h . | sed 's/^/test.sh: disk after the tests: /'
