@@ -786,27 +786,10 @@ fn lvm_and_raid0_on_real_devices_where_the_kernel_can() {
             wipe: vec![],
         }]);
         let (host, rec) = lab.recording_host();
-        let r = apply(&host, &p, &ApplyOptions::default());
-        let cleanup = || {
+        created_idempotent_removed(&host, &rec, &p, &mp, || {
             let _ = Proc::new("timeout").args(["30", "umount", &mp]).status();
             let _ = Proc::new("timeout").args(["60", "vgremove", "-y", &vg]).status();
-        };
-        let r = match r {
-            Ok(r) if r.problems().is_empty() => r,
-            other => {
-                cleanup();
-                panic!("{other:#?}");
-            }
-        };
-        assert_eq!(r.volumes[0].state, VolumeState::Created);
-        assert!(mounted(&mp).is_some());
-        rec.clear();
-        let again = apply(&host, &p, &ApplyOptions::default()).unwrap();
-        assert_eq!(again.volumes[0].state, VolumeState::AlreadyReady, "{again:#?}");
-        assert_only_probes(&rec);
-        let removed = remove(&host, &RemoveOptions::default()).unwrap();
-        assert_eq!(removed.volumes[0].state, VolumeState::Removed, "{removed:#?}");
-        cleanup();
+        });
     }
     if !k.md {
         println!("skipped: kernel has no md (RAID0 layout)");
@@ -828,30 +811,34 @@ fn lvm_and_raid0_on_real_devices_where_the_kernel_can() {
             wipe: vec![],
         }]);
         let (host, rec) = lab.recording_host();
-        let r = apply(&host, &p, &ApplyOptions::default());
-        let cleanup = || {
+        created_idempotent_removed(&host, &rec, &p, &mp, || {
             let _ = Proc::new("timeout").args(["30", "umount", &mp]).status();
             let _ = Proc::new("timeout")
                 .args(["60", "mdadm", "--stop", &format!("/dev/md/{name}")])
                 .status();
-        };
-        let r = match r {
-            Ok(r) if r.problems().is_empty() => r,
-            other => {
-                cleanup();
-                panic!("{other:#?}");
-            }
-        };
-        assert_eq!(r.volumes[0].state, VolumeState::Created);
-        assert!(mounted(&mp).is_some());
-        rec.clear();
-        let again = apply(&host, &p, &ApplyOptions::default()).unwrap();
-        assert_eq!(again.volumes[0].state, VolumeState::AlreadyReady, "{again:#?}");
-        assert_only_probes(&rec);
-        let removed = remove(&host, &RemoveOptions::default()).unwrap();
-        assert_eq!(removed.volumes[0].state, VolumeState::Removed, "{removed:#?}");
-        cleanup();
+        });
     }
+}
+
+/// Applies `p`: created and mounted at `mp`; applied again: nothing but probes run; removed. `cleanup` undoes
+/// what the layout leaves in the kernel (also when an assertion fails first).
+fn created_idempotent_removed(host: &Host, rec: &RecordingRunner, p: &StoragePlan, mp: &str, cleanup: impl Fn()) {
+    let r = match apply(host, p, &ApplyOptions::default()) {
+        Ok(r) if r.problems().is_empty() => r,
+        other => {
+            cleanup();
+            panic!("{other:#?}");
+        }
+    };
+    assert_eq!(r.volumes[0].state, VolumeState::Created);
+    assert!(mounted(mp).is_some());
+    rec.clear();
+    let again = apply(host, p, &ApplyOptions::default()).unwrap();
+    assert_eq!(again.volumes[0].state, VolumeState::AlreadyReady, "{again:#?}");
+    assert_only_probes(rec);
+    let removed = remove(host, &RemoveOptions::default()).unwrap();
+    assert_eq!(removed.volumes[0].state, VolumeState::Removed, "{removed:#?}");
+    cleanup();
 }
 
 #[test]
