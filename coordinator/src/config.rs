@@ -101,9 +101,31 @@ pub struct Settings {
     /// mirror. Serving is off unless both this and --packages-listen are set.
     #[arg(long, env = "NIMBUS_PACKAGES_DIR")]
     pub packages_dir: Option<PathBuf>,
-    /// Package mirror HTTP listen address, e.g. 0.0.0.0:8080 (plain HTTP: hosts check each package's SHA-256).
+    /// Package mirror listen address, e.g. 0.0.0.0:8080 (plain HTTP unless --packages-tls-cert is set: hosts
+    /// check each package's SHA-256 either way).
     #[arg(long, env = "NIMBUS_PACKAGES_LISTEN")]
     pub packages_listen: Option<String>,
+    /// Certificate chain (PEM) that turns the package mirror into HTTPS, e.g. for iPXE and bare-metal seeds
+    /// (iPXE must trust its CA). Goes with --packages-tls-key.
+    #[arg(long, env = "NIMBUS_PACKAGES_TLS_CERT")]
+    pub packages_tls_cert: Option<PathBuf>,
+    /// Private key (PEM, mode 0600) of --packages-tls-cert.
+    #[arg(long, env = "NIMBUS_PACKAGES_TLS_KEY")]
+    pub packages_tls_key: Option<PathBuf>,
+    /// etcd endpoints (https://host:2379, comma-separated) for a replicated store. Accepted in the file so
+    /// configurations can be written ahead, but this build runs on the sled store only and refuses to start
+    /// with it set.
+    #[arg(long, env = "NIMBUS_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// CA certificate (PEM) that signed the etcd servers' certificates.
+    #[arg(long, env = "NIMBUS_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long, env = "NIMBUS_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key (PEM, mode 0600) for etcd.
+    #[arg(long, env = "NIMBUS_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
     /// Prometheus metrics (HTTP GET /metrics) listen address, or `off`. [default: 127.0.0.1:9464]
     #[arg(long, env = "NIMBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -148,6 +170,8 @@ pub struct Config {
     pub rollout_node_timeout: Duration,
     /// The package mirror: directory and listen address (both or neither).
     pub packages: Option<(PathBuf, SocketAddr)>,
+    /// Certificate chain and key that make the package mirror HTTPS.
+    pub packages_tls: Option<(PathBuf, PathBuf)>,
     pub log_format: String,
     pub log_level: String,
     pub tls: Option<TlsFiles>,
@@ -299,6 +323,36 @@ impl Config {
                 None
             }
         };
+        let packages_tls = match (
+            o.packages_tls_cert.or(file.packages_tls_cert),
+            o.packages_tls_key.or(file.packages_tls_key),
+        ) {
+            (None, None) => None,
+            (Some(_), Some(_)) if packages.is_none() => {
+                errs.push("packages_tls_cert/packages_tls_key are set but the package mirror is off: set packages_dir and packages_listen too".into());
+                None
+            }
+            (Some(cert), Some(key)) => Some((cert, key)),
+            _ => {
+                errs.push("packages_tls_cert and packages_tls_key go together (or neither, for plain HTTP)".into());
+                None
+            }
+        };
+        let etcd_set = o.etcd_endpoints.or(file.etcd_endpoints).is_some_and(|e| !e.is_empty())
+            || [
+                o.etcd_ca.or(file.etcd_ca),
+                o.etcd_cert.or(file.etcd_cert),
+                o.etcd_key.or(file.etcd_key),
+            ]
+            .iter()
+            .any(Option::is_some);
+        if etcd_set {
+            errs.push(
+                "etcd_* is set, but this build keeps its state in the sled store in data_dir only (the etcd store for \
+                 several replicas is not in this release): remove the etcd_* keys and run one replica"
+                    .into(),
+            );
+        }
         if cluster_sync_interval < Duration::from_secs(1) {
             errs.push(format!(
                 "cluster_sync_interval {cluster_sync_interval:?} is too short: use at least 1s (a minute in production)"
@@ -368,6 +422,7 @@ impl Config {
                     cluster_sync_interval,
                     rollout_node_timeout,
                     packages,
+                    packages_tls,
                     log_format,
                     log_level,
                     tls,
@@ -387,7 +442,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             data_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, tun_name, mtu,
-            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, cluster_sync_interval, rollout_node_timeout, packages, log_format, tls)
+            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, cluster_sync_interval, rollout_node_timeout, packages, packages_tls, log_format, tls)
     }
 }
 
@@ -425,6 +480,46 @@ mod tests {
         let e = Config::resolve(Settings::default(), Settings::default()).unwrap_err();
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].contains("advertise_address"));
+    }
+
+    #[test]
+    fn etcd_keys_parse_but_are_refused_and_mirror_tls_needs_the_mirror() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.toml");
+        std::fs::write(
+            &path,
+            "advertise_address = \"192.0.2.1\"\netcd_endpoints = [\"https://etcd-0:2379\"]\n\
+             packages_tls_cert = \"/etc/nimbus/mirror.crt\"\n",
+        )
+        .unwrap();
+        let file: Settings = daemon::config::load_toml(&path).unwrap();
+        let e = Config::resolve(file, Settings::default()).unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e.iter().any(|m| m.contains("etcd_*") && m.contains("sled")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|m| m.contains("packages_tls_cert and packages_tls_key go together")),
+            "{e:?}"
+        );
+
+        let o = Settings {
+            advertise_address: Some("192.0.2.1".into()),
+            packages_tls_cert: Some("/c".into()),
+            packages_tls_key: Some("/k".into()),
+            ..Default::default()
+        };
+        let e = Config::resolve(Settings::default(), o.clone()).unwrap_err();
+        assert!(e[0].contains("the package mirror is off"), "{e:?}");
+        let c = Config::resolve(
+            Settings {
+                packages_dir: Some("/srv/p".into()),
+                packages_listen: Some("0.0.0.0:8443".into()),
+                ..Default::default()
+            },
+            o,
+        )
+        .unwrap();
+        assert_eq!(c.packages_tls, Some(("/c".into(), "/k".into())));
     }
 
     #[test]

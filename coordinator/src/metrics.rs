@@ -3,6 +3,10 @@
 //! the tunnel dropped and why, revocations, inventory changes), served as the
 //! Prometheus text format on `metrics_listen` (HTTP/1.1 `GET /metrics`).
 //!
+//! The same listener answers the probes of a supervisor (Kubernetes, a load balancer): `GET /healthz` is 200
+//! while the process serves HTTP at all (liveness), `GET /readyz` is 200 only when the store answers a read
+//! within [`READY_TIMEOUT`] and 503 otherwise (readiness). Neither carries fleet data.
+//!
 //! Event counters live in [`Metrics`] (cheap to clone, updated where things
 //! happen); levels (connected agents, nodes by state, WireGuard peers, tunnel
 //! drop counters) are read at scrape time into a [`Snapshot`], so nothing has
@@ -202,17 +206,46 @@ async fn snapshot(ctx: &Ctx) -> Snapshot {
     }
 }
 
+/// How long `/readyz` waits for the store to answer.
+pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether the store answers a read in time: (status, body) of `/readyz`.
+async fn readiness(ctx: &Ctx) -> (StatusCode, String) {
+    match tokio::time::timeout(READY_TIMEOUT, ctx.state(|s| s.list_nodes().map(|n| n.len()))).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n".into()),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the store failed a read: {}\n", e.message()),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the store did not answer within {READY_TIMEOUT:?}\n"),
+        ),
+    }
+}
+
 async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let reply = |status, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
         r
     };
-    if req.method() != Method::GET || req.uri().path() != "/metrics" {
-        return Ok(reply(
-            StatusCode::NOT_FOUND,
-            "only GET /metrics is served here\n".into(),
-        ));
+    if req.method() != Method::GET {
+        return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into()));
+    }
+    match req.uri().path() {
+        "/metrics" => {}
+        "/healthz" => return Ok(reply(StatusCode::OK, "ok\n".into())),
+        "/readyz" => {
+            let (status, body) = readiness(&ctx).await;
+            return Ok(reply(status, body));
+        }
+        _ => {
+            return Ok(reply(
+                StatusCode::NOT_FOUND,
+                "served here: GET /metrics, /healthz, /readyz\n".into(),
+            ));
+        }
     }
     let body = render(&ctx.metrics, &snapshot(&ctx).await);
     let mut r = reply(StatusCode::OK, body);

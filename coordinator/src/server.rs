@@ -174,12 +174,17 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
             dir.display()
         )]));
     }
+    // The mirror's certificate is checked now, so a bad one stops the start with a clear message.
+    let packages_tls = match &config.packages_tls {
+        None => None,
+        Some((cert, key)) => Some(pki::ServerIdentity::from_files(cert, key)?.rustls_server_config()?),
+    };
     let packages_listener = match &config.packages {
         None => None,
         Some((dir, addr)) => Some((
             dir.clone(),
             TcpListener::bind(addr).await.map_err(|source| CoordError::Listen {
-                what: "package mirror (HTTP)",
+                what: "package mirror",
                 addr: addr.to_string(),
                 hint: listen_hint(&source),
                 source,
@@ -299,13 +304,14 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
 
     if let Some((dir, l)) = packages_listener {
         let rx = shutdown_rx.clone();
-        tracing::info!(dir = %dir.display(), addr = ?l.local_addr().ok(), "package mirror serving");
+        let scheme = if packages_tls.is_some() { "https" } else { "http" };
+        tracing::info!(dir = %dir.display(), addr = ?l.local_addr().ok(), scheme, "package mirror serving");
         let mirror = Arc::new(crate::packages::Mirror::new(dir));
         tasks.push(tokio::spawn(async move {
-            crate::packages::serve(l, mirror, rx)
+            crate::packages::serve(l, mirror, packages_tls, rx)
                 .await
                 .map_err(|source| CoordError::Listen {
-                    what: "package mirror (HTTP)",
+                    what: "package mirror",
                     addr: "accept".into(),
                     hint: listen_hint(&source),
                     source,

@@ -228,7 +228,9 @@ enum BootstrapCmd {
         /// iPXE: the installer initrd.
         #[arg(long)]
         initrd_url: Option<String>,
-        /// iPXE: where the NoCloud seeds (seeds/<mac>/) are served.
+        /// iPXE: where the NoCloud seeds (seeds/<mac>/) are served. The coordinator's package mirror serves
+        /// them at https://HOST:PORT/seeds once the output's seeds/ is copied into its packages_dir (use
+        /// https: the user-data carries the join token; see packages_tls_cert).
         #[arg(long)]
         seed_url: Option<String>,
         /// OpenNebula: USER_DATA for images with cloud-init instead of START_SCRIPT_BASE64.

@@ -277,6 +277,26 @@ impl ServerIdentity {
         })
     }
 
+    /// A rustls server configuration for this identity (ring provider, TLS 1.2 and 1.3, no client
+    /// certificates, HTTP/1.1 only), for plain HTTPS listeners such as the package mirror.
+    pub fn rustls_server_config(&self) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+        let chain = self.cert_chain()?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|err| PkiError::BadPem {
+            what: "server private key".into(),
+            reason: format!("no PEM private key found ({err}); provide a PKCS#8, PKCS#1 or SEC1 PEM key"),
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+            .map_err(|err| PkiError::BadPem {
+                what: "server certificate and key".into(),
+                reason: format!("rustls refused them ({err}); provide a certificate chain and its own key"),
+            })?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// The pin of the last certificate in the chain (the CA, for chains built as documented).
     pub fn ca_pin(&self) -> Result<Pin, PkiError> {
         let chain = self.cert_chain()?;
