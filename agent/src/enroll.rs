@@ -97,9 +97,12 @@ fn status_err(addr: &str, s: tonic::Status) -> AgentError {
         Code::InvalidArgument if s.message().contains("malformed join token") => {
             AgentError::MalformedToken(s.message().to_string())
         }
-        Code::Unauthenticated | Code::PermissionDenied | Code::InvalidArgument | Code::ResourceExhausted => {
-            AgentError::Refused(s.message().to_string())
-        }
+        // FailedPrecondition: e.g. this agent's version is outside what the coordinator serves.
+        Code::Unauthenticated
+        | Code::PermissionDenied
+        | Code::InvalidArgument
+        | Code::ResourceExhausted
+        | Code::FailedPrecondition => AgentError::Refused(s.message().to_string()),
         Code::Unavailable | Code::DeadlineExceeded => AgentError::Unreachable {
             addr: addr.into(),
             detail: s.message().to_string(),

@@ -49,6 +49,12 @@ impl Enrollment for EnrollmentService {
         let r = req.into_inner();
         let key = tunnel::keys::public_key_from_bytes(&r.wg_public_key)
             .map_err(|_| Status::invalid_argument("wg_public_key must be a 32-byte X25519 public key"))?;
+        // Before the token is looked at: a refused version uses none of its uses.
+        if let Err(status) = crate::check_agent_skew(&r.agent_version) {
+            self.ctx.metrics.enrollment(false);
+            tracing::warn!(remote = ?remote, reason = %status.message(), "enrollment refused: agent version");
+            return Err(status);
+        }
         let input = EnrollInput {
             public_key_b64url: key_id(&key),
             hostname: r.hostname,

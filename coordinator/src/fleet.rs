@@ -93,6 +93,11 @@ impl Fleet for FleetService {
                 "node id does not match the WireGuard peer of this connection",
             ));
         }
+        if let Err(status) = crate::check_agent_skew(&hello.agent_version) {
+            tracing::warn!(node = %node.name, reason = %status.message(), "fleet stream refused: agent version");
+            self.ctx.metrics.fleet_streams_refused.inc();
+            return Err(status);
+        }
         let (tx, rx) = mpsc::channel(PUSH_QUEUE);
         let welcome = CoordinatorMessage {
             msg: Some(CoordMsg::Welcome(Welcome {

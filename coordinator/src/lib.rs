@@ -58,3 +58,11 @@ pub use server::{Running, run, start};
 
 /// Version reported by the binaries.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Refuses, as FAILED_PRECONDITION with the rule and what to do, an agent version this coordinator does not
+/// serve (its own minor version and the one before: [`nimbus_proto::skew`]).
+pub fn check_agent_skew(agent_version: &str) -> Result<(), tonic::Status> {
+    let ours = semver::Version::parse(VERSION)
+        .map_err(|e| tonic::Status::internal(format!("this coordinator's own version {VERSION:?} is invalid: {e}")))?;
+    nimbus_proto::skew::check(&ours, agent_version).map_err(|e| tonic::Status::failed_precondition(e.to_string()))
+}
