@@ -14,6 +14,10 @@ command -v cargo >/dev/null 2>&1 || {
 # tests check rendered cloud-configs with `cloud-init schema`; the packaging test runs `systemd-analyze verify`
 # and `security` on the units.
 ./deploy/deps.sh shellcheck tcpdump fdisk xfsprogs e2fsprogs util-linux cloud-init systemd
+# The helm chart test renders with Helm's Go SDK (PyPI helm-python-sdk, pinned) from a venv: create it once.
+# Two lines on purpose: `export VAR=$(...)` would hide a failed install from `set -e`.
+NIMBUS_HELM_PYTHON="$(./deploy/helm/install-renderer.sh)"
+export NIMBUS_HELM_PYTHON
 # A clean run gains nothing from incremental caches; they doubled the size of target/.
 export CARGO_INCREMENTAL=0
 df -h . | sed 's/^/test.sh: disk: /'
