@@ -142,7 +142,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
                 source,
             })?;
             (
-                pki::ServerIdentity::from_files(&files.cert, &files.key)?,
+                pki::ServerIdentity::from_files(&files.cert, &files.key)?.with_ca(&ca_pem)?,
                 pki::Pin::of_pem(&ca_pem)?,
             )
         }

@@ -264,6 +264,21 @@ impl ServerIdentity {
         })
     }
 
+    /// Makes sure the served chain contains the CA `ca_pem` (whose pin agents check): appended when no
+    /// certificate of the chain has its pin. Some issuers put only the leaf and intermediates in the chain
+    /// file and the root in a separate `ca.crt`; agents would then refuse a chain without their pinned CA.
+    pub fn with_ca(mut self, ca_pem: &str) -> Result<Self, PkiError> {
+        let pin = Pin::of_pem(ca_pem)?;
+        if self.cert_chain()?.iter().any(|der| Pin::of_der(der) == pin) {
+            return Ok(self);
+        }
+        if !self.cert_chain_pem.ends_with('\n') {
+            self.cert_chain_pem.push('\n');
+        }
+        self.cert_chain_pem.push_str(ca_pem);
+        Ok(self)
+    }
+
     /// The identity for `tonic::transport::ServerTlsConfig::identity`.
     pub fn tonic_identity(&self) -> tonic::transport::Identity {
         tonic::transport::Identity::from_pem(&self.cert_chain_pem, &self.key_pem)
@@ -536,6 +551,28 @@ mod tests {
         let missing = tmp.path().join("nope.crt");
         let err = ServerIdentity::from_files(&missing, &key).unwrap_err();
         assert!(err.to_string().contains("nope.crt"), "{err}");
+
+        // A chain file with the leaf only gets the CA appended, once.
+        let leaf_only = ServerIdentity {
+            cert_chain_pem: id
+                .cert_chain_pem
+                .split_inclusive("-----END CERTIFICATE-----\n")
+                .next()
+                .unwrap()
+                .into(),
+            key_pem: id.key_pem.clone(),
+        };
+        assert_eq!(leaf_only.cert_chain().unwrap().len(), 1);
+        let completed = leaf_only.with_ca(&ca.cert_pem()).unwrap();
+        assert_eq!(completed.cert_chain().unwrap().len(), 2);
+        assert_eq!(completed.ca_pin().unwrap(), ca.pin());
+        let again = completed.with_ca(&ca.cert_pem()).unwrap();
+        assert_eq!(
+            again.cert_chain().unwrap().len(),
+            2,
+            "already there: not appended twice"
+        );
+        again.rustls_server_config().unwrap();
     }
 
     #[test]
