@@ -46,6 +46,7 @@ pub mod placement;
 pub mod probes;
 pub mod replication;
 pub mod rollout;
+pub mod schema;
 pub mod server;
 pub mod sessions;
 pub mod state;

@@ -39,7 +39,8 @@ pub(crate) const LIVE: &[u8] = b"placement/current";
 const REVISIONS: &str = "policy/rev/";
 const DESIRED: &str = "desired/";
 const OBSERVED: &str = "observed/";
-pub(crate) const ROLLOUT: &[u8] = b"rollout/policy";
+/// The running rollout (policy change or agent upgrade; one at a time). Schema 1 kept it at `rollout/policy`.
+pub(crate) const ROLLOUT: &[u8] = b"rollout/current";
 /// Largest policy document accepted.
 pub const MAX_POLICY_BYTES: usize = 1 << 20;
 
@@ -140,6 +141,9 @@ impl ObservedRecord {
 /// A running rollout of disruptive changes.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct RolloutRecord {
+    /// What the rollout changes.
+    #[serde(default)]
+    pub kind: RolloutKind,
     pub revision: u64,
     pub rollout: waves::Rollout,
     /// New desired states (and places) of target nodes whose wave has not started yet.
@@ -151,6 +155,15 @@ pub struct RolloutRecord {
     /// desired state stays in `staged` until the drain is done (`crate::moves`).
     #[serde(default)]
     pub draining: BTreeMap<String, String>,
+}
+
+/// What a rollout changes on its nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RolloutKind {
+    /// A disruptive fleet-policy change (revision `RolloutRecord::revision`).
+    #[default]
+    Policy,
 }
 
 /// An apply (or rollback) request, already authenticated.
@@ -522,6 +535,7 @@ impl State {
                 let rollout =
                     waves::Rollout::new(targets, limits).map_err(|e| invalid(format!("cannot plan the waves: {e}")))?;
                 let mut rec = RolloutRecord {
+                    kind: RolloutKind::Policy,
                     revision,
                     rollout,
                     staged,

@@ -80,10 +80,10 @@ pub enum StateError {
     #[error("stored record {key} is corrupt: {reason}; restore the data directory from a backup")]
     Corrupt { key: String, reason: String },
     #[error(
-        "the data directory holds state schema {found:?}, this coordinator understands \"1\"; \
-         run a matching nimbus-coordinator version or choose another --data-dir"
+        "the state store has schema {found}, written by a newer nimbus-coordinator; this one understands schemas up \
+         to {supported} and will not touch it: run the newer coordinator (or restore a backup taken before it ran)"
     )]
-    UnsupportedSchema { found: String },
+    UnsupportedSchema { found: String, supported: u32 },
 }
 
 /// Lifecycle of a node.
@@ -240,32 +240,15 @@ impl State {
         State { store, overlay }
     }
 
-    /// Wraps `store`, writing `meta/schema` on a fresh store and refusing a store of another schema.
+    /// Wraps `store`, bringing its layout to the current schema first (written into a fresh store, migrated
+    /// forward from an older one, refused when newer: [`crate::schema`]).
     /// Logs a warning when allocated addresses fall outside `overlay` (the CIDR was changed).
     pub fn open(store: Arc<dyn Store>, overlay: OverlayPlan) -> Result<Self, StateError> {
         let state = State::new(store, overlay);
-        for _ in 0..MAX_TXN_ATTEMPTS {
-            match state.store.get(keys::SCHEMA)? {
-                Some(v) if v == keys::SCHEMA_VERSION => {
-                    state.warn_outside_overlay()?;
-                    return Ok(state);
-                }
-                Some(v) => {
-                    return Err(StateError::UnsupportedSchema {
-                        found: String::from_utf8_lossy(&v).into_owned(),
-                    });
-                }
-                None => {
-                    let txn = Txn::new()
-                        .if_absent(keys::SCHEMA)
-                        .put(keys::SCHEMA, keys::SCHEMA_VERSION);
-                    if state.store.txn(txn)? {
-                        return Ok(state);
-                    }
-                }
-            }
+        if crate::schema::ensure_current(state.store.as_ref())?.is_some() {
+            state.warn_outside_overlay()?;
         }
-        Err(StateError::Conflict)
+        Ok(state)
     }
 
     /// The store (for the typed repositories in sibling modules, e.g. `crate::placement`).
@@ -1576,12 +1559,14 @@ mod tests {
         let plan = OverlayPlan::new("10.9.0.0/24".parse().unwrap()).unwrap();
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
         State::open(store.clone(), plan).unwrap();
-        assert_eq!(store.get(keys::SCHEMA).unwrap().as_deref(), Some(keys::SCHEMA_VERSION));
+        let current = crate::schema::CURRENT.to_string();
+        assert_eq!(store.get(keys::SCHEMA).unwrap().as_deref(), Some(current.as_bytes()));
         State::open(store.clone(), plan).unwrap();
-        assert!(store.txn(Txn::new().put(keys::SCHEMA, "2")).unwrap());
+        let newer = (crate::schema::CURRENT + 1).to_string();
+        assert!(store.txn(Txn::new().put(keys::SCHEMA, newer.clone())).unwrap());
         let err = State::open(store, plan).unwrap_err();
         assert!(
-            matches!(&err, StateError::UnsupportedSchema { found } if found == "2"),
+            matches!(&err, StateError::UnsupportedSchema { found, .. } if *found == newer),
             "{err:?}"
         );
     }

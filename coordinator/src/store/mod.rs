@@ -8,7 +8,7 @@
 //!
 //! | key                              | value                                            |
 //! |----------------------------------|--------------------------------------------------|
-//! | `meta/schema`                    | `"1"`: layout version                            |
+//! | `meta/schema`                    | layout version, e.g. `"2"` (see `crate::schema`) |
 //! | `nodes/<node id>`                | `NodeRecord` JSON                                |
 //! | `node-by-key/<wg pubkey b64url>` | node id, for active nodes only                   |
 //! | `node-by-name/<name>`            | node id                                          |
@@ -160,9 +160,8 @@ pub trait Store: Send + Sync + 'static {
 pub mod keys {
     use std::net::Ipv4Addr;
 
+    /// The layout version: `crate::schema::CURRENT`, as decimal text.
     pub const SCHEMA: &[u8] = b"meta/schema";
-    /// Current value of [`SCHEMA`].
-    pub const SCHEMA_VERSION: &[u8] = b"1";
     pub const NODES: &str = "nodes/";
     pub const NODE_BY_KEY: &str = "node-by-key/";
     pub const NODE_BY_NAME: &str = "node-by-name/";
