@@ -263,6 +263,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
+    pki::install_crypto_provider();
     let tls = tonic::transport::ServerTlsConfig::new().identity(identity.tonic_identity());
     let enroll_srv = tonic::transport::Server::builder()
         .tls_config(tls)

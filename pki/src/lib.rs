@@ -15,8 +15,9 @@
 //! - [`error`]: [`PkiError`] and [`classify`], which finds a `PkiError` inside tonic/hyper error
 //!   chains so callers can tell a pin mismatch from an unreachable coordinator.
 //!
-//! Invariants: no process-wide rustls `CryptoProvider` is installed or required (the ring provider is
-//! passed explicitly); private keys never appear in `Debug` output or logs.
+//! Invariants: everything here passes the ring provider explicitly; only tonic's server TLS needs the
+//! process-wide one, which [`install_crypto_provider`] sets (the coordinator calls it before serving). Private
+//! keys never appear in `Debug` output or logs.
 
 pub mod ca;
 pub mod client;
@@ -27,6 +28,13 @@ pub use ca::{CertificateAuthority, ServerIdentity};
 pub use client::{ConnectFailures, client_config, connect_pinned, connect_pinned_tracked, tls_connect};
 pub use error::{PkiError, classify};
 pub use pin::Pin;
+
+/// Makes ring the process-wide rustls provider, for code that builds rustls configurations without naming one
+/// (tonic's `ServerTlsConfig`). Needed because the build also carries aws-lc-rs (through `tough`): with two
+/// providers compiled in, rustls cannot pick one by itself and panics. Idempotent; call it at startup.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
 
 /// DNS name always present in server certificates; agents verify the coordinator against this name,
 /// whatever address they dialled.

@@ -237,7 +237,10 @@ async fn tonic_server(
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let router = Server::builder()
-        .tls_config(ServerTlsConfig::new().identity(id.tonic_identity()))
+        .tls_config({
+            pki::install_crypto_provider();
+            ServerTlsConfig::new().identity(id.tonic_identity())
+        })
         .unwrap()
         .add_service(Ping);
     let handle = tokio::spawn(async move {
