@@ -122,6 +122,7 @@ mod tests {
             }),
             policy_revision: 3,
             join: None,
+            agent: None,
         }
     }
 

@@ -62,6 +62,7 @@ pub fn check(state_dir: &Path, kubeadm: &Kubeadm, last: &DesiredState) -> Option
         kubelet_server: String::new(),
         drift_corrected: corrected,
         storage: Vec::new(),
+        ..Default::default()
     })
 }
 

@@ -7,13 +7,23 @@
 //! | 10 | this node was revoked | `RestartPreventExitStatus=10` |
 //! | 64 | bad usage or configuration, malformed join token | also prevented |
 //! | 69 | coordinator unreachable during enrollment | restarted |
+//! | 75 | restart into the new current version (exited after staging and activating an upgrade) | the launcher restarts it at once |
 //! | 77 | enrollment refused (token expired/used up/unknown, CA pin mismatch) | also prevented |
+//!
+//! Under `nimbus-agent launch` (the unit's `ExecStart`) the launcher ends with the agent's code, or by the
+//! signal that killed it, so the table above is what systemd sees. Exceptions: 75 after ready starts the new
+//! current version instead; a *pending* version that exits (any code) or is killed before READY=1, or misses
+//! the deadline, is a failed start, retried and after `--max-failures` rolled back. The launcher's own
+//! failures: 1 (cannot wait for the agent, or cannot start the package binary); if it cannot create its notify
+//! socket or signalfd it replaces itself with the agent (same PID, no rollback protection).
 
 use std::path::PathBuf;
 
 pub const EXIT_REVOKED: u8 = 10;
 pub const EXIT_USAGE: u8 = 64;
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// `EX_TEMPFAIL`: "restart me"; the launcher starts the (new) current version at once.
+pub const EXIT_RESTART: u8 = 75;
 pub const EXIT_REFUSED: u8 = 77;
 
 #[derive(Debug, thiserror::Error)]

@@ -223,6 +223,7 @@ async fn run(kubeadm: &Kubeadm, state_dir: &Path, job: Job) -> ObservedState {
         },
         drift_corrected: Vec::new(),
         storage: Vec::new(),
+        ..Default::default()
     }
 }
 

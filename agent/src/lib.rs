@@ -20,6 +20,10 @@
 //! * `volumes`   — the storage plan applied with nimbus-storage; removal at decommission.
 //! * `install`   — `nimbus-agent bootstrap`: install the agent on a bare host, idempotently.
 //! * `drift`     — hand-made changes to what the agent manages, found and reverted on a timer.
+//! * `versions`  — staged agent versions (`versions/<v>/`, the `current` link, `upgrade.json`): stage,
+//!   activate, confirm, roll back, clean up; every step crash-safe.
+//! * `launcher`  — `nimbus-agent launch`, the unit's main process: starts the resolved version, relays its
+//!   sd_notify messages, forwards signals, rolls back a new version that does not become ready.
 //! * `error`     — `AgentError` and the documented exit codes.
 
 pub mod backoff;
@@ -32,9 +36,11 @@ pub mod identity;
 pub mod install;
 pub mod inventory;
 pub mod join;
+pub mod launcher;
 pub mod probes;
 pub mod run;
 pub mod uevent;
+pub mod versions;
 pub mod volumes;
 
 pub use config::Config;

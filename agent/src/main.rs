@@ -19,7 +19,8 @@ use daemon::signals::{Signal, Signals};
 ///
 /// Exit codes: 0 stopped, 1 runtime failure, 10 node revoked,
 /// 64 bad configuration or malformed token, 69 coordinator unreachable while
-/// enrolling, 77 enrollment refused (token expired/used up/unknown, CA pin mismatch).
+/// enrolling, 75 restart into the new version (under `launch`),
+/// 77 enrollment refused (token expired/used up/unknown, CA pin mismatch).
 #[derive(Parser, Debug)]
 #[command(name = "nimbus-agent", version, about, long_about, verbatim_doc_comment)]
 struct Args {
@@ -65,6 +66,49 @@ enum Cmd {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+    /// Run the agent under the upgrade launcher (the systemd unit's ExecStart): start the version the
+    /// `current` link in --state-dir names (else this program) with ARGS, relay its sd_notify messages,
+    /// forward SIGTERM/SIGINT/SIGHUP, and roll back a new version that is not ready in time.
+    ///
+    /// Example: nimbus-agent launch -- --config /etc/nimbus/agent.toml
+    #[command(verbatim_doc_comment)]
+    Launch(LaunchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct LaunchArgs {
+    /// A new version must send READY=1 within this time, or its start counts as failed.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    deadline: std::time::Duration,
+    /// Failed starts of a new version before it is rolled back to the previous one.
+    #[arg(long, default_value_t = agent::launcher::DEFAULT_MAX_FAILURES, value_parser = clap::value_parser!(u32).range(1..))]
+    max_failures: u32,
+    /// Pause between failed starts of a new version.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    retry_delay: std::time::Duration,
+    /// State directory holding versions/, the `current` link and upgrade.json.
+    #[arg(long, env = "NIMBUS_STATE_DIR", default_value = agent::versions::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// The binary started when no staged version is usable. [default: this program]
+    #[arg(long)]
+    package_binary: Option<PathBuf>,
+    /// The agent's arguments.
+    #[arg(last = true)]
+    args: Vec<std::ffi::OsString>,
+}
+
+/// `nimbus-agent launch`. Runs before anything starts a thread (the launcher blocks signals).
+fn launch(a: LaunchArgs) -> ExitCode {
+    daemon::logging::init(daemon::logging::LogFormat::Text, "info");
+    let package = a.package_binary.unwrap_or_else(agent::launcher::package_binary);
+    let opts = agent::launcher::LaunchOptions {
+        state_dir: a.state_dir,
+        deadline: a.deadline,
+        max_failures: a.max_failures,
+        retry_delay: a.retry_delay,
+        ..agent::launcher::LaunchOptions::new(package, a.args)
+    };
+    agent::launcher::main(&opts)
 }
 
 /// `nimbus-agent bootstrap`.
@@ -76,7 +120,11 @@ fn bootstrap(cmd: Cmd) -> ExitCode {
         token_file,
         node_name,
         root,
-    } = cmd;
+    } = cmd
+    else {
+        // main dispatches only Bootstrap here.
+        return ExitCode::FAILURE;
+    };
     let token = match (token, token_file) {
         (Some(t), _) => Some(t),
         (None, Some(f)) => match std::fs::read_to_string(&f) {
@@ -193,8 +241,10 @@ fn storage_dry_run(cfg: &Config) -> ExitCode {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(cmd) = args.cmd {
-        return bootstrap(cmd);
+    match args.cmd {
+        Some(Cmd::Launch(a)) => return launch(a),
+        Some(cmd) => return bootstrap(cmd),
+        None => {}
     }
     let cfg = match load(&args) {
         Ok(c) => c,

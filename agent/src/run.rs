@@ -375,7 +375,9 @@ async fn session(
         Err(_) => return Err(failed(false, "no Welcome within 10 s")),
     };
     tracing::info!(node = %id.node_name, "fleet stream open");
-    events.connected(id);
+    // `connected` (READY=1) waits for the first heartbeat answer: the coordinator handles the stream's messages
+    // in order, so by then it has taken Hello and the first inventory report. The launcher counts READY as healthy.
+    let mut announced = false;
     // The last desired state, without its join instruction: what the drift check restores.
     let mut last_desired = nimbus_proto::DesiredState::default();
     match client.get_desired_state(DesiredStateRequest {}).await {
@@ -443,7 +445,13 @@ async fn session(
             }
             m = inbound.message() => match m {
                 Ok(Some(m)) => match m.msg {
-                    Some(CoordMsg::HeartbeatAck(_)) => last_ack = Instant::now(),
+                    Some(CoordMsg::HeartbeatAck(_)) => {
+                        last_ack = Instant::now();
+                        if !announced {
+                            announced = true;
+                            events.connected(id);
+                        }
+                    }
                     Some(CoordMsg::Revoked(r)) => {
                         tracing::error!(reason = %r.reason, "the coordinator revoked this node");
                         return Err(SessionError::Revoked(r.reason));

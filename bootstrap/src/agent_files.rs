@@ -76,7 +76,10 @@ pub fn binary_unit() -> String {
          \n\
          [Service]\n\
          Type=notify\n\
-         ExecStart={AGENT_BINARY_PATH}\n\
+         # The launcher starts the current (self-upgraded) version and rolls a failing one back by itself.\n\
+         ExecStart={AGENT_BINARY_PATH} launch\n\
+         RuntimeDirectory=nimbus-agent\n\
+         RuntimeDirectoryMode=0700\n\
          # The agent reports ready once enrolled; a bare-metal enrollment can wait for `nimbusctl node accept`.\n\
          TimeoutStartSec=infinity\n\
          Restart=on-failure\n\

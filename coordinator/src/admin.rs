@@ -437,6 +437,33 @@ fn check_label(k: &str, v: &str) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn install_release_repository(
+        &self,
+        req: Request<nimbus_proto::InstallReleaseRepositoryRequest>,
+    ) -> Result<Response<nimbus_proto::ReleaseList>, Status> {
+        let by = caller(&req);
+        crate::releases::install_rpc(&self.ctx, &by, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn add_release(
+        &self,
+        req: Request<tonic::Streaming<nimbus_proto::AddReleaseChunk>>,
+    ) -> Result<Response<nimbus_proto::ReleaseList>, Status> {
+        let by = caller(&req);
+        crate::releases::add_rpc(&self.ctx, &by, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_releases(
+        &self,
+        _req: Request<nimbus_proto::ListReleasesRequest>,
+    ) -> Result<Response<nimbus_proto::ReleaseList>, Status> {
+        crate::releases::list_rpc(&self.ctx).await.map(Response::new)
+    }
+
     async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<CreateTokenResponse>, Status> {
         let r = req.into_inner();
         let ttl = Duration::from_secs(r.ttl_secs);

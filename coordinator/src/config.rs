@@ -18,6 +18,8 @@ pub const DEFAULT_WG_LISTEN: &str = "0.0.0.0:51820";
 pub const DEFAULT_OVERLAY_CIDR: &str = "100.96.0.0/16";
 /// Default Fleet service TCP port (on the overlay address, inside the tunnel only).
 pub const DEFAULT_FLEET_PORT: u16 = 7000;
+/// Default port of the agent-release repository on the overlay address (tunnel only).
+pub const DEFAULT_RELEASE_PORT: u16 = 7001;
 /// Default overlay MTU: 1500 underlay minus 80 bytes of WireGuard/UDP/IPv6 overhead.
 pub const DEFAULT_MTU: u16 = 1420;
 pub const DEFAULT_TUN_NAME: &str = "nimbus0";
@@ -64,6 +66,10 @@ pub struct Settings {
     /// Fleet service TCP port on the overlay address (tunnel only). [default: 7000]
     #[arg(long, env = "NIMBUS_FLEET_PORT")]
     pub fleet_port: Option<u16>,
+    /// Port of the agent-release repository (TUF metadata and artefacts) on the overlay address, tunnel only.
+    /// [default: 7001]
+    #[arg(long, env = "NIMBUS_RELEASE_PORT")]
+    pub release_port: Option<u16>,
     /// TUN device name. [default: nimbus0]
     #[arg(long, env = "NIMBUS_TUN_NAME")]
     pub tun_name: Option<String>,
@@ -156,6 +162,7 @@ pub struct Config {
     pub advertise_address: IpAddr,
     pub overlay_cidr: Ipv4Net,
     pub fleet_port: u16,
+    pub release_port: u16,
     pub tun_name: String,
     pub mtu: u16,
     pub admin_socket: PathBuf,
@@ -248,6 +255,12 @@ impl Config {
         let fleet_port = o.fleet_port.or(file.fleet_port).unwrap_or(DEFAULT_FLEET_PORT);
         if fleet_port == 0 {
             errs.push("fleet_port must not be 0".into());
+        }
+        let release_port = o.release_port.or(file.release_port).unwrap_or(DEFAULT_RELEASE_PORT);
+        if release_port == 0 || release_port == fleet_port {
+            errs.push(format!(
+                "release_port {release_port} must be a port of its own (not 0, not fleet_port {fleet_port}); default {DEFAULT_RELEASE_PORT}"
+            ));
         }
         let tun_name = o.tun_name.or(file.tun_name).unwrap_or_else(|| DEFAULT_TUN_NAME.into());
         if tun_name.is_empty()
@@ -410,6 +423,7 @@ impl Config {
                     advertise_address,
                     overlay_cidr,
                     fleet_port,
+                    release_port,
                     tun_name,
                     mtu,
                     admin_socket,
@@ -441,7 +455,7 @@ impl daemon::reload::Reloadable for Config {
     /// Everything but `log_level` takes effect at restart.
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
-            data_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, tun_name, mtu,
+            data_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, release_port, tun_name, mtu,
             admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, cluster_sync_interval, rollout_node_timeout, packages, packages_tls, log_format, tls)
     }
 }

@@ -44,6 +44,7 @@ pub mod moves;
 pub mod packages;
 pub mod placement;
 pub mod probes;
+pub mod releases;
 pub mod replication;
 pub mod rollout;
 pub mod schema;

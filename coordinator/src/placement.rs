@@ -649,6 +649,7 @@ pub fn desired_message(d: &DesiredRecord, labels: &BTreeMap<String, String>) -> 
         placement: d.assignment.as_ref().map(placement_message),
         policy_revision: d.policy_revision,
         join: None,
+        agent: None,
     }
 }
 

@@ -226,6 +226,22 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         }
     };
 
+    // The agent-release repository: on the overlay address, bound to the TUN device like the fleet listener.
+    let release_addr = SocketAddr::new(IpAddr::V4(coordinator_ip), config.release_port);
+    let release_listener = match bind_to_device(release_addr, tunnel.device_name()) {
+        Ok(l) => l,
+        Err(source) => {
+            let _ = std::fs::remove_file(&config.admin_socket);
+            tunnel.shutdown().await;
+            return Err(CoordError::Listen {
+                what: "agent releases (overlay)",
+                addr: release_addr.to_string(),
+                hint: listen_hint(&source),
+                source,
+            });
+        }
+    };
+
     let config_probe = (config.probe_interval, config.probe_window, config.probe_key_rotation);
     let ctx = Arc::new(Ctx {
         config,
@@ -364,6 +380,37 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         tasks.push(tokio::spawn(async move {
             crate::moves::run(c, rx).await;
             Ok(())
+        }));
+    }
+    {
+        let releases = crate::releases::Releases::new(&ctx.config.data_dir);
+        let server = Arc::new(release::RepoServer::new(releases.repo_dir()));
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.changed().await;
+            };
+            release::serve::serve(release_listener, server, stop)
+                .await
+                .map_err(|source| CoordError::Listen {
+                    what: "agent releases (overlay)",
+                    addr: "accept".into(),
+                    hint: listen_hint(&source),
+                    source,
+                })
+        }));
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            // At start (the coordinator may have been down past the timestamp's expiry), then periodically.
+            loop {
+                if let Err(e) = releases.refresh().await {
+                    tracing::error!(error = %e, "cannot re-sign the release timestamp; agents refuse expired metadata");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(crate::releases::REFRESH_EVERY) => {}
+                    _ = rx.changed() => return Ok(()),
+                }
+            }
         }));
     }
     tasks.push(tokio::spawn(flush_last_seen(Arc::clone(&ctx), shutdown_rx)));

@@ -16,6 +16,7 @@ mod bootstrap_cmd;
 mod hardware;
 mod latency_view;
 mod policy_view;
+mod release_cmd;
 mod rollout_view;
 mod storage_view;
 
@@ -143,6 +144,16 @@ enum Cmd {
     /// Rollouts of disruptive changes (apply --allow-disruptive): status, pause, resume, abort.
     #[command(subcommand)]
     Rollout(RolloutCmd),
+    /// Signed agent releases (TUF): create the repository and its keys, hand it to the coordinator, publish
+    /// agent builds, list them.
+    ///
+    /// Example:
+    ///   nimbusctl release init --root-key /media/usb/nimbus-root.pem --out ./releases
+    ///   nimbusctl release install ./releases && rm -r ./releases/keys
+    ///   nimbusctl release add ./nimbus-agent --version 0.2.0
+    ///   nimbusctl release list
+    #[command(subcommand, verbatim_doc_comment)]
+    Release(ReleaseCmd),
     /// Re-apply an earlier policy revision, stored as a new revision (history is never rewritten)
     ///
     /// Printed like `apply` (or like `diff` with --dry-run). The same rule holds for disruptive changes:
@@ -385,6 +396,45 @@ enum TokenCmd {
     List,
     /// Revoke a token by id so it can no longer be used.
     Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReleaseCmd {
+    /// Make a new release repository on this machine (no coordinator needed): the root key (created if missing,
+    /// kept offline afterwards), the online keys (OUT/keys) and root.json v1 with the first signed metadata
+    /// (OUT/repo). Agents pin OUT/repo/metadata/1.root.json.
+    Init {
+        /// The root key: created when missing. Keep it offline; it is needed again only to rotate keys.
+        #[arg(long)]
+        root_key: PathBuf,
+        /// Directory for the repository and the online keys (must not hold a repository yet).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Give the coordinator the repository made by `init` and its online keys (delete OUT/keys afterwards).
+    Install {
+        /// The directory `init` wrote.
+        dir: PathBuf,
+        /// Replace an installed repository (agents that pinned its root refuse the new one).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Publish an agent build: uploaded in chunks, checked against its SHA-256 and signed into the repository.
+    Add {
+        /// The artefact (an agent binary, or a .deb/.rpm).
+        file: PathBuf,
+        /// Its semantic version, e.g. 0.2.0.
+        #[arg(long)]
+        version: String,
+        /// binary, deb or rpm.
+        #[arg(long, default_value = "binary")]
+        kind: String,
+        /// The architecture it runs on.
+        #[arg(long, default_value = std::env::consts::ARCH)]
+        arch: String,
+    },
+    /// What is published, the root agents pin, and when the signed timestamp expires.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -676,6 +726,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     if let Cmd::Policy(PolicyCmd::Validate { file }) = &cli.cmd {
         return validate(file, json);
     }
+    if let Cmd::Release(ReleaseCmd::Init { root_key, out }) = &cli.cmd {
+        println!("{}", release_cmd::init(root_key, out).await?);
+        return Ok(ExitCode::SUCCESS);
+    }
     // Read the file before connecting, so a typo in -f is reported even without a coordinator.
     let file = match &cli.cmd {
         Cmd::Diff { file, .. } | Cmd::Apply { file, .. } => Some(read_policy(file)?),
@@ -803,6 +857,27 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<()> {
     let json = output == Output::Json;
     match cmd {
+        Cmd::Release(rc) => {
+            let list = match rc {
+                ReleaseCmd::Init { .. } => bail!("release init runs without a coordinator"),
+                ReleaseCmd::Install { dir, replace } => release_cmd::install(&mut c, &dir, replace).await?,
+                ReleaseCmd::Add {
+                    file,
+                    version,
+                    kind,
+                    arch,
+                } => release_cmd::add(&mut c, &file, &version, &kind, &arch).await?,
+                ReleaseCmd::List => c
+                    .list_releases(nimbus_proto::ListReleasesRequest {})
+                    .await?
+                    .into_inner(),
+            };
+            if json {
+                print_json(&release_cmd::list_json(&list))?;
+            } else {
+                print!("{}", release_cmd::list_text(&list));
+            }
+        }
         Cmd::Token(TokenCmd::Create {
             ttl,
             uses,

@@ -99,6 +99,21 @@ impl Admin for Fake {
     async fn accept_node(&self, _: Request<AcceptNodeRequest>) -> R<Node> {
         Err(Status::unimplemented("fake"))
     }
+    async fn install_release_repository(
+        &self,
+        _: Request<nimbus_proto::InstallReleaseRepositoryRequest>,
+    ) -> R<nimbus_proto::ReleaseList> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn add_release(
+        &self,
+        _: Request<tonic::Streaming<nimbus_proto::AddReleaseChunk>>,
+    ) -> R<nimbus_proto::ReleaseList> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list_releases(&self, _: Request<nimbus_proto::ListReleasesRequest>) -> R<nimbus_proto::ReleaseList> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn get_rollout(&self, _: Request<GetRolloutRequest>) -> R<RolloutStatus> {
         Ok(Response::new(paused_rollout()))
     }

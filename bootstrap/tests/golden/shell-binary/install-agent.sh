@@ -88,7 +88,10 @@ After=network-online.target
 
 [Service]
 Type=notify
-ExecStart=/usr/local/bin/nimbus-agent
+# The launcher starts the current (self-upgraded) version and rolls a failing one back by itself.
+ExecStart=/usr/local/bin/nimbus-agent launch
+RuntimeDirectory=nimbus-agent
+RuntimeDirectoryMode=0700
 # The agent reports ready once enrolled; a bare-metal enrollment can wait for `nimbusctl node accept`.
 TimeoutStartSec=infinity
 Restart=on-failure
