@@ -96,4 +96,4 @@ pub mod rollout;
 
 pub use error::WaveError;
 pub use model::{Action, Counts, Event, Limits, NodeState, NodeStatus, Phase, Status, Target};
-pub use rollout::Rollout;
+pub use rollout::{CANARY_PAUSE, Rollout};

@@ -42,6 +42,12 @@ pub struct Limits {
     /// On [`Event::Abort`], emit [`Action::Rollback`] for every node that was applied but is not
     /// healthy (applying, waiting for health, or failed). Default `false`.
     pub rollback_on_abort: bool,
+    /// Size of the first disruptive wave (the canary); 0 means no canary (the first wave is as large as the
+    /// other limits allow). Default 0.
+    pub canary: u32,
+    /// Pause once the canary wave has settled, so an operator checks it before the rest go out
+    /// ([`Event::Resume`] continues). Only meaningful with `canary > 0`. Default `false`.
+    pub pause_after_canary: bool,
 }
 
 impl Default for Limits {
@@ -53,6 +59,8 @@ impl Default for Limits {
             max_failures: 0,
             wave_size: None,
             rollback_on_abort: false,
+            canary: 0,
+            pause_after_canary: false,
         }
     }
 }

@@ -14,6 +14,8 @@ pub const OPERATOR_PAUSE: &str = "paused by operator";
 pub const OPERATOR_ABORT: &str = "aborted by operator";
 /// Failure reason recorded for a node after [`Event::TimedOut`].
 pub const TIMED_OUT: &str = "timed out";
+/// Reason carried by [`Action::Paused`] when the canary wave settled and `pause_after_canary` is set.
+pub const CANARY_PAUSE: &str = "the canary wave settled: check it, then resume";
 
 /// One node inside the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -327,6 +329,10 @@ impl Rollout {
             && !self.nodes.iter().any(|e| e.wave == Some(wave) && e.state.in_flight())
         {
             out.push(Action::WaveFinished { wave });
+            let canary = wave == 1 && self.limits.canary > 0 && self.limits.pause_after_canary;
+            if canary && self.phase == Phase::Running && !self.all_settled() {
+                self.pause(CANARY_PAUSE.to_owned(), out);
+            }
         }
     }
 
@@ -361,7 +367,10 @@ impl Rollout {
                 *per_zone.entry(zone.as_str()).or_default() += 1;
             }
         }
-        let cap = self.limits.wave_size.map_or(usize::MAX, |n| n as usize);
+        let mut cap = self.limits.wave_size.map_or(usize::MAX, |n| n as usize);
+        if self.current_wave == 0 && self.limits.canary > 0 {
+            cap = cap.min(self.limits.canary as usize);
+        }
         let mut picked = Vec::new();
         for (i, e) in self.nodes.iter().enumerate() {
             if picked.len() >= cap {

@@ -43,6 +43,7 @@ fn limits() -> impl Strategy<Value = Limits> {
             max_failures: failures,
             wave_size,
             rollback_on_abort: rollback,
+            ..Limits::default()
         })
 }
 

@@ -67,6 +67,64 @@ fn zone_limit_spans_pools_and_skips_nodes_without_a_zone() {
 }
 
 #[test]
+fn the_canary_goes_first_alone_and_can_pause_the_rest() {
+    let targets: Vec<Target> = (1..=5).map(|i| disruptive(&format!("n{i}"), "p", None)).collect();
+    let limits = Limits {
+        default_max_unavailable: 2,
+        canary: 1,
+        ..Limits::default()
+    };
+    assert_eq!(
+        waves_of(targets.clone(), limits.clone()),
+        vec![w(1, &["n1"]), w(2, &["n2", "n3"]), w(3, &["n4", "n5"])]
+    );
+
+    let mut r = Rollout::new(
+        targets,
+        Limits {
+            pause_after_canary: true,
+            ..limits
+        },
+    )
+    .unwrap();
+    r.handle(Event::Started);
+    r.handle(Event::NodeDone { node: "n1".into() });
+    let actions = r.handle(Event::NodeHealthy { node: "n1".into() });
+    assert!(
+        actions.contains(&Action::Paused {
+            reason: waves::CANARY_PAUSE.into()
+        }),
+        "{actions:?}"
+    );
+    assert!(!actions.iter().any(|a| matches!(a, Action::Apply { .. })), "{actions:?}");
+    assert_eq!(r.phase(), Phase::Paused);
+    let actions = r.handle(Event::Resume);
+    assert!(
+        actions.contains(&Action::WaveStarted {
+            wave: 2,
+            nodes: vec!["n2".into(), "n3".into()]
+        }),
+        "{actions:?}"
+    );
+    // A failed canary pauses (max_failures 0) and nothing else goes out.
+    let mut r = Rollout::new(
+        (1..=3).map(|i| disruptive(&format!("n{i}"), "p", None)).collect(),
+        Limits {
+            canary: 1,
+            ..Limits::default()
+        },
+    )
+    .unwrap();
+    r.handle(Event::Started);
+    let actions = r.handle(Event::NodeFailed {
+        node: "n1".into(),
+        reason: "exited 1".into(),
+    });
+    assert_eq!(r.phase(), Phase::Paused, "{actions:?}");
+    assert!(!actions.iter().any(|a| matches!(a, Action::Apply { .. })), "{actions:?}");
+}
+
+#[test]
 fn wave_size_caps_each_wave() {
     let targets = (1..=5).map(|i| disruptive(&format!("n{i}"), "p", None)).collect();
     let limits = Limits {
