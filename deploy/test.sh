@@ -12,8 +12,8 @@ command -v cargo >/dev/null 2>&1 || {
 # The tests lint deploy/*.sh with the shellcheck package; probe_auth captures a latency probe with tcpdump; the
 # storage tests partition, format and mount loop devices (sfdisk is in fdisk, mkfs.xfs in xfsprogs); the bootstrap
 # tests check rendered cloud-configs with `cloud-init schema`; the packaging test runs `systemd-analyze verify`
-# and `security` on the units.
-./deploy/deps.sh shellcheck tcpdump fdisk xfsprogs e2fsprogs util-linux cloud-init systemd
+# and `security` on the units; the .rpm test inspects and installs the packages with Debian's rpm.
+./deploy/deps.sh shellcheck tcpdump fdisk xfsprogs e2fsprogs util-linux cloud-init systemd rpm
 # The helm chart test renders with Helm's Go SDK (PyPI helm-python-sdk, pinned) from a venv: create it once.
 # Two lines on purpose: `export VAR=$(...)` would hide a failed install from `set -e`.
 NIMBUS_HELM_PYTHON="$(./deploy/helm/install-renderer.sh)"
@@ -28,5 +28,7 @@ cargo build --workspace --bins --locked
 # The .deb test packages that dev build with the pinned cargo-deb: install it (once, about 1.5 minutes) and
 # build the packages here, so the test itself only inspects and installs them.
 ./packaging/build-deb.sh > /dev/null
+# The same for the .rpm packages with the pinned cargo-generate-rpm (installed once, about 4.5 minutes).
+./packaging/build-rpm.sh > /dev/null
 NIMBUS_REQUIRE_ROOT_TESTS=1 cargo test --workspace --locked
 df -h . | sed 's/^/test.sh: disk after the tests: /'

@@ -20,6 +20,8 @@
 //!   join-token command.
 //! - [`kube_api`]: [`kube_api::KubeApiStandIn`] — the Kubernetes API TEST STAND-IN process (not a Kubernetes
 //!   API server) and its control client, for tests of what the coordinator does in a cluster.
+//! - [`packages`]: helpers of the `.deb`/`.rpm` tests — commands that must succeed within a timeout, skip-or-fail
+//!   prerequisites, a minimal `/etc` for throwaway roots, snapshots of host files that must not change.
 //! - [`delay`]: [`DelayLab`] — zones of hosts joined through a userspace delay router (TUN + policy routing,
 //!   per-zone-pair delay, per-host loss; the `nimbus-delay-router` binary), for kernels without `netem`.
 //!
@@ -37,6 +39,7 @@ pub mod kube_api;
 pub mod kubeadm;
 pub mod lab;
 pub mod netns;
+pub mod packages;
 pub mod process;
 pub mod state;
 pub mod topology;

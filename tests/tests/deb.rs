@@ -12,56 +12,24 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use e2e::env::{REQUIRE_ROOT_ENV, workspace_dir};
-
-const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
-const TIMEOUT: Duration = Duration::from_secs(120);
-const AGENT: &str = "nimbus-agent";
-const COORDINATOR: &str = "nimbus-coordinator";
-const SERVICE_USER: &str = "nimbus-coordinator";
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn both(out: &Output) -> String {
-    format!("{}{}", text(&out.stdout), text(&out.stderr))
-}
-
-/// Runs `cmd` with a timeout, without our `NIMBUS_*` variables, and asserts success.
-fn run_ok(cmd: &mut Command, timeout: Duration) -> Output {
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("NIMBUS_") {
-            cmd.env_remove(key);
-        }
-    }
-    let what = format!("{cmd:?}");
-    let out = e2e::run_with_timeout(cmd, timeout).unwrap();
-    assert!(out.status.success(), "{what} failed ({}):\n{}", out.status, both(&out));
-    out
-}
+use e2e::env::workspace_dir;
+use e2e::packages::{
+    AGENT, BUILD_TIMEOUT, COORDINATOR, SERVICE_USER, TIMEOUT, both, build_packages, host_snapshot, id_in, minimal_etc,
+    missing_tool, mode_of, on_path, prerequisites_met, run, run_ok, succeeds, text,
+};
 
 /// `None` when everything this test needs is here; otherwise why not.
 fn missing_prerequisite() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return Some("needs root (the maintainer scripts chown files and edit the root's passwd)".into());
     }
-    for tool in ["dpkg", "dpkg-deb", "dpkg-statoverride", "systemd-sysusers", "userdel"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-        {
-            return Some(format!(
-                "{tool} is not on PATH (Debian: apt-get install dpkg systemd passwd)"
-            ));
-        }
+    let tools = ["dpkg", "dpkg-deb", "dpkg-statoverride", "systemd-sysusers", "userdel"];
+    if let Some(problem) = missing_tool(&tools, "Debian: apt-get install dpkg systemd passwd") {
+        return Some(problem);
     }
-    let cargo_deb = Command::new("cargo").args(["deb", "--version"]).output();
-    if !cargo_deb.is_ok_and(|o| o.status.success()) {
+    if !succeeds("cargo", &["deb", "--version"]) {
         return Some(
             "cargo-deb is not installed (cargo install --locked cargo-deb, or run packaging/build-deb.sh)".into(),
         );
@@ -71,15 +39,7 @@ fn missing_prerequisite() -> Option<String> {
 
 /// `true` when the test can run; else skips with a reason, or panics under `NIMBUS_REQUIRE_ROOT_TESTS=1`.
 fn prerequisites() -> bool {
-    let test = std::thread::current().name().unwrap_or("this test").to_string();
-    let Some(problem) = missing_prerequisite() else {
-        return true;
-    };
-    if std::env::var(REQUIRE_ROOT_ENV).is_ok_and(|v| v.trim() == "1") {
-        panic!("{test}: {problem} ({REQUIRE_ROOT_ENV}=1 is set)");
-    }
-    eprintln!("SKIPPED {test}: {problem} (set {REQUIRE_ROOT_ENV}=1 to make this a failure)");
-    false
+    prerequisites_met(missing_prerequisite())
 }
 
 fn scripts() -> Vec<PathBuf> {
@@ -136,8 +96,8 @@ fn scripts_are_posix_and_shellcheck_clean() {
             );
         }
     }
-    if Command::new("shellcheck").arg("--version").output().is_ok() {
-        let out = Command::new("shellcheck").args(scripts()).output().unwrap();
+    if on_path("shellcheck") {
+        let out = run(Command::new("shellcheck").args(scripts()), TIMEOUT);
         assert!(out.status.success(), "shellcheck:\n{}", both(&out));
     } else {
         eprintln!("shellcheck is not installed: lint skipped (apt-get install shellcheck)");
@@ -240,8 +200,8 @@ fn inspect_coordinator(deb: &Path) {
 }
 
 /// What the host must still look like afterwards (files the scripts could have touched by mistake).
-fn host_snapshot() -> Vec<(PathBuf, Option<Vec<u8>>)> {
-    let mut paths: Vec<PathBuf> = [
+fn host_files() -> e2e::packages::Snapshot {
+    host_snapshot(&[
         "/etc/passwd",
         "/etc/group",
         "/etc/shadow",
@@ -254,22 +214,7 @@ fn host_snapshot() -> Vec<(PathBuf, Option<Vec<u8>>)> {
         "/etc/systemd/system/multi-user.target.wants/nimbus-coordinator.service",
         "/var/lib/systemd/deb-systemd-helper-enabled/nimbus-agent.service.dsh-also",
         "/var/lib/systemd/deb-systemd-helper-enabled/nimbus-coordinator.service.dsh-also",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .collect();
-    paths.sort();
-    paths
-        .into_iter()
-        .map(|p| {
-            let state = match std::fs::symlink_metadata(&p) {
-                Ok(m) if m.is_file() => std::fs::read(&p).ok(),
-                Ok(_) => Some(b"<exists>".to_vec()),
-                Err(_) => None,
-            };
-            (p, state)
-        })
-        .collect()
+    ])
 }
 
 /// An empty dpkg database under `root`, plus a minimal passwd/group for the scripts to extend.
@@ -286,12 +231,7 @@ fn make_root(root: &Path) {
     }
     std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
     std::fs::write(root.join("var/lib/dpkg/available"), "").unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
-    std::fs::write(root.join("etc/shadow"), "root:*:19000:0:99999:7:::\n").unwrap();
-    std::fs::write(root.join("etc/gshadow"), "root:*::\n").unwrap();
-    std::fs::set_permissions(root.join("etc/shadow"), std::fs::Permissions::from_mode(0o640)).unwrap();
-    std::fs::set_permissions(root.join("etc/gshadow"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    minimal_etc(root);
 }
 
 fn dpkg(root: &Path, args: &[&str]) -> Output {
@@ -305,34 +245,17 @@ fn dpkg(root: &Path, args: &[&str]) -> Output {
 }
 
 fn status(root: &Path, pkg: &str) -> String {
-    let out = Command::new("dpkg-query")
-        .arg(format!("--admindir={}", root.join("var/lib/dpkg").display()))
-        .args(["--show", "--showformat=${Status}", pkg])
-        .output()
-        .unwrap();
+    let out = run(
+        Command::new("dpkg-query")
+            .arg(format!("--admindir={}", root.join("var/lib/dpkg").display()))
+            .args(["--show", "--showformat=${Status}", pkg]),
+        TIMEOUT,
+    );
     text(&out.stdout).trim().to_string()
 }
 
-/// uid (passwd) or gid (group) of `name` in the root.
-fn id_in(root: &Path, file: &str, name: &str) -> Option<u32> {
-    std::fs::read_to_string(root.join("etc").join(file))
-        .unwrap()
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f.first() == Some(&name))
-        .and_then(|f| f.get(2)?.parse().ok())
-}
-
-fn mode_of(path: &Path) -> u32 {
-    std::fs::metadata(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .permissions()
-        .mode()
-        & 0o7777
-}
-
 fn lintian(debs: &[PathBuf]) {
-    if Command::new("lintian").arg("--version").output().is_err() {
+    if !on_path("lintian") {
         eprintln!("lintian is not installed: skipped (apt-get install lintian)");
         return;
     }
@@ -354,22 +277,8 @@ fn debs_build_install_remove_and_purge_in_a_throwaway_root() {
     let started = Instant::now();
 
     // 1. Build (from target/debug; the binaries come from `cargo build --workspace --bins`).
-    let out = run_ok(
-        &mut Command::new(workspace_dir().join("packaging/build-deb.sh")),
-        BUILD_TIMEOUT,
-    );
-    let debs: Vec<PathBuf> = text(&out.stdout)
-        .lines()
-        .filter(|l| l.ends_with(".deb"))
-        .map(|l| workspace_dir().join(l))
-        .collect();
-    let find = |pkg: &str| -> PathBuf {
-        debs.iter()
-            .find(|d| d.file_name().unwrap().to_string_lossy().starts_with(&format!("{pkg}_")))
-            .unwrap_or_else(|| panic!("build-deb.sh printed no {pkg} package:\n{}", both(&out)))
-            .clone()
-    };
-    let (agent, coordinator) = (find(AGENT), find(COORDINATOR));
+    let built = build_packages("build-deb.sh", '_');
+    let (agent, coordinator) = (built.agent, built.coordinator);
     eprintln!(
         "built {} and {} in {:?}",
         agent.display(),
@@ -382,7 +291,7 @@ fn debs_build_install_remove_and_purge_in_a_throwaway_root() {
     inspect_coordinator(&coordinator);
 
     // 3. Install into a throwaway root.
-    let host_before = host_snapshot();
+    let host_before = host_files();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     make_root(root);
@@ -469,7 +378,7 @@ fn debs_build_install_remove_and_purge_in_a_throwaway_root() {
     );
 
     // Nothing outside the root changed.
-    assert_eq!(host_snapshot(), host_before, "the host's files changed");
+    assert_eq!(host_files(), host_before, "the host's files changed");
 
     // 5. lintian, when installed: printed, not judged.
     lintian(&[agent, coordinator]);
