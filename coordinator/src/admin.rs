@@ -264,6 +264,11 @@ fn rollout_view(
         healthy: n(st.counts.healthy),
         failed: n(st.counts.failed),
         node_timeout_secs: timeout.as_secs(),
+        kind: rec.kind.name().into(),
+        version: match &rec.kind {
+            crate::placement::RolloutKind::Agent { target } => target.version.clone(),
+            crate::placement::RolloutKind::Policy => String::new(),
+        },
     })
 }
 
@@ -686,6 +691,24 @@ impl Admin for AdminService {
                 rollout_view(s, rec.as_ref(), active, timeout)
             })
             .await?;
+        Ok(Response::new(view))
+    }
+
+    async fn start_upgrade(
+        &self,
+        req: Request<nimbus_proto::StartUpgradeRequest>,
+    ) -> Result<Response<RolloutStatus>, Status> {
+        let by = caller(&req);
+        let request = crate::releases::upgrade_request(&self.ctx, req.into_inner()).await?;
+        let timeout = self.ctx.config.rollout_node_timeout;
+        let (pushed, view) = self
+            .ctx
+            .state(move |s| {
+                let (pushed, rec) = s.start_upgrade(&request, &by)?;
+                Ok((pushed, rollout_view(s, Some(&rec), true, timeout)?))
+            })
+            .await?;
+        crate::placement::push(&self.ctx, pushed).await;
         Ok(Response::new(view))
     }
 

@@ -151,7 +151,7 @@ impl Fleet for FleetService {
         let node = node_for(&self.ctx, req.remote_addr()).await?;
         let id = node.id.clone();
         let desired = self.ctx.state(move |s| s.desired(&id)).await?;
-        let mut state = crate::placement::desired_message(&desired, &node.labels);
+        let mut state = crate::placement::desired_message(&desired, &node.labels, &crate::releases::url(&self.ctx));
         state.join = crate::join::instruction(&self.ctx, &node.id, &desired).await;
         Ok(Response::new(state))
     }
@@ -255,6 +255,17 @@ async fn handle(
                             _ => "failed".to_string(),
                         },
                         detail: clip(v.detail, 1024),
+                    })
+                    .collect(),
+                agent_version: clip(o.agent_version, 64),
+                failed_releases: o
+                    .failed_releases
+                    .into_iter()
+                    .take(16)
+                    .map(|f| crate::placement::FailedRelease {
+                        version: clip(f.version, 64),
+                        reason: clip(f.reason, 512),
+                        at: f.at_unix,
                     })
                     .collect(),
             };

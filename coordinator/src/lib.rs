@@ -53,6 +53,7 @@ pub mod sessions;
 pub mod state;
 pub mod store;
 pub mod token;
+pub mod upgrade;
 
 pub use config::Config;
 pub use error::CoordError;

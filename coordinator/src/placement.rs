@@ -85,13 +85,33 @@ pub struct PolicyRevisionRecord {
     pub disruptive_changes: u32,
 }
 
-/// What a node should be. `generation` grows by one whenever `assignment` or `unplaced` changes.
+/// What a node should be. `generation` grows by one whenever `assignment`, `unplaced` or `agent` changes.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct DesiredRecord {
     pub generation: u64,
     pub policy_revision: u64,
     pub assignment: Option<Assignment>,
     pub unplaced: Option<String>,
+    /// The agent release the node should run (set by an upgrade rollout's wave); `None`: keep what runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentTarget>,
+}
+
+/// A published agent release a node is told to run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct AgentTarget {
+    pub version: String,
+    /// TUF target name of the artefact.
+    pub target: String,
+    pub allow_downgrade: bool,
+}
+
+/// A release the node's launcher rolled back from, as the agent reported it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct FailedRelease {
+    pub version: String,
+    pub reason: String,
+    pub at: u64,
 }
 
 /// What the agent last reported.
@@ -120,6 +140,12 @@ pub struct ObservedRecord {
     /// The storage plan as the agent last reported applying it, per volume.
     #[serde(default)]
     pub storage: Vec<StorageStatus>,
+    /// The agent version that sent the report ("" from agents before upgrades).
+    #[serde(default)]
+    pub agent_version: String,
+    /// Releases the node's launcher rolled back from.
+    #[serde(default)]
+    pub failed_releases: Vec<FailedRelease>,
 }
 
 /// One volume of an agent's storage report.
@@ -164,6 +190,18 @@ pub enum RolloutKind {
     /// A disruptive fleet-policy change (revision `RolloutRecord::revision`).
     #[default]
     Policy,
+    /// An agent upgrade: each wave's nodes are told to run `target`.
+    Agent { target: AgentTarget },
+}
+
+impl RolloutKind {
+    /// "policy" or "agent".
+    pub fn name(&self) -> &'static str {
+        match self {
+            RolloutKind::Policy => "policy",
+            RolloutKind::Agent { .. } => "agent",
+        }
+    }
 }
 
 /// An apply (or rollback) request, already authenticated.
@@ -356,6 +394,7 @@ impl State {
                 policy_revision: revision,
                 assignment,
                 unplaced,
+                agent: old.agent.clone(),
             };
             let key = desired_key(id);
             txn = txn.put(key.clone(), encode(&key, &new)?);
@@ -405,6 +444,18 @@ impl State {
     fn apply_parsed(&self, policy: &Policy, req: &ApplyRequest) -> Result<ApplyOutcome, StateError> {
         let digest = policy.digest();
         for _ in 0..MAX_TXN_ATTEMPTS {
+            // One rollout at a time: a policy apply replaces a running policy rollout, but waits for an upgrade.
+            let running = self.read_json::<RolloutRecord>(ROLLOUT)?;
+            if let Some((r, _)) = &running
+                && !req.dry_run
+                && matches!(r.kind, RolloutKind::Agent { .. })
+            {
+                return Err(invalid(format!(
+                    "an agent upgrade rollout is {}: apply the policy when it has finished, or `nimbusctl rollout \
+                     abort` it first",
+                    r.rollout.phase()
+                )));
+            }
             let live = self.read_json::<LivePlacement>(LIVE)?;
             let (current, raw) = match &live {
                 Some((l, raw)) => (l.clone(), Some(raw.clone())),
@@ -498,6 +549,10 @@ impl State {
             txn = txn
                 .if_absent(rev_key.clone())
                 .put(rev_key.clone(), encode(&rev_key, &record)?);
+            txn = match &running {
+                Some((_, raw)) => txn.if_equals(ROLLOUT, raw.clone()),
+                None => txn.if_absent(ROLLOUT),
+            };
             let (mut txn, mut pushed) = self.desired_updates(&live_now, revision, txn)?;
             let mut staged_count = 0;
             let mut final_live = new_live;
@@ -517,6 +572,7 @@ impl State {
                         policy_revision: revision,
                         assignment,
                         unplaced,
+                        agent: old.agent.clone(),
                     };
                     staged.insert(id, (d, np));
                 }
@@ -531,6 +587,7 @@ impl State {
                     max_failures: 0,
                     wave_size: None,
                     rollback_on_abort: false,
+                    ..waves::Limits::default()
                 };
                 let rollout =
                     waves::Rollout::new(targets, limits).map_err(|e| invalid(format!("cannot plan the waves: {e}")))?;
@@ -641,15 +698,26 @@ pub fn placement_message(a: &Assignment) -> nimbus_proto::Placement {
     }
 }
 
-/// The wire form of a desired state, with the node's enrollment labels.
-pub fn desired_message(d: &DesiredRecord, labels: &BTreeMap<String, String>) -> nimbus_proto::DesiredState {
+/// The wire form of a desired state, with the node's enrollment labels; `release_url` is where the agent
+/// fetches releases (`crate::releases::url`).
+pub fn desired_message(
+    d: &DesiredRecord,
+    labels: &BTreeMap<String, String>,
+    release_url: &str,
+) -> nimbus_proto::DesiredState {
     nimbus_proto::DesiredState {
         generation: d.generation,
         labels: labels.clone().into_iter().collect(),
         placement: d.assignment.as_ref().map(placement_message),
         policy_revision: d.policy_revision,
         join: None,
-        agent: None,
+        agent: d.agent.as_ref().map(|a| nimbus_proto::AgentRelease {
+            version: a.version.clone(),
+            target: a.target.clone(),
+            metadata_url: format!("{release_url}metadata/"),
+            targets_url: format!("{release_url}targets/"),
+            allow_downgrade: a.allow_downgrade,
+        }),
     }
 }
 
@@ -673,7 +741,7 @@ pub async fn push(ctx: &crate::context::Ctx, pushed: Vec<(String, DesiredRecord)
             Ok(Some(n)) => n.labels,
             _ => continue,
         };
-        let mut state = desired_message(&desired, &labels);
+        let mut state = desired_message(&desired, &labels, &crate::releases::url(ctx));
         state.join = crate::join::instruction(ctx, &id, &desired).await;
         let msg = nimbus_proto::CoordinatorMessage {
             msg: Some(nimbus_proto::coordinator_message::Msg::DesiredState(state)),

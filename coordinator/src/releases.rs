@@ -495,6 +495,57 @@ pub async fn add_rpc(
     Ok(list_message(ctx, summary))
 }
 
+/// Checks a `StartUpgrade` request against what is published: the release must exist as a binary for the arch.
+pub async fn upgrade_request(
+    ctx: &crate::context::Ctx,
+    r: nimbus_proto::StartUpgradeRequest,
+) -> Result<crate::upgrade::UpgradeRequest, tonic::Status> {
+    let version = semver::Version::parse(&r.version).map_err(|e| {
+        tonic::Status::invalid_argument(format!("version {:?} is not a semantic version ({e})", r.version))
+    })?;
+    let arch = if r.arch.is_empty() {
+        std::env::consts::ARCH.to_string()
+    } else {
+        r.arch.clone()
+    };
+    let by_zone = match r.by.as_str() {
+        "" | "pool" => false,
+        "zone" => true,
+        other => {
+            return Err(tonic::Status::invalid_argument(format!(
+                "by {other:?}: use pool or zone"
+            )));
+        }
+    };
+    let max_unavailable =
+        crate::upgrade::MaxUnavailable::parse(&r.max_unavailable).map_err(tonic::Status::invalid_argument)?;
+    let summary = Releases::new(&ctx.config.data_dir).summary().await?;
+    if summary.root_version == 0 {
+        return Err(ReleaseError::NotInstalled.into());
+    }
+    let Some(found) = summary
+        .releases
+        .iter()
+        .find(|i| i.release.version == version && i.release.kind == ArtefactKind::Binary && i.release.arch == arch)
+    else {
+        return Err(tonic::Status::failed_precondition(format!(
+            "no agent binary {version} for {arch} is published: `nimbusctl release add FILE --version {version} --arch {arch}` first"
+        )));
+    };
+    Ok(crate::upgrade::UpgradeRequest {
+        target: crate::placement::AgentTarget {
+            version: version.to_string(),
+            target: found.target.clone(),
+            allow_downgrade: r.allow_downgrade,
+        },
+        canary: r.canary,
+        max_unavailable,
+        by_zone,
+        pause_after_canary: r.pause_after_canary,
+        max_failures: r.max_failures,
+    })
+}
+
 /// `ListReleases`.
 pub async fn list_rpc(ctx: &crate::context::Ctx) -> Result<nimbus_proto::ReleaseList, tonic::Status> {
     let summary = Releases::new(&ctx.config.data_dir).summary().await?;

@@ -17,7 +17,7 @@ use std::time::SystemTime;
 
 use policy::Policy;
 
-use crate::placement::{DesiredRecord, LIVE, LivePlacement, ObservedRecord, ROLLOUT, RolloutRecord};
+use crate::placement::{DesiredRecord, LIVE, LivePlacement, ObservedRecord, ROLLOUT, RolloutKind, RolloutRecord};
 use crate::state::{MAX_TXN_ATTEMPTS, State, StateError, encode, invalid};
 use crate::store::Txn;
 
@@ -61,6 +61,40 @@ pub fn healthy(desired: &DesiredRecord, observed: &ObservedRecord, policy: Optio
     }
 }
 
+/// The wave engine's events for an agent report during an upgrade to `target`: healthy once the node runs the
+/// new version (it reports only after its tunnel and stream are up), failed when its launcher rolled the version
+/// back or the agent could not install it.
+pub(crate) fn upgrade_events(
+    id: &str,
+    target: &crate::placement::AgentTarget,
+    rec: &RolloutRecord,
+    observed: &ObservedRecord,
+) -> Vec<waves::Event> {
+    let node = id.to_string();
+    if !rec.rollout.node_state(id).is_some_and(waves::NodeState::in_flight) {
+        return Vec::new();
+    }
+    if let Some(f) = observed.failed_releases.iter().find(|f| f.version == target.version) {
+        return vec![waves::Event::NodeFailed {
+            node,
+            reason: format!("rolled back on the host: {}", f.reason),
+        }];
+    }
+    if observed.agent_version == target.version {
+        return vec![
+            waves::Event::NodeDone { node: node.clone() },
+            waves::Event::NodeHealthy { node },
+        ];
+    }
+    if !observed.error.is_empty() && observed.error.contains(&target.version) {
+        return vec![waves::Event::NodeFailed {
+            node,
+            reason: observed.error.clone(),
+        }];
+    }
+    Vec::new()
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -93,6 +127,21 @@ impl State {
         let mut pushed = Vec::new();
         for action in actions {
             match action {
+                waves::Action::Apply { node, wave } if matches!(rec.kind, RolloutKind::Agent { .. }) => {
+                    let RolloutKind::Agent { target } = &rec.kind else {
+                        continue;
+                    };
+                    rec.started.insert(node.clone(), now_unix());
+                    let mut desired = self.desired(&node)?;
+                    if desired.agent.as_ref() != Some(target) {
+                        desired.agent = Some(target.clone());
+                        desired.generation += 1;
+                    }
+                    tracing::info!(node_id = %node, wave, version = %target.version, "wave: upgrading the node's agent");
+                    let key = crate::placement::desired_key(&node);
+                    txn = txn.put(key.clone(), encode(&key, &desired)?);
+                    pushed.push((node, desired));
+                }
                 waves::Action::Apply { node, wave } => {
                     if rec.draining.contains_key(&node) {
                         continue;
@@ -250,8 +299,12 @@ impl State {
             let Some((mut rec, raw)) = self.read_json::<RolloutRecord>(ROLLOUT)? else {
                 return Ok((Vec::new(), None));
             };
-            let Some((mut live, live_raw)) = self.read_json::<LivePlacement>(LIVE)? else {
-                return Ok((Vec::new(), None));
+            // An agent upgrade does not move nodes: it needs no live placement (none exists before the first
+            // policy) and leaves it alone.
+            let (mut live, live_raw) = match self.read_json::<LivePlacement>(LIVE)? {
+                Some((l, raw)) => (l, Some(raw)),
+                None if matches!(rec.kind, RolloutKind::Agent { .. }) => (LivePlacement::default(), None),
+                None => return Ok((Vec::new(), None)),
             };
             let evs = events(self, &rec)?;
             let mut actions = Vec::new();
@@ -261,7 +314,10 @@ impl State {
             if actions.is_empty() {
                 return Ok((Vec::new(), Some(rec)));
             }
-            let txn = Txn::new().if_equals(ROLLOUT, raw).if_equals(LIVE, live_raw);
+            let mut txn = Txn::new().if_equals(ROLLOUT, raw);
+            if let Some(live_raw) = &live_raw {
+                txn = txn.if_equals(LIVE, live_raw.clone());
+            }
             let (mut txn, pushed) = self.run_actions(&mut rec, &mut live, actions, txn)?;
             // A node that failed (or timed out) while draining, or any node after an abort, is not moved.
             let stopped = matches!(rec.rollout.phase(), waves::Phase::Aborted);
@@ -272,7 +328,9 @@ impl State {
                 .cloned()
                 .collect();
             rec.draining.retain(|n, _| keep.contains(n));
-            txn = txn.put(LIVE, encode(LIVE, &live)?);
+            if live_raw.is_some() {
+                txn = txn.put(LIVE, encode(LIVE, &live)?);
+            }
             txn = if matches!(rec.rollout.phase(), waves::Phase::Completed | waves::Phase::Aborted) {
                 txn.delete(ROLLOUT).put(LAST, encode(LAST, &rec)?)
             } else {
@@ -293,6 +351,9 @@ impl State {
         observed: &ObservedRecord,
     ) -> Result<Vec<(String, DesiredRecord)>, StateError> {
         let (pushed, _) = self.drive_rollout(|s, rec| {
+            if let RolloutKind::Agent { target } = &rec.kind {
+                return Ok(upgrade_events(id, target, rec, observed));
+            }
             let desired = s.desired(id)?;
             if rec.rollout.node_state(id).is_none()
                 || rec.staged.contains_key(id)

@@ -141,7 +141,7 @@ enum Cmd {
     /// Local storage planned for nodes by their pool's storage profiles.
     #[command(subcommand)]
     Storage(StorageCmd),
-    /// Rollouts of disruptive changes (apply --allow-disruptive): status, pause, resume, abort.
+    /// Rollouts in waves: agent upgrades (start) and disruptive policy changes; status, pause, resume, abort.
     #[command(subcommand)]
     Rollout(RolloutCmd),
     /// Signed agent releases (TUF): create the repository and its keys, hand it to the coordinator, publish
@@ -297,6 +297,47 @@ enum RolloutCmd {
     /// Exit codes: 0 shown, 1 failed.
     #[command(verbatim_doc_comment)]
     Status,
+    /// Upgrade the fleet's agents to a published release, in waves
+    ///
+    /// The canary wave goes first, then batches of at most --max-unavailable nodes per pool (or zone). A node
+    /// is healthy when it runs the new version (its launcher started it, its tunnel and stream are up); a node
+    /// whose launcher rolled the version back (it exited or did not get ready in time), that could not install
+    /// it, or that is not healthy within the coordinator's --rollout-node-timeout, fails, and more than
+    /// --max-failures failures pause the rollout (the canary failing stops it there).
+    ///
+    /// Example:
+    ///   nimbusctl release add ./nimbus-agent --version 0.2.0
+    ///   nimbusctl rollout start --version 0.2.0 --canary 1 --max-unavailable 10% --pause-after-canary
+    ///   nimbusctl rollout status
+    ///
+    /// Exit codes: 0 started, 1 refused (not published, another rollout running, nothing to upgrade).
+    #[command(verbatim_doc_comment)]
+    Start {
+        /// The release to run (see `nimbusctl release list`).
+        #[arg(long)]
+        version: String,
+        /// Nodes in the first wave; 0 for no canary.
+        #[arg(long, default_value_t = 1)]
+        canary: u32,
+        /// Nodes upgrading at once per pool (or zone): a count or a share, e.g. 2 or 10% (at least one).
+        #[arg(long, default_value = "1")]
+        max_unavailable: String,
+        /// What --max-unavailable counts per: pool or zone.
+        #[arg(long, default_value = "pool", value_parser = ["pool", "zone"])]
+        by: String,
+        /// Pause after the canary wave until `nimbusctl rollout resume`.
+        #[arg(long)]
+        pause_after_canary: bool,
+        /// Allow going back to an older version.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Failed nodes tolerated before the rollout pauses.
+        #[arg(long, default_value_t = 0)]
+        max_failures: u32,
+        /// The architecture of the release to use. [default: this machine's]
+        #[arg(long, default_value = "")]
+        arch: String,
+    },
     /// Start no new wave; nodes already in flight finish. Resume with `rollout resume`.
     Pause {
         /// Why (shown in the coordinator log).
@@ -1195,6 +1236,28 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
         Cmd::Rollout(rc) => {
             let r = match rc {
                 RolloutCmd::Status => c.get_rollout(GetRolloutRequest {}).await,
+                RolloutCmd::Start {
+                    version,
+                    canary,
+                    max_unavailable,
+                    by,
+                    pause_after_canary,
+                    allow_downgrade,
+                    max_failures,
+                    arch,
+                } => {
+                    c.start_upgrade(nimbus_proto::StartUpgradeRequest {
+                        version,
+                        canary,
+                        max_unavailable,
+                        by,
+                        pause_after_canary,
+                        allow_downgrade,
+                        max_failures,
+                        arch,
+                    })
+                    .await
+                }
                 RolloutCmd::Pause { reason } => {
                     c.control_rollout(ControlRolloutRequest {
                         action: "pause".into(),

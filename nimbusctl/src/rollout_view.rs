@@ -1,18 +1,24 @@
-//! `nimbusctl rollout status|pause|resume|abort`: how a rollout of disruptive changes is shown.
+//! `nimbusctl rollout start|status|pause|resume|abort`: how a rollout (disruptive policy changes, or an agent
+//! upgrade) is shown.
 
 use nimbus_proto::RolloutStatus;
 use serde_json::{Value, json};
 
 /// The text form: a summary line, the counts, then one line per node in wave order.
 pub fn text(r: &RolloutStatus, now: u64) -> String {
-    if r.revision == 0 {
-        return "no rollout has run: disruptive changes (`nimbusctl apply --allow-disruptive`) go out in waves\n"
+    if r.revision == 0 && r.kind != "agent" {
+        return "no rollout has run: disruptive changes (`nimbusctl apply --allow-disruptive`) and agent upgrades \
+                (`nimbusctl rollout start --version V`) go out in waves\n"
             .into();
     }
+    let what = if r.kind == "agent" {
+        format!("agent upgrade to {}", r.version)
+    } else {
+        format!("policy revision {}", r.revision)
+    };
     let mut out = format!(
-        "{} rollout of policy revision {}: {}{}\n",
+        "{} rollout of {what}: {}{}\n",
         if r.active { "running" } else { "last" },
-        r.revision,
         r.phase,
         if r.pause_reason.is_empty() {
             String::new()
@@ -30,6 +36,7 @@ pub fn text(r: &RolloutStatus, now: u64) -> String {
         r.failed,
         humantime::format_duration(std::time::Duration::from_secs(r.node_timeout_secs)),
     );
+    out += &waves_progress(r);
     let mut t = crate::table(&["NODE", "POOL", "ZONE", "WAVE", "STATE", "STARTED"]);
     for n in &r.nodes {
         t.add_row(vec![
@@ -53,10 +60,39 @@ pub fn text(r: &RolloutStatus, now: u64) -> String {
     out
 }
 
+/// One progress bar per wave that has started: `wave 2 [######....] 3/5 healthy, 1 failed`.
+fn waves_progress(r: &RolloutStatus) -> String {
+    const WIDTH: usize = 20;
+    let mut out = String::new();
+    let last = r.nodes.iter().map(|n| n.wave).max().unwrap_or(0);
+    for wave in 1..=last {
+        let nodes: Vec<_> = r.nodes.iter().filter(|n| n.wave == wave).collect();
+        if nodes.is_empty() {
+            continue;
+        }
+        let healthy = nodes.iter().filter(|n| n.state == "healthy").count();
+        let failed = nodes.iter().filter(|n| n.state.starts_with("failed")).count();
+        let filled = (healthy + failed) * WIDTH / nodes.len();
+        out += &format!(
+            "wave {wave} [{}{}] {healthy}/{} healthy{}\n",
+            "#".repeat(filled),
+            ".".repeat(WIDTH - filled),
+            nodes.len(),
+            if failed > 0 {
+                format!(", {failed} failed")
+            } else {
+                String::new()
+            }
+        );
+    }
+    out
+}
+
 /// The `-o json` form.
 pub fn json(r: &RolloutStatus) -> Value {
     json!({
-        "active": r.active, "revision": r.revision, "phase": r.phase, "current_wave": r.current_wave,
+        "active": r.active, "kind": r.kind, "version": r.version, "revision": r.revision, "phase": r.phase,
+        "current_wave": r.current_wave,
         "pause_reason": r.pause_reason, "node_timeout_secs": r.node_timeout_secs,
         "counts": {"total": r.total, "pending": r.pending, "applying": r.applying,
                    "waiting_healthy": r.waiting_healthy, "healthy": r.healthy, "failed": r.failed},
@@ -119,5 +155,39 @@ mod tests {
         assert!(t.contains("nimbusctl rollout resume"), "{t}");
         assert_eq!(json(&r)["counts"]["failed"], 1);
         assert!(text(&RolloutStatus::default(), 0).starts_with("no rollout has run"));
+    }
+
+    #[test]
+    fn an_agent_upgrade_shows_its_version_and_a_bar_per_wave() {
+        let node = |name: &str, wave: u32, state: &str| RolloutNode {
+            name: name.into(),
+            pool: "web".into(),
+            state: state.into(),
+            wave,
+            ..Default::default()
+        };
+        let r = RolloutStatus {
+            active: true,
+            kind: "agent".into(),
+            version: "0.2.0".into(),
+            phase: "running".into(),
+            current_wave: 2,
+            total: 4,
+            nodes: vec![
+                node("c", 1, "healthy"),
+                node("w1", 2, "healthy"),
+                node("w2", 2, "applying"),
+                node("w3", 0, "pending"),
+            ],
+            ..Default::default()
+        };
+        let t = text(&r, 0);
+        assert!(
+            t.starts_with("running rollout of agent upgrade to 0.2.0: running"),
+            "{t}"
+        );
+        assert!(t.contains("wave 1 [####################] 1/1 healthy"), "{t}");
+        assert!(t.contains("wave 2 [##########..........] 1/2 healthy"), "{t}");
+        assert_eq!(json(&r)["kind"], "agent");
     }
 }

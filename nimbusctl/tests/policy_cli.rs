@@ -114,6 +114,9 @@ impl Admin for Fake {
     async fn list_releases(&self, _: Request<nimbus_proto::ListReleasesRequest>) -> R<nimbus_proto::ReleaseList> {
         Err(Status::unimplemented("fake"))
     }
+    async fn start_upgrade(&self, _: Request<nimbus_proto::StartUpgradeRequest>) -> R<RolloutStatus> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn get_rollout(&self, _: Request<GetRolloutRequest>) -> R<RolloutStatus> {
         Ok(Response::new(paused_rollout()))
     }
