@@ -901,13 +901,52 @@ impl Fleet {
     /// Starts agent `i` in its namespace (replacing, i.e. stopping, a previous process for it).
     /// Without a token it relies on the identity in its state dir.
     pub fn try_start_agent(&mut self, i: usize, token: Option<&JoinToken>, extra: &[&str]) -> Result<&Process> {
+        self.spawn_agent(i, token, None, extra)
+    }
+
+    /// Starts agent `i` the way its systemd unit does: under `nimbus-agent launch` (the upgrade launcher) with
+    /// `launch` options (e.g. `--deadline 5s`), its state dir as the launcher's, and the agent arguments of
+    /// [`Fleet::agent_args`]. The [`Process`] is the launcher; its child is the running agent version.
+    pub fn start_agent_launched(
+        &mut self,
+        i: usize,
+        token: Option<&JoinToken>,
+        launch: &[&str],
+        extra: &[&str],
+    ) -> &Process {
+        if let Err(e) = self.spawn_agent(i, token, Some(launch), extra) {
+            panic!("starting {} under the launcher: {e}", agent_name(i));
+        }
+        self.agent(i)
+    }
+
+    fn spawn_agent(
+        &mut self,
+        i: usize,
+        token: Option<&JoinToken>,
+        launch: Option<&[&str]>,
+        extra: &[&str],
+    ) -> Result<&Process> {
         if let Some(old) = self.agents.remove(&i) {
             old.stop(crate::process::STOP_GRACE);
         }
         let state_dir = self.agent_state_dir(i);
         std::fs::create_dir_all(&state_dir)
             .map_err(|e| HarnessError::io(format!("creating {}", state_dir.display()), e))?;
-        let args = self.agent_args(i, token, extra);
+        let mut args = self.agent_args(i, token, extra);
+        if let Some(launch) = launch {
+            let mut wrapped = vec![
+                "launch".to_string(),
+                "--state-dir".into(),
+                state_dir.display().to_string(),
+                "--package-binary".into(),
+                self.bins.agent.display().to_string(),
+            ];
+            wrapped.extend(launch.iter().map(|s| s.to_string()));
+            wrapped.push("--".into());
+            wrapped.append(&mut args);
+            args = wrapped;
+        }
         let ns = self.net().ns(&agent_name(i))?.name().to_string();
         let program = self.bins.agent.clone();
         let process = self.spawn(&agent_name(i), &ns, &program, &args)?;

@@ -96,7 +96,10 @@ fn the_canary_goes_first_alone_and_can_pause_the_rest() {
         }),
         "{actions:?}"
     );
-    assert!(!actions.iter().any(|a| matches!(a, Action::Apply { .. })), "{actions:?}");
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Apply { .. })),
+        "{actions:?}"
+    );
     assert_eq!(r.phase(), Phase::Paused);
     let actions = r.handle(Event::Resume);
     assert!(
@@ -121,7 +124,10 @@ fn the_canary_goes_first_alone_and_can_pause_the_rest() {
         reason: "exited 1".into(),
     });
     assert_eq!(r.phase(), Phase::Paused, "{actions:?}");
-    assert!(!actions.iter().any(|a| matches!(a, Action::Apply { .. })), "{actions:?}");
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Apply { .. })),
+        "{actions:?}"
+    );
 }
 
 #[test]
