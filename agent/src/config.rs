@@ -22,6 +22,10 @@ pub const DEFAULT_STORAGE_UNIT_DIR: &str = "/etc/systemd/system";
 /// How often the agent looks for hand-made changes to what it manages. Default 60 s.
 pub const DEFAULT_DRIFT_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
+/// The pinned root of trust of the coordinator's release repository (its `1.root.json`, installed with the
+/// agent). Without it the agent refuses upgrades. Env: `NIMBUS_RELEASE_ROOT`.
+pub const DEFAULT_RELEASE_ROOT: &str = "/etc/nimbus/release-root.json";
+
 /// How long the tunnel may stay dead before the agent asks the enrollment
 /// endpoint whether this node was revoked. Default 60 s.
 pub const DEFAULT_REVOCATION_CHECK_AFTER: Duration = Duration::from_secs(60);
@@ -91,6 +95,10 @@ pub struct Settings {
     /// changes and reverts them. [default: 60s]
     #[arg(long, env = "NIMBUS_DRIFT_CHECK_INTERVAL")]
     pub drift_check_interval: Option<String>,
+    /// The release repository's pinned root metadata (root.json printed by `nimbusctl release init`); upgrades
+    /// are verified against it and refused without it. [default: /etc/nimbus/release-root.json]
+    #[arg(long, env = "NIMBUS_RELEASE_ROOT")]
+    pub release_root: Option<PathBuf>,
     /// Log format: text or json. [default: text]
     #[arg(long, env = "NIMBUS_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -133,6 +141,8 @@ pub struct Config {
     pub kubeadm: nimbus_kube::kubeadm::Kubeadm,
     pub drift_check_interval: Duration,
     pub storage_unit_dir: PathBuf,
+    /// Pinned root of the release repository (read at each upgrade; may be absent: upgrades are then refused).
+    pub release_root: PathBuf,
     pub log_format: String,
     pub log_level: String,
 }
@@ -159,7 +169,8 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             state_dir, coordinator, ca_pin, node_name, machine_id, tun_name, wg_listen, revocation_check_after,
-            inventory_interval, probe_listen, metadata, kubeadm, drift_check_interval, storage_unit_dir, log_format)
+            inventory_interval, probe_listen, metadata, kubeadm, drift_check_interval, storage_unit_dir, release_root,
+            log_format)
     }
 }
 
@@ -306,6 +317,16 @@ impl Config {
                 storage_unit_dir.display()
             ));
         }
+        let release_root = o
+            .release_root
+            .or(file.release_root)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_RELEASE_ROOT));
+        if !release_root.is_absolute() {
+            errs.push(format!(
+                "release_root `{}` must be an absolute path",
+                release_root.display()
+            ));
+        }
         let log_format = o.log_format.or(file.log_format).unwrap_or_else(|| "text".into());
         check::log_format(&log_format, &mut errs);
         let log_level = o.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
@@ -327,6 +348,7 @@ impl Config {
                 kubeadm,
                 drift_check_interval,
                 storage_unit_dir,
+                release_root,
                 log_format,
                 log_level,
             }),
@@ -344,6 +366,23 @@ mod tests {
         let c = Config::resolve(Settings::default(), Settings::default()).unwrap();
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.revocation_check_after, DEFAULT_REVOCATION_CHECK_AFTER);
+        assert_eq!(c.release_root, PathBuf::from(DEFAULT_RELEASE_ROOT));
+    }
+
+    #[test]
+    fn release_root_must_be_absolute() {
+        let o = Settings {
+            release_root: Some("root.json".into()),
+            ..Default::default()
+        };
+        let e = Config::resolve(Settings::default(), o).unwrap_err();
+        assert!(e.iter().any(|l| l.contains("release_root")), "{e:?}");
+        let o = Settings {
+            release_root: Some("/srv/root.json".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(Settings::default(), o).unwrap();
+        assert_eq!(c.release_root, PathBuf::from("/srv/root.json"));
     }
 
     #[test]

@@ -24,9 +24,16 @@
 //!   activate, confirm, roll back, clean up; every step crash-safe.
 //! * `launcher`  — `nimbus-agent launch`, the unit's main process: starts the resolved version, relays its
 //!   sd_notify messages, forwards signals, rolls back a new version that does not become ready.
+//! * `upgrade`   — carries out the agent release a desired state names: decides (pure [`upgrade::decide`]),
+//!   verifies and fetches it from the coordinator's TUF repository (nimbus-release) with the pinned root,
+//!   stages and activates it (`versions`), reports, and asks for exit 75 so the launcher starts it.
+//! * `cli`       — the `nimbus-agent` command line (`main.rs` only calls [`cli::main`]).
 //! * `error`     — `AgentError` and the documented exit codes.
+//!
+//! The version this agent reports everywhere (Hello, enrollment, every `ObservedState`) is [`version()`].
 
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod desired;
 pub mod drift;
@@ -40,11 +47,30 @@ pub mod launcher;
 pub mod probes;
 pub mod run;
 pub mod uevent;
+pub mod upgrade;
 pub mod versions;
 pub mod volumes;
 
 pub use config::Config;
 pub use error::AgentError;
 
-/// Version reported to the coordinator.
+/// The version this crate was built as (`CARGO_PKG_VERSION`); what [`version()`] returns unless
+/// [`set_version`] changed it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+static VERSION_OVERRIDE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// The version this agent runs as and reports to the coordinator (Hello, enrollment facts, every
+/// `ObservedState`), and compares with the version a desired state asks for. [`VERSION`] by default.
+pub fn version() -> &'static str {
+    VERSION_OVERRIDE.get().copied().unwrap_or(VERSION)
+}
+
+/// Makes [`version()`] return `v` for the rest of the process; the first call wins, later ones change nothing.
+///
+/// For building test releases of *another* version from the same code (the e2e's `nimbus-agent-next` calls it
+/// before [`cli::main`]), so an upgrade can be exercised without a second source tree. Not a runtime flag:
+/// production binaries never call it, and nothing on the command line or in the configuration reaches it.
+pub fn set_version(v: &'static str) {
+    let _ = VERSION_OVERRIDE.set(v);
+}

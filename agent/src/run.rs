@@ -1,9 +1,14 @@
 //! The agent's life: load or create its identity, bring up the tunnel, keep
 //! one fleet stream open (reconnecting with backoff and jitter), and stop on
-//! shutdown or revocation.
+//! shutdown, revocation, or to restart into an upgraded version (`crate::upgrade`).
+//!
+//! Every message goes up through one sender per stream; every `ObservedState` on it is stamped there with the
+//! running version and the releases this host rolled back (`upgrade.json`), whoever built it, and with the
+//! error of a failed upgrade to its generation.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +18,7 @@ use nimbus_proto::coordinator_message::Msg as CoordMsg;
 use nimbus_proto::fleet_client::FleetClient;
 use nimbus_proto::{AgentMessage, DesiredStateRequest, Heartbeat, Hello, NodeStatus};
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::backoff::Backoff;
@@ -20,7 +26,7 @@ use crate::config::Config;
 use crate::enroll::{self, HostFacts};
 use crate::error::AgentError;
 use crate::identity::{self, Identity};
-use crate::{inventory, probes, uevent};
+use crate::{inventory, probes, uevent, upgrade};
 
 /// WireGuard persistent keepalive towards the coordinator (keeps NAT state).
 pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
@@ -29,11 +35,38 @@ pub const MIN_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
 /// Heartbeats that may go unanswered before the stream counts as dead.
 pub const MISSED_ACKS: u32 = 3;
+/// Before restarting into a new version: how long to wait for the coordinator to take the last report and
+/// close the stream.
+pub const RESTART_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// How [`run`] ended (errors aside).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// The shutdown future resolved (SIGTERM/SIGINT).
+    Shutdown,
+    /// An upgrade to `version` was staged and activated: exit with [`Stopped::exit_code`] so the launcher
+    /// starts it.
+    Restart { version: String },
+}
+
+impl Stopped {
+    /// 0, or [`crate::error::EXIT_RESTART`] (75) for a restart into the new version.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Stopped::Shutdown => 0,
+            Stopped::Restart { .. } => crate::error::EXIT_RESTART,
+        }
+    }
+}
 
 /// Hooks the binary uses for systemd notification; tests pass no-ops.
 pub trait Events: Send + Sync {
     fn connected(&self, _id: &Identity) {}
     fn disconnected(&self, _why: &str) {}
+    /// The agent is about to exit to be restarted into `version` by the launcher. Not `STOPPING=1`: the launcher
+    /// relays that to systemd, which would then treat the whole unit as stopping and kill it after
+    /// `TimeoutStopSec`, new version included.
+    fn restarting(&self, _version: &str) {}
 }
 
 pub struct NoEvents;
@@ -81,7 +114,7 @@ async fn identity(cfg: &Config, key: &tunnel::PublicKey) -> Result<Identity, Age
         node_name: cfg.node_name.clone().unwrap_or_else(|| host.clone()),
         hostname: host,
         machine_id,
-        agent_version: crate::VERSION.into(),
+        agent_version: crate::version().into(),
         macs: enroll::host_macs(),
     };
     tracing::info!(coordinator = %addr, node = %facts.node_name, macs = ?facts.macs, "enrolling");
@@ -91,8 +124,9 @@ async fn identity(cfg: &Config, key: &tunnel::PublicKey) -> Result<Identity, Age
     Ok(id)
 }
 
-/// Run until `shutdown` resolves (Ok) or the node is revoked / cannot start (Err).
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn Events) -> Result<(), AgentError> {
+/// Run until `shutdown` resolves or an upgrade asks for a restart (Ok), or the node is revoked / cannot start
+/// (Err).
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn Events) -> Result<Stopped, AgentError> {
     identity::prepare_state_dir(&cfg.state_dir)?;
     let secret = tunnel::keys::load_or_create_secret(&cfg.state_dir.join(identity::KEY_FILE))?;
     let public = tunnel::PublicKey::from(&secret);
@@ -128,19 +162,38 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn E
         wake,
     );
 
+    let executor = upgrade::Executor::new(
+        cfg.state_dir.clone(),
+        cfg.release_root.clone(),
+        id.coordinator_overlay_ip,
+    );
+    let (upgrades, mut upgrade_outcomes) = upgrade::spawn(executor);
+    let link = UpgradeLink {
+        handle: &upgrades,
+        outcomes: &mut upgrade_outcomes,
+    };
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let result = tokio::select! {
-        r = stay_connected(&cfg, &id, &public, stop_rx, latest, &probes, events) => r,
+        r = stay_connected(&cfg, &id, &public, stop_rx, latest, &probes, events, link) => r,
         _ = shutdown => {
             let _ = stop_tx.send(true);
-            Ok(())
+            Ok(Stopped::Shutdown)
         }
     };
+    drop(upgrades);
     tun.shutdown().await;
     result
 }
 
-/// Reconnect forever; return only on revocation.
+/// The sessions' way to the upgrade task: desired states in, outcomes out.
+struct UpgradeLink<'a> {
+    handle: &'a upgrade::Handle,
+    outcomes: &'a mut mpsc::Receiver<upgrade::Outcome>,
+}
+
+/// Reconnect forever; return only on revocation, or to restart into an upgraded version.
+#[allow(clippy::too_many_arguments)]
 async fn stay_connected(
     cfg: &Config,
     id: &Identity,
@@ -149,16 +202,18 @@ async fn stay_connected(
     latest: inventory::Latest,
     probes: &probes::ProbeHandle,
     events: &dyn Events,
-) -> Result<(), AgentError> {
+    mut upgrades: UpgradeLink<'_>,
+) -> Result<Stopped, AgentError> {
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut last_ok = Instant::now();
     let mut last_check = Instant::now();
     loop {
-        match session(id, cfg, stop.clone(), latest.clone(), probes, events).await {
-            Ok(()) => {
+        match session(id, cfg, stop.clone(), latest.clone(), probes, events, &mut upgrades).await {
+            Ok(Ended::Stopped) => {
                 last_ok = Instant::now();
                 backoff.reset();
             }
+            Ok(Ended::Restart(version)) => return Ok(Stopped::Restart { version }),
             Err(SessionError::Revoked(reason)) => return Err(AgentError::Revoked(reason)),
             Err(SessionError::Failed { established, why }) => {
                 if established {
@@ -170,7 +225,7 @@ async fn stay_connected(
             }
         }
         if *stop.borrow() {
-            return Ok(());
+            return Ok(Stopped::Shutdown);
         }
         // The tunnel has stayed dead for a while: maybe we were revoked while offline.
         if last_ok.elapsed() >= cfg.revocation_check_after
@@ -180,7 +235,25 @@ async fn stay_connected(
             check_revoked(id, key).await?;
         }
         let delay = backoff.next_delay(&mut rand::thread_rng());
-        tokio::time::sleep(delay).await;
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                Some(outcome) = upgrades.outcomes.recv() => match outcome {
+                    upgrade::Outcome::Restart { version, .. } => {
+                        // No stream to report on: the new version reports on its first one.
+                        tracing::info!(%version, "restarting into the new version (no fleet stream to report on)");
+                        events.restarting(&version);
+                        return Ok(Stopped::Restart { version });
+                    }
+                    other => tracing::debug!(
+                        outcome = ?other,
+                        "upgrade report not sent: no fleet stream (the next stream's desired state brings it again)"
+                    ),
+                },
+            }
+        }
     }
 }
 
@@ -219,9 +292,39 @@ async fn check_revoked(id: &Identity, key: &tunnel::PublicKey) -> Result<(), Age
     }
 }
 
+/// How a session ended without an error.
+enum Ended {
+    /// Shutdown was requested.
+    Stopped,
+    /// An upgrade to this version is installed; the last report went up.
+    Restart(String),
+}
+
 enum SessionError {
     Revoked(String),
     Failed { established: bool, why: String },
+}
+
+/// The sender's stamp on every `ObservedState`: the running version, the releases this host rolled back, and
+/// the error of a failed upgrade to that generation (unless the report has an error of its own).
+fn stamp(state_dir: &Path, upgrade_error: &upgrade::LastError, mut m: AgentMessage) -> AgentMessage {
+    if let Some(AgentMsg::Observed(o)) = &mut m.msg {
+        o.agent_version = crate::version().to_string();
+        o.failed_releases = upgrade::failed_releases(state_dir);
+        upgrade_error.apply(o);
+    }
+    m
+}
+
+/// The report of the last desired state applied (from `desired.json`), sent first on every stream so the
+/// coordinator learns the running version and failed releases (e.g. after the launcher rolled one back).
+fn last_applied(state_dir: &Path) -> Option<nimbus_proto::ObservedState> {
+    let rec = crate::desired::load(state_dir)?;
+    (rec.generation > 0).then(|| nimbus_proto::ObservedState {
+        generation: rec.generation,
+        policy_revision: rec.policy_revision,
+        ..Default::default()
+    })
 }
 
 fn failed(established: bool, why: impl std::fmt::Display) -> SessionError {
@@ -330,7 +433,8 @@ async fn session(
     mut latest: inventory::Latest,
     probes: &probes::ProbeHandle,
     events: &dyn Events,
-) -> Result<(), SessionError> {
+    upgrades: &mut UpgradeLink<'_>,
+) -> Result<Ended, SessionError> {
     let windows = probes.windows();
     let mut windows = windows.lock().await;
     let target = SocketAddr::new(IpAddr::V4(id.coordinator_overlay_ip), id.fleet_port);
@@ -350,16 +454,22 @@ async fn session(
     let send = |m: AgentMsg| AgentMessage { msg: Some(m) };
     let _ = tx.try_send(send(AgentMsg::Hello(Hello {
         node_id: id.node_id.clone(),
-        agent_version: crate::VERSION.into(),
+        agent_version: crate::version().into(),
         probe_port: u32::from(probes.port),
     })));
+    if let Some(observed) = last_applied(&cfg.state_dir) {
+        let _ = tx.try_send(send(AgentMsg::Observed(observed)));
+    }
     // The current inventory goes first on every stream (the coordinator may have lost it); later ones
     // only when they change.
     if let Some(inv) = latest.borrow_and_update().clone() {
         let _ = tx.try_send(send(AgentMsg::Inventory(inventory::message(&inv))));
     }
+    let state_dir = cfg.state_dir.clone();
+    let upgrade_error = upgrades.handle.last_error();
+    let outbound = ReceiverStream::new(rx).map(move |m| stamp(&state_dir, &upgrade_error, m));
     let mut inbound = client
-        .channel(ReceiverStream::new(rx))
+        .channel(outbound)
         .await
         .map_err(|s| failed(false, s.message()))?
         .into_inner();
@@ -388,6 +498,7 @@ async fn session(
             }
             start_join(cfg, id, d.get_ref(), &tx);
             start_storage(cfg, d.get_ref(), false, &tx);
+            upgrades.handle.offer(d.get_ref());
             last_desired = nimbus_proto::DesiredState {
                 join: None,
                 ..d.into_inner()
@@ -450,6 +561,7 @@ async fn session(
                         if !announced {
                             announced = true;
                             events.connected(id);
+                            upgrades.handle.ready();
                         }
                     }
                     Some(CoordMsg::Revoked(r)) => {
@@ -465,6 +577,7 @@ async fn session(
                         }
                         start_join(cfg, id, &d, &tx);
                         start_storage(cfg, &d, false, &tx);
+                        upgrades.handle.offer(&d);
                         last_desired = nimbus_proto::DesiredState { join: None, ..d };
                     }
                     Some(CoordMsg::Decommission(d)) => {
@@ -481,7 +594,30 @@ async fn session(
                 Ok(None) => return Err(failed(true, "the coordinator closed the stream")),
                 Err(s) => return Err(failed(true, s.message())),
             },
-            _ = stop.changed() => return Ok(()),
+            Some(outcome) = upgrades.outcomes.recv() => match outcome {
+                upgrade::Outcome::Report(observed) => {
+                    if tx.send(send(AgentMsg::Observed(observed))).await.is_err() {
+                        return Err(failed(true, "stream closed"));
+                    }
+                }
+                upgrade::Outcome::Restart { version, observed } => {
+                    // As on SIGTERM, but without STOPPING=1 (see `Events::restarting`): the last report, the stream
+                    // closed, then exit 75.
+                    events.restarting(&version);
+                    let _ = tx.send(send(AgentMsg::Observed(observed))).await;
+                    drop(tx);
+                    // The coordinator ends its side once it has read ours to the end (background jobs holding a
+                    // sender keep ours open: then the grace period ends it).
+                    let drained = tokio::time::timeout(RESTART_CLOSE_GRACE, async {
+                        while let Ok(Some(_)) = inbound.message().await {}
+                    })
+                    .await;
+                    tracing::info!(%version, closed = drained.is_ok(), "fleet stream closed; restarting into the new version");
+                    return Ok(Ended::Restart(version));
+                }
+                upgrade::Outcome::Nothing => {}
+            },
+            _ = stop.changed() => return Ok(Ended::Stopped),
         }
     }
 }
