@@ -266,9 +266,10 @@ fn rollout_view(
         node_timeout_secs: timeout.as_secs(),
         kind: rec.kind.name().into(),
         version: match &rec.kind {
-            crate::placement::RolloutKind::Agent { target } => target.version.clone(),
+            crate::placement::RolloutKind::Agent { target, .. } => target.version.clone(),
             crate::placement::RolloutKind::Policy => String::new(),
         },
+        note: rec.note.clone(),
     })
 }
 

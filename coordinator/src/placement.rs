@@ -181,6 +181,9 @@ pub struct RolloutRecord {
     /// desired state stays in `staged` until the drain is done (`crate::moves`).
     #[serde(default)]
     pub draining: BTreeMap<String, String>,
+    /// Why it ended as it did, beyond the phase (e.g. aborted on the failure share; what was rolled back).
+    #[serde(default)]
+    pub note: String,
 }
 
 /// What a rollout changes on its nodes.
@@ -191,7 +194,15 @@ pub enum RolloutKind {
     #[default]
     Policy,
     /// An agent upgrade: each wave's nodes are told to run `target`.
-    Agent { target: AgentTarget },
+    Agent {
+        target: AgentTarget,
+        /// With rollback on abort: each target node's release before the upgrade.
+        #[serde(default)]
+        previous: BTreeMap<String, AgentTarget>,
+        /// Abort when more than this share (per cent) of finished nodes failed; 0: off.
+        #[serde(default)]
+        abort_failure_percent: u32,
+    },
 }
 
 impl RolloutKind {
@@ -598,6 +609,7 @@ impl State {
                     staged,
                     started: BTreeMap::new(),
                     draining: BTreeMap::new(),
+                    note: String::new(),
                 };
                 let actions = rec.rollout.handle(waves::Event::Started);
                 let (t, p) = self.run_actions(&mut rec, &mut final_live, actions, txn)?;

@@ -532,6 +532,17 @@ pub async fn upgrade_request(
             "no agent binary {version} for {arch} is published: `nimbusctl release add FILE --version {version} --arch {arch}` first"
         )));
     };
+    if r.abort_failure_percent > 100 {
+        return Err(tonic::Status::invalid_argument(
+            "abort_failure_percent is a share: 0..=100",
+        ));
+    }
+    let published = summary
+        .releases
+        .iter()
+        .filter(|i| i.release.kind == ArtefactKind::Binary && i.release.arch == arch)
+        .map(|i| (i.release.version.to_string(), i.target.clone()))
+        .collect();
     Ok(crate::upgrade::UpgradeRequest {
         target: crate::placement::AgentTarget {
             version: version.to_string(),
@@ -543,6 +554,9 @@ pub async fn upgrade_request(
         by_zone,
         pause_after_canary: r.pause_after_canary,
         max_failures: r.max_failures,
+        abort_failure_percent: r.abort_failure_percent,
+        rollback: r.rollback,
+        published,
     })
 }
 

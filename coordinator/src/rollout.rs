@@ -61,6 +61,28 @@ pub fn healthy(desired: &DesiredRecord, observed: &ObservedRecord, policy: Optio
     }
 }
 
+/// For an agent upgrade with an abort threshold that has not ended: why it must abort, when more than the
+/// threshold's share of the nodes that finished their change failed.
+fn failure_share_exceeded(rec: &RolloutRecord) -> Option<String> {
+    let RolloutKind::Agent {
+        abort_failure_percent, ..
+    } = &rec.kind
+    else {
+        return None;
+    };
+    if *abort_failure_percent == 0 || matches!(rec.rollout.phase(), waves::Phase::Completed | waves::Phase::Aborted) {
+        return None;
+    }
+    let c = rec.rollout.status().counts;
+    let finished = c.healthy + c.failed;
+    (c.failed > 0 && c.failed * 100 > finished * *abort_failure_percent as usize).then(|| {
+        format!(
+            "aborted: {} of {finished} upgraded node(s) failed, more than {abort_failure_percent}%",
+            c.failed
+        )
+    })
+}
+
 /// The wave engine's events for an agent report during an upgrade to `target`: healthy once the node runs the
 /// new version (it reports only after its tunnel and stream are up), failed when its launcher rolled the version
 /// back or the agent could not install it.
@@ -128,7 +150,7 @@ impl State {
         for action in actions {
             match action {
                 waves::Action::Apply { node, wave } if matches!(rec.kind, RolloutKind::Agent { .. }) => {
-                    let RolloutKind::Agent { target } = &rec.kind else {
+                    let RolloutKind::Agent { target, .. } = &rec.kind else {
                         continue;
                     };
                     rec.started.insert(node.clone(), now_unix());
@@ -168,7 +190,36 @@ impl State {
                 waves::Action::WaveFinished { wave } => tracing::info!(wave, "wave finished"),
                 waves::Action::Paused { reason } => tracing::warn!(%reason, "rollout paused"),
                 waves::Action::Completed => tracing::info!(revision = rec.revision, "rollout completed"),
-                waves::Action::Aborted { reason } => tracing::warn!(%reason, "rollout aborted"),
+                waves::Action::Aborted { reason } => {
+                    tracing::warn!(%reason, "rollout aborted");
+                    if let RolloutKind::Agent { previous, .. } = &rec.kind
+                        && !previous.is_empty()
+                    {
+                        let mut rolled = 0;
+                        for ns in rec.rollout.status().nodes {
+                            let node = ns.target.node;
+                            let (Some(_), Some(back)) = (ns.wave, previous.get(&node)) else {
+                                continue;
+                            };
+                            let mut desired = self.desired(&node)?;
+                            if desired.agent.as_ref() == Some(back) {
+                                continue;
+                            }
+                            desired.agent = Some(back.clone());
+                            desired.generation += 1;
+                            tracing::warn!(node_id = %node, version = %back.version, "rollout aborted: rolling the node's agent back");
+                            let key = crate::placement::desired_key(&node);
+                            txn = txn.put(key.clone(), encode(&key, &desired)?);
+                            pushed.push((node, desired));
+                            rolled += 1;
+                        }
+                        let sep = if rec.note.is_empty() { "" } else { "; " };
+                        rec.note = format!(
+                            "{}{sep}{rolled} node(s) rolled back to their previous version",
+                            rec.note
+                        );
+                    }
+                }
                 waves::Action::WaitHealthy { .. } | waves::Action::Rollback { .. } => {}
             }
         }
@@ -311,6 +362,11 @@ impl State {
             for e in evs {
                 actions.extend(rec.rollout.handle(e));
             }
+            if let Some(why) = failure_share_exceeded(&rec) {
+                tracing::warn!(%why, "rollout aborted on its failure share");
+                rec.note = why;
+                actions.extend(rec.rollout.handle(waves::Event::Abort));
+            }
             if actions.is_empty() {
                 return Ok((Vec::new(), Some(rec)));
             }
@@ -351,7 +407,7 @@ impl State {
         observed: &ObservedRecord,
     ) -> Result<Vec<(String, DesiredRecord)>, StateError> {
         let (pushed, _) = self.drive_rollout(|s, rec| {
-            if let RolloutKind::Agent { target } = &rec.kind {
+            if let RolloutKind::Agent { target, .. } = &rec.kind {
                 return Ok(upgrade_events(id, target, rec, observed));
             }
             let desired = s.desired(id)?;

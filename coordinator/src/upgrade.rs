@@ -66,6 +66,12 @@ pub struct UpgradeRequest {
     pub by_zone: bool,
     pub pause_after_canary: bool,
     pub max_failures: u32,
+    /// Abort above this share (per cent) of failed nodes; 0: off.
+    pub abort_failure_percent: u32,
+    /// Roll every touched node back on abort.
+    pub rollback: bool,
+    /// Published agent binaries for the arch: version → target name (to roll back to).
+    pub published: BTreeMap<String, String>,
 }
 
 impl State {
@@ -96,9 +102,28 @@ impl State {
                 })
                 .unwrap_or_default();
             let mut targets = Vec::new();
+            let mut previous = BTreeMap::new();
+            let mut unpublished = std::collections::BTreeSet::new();
             for node in self.list_nodes()? {
                 if node.status != NodeStatus::Active || node.agent_version == req.target.version {
                     continue;
+                }
+                if req.rollback {
+                    match req.published.get(&node.agent_version) {
+                        Some(target) => {
+                            previous.insert(
+                                node.id.clone(),
+                                AgentTarget {
+                                    version: node.agent_version.clone(),
+                                    target: target.clone(),
+                                    allow_downgrade: true,
+                                },
+                            );
+                        }
+                        None => {
+                            unpublished.insert(node.agent_version.clone());
+                        }
+                    }
                 }
                 let zone = self.hardware(&node.id)?.and_then(|h| h.document.platform.zone.clone());
                 targets.push(waves::Target {
@@ -107,6 +132,13 @@ impl State {
                     zone,
                     disruptive: true,
                 });
+            }
+            if !unpublished.is_empty() {
+                return Err(invalid(format!(
+                    "--rollback needs every node's current version published to roll back to; not published: {}. \
+                     Publish them with `nimbusctl release add FILE --version V`, or start without --rollback",
+                    unpublished.into_iter().collect::<Vec<_>>().join(", ")
+                )));
             }
             if targets.is_empty() {
                 return Err(invalid(format!(
@@ -152,12 +184,15 @@ impl State {
             let mut rec = RolloutRecord {
                 kind: RolloutKind::Agent {
                     target: req.target.clone(),
+                    previous,
+                    abort_failure_percent: req.abort_failure_percent,
                 },
                 revision: 0,
                 rollout,
                 staged: BTreeMap::new(),
                 started: BTreeMap::new(),
                 draining: BTreeMap::new(),
+                note: String::new(),
             };
             let actions = rec.rollout.handle(waves::Event::Started);
             let mut live_value = live.as_ref().map(|(l, _)| l.clone()).unwrap_or_default();
@@ -194,6 +229,9 @@ mod tests {
             by_zone: false,
             pause_after_canary: false,
             max_failures: 0,
+            abort_failure_percent: 0,
+            rollback: false,
+            published: BTreeMap::new(),
         }
     }
 
@@ -275,5 +313,49 @@ mod tests {
         let rec = s.rollout().unwrap().unwrap();
         assert_eq!(rec.rollout.phase(), waves::Phase::Paused);
         assert_eq!(rec.rollout.status().counts.failed, 1);
+    }
+
+    #[test]
+    fn a_failure_share_above_the_threshold_aborts_and_rolls_every_touched_node_back() {
+        let (_d, s) = state();
+        for i in 1..=4 {
+            enroll(&s, i, "web");
+        }
+        let mut r = req(0);
+        r.max_unavailable = MaxUnavailable::Count(4);
+        r.max_failures = 10;
+        r.abort_failure_percent = 25;
+        r.rollback = true;
+        // Rollback needs the current version published.
+        let e = s.start_upgrade(&r, "test").unwrap_err().to_string();
+        assert!(e.contains("not published: 0.1.0"), "{e}");
+        r.published = [("0.1.0".to_string(), "nimbus-agent-0.1.0".to_string())].into();
+        let (pushed, _) = s.start_upgrade(&r, "test").unwrap();
+        assert_eq!(pushed.len(), 4, "one wave of four");
+        let ids: Vec<String> = pushed.iter().map(|(id, _)| id.clone()).collect();
+        // One healthy (0/1 failed), then one failure: 1 of 2 = 50% > 25% → abort and roll back both touched.
+        running(&s, &ids[0], "0.1.1");
+        assert!(s.rollout().unwrap().is_some());
+        let o = ObservedRecord {
+            generation: s.desired(&ids[1]).unwrap().generation,
+            error: "upgrade to 0.1.1: signature check failed".into(),
+            agent_version: "0.1.0".into(),
+            ..Default::default()
+        };
+        let back = s.observe(&ids[1], o).unwrap();
+        assert!(s.rollout().unwrap().is_none(), "aborted");
+        let last = s.last_rollout().unwrap().unwrap();
+        assert_eq!(last.rollout.phase(), waves::Phase::Aborted);
+        assert!(
+            last.note.contains("1 of 2 upgraded node(s) failed, more than 25%"),
+            "{}",
+            last.note
+        );
+        assert!(last.note.contains("4 node(s) rolled back"), "{}", last.note);
+        assert_eq!(back.len(), 4, "every node of the started wave goes back: {back:?}");
+        for (id, d) in back {
+            let a = d.agent.unwrap();
+            assert_eq!((a.version.as_str(), a.allow_downgrade), ("0.1.0", true), "{id}");
+        }
     }
 }

@@ -303,7 +303,9 @@ enum RolloutCmd {
     /// is healthy when it runs the new version (its launcher started it, its tunnel and stream are up); a node
     /// whose launcher rolled the version back (it exited or did not get ready in time), that could not install
     /// it, or that is not healthy within the coordinator's --rollout-node-timeout, fails, and more than
-    /// --max-failures failures pause the rollout (the canary failing stops it there).
+    /// --max-failures failures pause the rollout (the canary failing stops it there). With
+    /// --abort-failure-percent a larger share of failed nodes aborts it, and --rollback then puts every node it
+    /// touched back on its previous version.
     ///
     /// Example:
     ///   nimbusctl release add ./nimbus-agent --version 0.2.0
@@ -334,6 +336,13 @@ enum RolloutCmd {
         /// Failed nodes tolerated before the rollout pauses.
         #[arg(long, default_value_t = 0)]
         max_failures: u32,
+        /// Abort when more than this share (per cent) of the nodes that finished their change failed (0: off).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
+        abort_failure_percent: u32,
+        /// On abort (by you or the failure share), put every node this rollout touched back on the version it ran
+        /// before. Those versions must be published (`nimbusctl release list`).
+        #[arg(long)]
+        rollback: bool,
         /// The architecture of the release to use. [default: this machine's]
         #[arg(long, default_value = "")]
         arch: String,
@@ -1244,6 +1253,8 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
                     pause_after_canary,
                     allow_downgrade,
                     max_failures,
+                    abort_failure_percent,
+                    rollback,
                     arch,
                 } => {
                     c.start_upgrade(nimbus_proto::StartUpgradeRequest {
@@ -1255,6 +1266,8 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
                         allow_downgrade,
                         max_failures,
                         arch,
+                        abort_failure_percent,
+                        rollback,
                     })
                     .await
                 }

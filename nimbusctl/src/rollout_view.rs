@@ -36,6 +36,9 @@ pub fn text(r: &RolloutStatus, now: u64) -> String {
         r.failed,
         humantime::format_duration(std::time::Duration::from_secs(r.node_timeout_secs)),
     );
+    if !r.note.is_empty() {
+        out += &format!("{}\n", r.note);
+    }
     out += &waves_progress(r);
     let mut t = crate::table(&["NODE", "POOL", "ZONE", "WAVE", "STATE", "STARTED"]);
     for n in &r.nodes {
@@ -91,7 +94,8 @@ fn waves_progress(r: &RolloutStatus) -> String {
 /// The `-o json` form.
 pub fn json(r: &RolloutStatus) -> Value {
     json!({
-        "active": r.active, "kind": r.kind, "version": r.version, "revision": r.revision, "phase": r.phase,
+        "active": r.active, "kind": r.kind, "version": r.version, "note": r.note, "revision": r.revision,
+        "phase": r.phase,
         "current_wave": r.current_wave,
         "pause_reason": r.pause_reason, "node_timeout_secs": r.node_timeout_secs,
         "counts": {"total": r.total, "pending": r.pending, "applying": r.applying,

@@ -179,7 +179,33 @@ fn agents_upgrade_in_waves_and_bad_releases_stop_at_the_canary() {
     wait_versions(&fleet, &new_version);
     ok(&fleet.ctl(&["rollout", "abort"]));
 
-    // 4. A repository under another root (e.g. a compromised or mistaken coordinator): refused by the agent.
+    // 4. No canary, everyone at once, abort above a 10% failure share and roll back: the first failure aborts
+    // the rollout and every touched node is told its previous version (which it runs again already, its
+    // launcher having rolled back on its own).
+    ok(&fleet.ctl(&[
+        "rollout",
+        "start",
+        "--version",
+        "0.9.1",
+        "--canary",
+        "0",
+        "--max-unavailable",
+        "5",
+        "--max-failures",
+        "5",
+        "--abort-failure-percent",
+        "10",
+        "--rollback",
+    ]));
+    let (st, _) = fleet.wait_rollout("aborted");
+    let note = st["note"].as_str().unwrap_or("");
+    assert!(
+        note.contains("more than 10%") && note.contains("rolled back to their previous version"),
+        "{st}"
+    );
+    wait_versions(&fleet, &new_version);
+
+    // 5. A repository under another root (e.g. a compromised or mistaken coordinator): refused by the agent.
     let other = ops.path().join("other");
     ok(&fleet.ctl(&[
         "release",
