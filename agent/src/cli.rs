@@ -43,11 +43,13 @@ struct Args {
 #[derive(clap::Subcommand, Debug)]
 enum Cmd {
     /// Install the agent on this host: the binary (/usr/local/bin), its configuration (/etc/nimbus/agent.toml),
-    /// the join token (/etc/nimbus/join-token, 0600, only while the host is not enrolled), the state directory,
-    /// a systemd unit and drop-in; then enable and start it when systemd runs the host, or print what remains.
+    /// the join token (/etc/nimbus/join-token, 0600, only while the host is not enrolled), the release root
+    /// (/etc/nimbus/release-root.json, 0644), the state directory, a systemd unit and drop-in; then enable and
+    /// start it when systemd runs the host, or print what remains.
     /// Idempotent: a second run changes nothing.
     ///
-    /// Example: nimbus-agent bootstrap --coordinator 192.0.2.1:7443 --ca-pin sha256:<hex> --token-file ./token
+    /// Example: nimbus-agent bootstrap --coordinator 192.0.2.1:7443 --ca-pin sha256:<hex> --token-file ./token \
+    ///            --release-root ./1.root.json
     #[command(verbatim_doc_comment)]
     Bootstrap {
         /// Enrollment endpoint HOST:PORT (from `nimbusctl token create`).
@@ -65,6 +67,11 @@ enum Cmd {
         /// The node name to ask for (default: the hostname).
         #[arg(long)]
         node_name: Option<String>,
+        /// The release repository's root metadata (releases/repo/metadata/1.root.json from `nimbusctl release
+        /// init`): installed as /etc/nimbus/release-root.json (0644), and the configuration points at it, so the
+        /// agent only accepts releases signed under this root. Without it, an installed root is kept.
+        #[arg(long, value_name = "FILE")]
+        release_root: Option<PathBuf>,
         /// Install into this directory instead of / (image builds, tests); nothing is started then.
         #[arg(long, default_value = "/")]
         root: PathBuf,
@@ -122,6 +129,7 @@ fn bootstrap(cmd: Cmd) -> ExitCode {
         token,
         token_file,
         node_name,
+        release_root,
         root,
     } = cmd
     else {
@@ -139,6 +147,17 @@ fn bootstrap(cmd: Cmd) -> ExitCode {
         },
         (None, None) => None,
     };
+    let release_root = match release_root
+        .as_deref()
+        .map(crate::install::read_release_root)
+        .transpose()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nimbus-agent: bootstrap: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
     let binary = match std::env::current_exe() {
         Ok(b) => b,
         Err(e) => {
@@ -153,6 +172,7 @@ fn bootstrap(cmd: Cmd) -> ExitCode {
         ca_pin,
         token,
         node_name,
+        release_root,
     };
     let steps = match crate::install::install(&spec) {
         Ok(s) => s,

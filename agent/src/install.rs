@@ -1,12 +1,16 @@
 //! `nimbus-agent bootstrap`: install the agent on a bare host, idempotently — the binary, its configuration,
-//! the join token (0600, only while the host has no identity yet), the state directory, the systemd unit and a
-//! drop-in pointing it at the configuration — then enable and start it when systemd is PID 1, or say exactly what
-//! remains to do. The files are the ones the bootstrap artefacts write (nimbus-bootstrap), so a host prepared by
-//! cloud-init and one prepared by hand are the same. Every step compares before writing: a second run changes
+//! the join token (0600, only while the host has no identity yet), the pinned release root (0644, the root of
+//! trust upgrades are verified against), the state directory, the systemd unit and a drop-in pointing it at the
+//! configuration — then enable and start it when systemd is PID 1, or say exactly what remains to do. The
+//! files are the ones the bootstrap artefacts write (nimbus-bootstrap), so a host prepared by cloud-init and one
+//! prepared by hand are the same. Every step compares before writing: a second run changes
 //! nothing. `root` lets tests (and image builders) install into a directory.
 
+use std::io::Read;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use bootstrap::release_root::{RELEASE_ROOT_MAX_BYTES, RELEASE_ROOT_PATH, ReleaseRoot};
 
 use crate::error::AgentError;
 
@@ -22,6 +26,9 @@ pub struct InstallSpec {
     /// Needed only until the host has enrolled.
     pub token: Option<String>,
     pub node_name: Option<String>,
+    /// The release repository's root metadata (the text of `1.root.json`), installed as
+    /// `/etc/nimbus/release-root.json`. `None` keeps an installed one as it is.
+    pub release_root: Option<String>,
 }
 
 /// One step and whether it changed anything.
@@ -69,6 +76,37 @@ fn ensure_file(path: &Path, body: &[u8], mode: u32) -> Result<bool, AgentError> 
     Ok(true)
 }
 
+/// Reads the file given to `--release-root` (e.g. `releases/repo/metadata/1.root.json`) and checks it is a
+/// release root ([`ReleaseRoot::parse`]: JSON, a signed TUF `root`, at most 64 KiB). Reads no more than the
+/// limit allows, so a wrong path such as a device cannot hang it.
+pub fn read_release_root(path: &Path) -> Result<String, AgentError> {
+    let bad = |m: String| AgentError::Config(vec![format!("--release-root {}: {m}", path.display())]);
+    let f = std::fs::File::open(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let mut bytes = Vec::new();
+    f.take(RELEASE_ROOT_MAX_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(format!("cannot read it: {e}")))?;
+    if bytes.len() > RELEASE_ROOT_MAX_BYTES {
+        return Err(bad(format!(
+            "is over {RELEASE_ROOT_MAX_BYTES} bytes, too large for a release root; give the repository's root \
+             metadata, e.g. releases/repo/metadata/1.root.json"
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| {
+        bad("is not UTF-8 text; give the repository's root metadata, e.g. releases/repo/metadata/1.root.json".into())
+    })?;
+    parse_root(&text).map_err(bad)?;
+    Ok(text)
+}
+
+/// [`ReleaseRoot::parse`], its refusal as the problem text alone.
+fn parse_root(text: &str) -> Result<ReleaseRoot, String> {
+    ReleaseRoot::parse(text).map_err(|e| match e {
+        bootstrap::BootstrapError::Invalid { problem, .. } => problem,
+        other => other.to_string(),
+    })
+}
+
 /// Checks the values before anything is written (hostile input: they come from a command line or a script).
 pub fn check(spec: &InstallSpec) -> Result<(), AgentError> {
     let bad = |m: String| AgentError::Config(vec![m]);
@@ -92,6 +130,9 @@ pub fn check(spec: &InstallSpec) -> Result<(), AgentError> {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
     {
         return Err(bad(format!("--node-name {n:?}: use 1-63 of a-z, 0-9 and -")));
+    }
+    if let Some(r) = &spec.release_root {
+        parse_root(r).map_err(|problem| bad(format!("--release-root: {problem}")))?;
     }
     for v in [&spec.coordinator, &spec.ca_pin] {
         if v.chars().any(char::is_control) {
@@ -133,11 +174,42 @@ pub fn install(spec: &InstallSpec) -> Result<Vec<Step>, AgentError> {
         created || fix_mode,
     );
 
+    // The release root before the configuration that points at it. Without --release-root, one installed
+    // earlier stays pinned (a re-run without the flag changes nothing).
+    let root_path = under(root, RELEASE_ROOT_PATH);
+    let pinned = match &spec.release_root {
+        Some(text) => {
+            let r =
+                parse_root(text).map_err(|problem| AgentError::Config(vec![format!("--release-root: {problem}")]))?;
+            step(
+                format!("release root {} (0644)", root_path.display()),
+                ensure_file(&root_path, r.contents().as_bytes(), 0o644)?,
+            );
+            true
+        }
+        None if root_path.is_file() => {
+            step(format!("release root {}: kept as it is", root_path.display()), false);
+            true
+        }
+        None => {
+            step(
+                format!(
+                    "release root: none given, so this agent refuses upgrades until one is installed as {} \
+                     (--release-root releases/repo/metadata/1.root.json)",
+                    root_path.display()
+                ),
+                false,
+            );
+            false
+        }
+    };
+
     let config = bootstrap::agent_files::agent_config_for(
         &spec.coordinator,
         &spec.ca_pin,
         bootstrap::spec::DEFAULT_STATE_DIR,
         spec.node_name.as_deref(),
+        pinned.then_some(RELEASE_ROOT_PATH),
     )
     .map_err(|e| AgentError::Other(e.to_string()))?;
     let config_path = under(root, bootstrap::spec::AGENT_CONFIG_PATH);
@@ -191,8 +263,12 @@ mod tests {
             ca_pin: format!("sha256:{}", "ab".repeat(32)),
             token: Some("nimbus1.abcdefghij.0123456789abcdefghijklmnopqrstuv".into()),
             node_name: Some("db-7".into()),
+            release_root: Some(ROOT.into()),
         }
     }
+
+    /// A real release root, as `nimbusctl release init` writes it (the bootstrap crate's test fixture).
+    const ROOT: &str = include_str!("../../bootstrap/tests/fixtures/release-root.json");
 
     #[test]
     fn installs_everything_once_and_a_second_run_changes_nothing() {
@@ -216,8 +292,26 @@ mod tests {
             "the configuration holds no secret"
         );
 
+        assert_eq!(mode(RELEASE_ROOT_PATH), 0o644);
+        assert_eq!(
+            std::fs::read_to_string(under(&root, RELEASE_ROOT_PATH)).unwrap(),
+            ROOT,
+            "installed byte for byte"
+        );
+        assert!(
+            config.contains("release_root = \"/etc/nimbus/release-root.json\""),
+            "{config}"
+        );
+
         let second = install(&spec(&root, &bin)).unwrap();
         assert!(second.iter().all(|s| !s.changed), "{second:?}");
+        // Without --release-root the installed root stays pinned: still nothing changes.
+        let without = install(&InstallSpec {
+            release_root: None,
+            ..spec(&root, &bin)
+        })
+        .unwrap();
+        assert!(without.iter().all(|s| !s.changed), "{without:?}");
 
         // Enrolled hosts need no token; hand-made changes are put back.
         std::fs::write(
@@ -263,9 +357,90 @@ mod tests {
                 token: None,
                 ..spec(&root, &bin)
             },
+            InstallSpec {
+                release_root: Some("{}".into()),
+                ..spec(&root, &bin)
+            },
+            InstallSpec {
+                release_root: Some(ROOT.replacen("\"_type\": \"root\"", "\"_type\": \"targets\"", 1)),
+                ..spec(&root, &bin)
+            },
         ] {
             assert!(install(&bad).is_err(), "{bad:?}");
         }
         assert!(!root.join("etc").exists(), "nothing written");
+    }
+
+    #[test]
+    fn the_release_root_is_where_the_agent_looks_and_the_configuration_points_at_it() {
+        assert_eq!(RELEASE_ROOT_PATH, crate::config::DEFAULT_RELEASE_ROOT);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let bin = dir.path().join("nimbus-agent");
+        std::fs::write(&bin, b"agent").unwrap();
+        install(&spec(&root, &bin)).unwrap();
+        // The agent's own configuration loader reads the file bootstrap wrote.
+        let settings: crate::config::Settings =
+            daemon::config::load_optional(Some(&under(&root, bootstrap::spec::AGENT_CONFIG_PATH))).unwrap();
+        assert_eq!(settings.release_root, Some(PathBuf::from(RELEASE_ROOT_PATH)));
+    }
+
+    #[test]
+    fn without_a_release_root_none_is_pinned_and_the_step_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let bin = dir.path().join("nimbus-agent");
+        std::fs::write(&bin, b"agent").unwrap();
+        let steps = install(&InstallSpec {
+            release_root: None,
+            ..spec(&root, &bin)
+        })
+        .unwrap();
+        assert!(!under(&root, RELEASE_ROOT_PATH).exists());
+        let config = std::fs::read_to_string(under(&root, bootstrap::spec::AGENT_CONFIG_PATH)).unwrap();
+        assert!(!config.contains("release_root"), "{config}");
+        assert!(
+            steps
+                .iter()
+                .any(|s| s.what.contains("refuses upgrades") && s.what.contains("--release-root")),
+            "{steps:?}"
+        );
+        // Given later, it is installed and the configuration is rewritten to point at it.
+        let later = install(&spec(&root, &bin)).unwrap();
+        let changed: Vec<&str> = later.iter().filter(|s| s.changed).map(|s| s.what.as_str()).collect();
+        assert_eq!(changed.len(), 2, "{later:?}");
+        assert!(changed[0].starts_with("release root") && changed[1].starts_with("configuration"));
+    }
+
+    #[test]
+    fn release_root_files_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("1.root.json");
+        std::fs::write(&good, ROOT).unwrap();
+        assert_eq!(read_release_root(&good).unwrap(), ROOT);
+
+        let refused = |name: &str, body: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            let e = read_release_root(&p).unwrap_err();
+            assert_eq!(e.exit_code(), crate::error::EXIT_USAGE, "{e}");
+            let m = e.to_string();
+            assert!(m.contains(&p.display().to_string()), "names the file: {m}");
+            m
+        };
+        assert!(
+            refused(
+                "timestamp.json",
+                br#"{"signed": {"_type": "timestamp"}, "signatures": [{}]}"#
+            )
+            .contains("not `root`")
+        );
+        assert!(refused("garbage.json", b"PK\x03\x04\xff\xfe").contains("UTF-8"));
+        assert!(refused("notes.txt", b"root of trust").contains("not valid JSON"));
+        assert!(refused("big.json", &vec![b' '; RELEASE_ROOT_MAX_BYTES + 10]).contains("too large"));
+        let e = read_release_root(&dir.path().join("absent.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read it"), "{e}");
     }
 }

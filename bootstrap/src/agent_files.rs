@@ -1,10 +1,10 @@
-//! The files every artefact puts on the host: the agent configuration, the join token file, and the systemd
-//! unit / drop-in.
+//! The files every artefact puts on the host: the agent configuration, the join token file, the release root
+//! (when pinned), and the systemd unit / drop-in.
 
 use serde::Serialize;
 
 use crate::error::BootstrapError;
-use crate::spec::{AGENT_BINARY_PATH, AGENT_CONFIG_PATH, Checked, TOKEN_FILE_PATH};
+use crate::spec::{AGENT_BINARY_PATH, AGENT_CONFIG_PATH, Checked, RELEASE_ROOT_PATH, TOKEN_FILE_PATH};
 
 /// The keys of the agent's TOML configuration that bootstrap sets (the agent's `Settings` names).
 #[derive(Serialize)]
@@ -15,25 +15,31 @@ struct AgentConfig<'a> {
     state_dir: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     node_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    release_root: Option<&'a str>,
 }
 
-/// `/etc/nimbus/agent.toml`: coordinator, CA pin, token file, state directory, node name. Holds no secret.
+/// `/etc/nimbus/agent.toml`: coordinator, CA pin, token file, state directory, node name, and `release_root`
+/// ([`RELEASE_ROOT_PATH`]) when the spec pins one. Holds no secret.
 pub(crate) fn agent_config(c: &Checked<'_>) -> Result<String, BootstrapError> {
     agent_config_for(
         &c.spec.coordinator,
         &c.spec.ca_pin,
         c.state_dir,
         c.spec.node_name.as_deref(),
+        c.release_root.as_ref().map(|_| RELEASE_ROOT_PATH),
     )
 }
 
-/// [`agent_config`] from plain values (also what `nimbus-agent bootstrap` writes on a host). The caller has
-/// validated them.
+/// The agent configuration from plain values (also what `nimbus-agent bootstrap` writes on a host). The caller has
+/// validated them. `release_root` is the path of the pinned release root (normally [`RELEASE_ROOT_PATH`]), or
+/// `None` to leave the key out.
 pub fn agent_config_for(
     coordinator: &str,
     ca_pin: &str,
     state_dir: &str,
     node_name: Option<&str>,
+    release_root: Option<&str>,
 ) -> Result<String, BootstrapError> {
     let body = toml::to_string(&AgentConfig {
         coordinator,
@@ -41,6 +47,7 @@ pub fn agent_config_for(
         token_file: TOKEN_FILE_PATH,
         state_dir,
         node_name,
+        release_root,
     })
     .map_err(|e| BootstrapError::render("the agent configuration", e))?;
     Ok(format!(

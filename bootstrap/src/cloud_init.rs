@@ -2,8 +2,9 @@
 //!
 //! The `#cloud-config` document has two keys:
 //! - `write_files`: the agent configuration (`/etc/nimbus/agent.toml`, 0644), the join token
-//!   (`/etc/nimbus/join-token`, 0600) and the install script (`/var/lib/nimbus-bootstrap/install-agent.sh`,
-//!   0700, see [`crate::shell`]), all owned by root;
+//!   (`/etc/nimbus/join-token`, 0600), the release root when pinned (`/etc/nimbus/release-root.json`, 0644)
+//!   and the install script (`/var/lib/nimbus-bootstrap/install-agent.sh`, 0700, see [`crate::shell`]), all
+//!   owned by root;
 //! - `runcmd`: runs the install script, which downloads the package with curl, checks its SHA-256
 //!   (`sha256sum -c`), installs it (`dpkg -i`, `rpm -U`, or the bare binary plus a systemd unit) and runs
 //!   `systemctl daemon-reload` and `systemctl enable --now nimbus-agent`. Keeping the script on disk lets an
@@ -19,7 +20,9 @@ use sha2::{Digest, Sha256};
 use crate::agent_files;
 use crate::error::BootstrapError;
 use crate::shell::{self, ScriptKind};
-use crate::spec::{AGENT_CONFIG_PATH, Artefact, BootstrapSpec, Checked, INSTALL_SCRIPT_PATH, TOKEN_FILE_PATH};
+use crate::spec::{
+    AGENT_CONFIG_PATH, Artefact, BootstrapSpec, Checked, INSTALL_SCRIPT_PATH, RELEASE_ROOT_PATH, TOKEN_FILE_PATH,
+};
 
 /// Name of the cloud-config in [`render`]'s artefact.
 pub const USER_DATA_FILE: &str = "user-data.yaml";
@@ -48,27 +51,34 @@ pub fn cloud_config(spec: &BootstrapSpec) -> Result<String, BootstrapError> {
 }
 
 pub(crate) fn cloud_config_checked(c: &Checked<'_>) -> Result<String, BootstrapError> {
+    let mut write_files = vec![WriteFile {
+        path: AGENT_CONFIG_PATH,
+        owner: "root:root",
+        permissions: "0644",
+        content: agent_files::agent_config(c)?,
+    }];
+    write_files.push(WriteFile {
+        path: TOKEN_FILE_PATH,
+        owner: "root:root",
+        permissions: "0600",
+        content: agent_files::token_file(c),
+    });
+    if let Some(root) = &c.release_root {
+        write_files.push(WriteFile {
+            path: RELEASE_ROOT_PATH,
+            owner: "root:root",
+            permissions: "0644",
+            content: root.contents().to_string(),
+        });
+    }
+    write_files.push(WriteFile {
+        path: INSTALL_SCRIPT_PATH,
+        owner: "root:root",
+        permissions: "0700",
+        content: shell::script(c, ScriptKind::InstallOnly)?,
+    });
     let doc = CloudConfig {
-        write_files: vec![
-            WriteFile {
-                path: AGENT_CONFIG_PATH,
-                owner: "root:root",
-                permissions: "0644",
-                content: agent_files::agent_config(c)?,
-            },
-            WriteFile {
-                path: TOKEN_FILE_PATH,
-                owner: "root:root",
-                permissions: "0600",
-                content: agent_files::token_file(c),
-            },
-            WriteFile {
-                path: INSTALL_SCRIPT_PATH,
-                owner: "root:root",
-                permissions: "0700",
-                content: shell::script(c, ScriptKind::InstallOnly)?,
-            },
-        ],
+        write_files,
         runcmd: vec![vec!["sh", INSTALL_SCRIPT_PATH]],
     };
     let yaml = serde_norway::to_string(&doc).map_err(|e| BootstrapError::render("the cloud-config", e))?;

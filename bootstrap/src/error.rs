@@ -15,8 +15,8 @@ pub enum BootstrapError {
     },
     /// The rendered payload is larger than the platform accepts.
     #[error(
-        "{what} is {size} bytes, over the platform limit of {limit} bytes; drop or shorten the extra user scripts, \
-         or host them somewhere the machine fetches them from"
+        "{what} is {size} bytes, over the platform limit of {limit} bytes; drop or shorten the extra user scripts \
+         (or the release root), or host the scripts somewhere the machine fetches them from"
     )]
     TooLarge {
         /// The payload, e.g. "Azure custom data".

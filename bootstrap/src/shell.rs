@@ -3,10 +3,10 @@
 //! `START_SCRIPT_BASE64` and the stand-alone `install-agent.sh` carry the configuration and the token in it
 //! ([`ScriptKind::Standalone`]).
 //!
-//! What it does, in order: write the configuration and token (stand-alone only) and the systemd drop-in (and
-//! the unit for a bare binary), each only when its content differs; download the package with curl, check its
-//! SHA-256 and install it, skipped when that exact package is already installed; `systemctl daemon-reload`
-//! and `systemctl enable --now`.
+//! What it does, in order: write the configuration, the token and the release root when pinned (stand-alone
+//! only) and the systemd drop-in (and the unit for a bare binary), each only when its content differs;
+//! download the package with curl, check its SHA-256 and install it, skipped when that exact package is already
+//! installed; `systemctl daemon-reload` and `systemctl enable --now`.
 //!
 //! Every value is a single-quoted shell word made by [`quote`]; multi-line files are quoted here-documents
 //! (`<<'NIMBUS_EOF'`), so nothing in them is expanded.
@@ -15,7 +15,7 @@ use crate::agent_files;
 use crate::error::BootstrapError;
 use crate::spec::{
     AGENT_BINARY_PATH, AGENT_CONFIG_PATH, AGENT_DROPIN_PATH, AGENT_PACKAGE_NAME, AGENT_UNIT_PATH, Artefact,
-    BootstrapSpec, Checked, DOWNLOAD_DIR, PACKAGE_MARKER_PATH, PackageKind, TOKEN_FILE_PATH,
+    BootstrapSpec, Checked, DOWNLOAD_DIR, PACKAGE_MARKER_PATH, PackageKind, RELEASE_ROOT_PATH, TOKEN_FILE_PATH,
 };
 use crate::validate;
 
@@ -31,7 +31,8 @@ pub enum ScriptKind {
     /// Package, systemd drop-in/unit and service only: the configuration and the token are written by someone
     /// else (cloud-init `write_files`). Holds no secret.
     InstallOnly,
-    /// Also writes the agent configuration and the join token file (0600). Holds the join token.
+    /// Also writes the agent configuration, the join token file (0600) and the release root (when pinned,
+    /// 0644). Holds the join token.
     Standalone,
 }
 
@@ -150,6 +151,10 @@ pub(crate) fn script(c: &Checked<'_>, kind: ScriptKind) -> Result<String, Bootst
         s.push_str("# The agent configuration, and the join token it enrolls with (0600).\n");
         put(&mut s, AGENT_CONFIG_PATH, "0644", &agent_files::agent_config(c)?)?;
         put(&mut s, TOKEN_FILE_PATH, "0600", &agent_files::token_file(c))?;
+        if let Some(root) = &c.release_root {
+            s.push_str("# The release root the agent verifies upgrades against (public metadata).\n");
+            put(&mut s, RELEASE_ROOT_PATH, "0644", root.contents())?;
+        }
     }
     s.push_str("# Point the service at the configuration, whichever unit the package ships.\n");
     put(&mut s, AGENT_DROPIN_PATH, "0644", &agent_files::dropin())?;

@@ -4,6 +4,8 @@
 use std::fmt;
 
 use crate::error::BootstrapError;
+pub use crate::release_root::RELEASE_ROOT_PATH;
+use crate::release_root::{self, ReleaseRoot};
 use crate::validate::{self, Scheme};
 
 /// Where the agent configuration is written on the host (mode 0644, owner root).
@@ -82,6 +84,11 @@ pub struct BootstrapSpec {
     pub package: PackageSource,
     /// The agent's state directory; [`DEFAULT_STATE_DIR`] when unset.
     pub state_dir: Option<String>,
+    /// The agent release repository's root metadata (the text of `1.root.json` from `nimbusctl release init`):
+    /// public, not a secret. When set, every artefact installs it as [`RELEASE_ROOT_PATH`] (0644) and the agent
+    /// configuration's `release_root` points at it, so agents accept only releases signed under this root.
+    /// Checked by [`ReleaseRoot::parse`]. When unset, agents refuse upgrades until a root is installed.
+    pub release_root: Option<String>,
 }
 
 impl fmt::Debug for BootstrapSpec {
@@ -94,6 +101,10 @@ impl fmt::Debug for BootstrapSpec {
             .field("node_name", &self.node_name)
             .field("package", &self.package)
             .field("state_dir", &self.state_dir)
+            .field(
+                "release_root",
+                &self.release_root.as_ref().map(|r| format!("<{} bytes>", r.len())),
+            )
             .finish()
     }
 }
@@ -108,11 +119,13 @@ pub(crate) struct Checked<'a> {
     pub sha256: String,
     pub package_scheme: Scheme,
     pub state_dir: &'a str,
+    pub release_root: Option<ReleaseRoot>,
 }
 
 impl BootstrapSpec {
     /// Checks every value: endpoint `HOST:PORT`, pin and token syntax, URL scheme and characters, digest,
-    /// node name, state directory, and no newline, NUL or other control character anywhere.
+    /// node name, state directory, the release root ([`ReleaseRoot::parse`]), and no newline, NUL or other
+    /// control character anywhere else.
     pub fn validate(&self) -> Result<(), BootstrapError> {
         self.checked().map(|_| ())
     }
@@ -129,18 +142,20 @@ impl BootstrapSpec {
         let sha256 = validate::sha256("package.sha256", &self.package.sha256)?;
         let state_dir = self.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR);
         validate::abs_path("state_dir", state_dir)?;
+        let release_root = self.release_root.as_deref().map(ReleaseRoot::parse).transpose()?;
         Ok(Checked {
             spec: self,
             token_id,
             sha256,
             package_scheme,
             state_dir,
+            release_root,
         })
     }
 }
 
 impl Checked<'_> {
-    /// The notes every artefact holding this spec's token carries.
+    /// The notes every artefact holding this spec's token carries (and what they say about the release root).
     pub(crate) fn token_notes(&self) -> Vec<String> {
         let mut notes = vec![format!(
             "contains a single-use join token (id {}) valid until {}: it is the only secret in these files; \
@@ -153,6 +168,10 @@ impl Checked<'_> {
                 self.spec.package.url
             ));
         }
+        notes.push(match &self.release_root {
+            Some(r) => r.note(),
+            None => release_root::missing_note(),
+        });
         notes
     }
 

@@ -12,7 +12,7 @@ use bootstrap::ipxe::{self, BareMetalHost, NoCloudDatasource};
 use bootstrap::opennebula::{self, ContextMode};
 use bootstrap::shell::{self, ScriptKind};
 use bootstrap::{Artefact, BootstrapError, BootstrapSpec, PackageKind, cloud_init, vmware};
-use common::{TOKEN, ipxe_spec, spec};
+use common::{RELEASE_ROOT, TOKEN, ipxe_spec, spec, spec_with_root};
 
 fn b64d(s: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(s.trim()).unwrap()
@@ -340,9 +340,11 @@ fn holds(content: &[u8], token: &str) -> bool {
 
 #[test]
 fn secret_files_are_exactly_the_files_holding_a_token() {
-    let s = spec(PackageKind::Deb);
-    let mut artefacts: Vec<Artefact> = all_renderings(&s).into_iter().map(Result::unwrap).collect();
-    artefacts.push(ipxe::render(&s, &ipxe_spec()).unwrap());
+    let mut artefacts = Vec::new();
+    for s in [spec(PackageKind::Deb), spec_with_root(PackageKind::Deb)] {
+        artefacts.extend(all_renderings(&s).into_iter().map(Result::unwrap));
+        artefacts.push(ipxe::render(&s, &ipxe_spec()).unwrap());
+    }
     let tokens = [common::TOKEN, common::TOKEN_B, common::TOKEN_C];
     for a in artefacts {
         for (name, content) in &a.files {
@@ -385,6 +387,15 @@ fn agent_config_is_toml_the_agent_reads() {
     let mut keys: Vec<&str> = toml.keys().map(String::as_str).collect();
     keys.sort_unstable();
     assert_eq!(keys, ["ca_pin", "coordinator", "node_name", "state_dir", "token_file"]);
+    let with_root = cloud_init::cloud_config(&BootstrapSpec {
+        release_root: Some(RELEASE_ROOT.into()),
+        ..s.clone()
+    })
+    .unwrap();
+    assert_eq!(
+        config_release_root(with_root.as_bytes()).as_deref(),
+        Some("/etc/nimbus/release-root.json")
+    );
     assert_eq!(toml["coordinator"].as_str(), Some("coord.example.net:7443"));
     assert_eq!(toml["token_file"].as_str(), Some("/etc/nimbus/join-token"));
     assert_eq!(toml["state_dir"].as_str(), Some("/srv/nimbus"));
@@ -644,4 +655,214 @@ fn rendering_is_deterministic() {
         ipxe::render(&s, &ipxe_spec()).unwrap(),
         ipxe::render(&s, &ipxe_spec()).unwrap()
     );
+}
+
+// ---- The pinned release root ------------------------------------------------------------------------------
+
+/// The `write_files` entry for `path` in a cloud-config, if any.
+fn write_file(cloud_config: &[u8], path: &str) -> Option<serde_norway::Value> {
+    let doc: serde_norway::Value = serde_norway::from_slice(cloud_config).unwrap();
+    doc["write_files"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"].as_str() == Some(path))
+        .cloned()
+}
+
+/// The `release_root` key of the agent configuration in a cloud-config.
+fn config_release_root(cloud_config: &[u8]) -> Option<String> {
+    let config = write_file(cloud_config, "/etc/nimbus/agent.toml").unwrap();
+    let toml: toml::Table = toml::from_str(config["content"].as_str().unwrap()).unwrap();
+    toml.get("release_root").map(|v| v.as_str().unwrap().to_string())
+}
+
+/// Every cloud-config a spec's artefacts carry (decoded), by a descriptive name.
+fn cloud_configs_of(s: &BootstrapSpec) -> Vec<(String, Vec<u8>)> {
+    let mut out = vec![(
+        "cloud-init".to_string(),
+        text(&cloud_init::render(s).unwrap(), cloud_init::USER_DATA_FILE).into_bytes(),
+    )];
+    out.push((
+        "azure".into(),
+        b64d(&text(&azure::render(s).unwrap(), azure::CUSTOM_DATA_FILE)),
+    ));
+    out.push((
+        "vmware".into(),
+        b64d(&vmware::guestinfo(s).unwrap()["guestinfo.userdata"]),
+    ));
+    let one = text(
+        &opennebula::render(s, ContextMode::CloudInit).unwrap(),
+        opennebula::CONTEXT_FILE,
+    );
+    out.push(("opennebula".into(), b64d(&attr(&one, "USER_DATA"))));
+    let bare = ipxe::render(s, &ipxe_spec()).unwrap();
+    for (name, contents) in &bare.files {
+        if name.ends_with("/user-data") {
+            out.push((format!("ipxe {name}"), contents.clone()));
+        }
+    }
+    out
+}
+
+/// Every install script a spec's artefacts carry that writes the configuration itself.
+fn standalone_scripts_of(s: &BootstrapSpec) -> Vec<(String, String)> {
+    let one = text(
+        &opennebula::render(s, ContextMode::StartScript).unwrap(),
+        opennebula::CONTEXT_FILE,
+    );
+    vec![
+        ("shell".into(), text(&shell::render(s).unwrap(), shell::SCRIPT_FILE)),
+        (
+            "opennebula start script".into(),
+            String::from_utf8(b64d(&attr(&one, "START_SCRIPT_BASE64"))).unwrap(),
+        ),
+    ]
+}
+
+#[test]
+fn the_release_root_lands_in_every_artefact() {
+    let s = spec_with_root(PackageKind::Deb);
+    for (name, cc) in cloud_configs_of(&s) {
+        let f = write_file(&cc, "/etc/nimbus/release-root.json").unwrap_or_else(|| panic!("{name}: no release root"));
+        assert_eq!(f["content"].as_str(), Some(RELEASE_ROOT), "{name}: byte for byte");
+        assert_eq!(f["permissions"].as_str(), Some("0644"), "{name}");
+        assert_eq!(f["owner"].as_str(), Some("root:root"), "{name}");
+        assert_eq!(
+            config_release_root(&cc).as_deref(),
+            Some("/etc/nimbus/release-root.json"),
+            "{name}: the agent configuration points at it"
+        );
+    }
+    let put = format!("put '/etc/nimbus/release-root.json' 0644 <<'NIMBUS_EOF'\n{RELEASE_ROOT}NIMBUS_EOF\n");
+    for (name, script) in standalone_scripts_of(&s) {
+        assert!(script.contains(&put), "{name}: {script}");
+        assert!(
+            script.contains("release_root = \"/etc/nimbus/release-root.json\""),
+            "{name}"
+        );
+    }
+    // cloud-init's write_files installs it; the script runcmd runs does not write it again.
+    let install_only = shell::install_script(&s, ScriptKind::InstallOnly).unwrap();
+    assert!(!install_only.contains("release-root.json"), "{install_only}");
+
+    // Every artefact tells the operator.
+    let mut all: Vec<Artefact> = all_renderings(&s).into_iter().take(7).map(Result::unwrap).collect();
+    all.push(ipxe::render(&s, &ipxe_spec()).unwrap());
+    for a in all {
+        assert!(
+            a.notes.iter().any(
+                |n| n.contains("agents will only accept releases signed under this root") && n.contains("version 1")
+            ),
+            "{:?}",
+            a.notes
+        );
+    }
+}
+
+#[test]
+fn without_a_release_root_nothing_is_pinned_and_the_notes_say_so() {
+    let s = spec(PackageKind::Deb);
+    for (name, cc) in cloud_configs_of(&s) {
+        assert!(write_file(&cc, "/etc/nimbus/release-root.json").is_none(), "{name}");
+        assert_eq!(config_release_root(&cc), None, "{name}");
+    }
+    for (name, script) in standalone_scripts_of(&s) {
+        assert!(
+            !script.contains("release-root") && !script.contains("release_root"),
+            "{name}"
+        );
+    }
+    let notes = cloud_init::render(&s).unwrap().notes;
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("no agent release root is pinned") && n.contains("--release-root")),
+        "{notes:?}"
+    );
+}
+
+#[test]
+fn the_release_root_is_public_not_secret() {
+    let s = spec_with_root(PackageKind::Deb);
+    let dbg = format!("{s:?}");
+    assert!(
+        !dbg.contains("ed25519") && dbg.contains("bytes"),
+        "Debug prints its size only: {dbg}"
+    );
+    // The root alone does not make a file secret: the iPXE script and meta-data stay public.
+    let a = ipxe::render(&s, &ipxe_spec()).unwrap();
+    assert!(!a.secret_files.contains(&ipxe::SCRIPT_FILE.to_string()));
+    assert!(!text(&a, ipxe::SCRIPT_FILE).contains("release"));
+}
+
+#[test]
+fn bad_release_roots_are_refused_by_every_renderer() {
+    let timestamp = RELEASE_ROOT.replacen("\"_type\": \"root\"", "\"_type\": \"timestamp\"", 1);
+    assert_ne!(timestamp, RELEASE_ROOT);
+    let unsigned = r#"{"signed": {"_type": "root"}, "signatures": []}"#;
+    let huge = RELEASE_ROOT.replacen(
+        "\"_type\"",
+        &format!("\"pad\": \"{}\", \"_type\"", "a".repeat(66_000)),
+        1,
+    );
+    for (bad, why) in [
+        ("", "empty"),
+        ("not json", "not valid JSON"),
+        ("{\"signed\": {\"_type\": \"root\"}", "not valid JSON"),
+        ("[]", "no `signed` object"),
+        (timestamp.as_str(), "TUF `timestamp` metadata"),
+        (unsigned, "no signatures"),
+        (&RELEASE_ROOT.replace('\n', "\r\n"), "CRLF"),
+        (huge.as_str(), "over the limit of 65536 bytes"),
+    ] {
+        let mut s = spec(PackageKind::Deb);
+        s.release_root = Some(bad.to_string());
+        let mut results = all_renderings(&s);
+        results.push(ipxe::render(&s, &ipxe_spec()));
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Err(BootstrapError::Invalid { field, problem }) => {
+                    assert_eq!(field, "release_root", "renderer {i}");
+                    assert!(problem.contains(why), "renderer {i}: {problem}");
+                    assert!(problem.contains("1.root.json"), "says what to give: {problem}");
+                    assert!(!problem.contains(TOKEN));
+                }
+                other => panic!("{why}: renderer {i} gave {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn azure_custom_data_fits_a_realistic_release_root() {
+    let s = spec_with_root(PackageKind::Deb);
+    let a = azure::render(&s).unwrap();
+    let payload = b64d(&text(&a, azure::CUSTOM_DATA_FILE));
+    // The root is about 2 KiB (one root key, three online keys); the whole cloud-config stays far below the
+    // limit, with room for user scripts.
+    assert!(RELEASE_ROOT.len() > 2_000, "the fixture is a real root");
+    assert!(payload.len() < 16 * 1024, "{} bytes", payload.len());
+    assert!(payload.len() + 40_000 < CUSTOM_DATA_MAX_BYTES);
+    // Even a root with many more keys fits: 20 keys instead of 4.
+    let key = "\"0000000000000000000000000000000000000000000000000000000000000000\": {\"keytype\": \"ed25519\", \
+               \"keyval\": {\"public\": \"0000000000000000000000000000000000000000000000000000000000000000\"}, \
+               \"scheme\": \"ed25519\"}";
+    let mut many = s.clone();
+    let keys: Vec<String> = (0..16).map(|i| key.replacen("00", &format!("{i:02}"), 1)).collect();
+    many.release_root = Some(RELEASE_ROOT.replacen("\"keys\": {", &format!("\"keys\": {{{},", keys.join(",")), 1));
+    assert!(many.release_root.as_ref().unwrap().len() > RELEASE_ROOT.len() + 16 * 150);
+    azure::render(&many).unwrap();
+
+    // A (valid) root too large for Azure is refused there, naming what to shrink; other platforms take it.
+    let mut big = s.clone();
+    big.release_root = Some(RELEASE_ROOT.replacen(
+        "\"_type\"",
+        &format!("\"pad\": \"{}\", \"_type\"", "a".repeat(63_000)),
+        1,
+    ));
+    cloud_init::render(&big).unwrap();
+    let e = azure::render(&big).unwrap_err();
+    assert!(matches!(e, BootstrapError::TooLarge { limit: 65_535, .. }), "{e:?}");
+    assert!(e.to_string().contains("release root"), "{e}");
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use bootstrap::opennebula::ContextMode;
 use bootstrap::{Artefact, PackageKind, azure, cloud_init, ipxe, opennebula, shell, vmware};
-use common::{ipxe_spec, spec};
+use common::{ipxe_spec, spec, spec_with_root};
 
 fn golden_dir(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -97,6 +97,10 @@ fn cloud_init_golden() {
         ),
     ];
     check(
+        "cloud-init-release-root",
+        &cloud_init::render(&spec_with_root(PackageKind::Deb)).unwrap(),
+    );
+    check(
         "cloud-init-multipart",
         &cloud_init::render_multipart(&spec(PackageKind::Deb), &scripts).unwrap(),
     );
@@ -134,4 +138,8 @@ fn shell_golden() {
     check("shell-deb", &shell::render(&spec(PackageKind::Deb)).unwrap());
     check("shell-rpm", &shell::render(&spec(PackageKind::Rpm)).unwrap());
     check("shell-binary", &shell::render(&spec(PackageKind::Binary)).unwrap());
+    check(
+        "shell-deb-release-root",
+        &shell::render(&spec_with_root(PackageKind::Deb)).unwrap(),
+    );
 }

@@ -17,7 +17,7 @@ use base64::Engine;
 use bootstrap::opennebula::ContextMode;
 use bootstrap::shell::{self, ScriptKind};
 use bootstrap::{BootstrapSpec, PackageKind, azure, cloud_init, ipxe, opennebula, vmware};
-use common::{EMPTY_SHA256, TOKEN, have_tool, ipxe_spec, spec};
+use common::{EMPTY_SHA256, RELEASE_ROOT, TOKEN, have_tool, ipxe_spec, spec, spec_with_root};
 
 fn b64d(s: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(s.trim()).unwrap()
@@ -55,22 +55,36 @@ fn all_cloud_configs() -> Vec<(String, Vec<u8>)> {
             cloud_init::cloud_config(&s).unwrap().into_bytes(),
         ));
     }
-    let s = spec(PackageKind::Deb);
-    let az = azure::render(&s).unwrap();
-    out.push((
-        "azure".into(),
-        b64d(std::str::from_utf8(az.file(azure::CUSTOM_DATA_FILE).unwrap()).unwrap()),
-    ));
-    let g = vmware::guestinfo(&s).unwrap();
-    out.push(("vmware".into(), b64d(&g["guestinfo.userdata"])));
-    let one = opennebula::render(&s, ContextMode::CloudInit).unwrap();
-    let ctx = String::from_utf8(one.file(opennebula::CONTEXT_FILE).unwrap().to_vec()).unwrap();
-    out.push(("opennebula".into(), b64d(&attr(&ctx, "USER_DATA"))));
-    let bare = ipxe::render(&s, &ipxe_spec()).unwrap();
-    for (name, contents) in &bare.files {
-        if name.ends_with("/user-data") || name.ends_with("/vendor-data") {
-            out.push((format!("ipxe-{}", name.replace(['/', ':'], "-")), contents.clone()));
+    // Every platform, without and with a pinned release root.
+    for (s, suffix) in [
+        (spec(PackageKind::Deb), ""),
+        (spec_with_root(PackageKind::Deb), "-release-root"),
+    ] {
+        let az = azure::render(&s).unwrap();
+        out.push((
+            format!("azure{suffix}"),
+            b64d(std::str::from_utf8(az.file(azure::CUSTOM_DATA_FILE).unwrap()).unwrap()),
+        ));
+        let g = vmware::guestinfo(&s).unwrap();
+        out.push((format!("vmware{suffix}"), b64d(&g["guestinfo.userdata"])));
+        let one = opennebula::render(&s, ContextMode::CloudInit).unwrap();
+        let ctx = String::from_utf8(one.file(opennebula::CONTEXT_FILE).unwrap().to_vec()).unwrap();
+        out.push((format!("opennebula{suffix}"), b64d(&attr(&ctx, "USER_DATA"))));
+        let bare = ipxe::render(&s, &ipxe_spec()).unwrap();
+        for (name, contents) in &bare.files {
+            if name.ends_with("/user-data") || name.ends_with("/vendor-data") {
+                out.push((
+                    format!("ipxe-{}{suffix}", name.replace(['/', ':'], "-")),
+                    contents.clone(),
+                ));
+            }
         }
+    }
+    for kind in [PackageKind::Rpm, PackageKind::Binary] {
+        out.push((
+            format!("cloud-init-{}-release-root", kind.as_str()),
+            cloud_init::cloud_config(&spec_with_root(kind)).unwrap().into_bytes(),
+        ));
     }
     out
 }
@@ -174,13 +188,14 @@ fn all_scripts() -> Vec<(String, String)> {
             (ScriptKind::InstallOnly, "install-only"),
             (ScriptKind::Standalone, "standalone"),
         ] {
-            let mut s = spec(kind);
-            // Values that need quoting.
-            s.package.url = "https://mirror.example.net/a&b;c(d)/nimbus-agent?x=1#frag".into();
-            out.push((
-                format!("{}-{mname}.sh", kind.as_str()),
-                shell::install_script(&s, mode).unwrap(),
-            ));
+            for (mut s, rname) in [(spec(kind), ""), (spec_with_root(kind), "-release-root")] {
+                // Values that need quoting.
+                s.package.url = "https://mirror.example.net/a&b;c(d)/nimbus-agent?x=1#frag".into();
+                out.push((
+                    format!("{}-{mname}{rname}.sh", kind.as_str()),
+                    shell::install_script(&s, mode).unwrap(),
+                ));
+            }
         }
     }
     out
@@ -378,7 +393,11 @@ fn mode_of(p: &Path) -> u32 {
 }
 
 fn run_twice(kind: PackageKind) {
-    let s: BootstrapSpec = spec(kind);
+    run_twice_with(spec(kind));
+}
+
+fn run_twice_with(s: BootstrapSpec) {
+    let kind = s.package.kind;
     let script = shell::install_script(&s, ScriptKind::Standalone).unwrap();
     let sb = Sandbox::new(b"");
     let (o, calls) = sb.run(&script);
@@ -391,6 +410,22 @@ fn run_twice(kind: PackageKind) {
     assert_eq!(mode_of(&sb.path("etc/nimbus/agent.toml")), 0o644);
     let config = fs::read_to_string(sb.path("etc/nimbus/agent.toml")).unwrap();
     assert!(config.contains("token_file = \"/etc/nimbus/join-token\""), "{config}");
+    let root = sb.path("etc/nimbus/release-root.json");
+    match &s.release_root {
+        Some(text) => {
+            assert_eq!(&fs::read_to_string(&root).unwrap(), text, "installed byte for byte");
+            assert_eq!(mode_of(&root), 0o644);
+            assert_eq!(fs::metadata(&root).unwrap().uid(), 0, "owned by root");
+            assert!(
+                config.contains("release_root = \"/etc/nimbus/release-root.json\""),
+                "{config}"
+            );
+        }
+        None => {
+            assert!(!root.exists());
+            assert!(!config.contains("release_root"), "{config}");
+        }
+    }
     let dropin = sb.path("etc/systemd/system/nimbus-agent.service.d/10-bootstrap.conf");
     assert!(
         fs::read_to_string(&dropin)
@@ -455,6 +490,16 @@ fn run_twice(kind: PackageKind) {
     let (o, _) = sb.run(&script);
     assert!(o.status.success(), "{}", show(&o));
     assert_eq!(mode_of(&token), 0o600);
+
+    // A release root edited by hand is put back.
+    if let Some(text) = &s.release_root {
+        fs::write(&root, "{}").unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o600)).unwrap();
+        let (o, _) = sb.run(&script);
+        assert!(o.status.success(), "{}", show(&o));
+        assert_eq!(&fs::read_to_string(&root).unwrap(), text);
+        assert_eq!(mode_of(&root), 0o644);
+    }
 }
 
 #[test]
@@ -475,6 +520,15 @@ fn install_script_is_idempotent_rpm() {
 fn install_script_is_idempotent_binary() {
     if can_run_for_real() {
         run_twice(PackageKind::Binary);
+    }
+}
+
+#[test]
+fn install_script_with_a_release_root_is_idempotent() {
+    if can_run_for_real() {
+        assert!(RELEASE_ROOT.ends_with('\n'), "the fixture is installed as it is");
+        run_twice_with(spec_with_root(PackageKind::Deb));
+        run_twice_with(spec_with_root(PackageKind::Binary));
     }
 }
 

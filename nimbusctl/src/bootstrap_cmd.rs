@@ -1,8 +1,11 @@
 //! `nimbusctl bootstrap render`: mint a join token for the new host (labels from the environment's and pool's
 //! match rules in the current policy, so the host lands there), render the platform's artefact with
-//! nimbus-bootstrap, and write it to a directory (files holding the token 0600).
+//! nimbus-bootstrap, and write it to a directory (files holding the token 0600). With `--release-root`, the
+//! artefact also pins the agent release root (`releases/repo/metadata/1.root.json`) on the host, so its agent
+//! only accepts releases signed under that root. The file is checked before a token is minted.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,6 +33,8 @@ pub struct RenderArgs {
     pub initrd_url: Option<String>,
     pub seed_url: Option<String>,
     pub opennebula_cloud_init: bool,
+    /// The release repository's root metadata file to pin on the host (`--release-root`).
+    pub release_root: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -95,8 +100,64 @@ async fn mint(
     Ok((r.token, r.ca_pin, endpoint, format!("single use, until {expiry}")))
 }
 
+/// Reads the `--release-root` file (e.g. `releases/repo/metadata/1.root.json`) and checks it is a release
+/// root agents can pin (JSON, a signed TUF `root`, at most 64 KiB). Reads no more than that.
+pub fn read_release_root(path: &Path) -> Result<String> {
+    let limit = bootstrap::release_root::RELEASE_ROOT_MAX_BYTES;
+    let f = std::fs::File::open(path).with_context(|| format!("--release-root: reading {}", path.display()))?;
+    let mut bytes = Vec::new();
+    f.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("--release-root: reading {}", path.display()))?;
+    if bytes.len() > limit {
+        bail!(
+            "--release-root {}: over {limit} bytes, too large for a release root; give the repository's root \
+             metadata, e.g. releases/repo/metadata/1.root.json",
+            path.display()
+        );
+    }
+    let Ok(text) = String::from_utf8(bytes) else {
+        bail!(
+            "--release-root {}: not UTF-8 text; give the repository's root metadata, e.g. \
+             releases/repo/metadata/1.root.json",
+            path.display()
+        );
+    };
+    match bootstrap::ReleaseRoot::parse(&text) {
+        Ok(_) => Ok(text),
+        Err(bootstrap::BootstrapError::Invalid { problem, .. }) => {
+            bail!("--release-root {}: {problem}", path.display())
+        }
+        Err(e) => bail!("--release-root {}: {e}", path.display()),
+    }
+}
+
+/// The artefact of one (non-iPXE) platform for `spec`.
+pub fn render_platform(
+    platform: Platform,
+    spec: &bootstrap::BootstrapSpec,
+    opennebula_cloud_init: bool,
+) -> Result<bootstrap::Artefact> {
+    Ok(match platform {
+        Platform::Aws => bootstrap::cloud_init::render(spec)?,
+        Platform::Azure => bootstrap::azure::render(spec)?,
+        Platform::Vmware => bootstrap::vmware::render(spec)?,
+        Platform::Opennebula => {
+            let mode = if opennebula_cloud_init {
+                bootstrap::opennebula::ContextMode::CloudInit
+            } else {
+                bootstrap::opennebula::ContextMode::StartScript
+            };
+            bootstrap::opennebula::render(spec, mode)?
+        }
+        Platform::Ipxe => bail!("iPXE renders one seed per --host: use bootstrap::ipxe::render"),
+    })
+}
+
 /// Mints the token(s), renders, writes. Returns the artefact (for printing).
 pub async fn render(c: &mut AdminClient<Channel>, args: &RenderArgs) -> Result<bootstrap::Artefact> {
+    // Checked before anything is minted: a wrong file must not cost a token.
+    let release_root = args.release_root.as_deref().map(read_release_root).transpose()?;
     let current = c
         .get_policy(GetPolicyRequest { revision: 0 })
         .await
@@ -133,6 +194,7 @@ pub async fn render(c: &mut AdminClient<Channel>, args: &RenderArgs) -> Result<b
                 node_name: None,
                 package: package.clone(),
                 state_dir: None,
+                release_root: release_root.clone(),
             });
             hosts.push(bootstrap::ipxe::BareMetalHost {
                 mac,
@@ -160,21 +222,9 @@ pub async fn render(c: &mut AdminClient<Channel>, args: &RenderArgs) -> Result<b
             node_name: args.node_name.clone(),
             package,
             state_dir: None,
+            release_root,
         };
-        match args.platform {
-            Platform::Aws => bootstrap::cloud_init::render(&spec)?,
-            Platform::Azure => bootstrap::azure::render(&spec)?,
-            Platform::Vmware => bootstrap::vmware::render(&spec)?,
-            Platform::Opennebula => {
-                let mode = if args.opennebula_cloud_init {
-                    bootstrap::opennebula::ContextMode::CloudInit
-                } else {
-                    bootstrap::opennebula::ContextMode::StartScript
-                };
-                bootstrap::opennebula::render(&spec, mode)?
-            }
-            Platform::Ipxe => unreachable!("handled above"),
-        }
+        render_platform(args.platform, &spec, args.opennebula_cloud_init)?
     };
     write(&args.out, &artefact)?;
     Ok(artefact)
@@ -229,6 +279,75 @@ mod tests {
         );
         let hw = labels_for(&p, "production", Some("fast-nvme")).unwrap_err().to_string();
         assert!(hw.contains("by hardware"), "{hw}");
+    }
+
+    /// A real release root (the bootstrap crate's fixture: `nimbusctl release init` output).
+    const ROOT: &str = include_str!("../../bootstrap/tests/fixtures/release-root.json");
+
+    #[test]
+    fn release_root_files_are_checked_and_pinned_by_every_platform() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("1.root.json");
+        std::fs::write(&path, ROOT).unwrap();
+        let root = read_release_root(&path).unwrap();
+        assert_eq!(root, ROOT);
+        let spec = bootstrap::BootstrapSpec {
+            coordinator: "192.0.2.1:7443".into(),
+            ca_pin: format!("sha256:{}", "ab".repeat(32)),
+            token: "nimbus1.abcdefghij.0123456789abcdefghijklmnopqrstuv".into(),
+            token_expiry: "single use, until 2026-05-01T12:00:00Z".into(),
+            node_name: Some("db-7".into()),
+            package: bootstrap::PackageSource {
+                url: "https://mirror.example/a.deb".into(),
+                sha256: "cd".repeat(32),
+                kind: bootstrap::PackageKind::Deb,
+            },
+            state_dir: None,
+            release_root: Some(root),
+        };
+        for (platform, cloud_init) in [
+            (Platform::Aws, false),
+            (Platform::Azure, false),
+            (Platform::Vmware, false),
+            (Platform::Opennebula, false),
+            (Platform::Opennebula, true),
+        ] {
+            let a = render_platform(platform, &spec, cloud_init).unwrap();
+            assert!(
+                a.notes
+                    .iter()
+                    .any(|n| n.contains("agents will only accept releases signed under this root")),
+                "{platform:?}: {:?}",
+                a.notes
+            );
+        }
+        let user_data = render_platform(Platform::Aws, &spec, false).unwrap();
+        let text = String::from_utf8(user_data.files[0].1.clone()).unwrap();
+        assert!(text.contains("path: /etc/nimbus/release-root.json"), "{text}");
+        assert!(
+            text.contains("release_root = \"/etc/nimbus/release-root.json\""),
+            "{text}"
+        );
+
+        // Bad files are refused with the path and what to give instead.
+        for (name, body, why) in [
+            (
+                "timestamp.json",
+                r#"{"signed": {"_type": "timestamp"}, "signatures": [{}]}"#.to_string(),
+                "not `root`",
+            ),
+            ("empty.json", String::new(), "empty"),
+            ("key.pem", "-----BEGIN PRIVATE KEY-----\n".to_string(), "not valid JSON"),
+            ("big.json", " ".repeat(70_000), "too large"),
+        ] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            let e = format!("{:#}", read_release_root(&p).unwrap_err());
+            assert!(e.contains(why) && e.contains(name), "{name}: {e}");
+            assert!(e.contains("1.root.json"), "says what to give: {e}");
+        }
+        let e = format!("{:#}", read_release_root(&dir.path().join("absent.json")).unwrap_err());
+        assert!(e.contains("absent.json"), "{e}");
     }
 
     #[test]

@@ -198,7 +198,8 @@ enum BootstrapCmd {
     ///
     /// Example:
     ///   nimbusctl bootstrap render --platform aws --env production \
-    ///     --package-url http://10.0.0.5:8080/nimbus-agent_0.1.0_amd64.deb --package-sha256 <hex> --out ./db-7
+    ///     --package-url http://10.0.0.5:8080/nimbus-agent_0.1.0_amd64.deb --package-sha256 <hex> --out ./db-7 \
+    ///     --release-root ./releases/repo/metadata/1.root.json
     ///   nimbusctl bootstrap render --platform ipxe --env production --host 52:54:00:ab:cd:ef=metal-1 \
     ///     --kernel-url https://boot/vmlinuz --initrd-url https://boot/initrd --seed-url https://boot/seeds \
     ///     --package-url https://mirror/nimbus-agent.deb --package-sha256 <hex>
@@ -247,6 +248,11 @@ enum BootstrapCmd {
         /// OpenNebula: USER_DATA for images with cloud-init instead of START_SCRIPT_BASE64.
         #[arg(long)]
         opennebula_cloud_init: bool,
+        /// The release repository's root (releases/repo/metadata/1.root.json from `nimbusctl release init`):
+        /// pinned on the host as /etc/nimbus/release-root.json, so its agent only accepts releases signed under
+        /// this root. Without it, agents refuse upgrades until the root is installed by hand.
+        #[arg(long, value_name = "FILE")]
+        release_root: Option<PathBuf>,
     },
 }
 
@@ -1193,6 +1199,7 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
             initrd_url,
             seed_url,
             opennebula_cloud_init,
+            release_root,
         }) => {
             let args = bootstrap_cmd::RenderArgs {
                 platform,
@@ -1209,6 +1216,7 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
                 initrd_url,
                 seed_url,
                 opennebula_cloud_init,
+                release_root,
             };
             let a = bootstrap_cmd::render(&mut c, &args).await?;
             let files: Vec<String> = a.files.iter().map(|(n, _)| n.clone()).collect();

@@ -7,6 +7,9 @@ use bootstrap::{BootstrapSpec, PackageKind, PackageSource};
 pub const TOKEN: &str = "nimbus1.abcdefghij.0123456789abcdefghijklmnopqrstuv";
 pub const TOKEN_B: &str = "nimbus1.klmnopqrst.zyxwvutsrqponmlkjihgfedcba987654";
 pub const TOKEN_C: &str = "nimbus1.uvwxyz0123.aaaabbbbccccddddeeeeffffgggghhhh";
+/// A real release root, as `nimbusctl release init` wrote it (releases/repo/metadata/1.root.json: one root key and
+/// the three online keys, Ed25519). Public metadata.
+pub const RELEASE_ROOT: &str = include_str!("../fixtures/release-root.json");
 /// The SHA-256 of the empty file: the tool tests serve an empty "package".
 pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
@@ -28,6 +31,15 @@ pub fn spec(kind: PackageKind) -> BootstrapSpec {
             kind,
         },
         state_dir: None,
+        release_root: None,
+    }
+}
+
+/// [`spec`] with [`RELEASE_ROOT`] pinned.
+pub fn spec_with_root(kind: PackageKind) -> BootstrapSpec {
+    BootstrapSpec {
+        release_root: Some(RELEASE_ROOT.into()),
+        ..spec(kind)
     }
 }
 
