@@ -79,7 +79,7 @@ fn a_stream_claiming_another_nodes_id_is_refused() {
                     let hello = AgentMessage {
                         msg: Some(Msg::Hello(Hello {
                             node_id: claimed,
-                            agent_version: "spoof".into(),
+                            agent_version: env!("CARGO_PKG_VERSION").into(),
                             ..Default::default()
                         })),
                     };
