@@ -300,9 +300,18 @@ enum RolloutCmd {
     /// the node's environment (or, leaving every environment, reset). A node not healthy within the
     /// coordinator's --rollout-node-timeout (default 15m) fails, and the first failure pauses the rollout.
     ///
+    /// With --watch it redraws every --interval until the rollout ends (one JSON object per line with -o json).
+    ///
     /// Exit codes: 0 shown, 1 failed.
     #[command(verbatim_doc_comment)]
-    Status,
+    Status {
+        /// Follow the rollout live until it completes or is aborted.
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch redraws.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
     /// Upgrade the fleet's agents to a published release, in waves
     ///
     /// The canary wave goes first, then batches of at most --max-unavailable nodes per pool (or zone). A node
@@ -1250,9 +1259,35 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
             }
             emit(&storage_view::text(&n, &plan))?;
         }
+        Cmd::Rollout(RolloutCmd::Status { watch: true, interval }) => {
+            use std::io::IsTerminal;
+            let tty = std::io::stdout().is_terminal();
+            loop {
+                let r = c
+                    .get_rollout(GetRolloutRequest {})
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                if json {
+                    println!("{}", serde_json::to_string(&rollout_view::json(&r))?);
+                } else {
+                    // Redraw in place on a terminal; frames one after the other otherwise (logs, pipes).
+                    print!(
+                        "{}{}",
+                        if tty { "\x1b[2J\x1b[H" } else { "\n" },
+                        rollout_view::text(&r, unix_now())
+                    );
+                }
+                std::io::Write::flush(&mut std::io::stdout())?;
+                if !r.active {
+                    break;
+                }
+                tokio::time::sleep(interval.max(Duration::from_millis(200))).await;
+            }
+        }
         Cmd::Rollout(rc) => {
             let r = match rc {
-                RolloutCmd::Status => c.get_rollout(GetRolloutRequest {}).await,
+                RolloutCmd::Status { .. } => c.get_rollout(GetRolloutRequest {}).await,
                 RolloutCmd::Start {
                     version,
                     canary,

@@ -221,4 +221,12 @@ fn agents_upgrade_in_waves_and_bad_releases_stop_at_the_canary() {
     wait_canary_failed(&fleet, "upgrade to 0.9.3");
     wait_versions(&fleet, &new_version);
     ok(&fleet.ctl(&["rollout", "abort"]));
+    // Watching an ended rollout shows it once and returns.
+    let watched = ok(&fleet.ctl(&["-o", "json", "rollout", "status", "--watch", "--interval", "200ms"]));
+    let frames: Vec<Value> = watched.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(frames.len(), 1, "{watched}");
+    assert_eq!(
+        (frames[0]["phase"].as_str(), frames[0]["active"].as_bool()),
+        (Some("aborted"), Some(false))
+    );
 }
