@@ -33,13 +33,12 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -190,40 +189,6 @@ fn not_found() -> Response<Body> {
     full(StatusCode::NOT_FOUND, "text/plain", "not found\n")
 }
 
-/// A streamed body reading `path` in chunks.
-fn stream(path: PathBuf) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
-    tokio::spawn(async move {
-        let mut f = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
-        };
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            match f.read(&mut buf).await {
-                Ok(0) => return,
-                Ok(n) => {
-                    if tx
-                        .send(Ok(Frame::data(Bytes::copy_from_slice(&buf[..n]))))
-                        .await
-                        .is_err()
-                    {
-                        return; // the client went away
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            }
-        }
-    });
-    BodyExt::boxed(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
-}
-
 /// Answers one request.
 pub async fn handle(
     mirror: Arc<Mirror>,
@@ -272,7 +237,13 @@ pub async fn handle(
     let body = if head {
         Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
     } else {
-        stream(file)
+        match tokio::fs::File::open(&file).await {
+            Ok(f) => release::serve::stream_file(f, 0, entry.size),
+            Err(e) => {
+                tracing::warn!(file = %entry.name, error = %e, "package vanished before it was served");
+                return Ok(not_found());
+            }
+        }
     };
     let mut r = Response::new(body);
     let h = r.headers_mut();

@@ -127,7 +127,7 @@ impl RepoServer {
             None => (0, len),
         };
         tracing::debug!(file = name, start, count, head, "release server: serving");
-        let body = if head { empty() } else { stream(file, start, count) };
+        let body = if head { empty() } else { stream_file(file, start, count) };
         let mut r = Response::new(body);
         if range.is_some() {
             *r.status_mut() = StatusCode::PARTIAL_CONTENT;
@@ -240,8 +240,9 @@ fn empty() -> ServeBody {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
-/// Streams `count` bytes of `file` from `start`, one chunk at a time.
-fn stream(mut file: tokio::fs::File, start: u64, count: u64) -> ServeBody {
+/// Streams `count` bytes of `file` from `start`, one chunk at a time (a few chunks buffered, never the whole
+/// file); a file that shrinks meanwhile ends the body with an error. Also the coordinator's package mirror body.
+pub fn stream_file(mut file: tokio::fs::File, start: u64, count: u64) -> ServeBody {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(CHANNEL_CHUNKS);
     tokio::spawn(async move {
         if start > 0

@@ -51,7 +51,7 @@ pub use env::{Binaries, bin_dir, binary, require_root};
 pub use error::{HarnessError, Result};
 pub use fleet::{Fleet, FleetOptions, JoinToken, Layout, ZoneLayout, agent_name};
 pub use netns::Netns;
-pub use process::{Process, ProcessBuilder, run_with_timeout};
+pub use process::{Process, ProcessBuilder, expect_success, run_with_timeout};
 pub use state::{LabState, ProcessRecord, TeardownReport, teardown_from_state};
 pub use topology::{Host, Lab, LabBuilder};
 pub use wait::{Attempt, eventually, eventually_patiently, patience, poll_until};

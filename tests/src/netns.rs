@@ -180,6 +180,23 @@ impl Netns {
         })
     }
 
+    /// Runs the future `f` makes on a fresh current-thread tokio runtime inside the namespace (a client that must
+    /// reach an address only the namespace routes, e.g. through an agent's tunnel).
+    pub fn block_on<T, Fut, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        F: FnOnce() -> Fut + Send + 'static,
+    {
+        self.run_in(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(f()))
+        })?
+        .map_err(|e| HarnessError::io("starting a tokio runtime in the namespace", e))
+    }
+
     /// `ping -c1 -W2 IP` from inside the namespace; the error is ping's output.
     pub fn ping(&self, ip: std::net::IpAddr) -> std::result::Result<(), String> {
         let out = crate::process::run_with_timeout(

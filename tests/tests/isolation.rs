@@ -69,29 +69,22 @@ fn a_stream_claiming_another_nodes_id_is_refused() {
         let target = target.clone();
         fleet
             .agent_ns(1)
-            .run_in(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let mut client = FleetClient::connect(target).await.map_err(|e| e.to_string())?;
-                    let hello = AgentMessage {
-                        msg: Some(Msg::Hello(Hello {
-                            node_id: claimed,
-                            agent_version: env!("CARGO_PKG_VERSION").into(),
-                            ..Default::default()
-                        })),
-                    };
-                    // Keep the request stream open so only the coordinator's verdict ends the call.
-                    let outbound =
-                        tokio_stream::StreamExt::chain(tokio_stream::iter(vec![hello]), tokio_stream::pending());
-                    match client.channel(outbound).await {
-                        Ok(_) => Ok(()),
-                        Err(status) => Err(status),
-                    }
-                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
-                })
+            .block_on(move || async move {
+                let mut client = FleetClient::connect(target).await.map_err(|e| e.to_string())?;
+                let hello = AgentMessage {
+                    msg: Some(Msg::Hello(Hello {
+                        node_id: claimed,
+                        agent_version: env!("CARGO_PKG_VERSION").into(),
+                        ..Default::default()
+                    })),
+                };
+                // Keep the request stream open so only the coordinator's verdict ends the call.
+                let outbound = tokio_stream::StreamExt::chain(tokio_stream::iter(vec![hello]), tokio_stream::pending());
+                match client.channel(outbound).await {
+                    Ok(_) => Ok(()),
+                    Err(status) => Err(status),
+                }
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
             })
             .unwrap()
     };

@@ -476,16 +476,10 @@ fn a_stand_in_inside_a_namespace_serves_clients_there() {
 
     let kubeconfig = api.kubeconfig();
     let report = ns
-        .run_in(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let c = KubeCluster::from_kubeconfig(kubeconfig).await.unwrap();
-                let l = labels(&[("polynimbus.io/pool", "edge")]);
-                c.reconcile_node("n1", &l, &[]).await
-            })
+        .block_on(move || async move {
+            let c = KubeCluster::from_kubeconfig(kubeconfig).await.unwrap();
+            let l = labels(&[("polynimbus.io/pool", "edge")]);
+            c.reconcile_node("n1", &l, &[]).await
         })
         .unwrap()
         .unwrap();

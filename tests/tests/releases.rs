@@ -11,19 +11,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use e2e::fleet::OVERLAY_COORDINATOR;
-use e2e::{Fleet, require_root};
+use e2e::{Fleet, expect_success, require_root};
 
 const RELEASE_PORT: u16 = 7001;
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Loads the repository from inside `ns` with `root` pinned and fetches `target` into `dest`.
 fn fetch_in(
@@ -36,31 +26,25 @@ fn fetch_in(
     let work = work.to_path_buf();
     fleet
         .agent_ns(agent)
-        .run_in(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let base = format!("http://{OVERLAY_COORDINATOR}:{RELEASE_PORT}/");
-                let meta = url::Url::parse(&format!("{base}metadata/")).unwrap();
-                let targets = url::Url::parse(&format!("{base}targets/")).unwrap();
-                let r = release::Releases::load(
-                    &root,
-                    release::HttpRangeTransport::new(),
-                    meta,
-                    targets,
-                    &work.join("datastore"),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-                let Some(target) = target else {
-                    return Ok(Vec::new());
-                };
-                let dest = work.join("downloaded");
-                r.fetch(&target, &dest).await.map_err(|e| e.to_string())?;
-                Ok(std::fs::read(&dest).unwrap())
-            })
+        .block_on(move || async move {
+            let base = format!("http://{OVERLAY_COORDINATOR}:{RELEASE_PORT}/");
+            let meta = url::Url::parse(&format!("{base}metadata/")).unwrap();
+            let targets = url::Url::parse(&format!("{base}targets/")).unwrap();
+            let r = release::Releases::load(
+                &root,
+                release::HttpRangeTransport::new(),
+                meta,
+                targets,
+                &work.join("datastore"),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let Some(target) = target else {
+                return Ok(Vec::new());
+            };
+            let dest = work.join("downloaded");
+            r.fetch(&target, &dest).await.map_err(|e| e.to_string())?;
+            Ok(std::fs::read(&dest).unwrap())
         })
         .unwrap()
 }
@@ -79,7 +63,7 @@ fn releases_are_published_signed_and_fetched_through_the_tunnel_only() {
     let root_key = ops.path().join("offline").join("root.pem");
     let dir = ops.path().join("rel");
     let (rk, d) = (root_key.display().to_string(), dir.display().to_string());
-    let notes = ok(&fleet.ctl(&["release", "init", "--root-key", &rk, "--out", &d]));
+    let notes = expect_success(&fleet.ctl(&["release", "init", "--root-key", &rk, "--out", &d]));
     assert!(notes.contains("keep it offline"), "{notes}");
     let listed = fleet.ctl_json(&["release", "install", &d]);
     assert_eq!(listed["root_version"], 1, "{listed}");
@@ -112,7 +96,7 @@ fn releases_are_published_signed_and_fetched_through_the_tunnel_only() {
 
     // A host pinned to another root refuses the repository.
     let other = ops.path().join("other");
-    ok(&fleet.ctl(&[
+    expect_success(&fleet.ctl(&[
         "release",
         "init",
         "--root-key",

@@ -23,32 +23,26 @@ fn agents_outside_the_supported_skew_are_refused_before_their_token_is_used() {
     let secret = token.token.clone();
     let refusals = fleet
         .agent_ns(1)
-        .run_in(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
+        .block_on(move || async move {
+            let channel = pki::connect_pinned(&endpoint, &pin, Duration::from_secs(10))
+                .await
                 .unwrap();
-            rt.block_on(async {
-                let channel = pki::connect_pinned(&endpoint, &pin, Duration::from_secs(10))
-                    .await
-                    .unwrap();
-                let mut client = EnrollmentClient::new(channel);
-                let mut out = Vec::new();
-                for version in ["0.2.0", "99.0.0", "latest"] {
-                    let req = EnrollRequest {
-                        token: secret.clone(),
-                        wg_public_key: vec![7; 32],
-                        hostname: "skewed".into(),
-                        machine_id: "0123456789abcdef0123456789abcdef".into(),
-                        agent_version: version.into(),
-                        node_name: "skewed".into(),
-                        macs: vec![],
-                    };
-                    let status = client.enroll(req).await.unwrap_err();
-                    out.push((version, status.code(), status.message().to_string()));
-                }
-                out
-            })
+            let mut client = EnrollmentClient::new(channel);
+            let mut out = Vec::new();
+            for version in ["0.2.0", "99.0.0", "latest"] {
+                let req = EnrollRequest {
+                    token: secret.clone(),
+                    wg_public_key: vec![7; 32],
+                    hostname: "skewed".into(),
+                    machine_id: "0123456789abcdef0123456789abcdef".into(),
+                    agent_version: version.into(),
+                    node_name: "skewed".into(),
+                    macs: vec![],
+                };
+                let status = client.enroll(req).await.unwrap_err();
+                out.push((version, status.code(), status.message().to_string()));
+            }
+            out
         })
         .unwrap();
     for (version, code, message) in &refusals {
