@@ -324,7 +324,7 @@ enum RolloutCmd {
     ///
     /// Example:
     ///   nimbusctl release add ./nimbus-agent --version 0.2.0
-    ///   nimbusctl rollout start --version 0.2.0 --canary 1 --max-unavailable 10% --pause-after-canary
+    ///   nimbusctl rollout start --version 0.2.0 --canary 1 --max-unavailable 10% --pause-after canary
     ///   nimbusctl rollout status
     ///
     /// Exit codes: 0 started, 1 refused (not published, another rollout running, nothing to upgrade).
@@ -342,8 +342,11 @@ enum RolloutCmd {
         /// What --max-unavailable counts per: pool or zone.
         #[arg(long, default_value = "pool", value_parser = ["pool", "zone"])]
         by: String,
-        /// Pause after the canary wave until `nimbusctl rollout resume`.
-        #[arg(long)]
+        /// Pause after this stage until `nimbusctl rollout resume`: `canary` (the first wave).
+        #[arg(long, value_name = "STAGE", value_parser = ["canary"])]
+        pause_after: Option<String>,
+        /// The same as --pause-after canary.
+        #[arg(long, hide = true)]
         pause_after_canary: bool,
         /// Allow going back to an older version.
         #[arg(long)]
@@ -1293,6 +1296,7 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
                     canary,
                     max_unavailable,
                     by,
+                    pause_after,
                     pause_after_canary,
                     allow_downgrade,
                     max_failures,
@@ -1300,6 +1304,7 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
                     rollback,
                     arch,
                 } => {
+                    let pause_after_canary = pause_after_canary || pause_after.is_some();
                     c.start_upgrade(nimbus_proto::StartUpgradeRequest {
                         version,
                         canary,
@@ -1398,6 +1403,37 @@ mod tests {
             "--to is required"
         );
         assert!(Cli::try_parse_from(["nimbusctl", "diff"]).is_err(), "-f is required");
+        let cli = Cli::try_parse_from([
+            "nimbusctl",
+            "rollout",
+            "start",
+            "--version",
+            "0.2.0",
+            "--max-unavailable",
+            "10%",
+            "--by",
+            "zone",
+            "--pause-after",
+            "canary",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Rollout(RolloutCmd::Start { ref pause_after, canary: 1, ref by, .. })
+                if pause_after.as_deref() == Some("canary") && by == "zone"
+        ));
+        assert!(
+            Cli::try_parse_from([
+                "nimbusctl",
+                "rollout",
+                "start",
+                "--version",
+                "1.0.0",
+                "--pause-after",
+                "wave"
+            ])
+            .is_err()
+        );
     }
 
     #[test]
