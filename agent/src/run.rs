@@ -589,6 +589,11 @@ async fn session(
                         tracing::debug!(generation = c.generation, targets = c.targets.len(), "probe configuration");
                         probes.configure(c);
                     }
+                    Some(CoordMsg::CoordinatorKeys(k)) => {
+                        // Key rotation is announced before it is enforced; until the agent follows it, the old
+                        // key keeps working for the overlap.
+                        tracing::info!(next = %k.next, retire_at = k.retire_at_unix, "coordinator key rotation announced");
+                    }
                     Some(CoordMsg::Welcome(_)) | None => {}
                 },
                 Ok(None) => return Err(failed(true, "the coordinator closed the stream")),

@@ -346,12 +346,9 @@ fn nodes_with_place(
     Ok((out, warnings, live.map_or(0, |l| l.revision)))
 }
 
-/// Who is calling on the local socket: `uid:N` from SO_PEERCRED (the kernel's word, not the client's).
+/// Who is calling, as stored with what they did: `uid:N` (SO_PEERCRED), `cert:SUBJECT` or `oidc:SUB`.
 fn caller<T>(req: &Request<T>) -> String {
-    req.extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-        .map_or_else(|| "unknown".to_string(), |c| format!("uid:{}", c.uid()))
+    crate::auth::caller(req).display()
 }
 
 fn apply_response(o: crate::placement::ApplyOutcome) -> ApplyPolicyResponse {
@@ -711,6 +708,33 @@ impl Admin for AdminService {
             .await?;
         crate::placement::push(&self.ctx, pushed).await;
         Ok(Response::new(view))
+    }
+
+    async fn list_audit(
+        &self,
+        _req: Request<nimbus_proto::ListAuditRequest>,
+    ) -> Result<Response<nimbus_proto::ListAuditResponse>, Status> {
+        Err(Status::unimplemented("the audit log is not served yet"))
+    }
+
+    async fn rotate_key(
+        &self,
+        _req: Request<nimbus_proto::RotateKeyRequest>,
+    ) -> Result<Response<nimbus_proto::RotateKeyResponse>, Status> {
+        Err(Status::unimplemented("key rotation is not available yet"))
+    }
+
+    async fn who_am_i(
+        &self,
+        req: Request<nimbus_proto::WhoAmIRequest>,
+    ) -> Result<Response<nimbus_proto::WhoAmIResponse>, Status> {
+        let c = crate::auth::caller(&req);
+        Ok(Response::new(nimbus_proto::WhoAmIResponse {
+            kind: c.principal.kind.as_str().into(),
+            subject: c.principal.subject,
+            roles: c.roles.iter().map(|r| r.as_str().to_string()).collect(),
+            from: c.from,
+        }))
     }
 
     async fn control_rollout(&self, req: Request<ControlRolloutRequest>) -> Result<Response<RolloutStatus>, Status> {

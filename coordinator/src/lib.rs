@@ -9,6 +9,7 @@
 //! * **Admin** (`admin`) — for `nimbusctl`, on a Unix socket (0600).
 //!
 //! # Layout
+//! * `auth`     — admin callers and roles: the one RPC → role table, mTLS and OIDC credentials.
 //! * `config`   — file + flag configuration, validated as a whole.
 //! * `server`   — start-up order, serving, draining (`start`, `run`).
 //! * `context`  — the shared `Ctx` the services hold.
@@ -30,6 +31,7 @@
 //! * `error`    — `CoordError` and the one mapping to `tonic::Status`.
 
 pub mod admin;
+pub mod auth;
 pub mod clustersync;
 pub mod config;
 pub mod context;

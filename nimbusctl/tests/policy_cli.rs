@@ -117,6 +117,15 @@ impl Admin for Fake {
     async fn start_upgrade(&self, _: Request<nimbus_proto::StartUpgradeRequest>) -> R<RolloutStatus> {
         Err(Status::unimplemented("fake"))
     }
+    async fn list_audit(&self, _: Request<nimbus_proto::ListAuditRequest>) -> R<nimbus_proto::ListAuditResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn rotate_key(&self, _: Request<nimbus_proto::RotateKeyRequest>) -> R<nimbus_proto::RotateKeyResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn who_am_i(&self, _: Request<nimbus_proto::WhoAmIRequest>) -> R<nimbus_proto::WhoAmIResponse> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn get_rollout(&self, _: Request<GetRolloutRequest>) -> R<RolloutStatus> {
         Ok(Response::new(paused_rollout()))
     }
