@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use audit::{Outcome, Record};
 use nimbus_proto::admin_server::Admin;
 use nimbus_proto::coordinator_message::Msg as CoordMsg;
 use nimbus_proto::{
@@ -19,8 +20,11 @@ use nimbus_proto::{
     LatencyRequest, ListNodesRequest, ListNodesResponse, ListTokensRequest, ListTokensResponse, Node, PlanRequest,
     PlanResponse, RevokeNodeRequest, RevokeNodeResponse, RevokeTokenRequest, RevokeTokenResponse, Revoked, TokenInfo,
 };
+use serde_json::{Value, json};
 use tonic::{Request, Response, Status};
 
+use crate::auditlog::outcome_of;
+use crate::auth::Caller;
 use crate::context::{Ctx, key_display, key_from_id};
 use crate::state::{HardwareRecord, NodeRecord, NodeStatus, TokenRecord};
 
@@ -60,6 +64,96 @@ impl AdminService {
             self.ctx.cluster_sync.kick();
         }
         Ok(Response::new(apply_response(outcome)))
+    }
+
+    /// Appends the audit entry of one state-changing call, after the call: who and from where (`caller`),
+    /// `action` (e.g. `token.create`), `target` (e.g. `token/ab12`), the outcome and `detail` (never secrets).
+    async fn audit(&self, who: &Caller, action: &str, target: impl Into<String>, outcome: Outcome, detail: Value) {
+        let rec = Record::new(who.principal.clone(), action, target)
+            .with_from(who.from.clone())
+            .with_result(outcome)
+            .with_detail(detail);
+        self.ctx.audit.record(rec).await;
+    }
+
+    /// `CreateToken` after the caller was read.
+    async fn create_token_now(&self, r: CreateTokenRequest) -> Result<Response<CreateTokenResponse>, Status> {
+        let ttl = Duration::from_secs(r.ttl_secs);
+        if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+            return Err(Status::invalid_argument("ttl must be between 1s and 30 days"));
+        }
+        if r.uses == 0 || r.uses > 10_000 {
+            return Err(Status::invalid_argument("uses must be between 1 and 10000"));
+        }
+        for (k, v) in &r.labels {
+            check_label(k, v)?;
+        }
+        let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
+        let description = crate::fleet::clip(r.description, 256);
+        let bound = !r.bind_mac.is_empty();
+        let binding = crate::state::TokenBinding {
+            mac: bound.then_some(r.bind_mac),
+            // A MAC is easy to fake: bound tokens wait for an operator unless told otherwise.
+            require_acceptance: r.require_acceptance || (bound && !r.auto_accept),
+        };
+        let (token, rec) = self
+            .ctx
+            .state(move |s| s.create_bound_token(ttl, r.uses, labels, description, binding, SystemTime::now()))
+            .await?;
+        tracing::info!(
+            token_id = %rec.id, uses = rec.uses_total, expires_at = rec.expires_at, bind_mac = ?rec.bind_mac,
+            require_acceptance = rec.require_acceptance, "join token created"
+        );
+        Ok(Response::new(CreateTokenResponse {
+            token: token.to_string_secret(),
+            token_id: rec.id,
+            ca_pin: self.ctx.ca_pin.to_string(),
+            expires_at_unix: rec.expires_at,
+            enroll_endpoints: vec![self.ctx.config.enroll_endpoint()],
+        }))
+    }
+
+    /// `AcceptNode` after the caller was read.
+    async fn accept_node_now(&self, by: String, name: String) -> Result<Response<Node>, Status> {
+        let lookup = name.clone();
+        let node = self.ctx.state(move |s| s.accept_node(&lookup, &by)).await?;
+        let key = key_from_id(&node.public_key)
+            .ok_or_else(|| Status::internal("the node's stored public key is invalid; see the coordinator log"))?;
+        crate::enroll::add_peer(&self.ctx, &node, key)?;
+        crate::placement::reconcile(&self.ctx).await;
+        self.named_view(name).await.map(Response::new)
+    }
+
+    /// The audit entry of an apply or rollback (none for a dry run): the stored revision and digest, or
+    /// `refused` when disruptive changes were refused (nothing stored).
+    async fn audit_apply(
+        &self,
+        who: &Caller,
+        action: &str,
+        dry_run: bool,
+        mut detail: Value,
+        result: &Result<Response<ApplyPolicyResponse>, Status>,
+    ) {
+        if dry_run {
+            return;
+        }
+        let mut outcome = outcome_of(result);
+        if let Ok(r) = result {
+            let r = r.get_ref();
+            detail["revision"] = json!(r.revision);
+            detail["previous_revision"] = json!(r.previous_revision);
+            detail["digest"] = json!(r.digest);
+            detail["nodes_changed"] = json!(r.changes.len());
+            detail["unchanged"] = json!(r.unchanged);
+            if r.refused_disruptive {
+                outcome = Outcome::refused("disruptive changes need --allow-disruptive; nothing was stored");
+            }
+        }
+        let target = match result {
+            Ok(r) if r.get_ref().revision > 0 => format!("policy/{}", r.get_ref().revision),
+            _ => "policy".to_string(),
+        };
+        self.audit(who, action, target, outcome, detail).await;
     }
 
     fn node_view(&self, n: NodeRecord, hw: Option<HardwareRecord>) -> Node {
@@ -346,11 +440,6 @@ fn nodes_with_place(
     Ok((out, warnings, live.map_or(0, |l| l.revision)))
 }
 
-/// Who is calling, as stored with what they did: `uid:N` (SO_PEERCRED), `cert:SUBJECT` or `oidc:SUB`.
-fn caller<T>(req: &Request<T>) -> String {
-    crate::auth::caller(req).display()
-}
-
 fn apply_response(o: crate::placement::ApplyOutcome) -> ApplyPolicyResponse {
     ApplyPolicyResponse {
         revision: o.revision,
@@ -444,20 +533,53 @@ impl Admin for AdminService {
         &self,
         req: Request<nimbus_proto::InstallReleaseRepositoryRequest>,
     ) -> Result<Response<nimbus_proto::ReleaseList>, Status> {
-        let by = caller(&req);
-        crate::releases::install_rpc(&self.ctx, &by, req.into_inner())
-            .await
-            .map(Response::new)
+        let who = crate::auth::caller(&req);
+        let r = req.into_inner();
+        let mut detail = json!({
+            "metadata": r.metadata.keys().collect::<std::collections::BTreeSet<_>>(),
+            "replace": r.replace,
+        });
+        let result = crate::releases::install_rpc(&self.ctx, &who.display(), r).await;
+        if let Ok(list) = &result {
+            detail["root_version"] = json!(list.root_version);
+            detail["root_sha256"] = json!(list.root_sha256);
+        }
+        let outcome = outcome_of(&result);
+        self.audit(&who, "release.install-repository", "releases", outcome, detail)
+            .await;
+        result.map(Response::new)
     }
 
     async fn add_release(
         &self,
         req: Request<tonic::Streaming<nimbus_proto::AddReleaseChunk>>,
     ) -> Result<Response<nimbus_proto::ReleaseList>, Status> {
-        let by = caller(&req);
-        crate::releases::add_rpc(&self.ctx, &by, req.into_inner())
+        let who = crate::auth::caller(&req);
+        // The header is read inside add_rpc: what was added is the difference between the lists.
+        let before = crate::releases::list_rpc(&self.ctx)
             .await
-            .map(Response::new)
+            .map(|l| l.releases)
+            .unwrap_or_default();
+        let result = crate::releases::add_rpc(&self.ctx, &who.display(), req.into_inner()).await;
+        let added: Vec<_> = result
+            .as_ref()
+            .map(|l| l.releases.iter().filter(|r| !before.contains(r)).collect())
+            .unwrap_or_default();
+        let target = added
+            .first()
+            .map_or_else(|| "releases".into(), |r| format!("release/{}", r.version));
+        let detail = json!(
+            added
+                .iter()
+                .map(|r| json!({
+                    "version": r.version, "kind": r.kind, "arch": r.arch, "sha256": r.sha256, "length": r.length,
+                    "target": r.target,
+                }))
+                .collect::<Vec<_>>()
+        );
+        self.audit(&who, "release.add", target, outcome_of(&result), detail)
+            .await;
+        result.map(Response::new)
     }
 
     async fn list_releases(
@@ -468,52 +590,35 @@ impl Admin for AdminService {
     }
 
     async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<CreateTokenResponse>, Status> {
+        let who = crate::auth::caller(&req);
         let r = req.into_inner();
-        let ttl = Duration::from_secs(r.ttl_secs);
-        if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
-            return Err(Status::invalid_argument("ttl must be between 1s and 30 days"));
-        }
-        if r.uses == 0 || r.uses > 10_000 {
-            return Err(Status::invalid_argument("uses must be between 1 and 10000"));
-        }
-        for (k, v) in &r.labels {
-            check_label(k, v)?;
-        }
-        let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
-        let description = crate::fleet::clip(r.description, 256);
-        let bound = !r.bind_mac.is_empty();
-        let binding = crate::state::TokenBinding {
-            mac: bound.then_some(r.bind_mac),
-            // A MAC is easy to fake: bound tokens wait for an operator unless told otherwise.
-            require_acceptance: r.require_acceptance || (bound && !r.auto_accept),
-        };
-        let (token, rec) = self
-            .ctx
-            .state(move |s| s.create_bound_token(ttl, r.uses, labels, description, binding, SystemTime::now()))
-            .await?;
-        tracing::info!(
-            token_id = %rec.id, uses = rec.uses_total, expires_at = rec.expires_at, bind_mac = ?rec.bind_mac,
-            require_acceptance = rec.require_acceptance, "join token created"
-        );
-        Ok(Response::new(CreateTokenResponse {
-            token: token.to_string_secret(),
-            token_id: rec.id,
-            ca_pin: self.ctx.ca_pin.to_string(),
-            expires_at_unix: rec.expires_at,
-            enroll_endpoints: vec![self.ctx.config.enroll_endpoint()],
-        }))
+        // Never the token secret: it exists only in the response.
+        let detail = json!({
+            "ttl_secs": r.ttl_secs, "uses": r.uses, "labels": r.labels, "bind_mac": r.bind_mac,
+            "require_acceptance": r.require_acceptance, "auto_accept": r.auto_accept,
+        });
+        let result = self.create_token_now(r).await;
+        let target = result
+            .as_ref()
+            .map_or_else(|_| "token".into(), |t| format!("token/{}", t.get_ref().token_id));
+        self.audit(&who, "token.create", target, outcome_of(&result), detail)
+            .await;
+        result
     }
 
     async fn accept_node(&self, req: Request<AcceptNodeRequest>) -> Result<Response<Node>, Status> {
-        let by = caller(&req);
+        let who = crate::auth::caller(&req);
         let name = req.into_inner().name;
-        let lookup = name.clone();
-        let node = self.ctx.state(move |s| s.accept_node(&lookup, &by)).await?;
-        let key = key_from_id(&node.public_key)
-            .ok_or_else(|| Status::internal("the node's stored public key is invalid; see the coordinator log"))?;
-        crate::enroll::add_peer(&self.ctx, &node, key)?;
-        crate::placement::reconcile(&self.ctx).await;
-        self.named_view(name).await.map(Response::new)
+        let result = self.accept_node_now(who.display(), name.clone()).await;
+        self.audit(
+            &who,
+            "node.accept",
+            format!("node/{name}"),
+            outcome_of(&result),
+            Value::Null,
+        )
+        .await;
+        result
     }
 
     async fn list_tokens(&self, _req: Request<ListTokensRequest>) -> Result<Response<ListTokensResponse>, Status> {
@@ -524,8 +629,13 @@ impl Admin for AdminService {
     }
 
     async fn revoke_token(&self, req: Request<RevokeTokenRequest>) -> Result<Response<RevokeTokenResponse>, Status> {
+        let who = crate::auth::caller(&req);
         let id = req.into_inner().id;
-        let rec = self.ctx.state(move |s| s.revoke_token(&id)).await?;
+        let target = format!("token/{id}");
+        let result = self.ctx.state(move |s| s.revoke_token(&id)).await;
+        self.audit(&who, "token.revoke", target, outcome_of(&result), Value::Null)
+            .await;
+        let rec = result?;
         tracing::info!(token_id = %rec.id, "join token revoked");
         Ok(Response::new(RevokeTokenResponse {
             token: Some(token_view(rec)),
@@ -588,8 +698,13 @@ impl Admin for AdminService {
     }
 
     async fn apply_policy(&self, req: Request<ApplyPolicyRequest>) -> Result<Response<ApplyPolicyResponse>, Status> {
-        let applied_by = caller(&req);
+        let who = crate::auth::caller(&req);
+        let applied_by = who.display();
         let r = req.into_inner();
+        let (dry_run, detail) = (
+            r.dry_run,
+            json!({"file_name": r.file_name, "allow_disruptive": r.allow_disruptive}),
+        );
         let apply = crate::placement::ApplyRequest {
             file_name: if r.file_name.is_empty() {
                 "policy.yaml".into()
@@ -603,19 +718,29 @@ impl Admin for AdminService {
             action: "apply".into(),
             now: SystemTime::now(),
         };
-        self.finish_apply(move |s| s.apply_policy(&apply)).await
+        let result = self.finish_apply(move |s| s.apply_policy(&apply)).await;
+        self.audit_apply(&who, "policy.apply", dry_run, detail, &result).await;
+        result
     }
 
     async fn rollback_policy(
         &self,
         req: Request<RollbackPolicyRequest>,
     ) -> Result<Response<ApplyPolicyResponse>, Status> {
-        let applied_by = caller(&req);
+        let who = crate::auth::caller(&req);
+        let applied_by = who.display();
         let r = req.into_inner();
+        let (dry_run, detail) = (
+            r.dry_run,
+            json!({"to_revision": r.to_revision, "allow_disruptive": r.allow_disruptive}),
+        );
         if r.to_revision == 0 {
-            return Err(Status::invalid_argument(
+            let result = Err(Status::invalid_argument(
                 "give the revision to roll back to (`nimbusctl policy history` lists them)",
             ));
+            self.audit_apply(&who, "policy.rollback", dry_run, detail, &result)
+                .await;
+            return result;
         }
         let apply = crate::placement::ApplyRequest {
             file_name: String::new(),
@@ -627,7 +752,10 @@ impl Admin for AdminService {
             now: SystemTime::now(),
         };
         let to = r.to_revision;
-        self.finish_apply(move |s| s.rollback_policy(to, &apply)).await
+        let result = self.finish_apply(move |s| s.rollback_policy(to, &apply)).await;
+        self.audit_apply(&who, "policy.rollback", dry_run, detail, &result)
+            .await;
+        result
     }
 
     async fn list_policy_revisions(
@@ -657,17 +785,30 @@ impl Admin for AdminService {
         &self,
         req: Request<DecommissionRequest>,
     ) -> Result<Response<DecommissionResponse>, Status> {
-        let by = caller(&req);
+        let who = crate::auth::caller(&req);
+        let by = who.display();
         let r = req.into_inner();
         if r.names.is_empty() {
-            return Err(Status::invalid_argument(
+            let result = Err(Status::invalid_argument(
                 "name at least one node (`nimbusctl nodes` lists them)",
             ));
+            self.audit(&who, "node.decommission", "nodes", outcome_of(&result), Value::Null)
+                .await;
+            return result;
         }
         let timeout = Duration::from_secs(u64::from(r.drain_timeout_secs.max(1)));
         let mut results = Vec::new();
         for name in r.names {
             let result = crate::decommission::one(&self.ctx, &name, r.no_drain, timeout, &by).await;
+            // One entry per node: each is a separate, possibly partial, change.
+            let outcome = if result.done {
+                Outcome::Ok
+            } else {
+                Outcome::failed(result.error.clone())
+            };
+            let detail = json!({"no_drain": r.no_drain, "steps": result.steps});
+            self.audit(&who, "node.decommission", format!("node/{name}"), outcome, detail)
+                .await;
             let failed = !result.done;
             results.push(result);
             if failed {
@@ -696,25 +837,52 @@ impl Admin for AdminService {
         &self,
         req: Request<nimbus_proto::StartUpgradeRequest>,
     ) -> Result<Response<RolloutStatus>, Status> {
-        let by = caller(&req);
-        let request = crate::releases::upgrade_request(&self.ctx, req.into_inner()).await?;
-        let timeout = self.ctx.config.rollout_node_timeout;
-        let (pushed, view) = self
-            .ctx
-            .state(move |s| {
-                let (pushed, rec) = s.start_upgrade(&request, &by)?;
-                Ok((pushed, rollout_view(s, Some(&rec), true, timeout)?))
-            })
-            .await?;
-        crate::placement::push(&self.ctx, pushed).await;
-        Ok(Response::new(view))
+        let who = crate::auth::caller(&req);
+        let by = who.display();
+        let r = req.into_inner();
+        let target = format!("release/{}", r.version);
+        let detail = json!({
+            "version": r.version, "canary": r.canary, "max_unavailable": r.max_unavailable, "by": r.by,
+            "pause_after_canary": r.pause_after_canary, "allow_downgrade": r.allow_downgrade, "arch": r.arch,
+        });
+        let result = async {
+            let request = crate::releases::upgrade_request(&self.ctx, r).await?;
+            let timeout = self.ctx.config.rollout_node_timeout;
+            let (pushed, view) = self
+                .ctx
+                .state(move |s| {
+                    let (pushed, rec) = s.start_upgrade(&request, &by)?;
+                    Ok((pushed, rollout_view(s, Some(&rec), true, timeout)?))
+                })
+                .await?;
+            crate::placement::push(&self.ctx, pushed).await;
+            Ok(Response::new(view))
+        }
+        .await;
+        self.audit(&who, "rollout.start", target, outcome_of(&result), detail)
+            .await;
+        result
     }
 
     async fn list_audit(
         &self,
-        _req: Request<nimbus_proto::ListAuditRequest>,
+        req: Request<nimbus_proto::ListAuditRequest>,
     ) -> Result<Response<nimbus_proto::ListAuditResponse>, Status> {
-        Err(Status::unimplemented("the audit log is not served yet"))
+        let r = req.into_inner();
+        let log = std::sync::Arc::clone(self.ctx.audit.log());
+        match tokio::task::spawn_blocking(move || crate::auditlog::list(&log, r.since_unix_ms, r.after_seq, r.limit))
+            .await
+        {
+            Ok(Ok(list)) => Ok(Response::new(list)),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "listing the audit log failed");
+                Err(Status::internal(format!("reading the audit log: {e}")))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit list task failed");
+                Err(Status::internal("internal error; see the coordinator log"))
+            }
+        }
     }
 
     async fn rotate_key(
@@ -738,31 +906,47 @@ impl Admin for AdminService {
     }
 
     async fn control_rollout(&self, req: Request<ControlRolloutRequest>) -> Result<Response<RolloutStatus>, Status> {
-        let by = caller(&req);
+        let who = crate::auth::caller(&req);
+        let by = who.display();
         let r = req.into_inner();
-        let control: crate::rollout::Control = r.action.parse().map_err(Status::invalid_argument)?;
         let reason = clip_reason(&r.reason);
-        let timeout = self.ctx.config.rollout_node_timeout;
-        let (pushed, view) = self
-            .ctx
-            .state(move |s| {
-                let (pushed, rec) = s.control_rollout(control, &by, &reason)?;
-                let active = s.rollout()?.is_some();
-                Ok((pushed, rollout_view(s, Some(&rec), active, timeout)?))
-            })
-            .await?;
-        crate::placement::push(&self.ctx, pushed).await;
-        Ok(Response::new(view))
+        let (action, detail) = (format!("rollout.{}", r.action), json!({ "reason": reason }));
+        let result = async {
+            let control: crate::rollout::Control = r.action.parse().map_err(Status::invalid_argument)?;
+            let timeout = self.ctx.config.rollout_node_timeout;
+            let (pushed, view) = self
+                .ctx
+                .state(move |s| {
+                    let (pushed, rec) = s.control_rollout(control, &by, &reason)?;
+                    let active = s.rollout()?.is_some();
+                    Ok((pushed, rollout_view(s, Some(&rec), active, timeout)?))
+                })
+                .await?;
+            crate::placement::push(&self.ctx, pushed).await;
+            Ok(Response::new(view))
+        }
+        .await;
+        let target = result
+            .as_ref()
+            .map_or_else(|_| "rollout".into(), |v| format!("rollout/{}", v.get_ref().revision));
+        self.audit(&who, &action, target, outcome_of(&result), detail).await;
+        result
     }
 
     async fn plan_replication(&self, req: Request<PlanRequest>) -> Result<Response<PlanResponse>, Status> {
+        let who = crate::auth::caller(&req);
         let r = req.into_inner();
         let plan = crate::replication::plan(&self.ctx, &r.stores_yaml).await?;
         if r.keep {
             let yaml = r.stores_yaml.clone().into_bytes();
-            self.ctx
+            let detail = json!({ "stores": plan.stores.len(), "bytes": yaml.len() });
+            let result = self
+                .ctx
                 .state(move |s| s.put_config_blob(crate::replication::KEPT_STORES, &yaml))
-                .await?;
+                .await;
+            self.audit(&who, "replication.keep", "config/stores", outcome_of(&result), detail)
+                .await;
+            result?;
             tracing::info!(
                 stores = plan.stores.len(),
                 "stores file kept; re-planned every probe window"
@@ -779,13 +963,22 @@ impl Admin for AdminService {
     }
 
     async fn revoke_node(&self, req: Request<RevokeNodeRequest>) -> Result<Response<RevokeNodeResponse>, Status> {
+        let who = crate::auth::caller(&req);
         let r = req.into_inner();
         let reason = if r.reason.is_empty() {
             "revoked by an operator".to_string()
         } else {
             crate::fleet::clip(r.reason, 256)
         };
-        let (node, was_connected) = revoke(&self.ctx, r.name, reason).await?;
+        let (target, mut detail) = (format!("node/{}", r.name), json!({ "reason": reason }));
+        let result = revoke(&self.ctx, r.name, reason).await;
+        if let Ok((node, was_connected)) = &result {
+            detail["node_id"] = json!(node.id);
+            detail["was_connected"] = json!(was_connected);
+        }
+        self.audit(&who, "node.revoke", target, outcome_of(&result), detail)
+            .await;
+        let (node, was_connected) = result?;
         Ok(Response::new(RevokeNodeResponse {
             node: Some(self.node_view(node, None)),
             was_connected,

@@ -150,6 +150,85 @@ pub struct Settings {
     /// The CA certificate that signed --tls-cert; its SHA-256 is the pin agents check.
     #[arg(long, env = "NIMBUS_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Audit log also written as JSON lines (entries and signed checkpoints) to this file (0600, appended),
+    /// e.g. for fluentd. The store keeps the log either way.
+    #[arg(long, env = "NIMBUS_AUDIT_FILE")]
+    pub audit_file: Option<PathBuf>,
+    /// Audit log also sent to the local syslog (/dev/log, facility authpriv).
+    #[arg(long, env = "NIMBUS_AUDIT_SYSLOG")]
+    pub audit_syslog: Option<bool>,
+    /// A signed audit checkpoint at least this often while entries arrive. [default: 5m]
+    #[arg(long, env = "NIMBUS_AUDIT_CHECKPOINT_INTERVAL")]
+    pub audit_checkpoint_interval: Option<String>,
+    /// A signed audit checkpoint at least every N entries. [default: 100]
+    #[arg(long, env = "NIMBUS_AUDIT_CHECKPOINT_ENTRIES")]
+    pub audit_checkpoint_entries: Option<u64>,
+    /// Remote admin API listener (gRPC over TLS), e.g. 0.0.0.0:7444; off unless set. Needs --admin-client-ca
+    /// and/or --oidc-issuer: every remote call is authenticated.
+    #[arg(long, env = "NIMBUS_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Certificate chain (PEM) of the remote admin listener. [default: issued by the coordinator's CA]
+    #[arg(long, env = "NIMBUS_ADMIN_TLS_CERT")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// Private key (PEM, mode 0600) of --admin-tls-cert.
+    #[arg(long, env = "NIMBUS_ADMIN_TLS_KEY")]
+    pub admin_tls_key: Option<PathBuf>,
+    /// CA (PEM) whose client certificates may call the remote admin API (mTLS). Roles come from the
+    /// certificate's Organization (O=viewer, O=operator, O=admin).
+    #[arg(long, env = "NIMBUS_ADMIN_CLIENT_CA")]
+    pub admin_client_ca: Option<PathBuf>,
+    /// OIDC issuer URL (e.g. https://keycloak.example/realms/ops) whose bearer tokens the remote admin API
+    /// accepts. Its JWKS is fetched from the issuer's discovery document and cached.
+    #[arg(long, env = "NIMBUS_OIDC_ISSUER")]
+    pub oidc_issuer: Option<String>,
+    /// Audience the tokens must carry (the client id in Keycloak).
+    #[arg(long, env = "NIMBUS_OIDC_AUDIENCE")]
+    pub oidc_audience: Option<String>,
+    /// JWKS file to use instead of fetching it from the issuer (air-gapped sites).
+    #[arg(long, env = "NIMBUS_OIDC_JWKS_FILE")]
+    pub oidc_jwks_file: Option<PathBuf>,
+    /// Claim holding the caller's roles, a dotted path to a list of strings. [default: realm_access.roles]
+    #[arg(long, env = "NIMBUS_OIDC_ROLES_CLAIM")]
+    pub oidc_roles_claim: Option<String>,
+    /// CA (PEM) that signed the issuer's HTTPS certificate, when not a public one.
+    #[arg(long, env = "NIMBUS_OIDC_CA")]
+    pub oidc_ca: Option<PathBuf>,
+}
+
+/// Default interval between signed audit checkpoints.
+pub const DEFAULT_AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(300);
+/// Default number of audit entries between signed checkpoints.
+pub const DEFAULT_AUDIT_CHECKPOINT_ENTRIES: u64 = 100;
+/// Default claim holding roles in OIDC tokens (Keycloak's realm roles).
+pub const DEFAULT_OIDC_ROLES_CLAIM: &str = "realm_access.roles";
+
+/// Where the audit log goes besides the store, and how often it is checkpointed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditSettings {
+    pub file: Option<PathBuf>,
+    pub syslog: bool,
+    pub checkpoint_interval: Duration,
+    pub checkpoint_entries: u64,
+}
+
+/// The remote admin listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteAdmin {
+    pub listen: SocketAddr,
+    /// Certificate chain and key; `None`: issued by the coordinator's CA.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub client_ca: Option<PathBuf>,
+    pub oidc: Option<OidcSettings>,
+}
+
+/// Bearer tokens accepted on the remote admin listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OidcSettings {
+    pub issuer: String,
+    pub audience: String,
+    pub jwks_file: Option<PathBuf>,
+    pub roles_claim: String,
+    pub ca: Option<PathBuf>,
 }
 
 /// Validated configuration.
@@ -182,6 +261,9 @@ pub struct Config {
     pub log_format: String,
     pub log_level: String,
     pub tls: Option<TlsFiles>,
+    pub audit: AuditSettings,
+    /// `None`: the admin API is on the local socket only.
+    pub admin_remote: Option<RemoteAdmin>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -414,6 +496,90 @@ impl Config {
                 None
             }
         };
+        let audit = AuditSettings {
+            file: o.audit_file.or(file.audit_file),
+            syslog: o.audit_syslog.or(file.audit_syslog).unwrap_or(false),
+            checkpoint_interval: check::duration(
+                "audit_checkpoint_interval",
+                o.audit_checkpoint_interval
+                    .or(file.audit_checkpoint_interval)
+                    .as_deref(),
+                DEFAULT_AUDIT_CHECKPOINT_INTERVAL,
+                &mut errs,
+            ),
+            checkpoint_entries: o
+                .audit_checkpoint_entries
+                .or(file.audit_checkpoint_entries)
+                .unwrap_or(DEFAULT_AUDIT_CHECKPOINT_ENTRIES),
+        };
+        if audit.checkpoint_entries == 0 {
+            errs.push("audit_checkpoint_entries must be at least 1".into());
+        }
+        let oidc = match (
+            o.oidc_issuer.or(file.oidc_issuer),
+            o.oidc_audience.or(file.oidc_audience),
+        ) {
+            (None, None) => None,
+            (Some(issuer), Some(audience)) => {
+                if !(issuer.starts_with("https://") || issuer.starts_with("http://")) {
+                    errs.push(format!(
+                        "oidc_issuer {issuer:?} must be an http(s) URL, e.g. https://keycloak.example/realms/ops"
+                    ));
+                }
+                if audience.is_empty() {
+                    errs.push("oidc_audience must not be empty (the client id tokens are issued for)".into());
+                }
+                Some(OidcSettings {
+                    issuer,
+                    audience,
+                    jwks_file: o.oidc_jwks_file.or(file.oidc_jwks_file),
+                    roles_claim: o
+                        .oidc_roles_claim
+                        .or(file.oidc_roles_claim)
+                        .unwrap_or_else(|| DEFAULT_OIDC_ROLES_CLAIM.into()),
+                    ca: o.oidc_ca.or(file.oidc_ca),
+                })
+            }
+            _ => {
+                errs.push("oidc_issuer and oidc_audience go together".into());
+                None
+            }
+        };
+        let admin_tls = match (
+            o.admin_tls_cert.or(file.admin_tls_cert),
+            o.admin_tls_key.or(file.admin_tls_key),
+        ) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((c, k)),
+            _ => {
+                errs.push("admin_tls_cert and admin_tls_key go together".into());
+                None
+            }
+        };
+        let admin_client_ca = o.admin_client_ca.or(file.admin_client_ca);
+        let admin_remote = match o.admin_listen.or(file.admin_listen) {
+            None => {
+                if admin_client_ca.is_some() || oidc.is_some() || admin_tls.is_some() {
+                    errs.push(
+                        "admin_client_ca, oidc_* and admin_tls_* configure the remote admin listener: set admin_listen too".into(),
+                    );
+                }
+                None
+            }
+            Some(l) => {
+                if admin_client_ca.is_none() && oidc.is_none() {
+                    errs.push(format!(
+                        "admin_listen {l:?} needs a way to authenticate callers: set admin_client_ca (mTLS) and/or oidc_issuer with oidc_audience"
+                    ));
+                }
+                parse_addr("admin_listen", &l, &mut errs).map(|listen| RemoteAdmin {
+                    listen,
+                    tls: admin_tls,
+                    client_ca: admin_client_ca,
+                    oidc,
+                })
+            }
+        };
         match (enroll_listen, wg_listen, advertise_address, overlay_cidr) {
             (Some(enroll_listen), Some(wg_listen), Some(advertise_address), Some(overlay_cidr)) if errs.is_empty() => {
                 Ok(Config {
@@ -440,6 +606,8 @@ impl Config {
                     log_format,
                     log_level,
                     tls,
+                    audit,
+                    admin_remote,
                 })
             }
             _ => Err(errs),
@@ -456,7 +624,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             data_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, release_port, tun_name, mtu,
-            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, cluster_sync_interval, rollout_node_timeout, packages, packages_tls, log_format, tls)
+            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, cluster_sync_interval, rollout_node_timeout, packages, packages_tls, log_format, tls, audit, admin_remote)
     }
 }
 

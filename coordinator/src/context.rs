@@ -23,6 +23,8 @@ pub struct Ctx {
     pub join_tokens: crate::join::Issued,
     /// Last label/taint reconciliation per node in its cluster, and the kick to run one soon.
     pub cluster_sync: crate::clustersync::ClusterSync,
+    /// The audit log: every state-changing call appends an entry (`crate::auditlog`).
+    pub audit: Arc<crate::auditlog::Auditor>,
 }
 
 impl Ctx {

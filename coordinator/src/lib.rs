@@ -9,6 +9,7 @@
 //! * **Admin** (`admin`) — for `nimbusctl`, on a Unix socket (0600).
 //!
 //! # Layout
+//! * `auditlog` — the audit log (`audit` crate) on the store: append from handlers, checkpoints, `ListAudit`.
 //! * `auth`     — admin callers and roles: the one RPC → role table, mTLS and OIDC credentials.
 //! * `config`   — file + flag configuration, validated as a whole.
 //! * `server`   — start-up order, serving, draining (`start`, `run`).
@@ -31,6 +32,7 @@
 //! * `error`    — `CoordError` and the one mapping to `tonic::Status`.
 
 pub mod admin;
+pub mod auditlog;
 pub mod auth;
 pub mod clustersync;
 pub mod config;

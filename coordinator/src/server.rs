@@ -122,6 +122,24 @@ macro_rules! spawn_server {
     }};
 }
 
+/// Refused remote admin calls to state-changing methods go to the audit log (reads are only logged).
+fn refusals_to_audit(ctx: &Arc<Ctx>) -> crate::auth::layer::OnRefused {
+    let auditor = Arc::clone(&ctx.audit);
+    Arc::new(move |r: crate::auth::layer::Refusal| {
+        if crate::auth::required_role(&r.method).is_some_and(|role| role == crate::auth::Role::Viewer) {
+            return;
+        }
+        let who = r
+            .caller
+            .map_or_else(|| audit::Principal::system("unauthenticated"), |c| c.principal);
+        let rec = audit::Record::new(who, format!("admin.{}", r.method), "")
+            .with_from(r.from)
+            .with_result(audit::Outcome::refused(r.reason));
+        let auditor = Arc::clone(&auditor);
+        tokio::spawn(async move { auditor.record(rec).await });
+    })
+}
+
 /// Bind everything and start serving. Returns once the coordinator is ready.
 pub async fn start(config: Config) -> Result<Running, CoordError> {
     prepare_data_dir(&config.data_dir)?;
@@ -129,6 +147,8 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
     let overlay = OverlayPlan::new(config.overlay_cidr).map_err(|e| CoordError::Config(vec![e.to_string()]))?;
     let coordinator_ip = overlay.coordinator_ip;
     let state = Arc::new(State::open(Arc::clone(&store), overlay)?);
+    let audit = crate::auditlog::Auditor::open(&config.audit, &config.data_dir, Arc::clone(&store))
+        .map_err(|e| CoordError::Config(vec![format!("audit log: {e}")]))?;
 
     let (identity, ca_pin) = match &config.tls {
         None => {
@@ -258,6 +278,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         }),
         join_tokens: crate::join::Issued::default(),
         cluster_sync: crate::clustersync::ClusterSync::default(),
+        audit: Arc::new(audit),
     });
 
     // Every active node is a WireGuard peer again after a restart.
@@ -318,6 +339,41 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         shutdown_rx,
         "admin"
     ));
+
+    if let Some(remote) = &ctx.config.admin_remote {
+        let tls = crate::auth::layer::tls_config(remote, &identity)?;
+        let gate = crate::auth::layer::Gate::new(remote, Some(refusals_to_audit(&ctx)))
+            .map_err(|e| CoordError::Config(vec![format!("remote admin API: {e}")]))?;
+        let listener = TcpListener::bind(remote.listen)
+            .await
+            .map_err(|source| CoordError::Listen {
+                what: "admin (remote, TLS)",
+                addr: remote.listen.to_string(),
+                hint: listen_hint(&source),
+                source,
+            })?;
+        tracing::info!(
+            addr = %remote.listen,
+            client_certs = remote.client_ca.is_some(),
+            oidc_issuer = remote.oidc.as_ref().map(|o| o.issuer.as_str()).unwrap_or("-"),
+            "remote admin API serving (TLS; every call authenticated and checked against its role)"
+        );
+        let remote_srv = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .map_err(|source| CoordError::Serve {
+                what: "admin (remote)",
+                source,
+            })?
+            .timeout(Duration::from_secs(300))
+            .layer(crate::auth::layer::GateLayer::new(gate))
+            .add_service(AdminServer::new(AdminService::new(Arc::clone(&ctx))));
+        tasks.push(spawn_server!(
+            remote_srv,
+            TcpListenerStream::new(listener),
+            shutdown_rx,
+            "admin (remote)"
+        ));
+    }
 
     if let Some((dir, l)) = packages_listener {
         let rx = shutdown_rx.clone();
@@ -411,6 +467,17 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
                     _ = rx.changed() => return Ok(()),
                 }
             }
+        }));
+    }
+    {
+        let (auditor, every, rx) = (
+            Arc::clone(&ctx.audit),
+            ctx.config.audit.checkpoint_interval,
+            shutdown_rx.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            crate::auditlog::checkpoint_task(auditor, every, rx).await;
+            Ok(())
         }));
     }
     tasks.push(tokio::spawn(flush_last_seen(Arc::clone(&ctx), shutdown_rx)));

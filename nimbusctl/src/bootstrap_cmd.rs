@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use nimbus_proto::admin_client::AdminClient;
 use nimbus_proto::{CreateTokenRequest, GetPolicyRequest};
-use tonic::transport::Channel;
 
 /// What the operator asked for (from the CLI flags).
 #[derive(Debug, Clone)]
@@ -72,7 +70,7 @@ pub fn labels_for(policy: &policy::Policy, env: &str, pool: Option<&str>) -> Res
 }
 
 async fn mint(
-    c: &mut AdminClient<Channel>,
+    c: &mut crate::context::Client,
     args: &RenderArgs,
     labels: &BTreeMap<String, String>,
     bind_mac: Option<&str>,
@@ -155,7 +153,7 @@ pub fn render_platform(
 }
 
 /// Mints the token(s), renders, writes. Returns the artefact (for printing).
-pub async fn render(c: &mut AdminClient<Channel>, args: &RenderArgs) -> Result<bootstrap::Artefact> {
+pub async fn render(c: &mut crate::context::Client, args: &RenderArgs) -> Result<bootstrap::Artefact> {
     // Checked before anything is minted: a wrong file must not cost a token.
     let release_root = args.release_root.as_deref().map(read_release_root).transpose()?;
     let current = c

@@ -7,12 +7,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::{Table, presets};
-use hyper_util::rt::TokioIo;
-use nimbus_proto::admin_client::AdminClient;
 use nimbus_proto::*;
-use tonic::transport::{Channel, Endpoint};
 
+mod audit_cmd;
 mod bootstrap_cmd;
+mod context;
 mod hardware;
 mod latency_view;
 mod policy_view;
@@ -43,6 +42,13 @@ struct Cli {
         default_value = "/run/nimbus/admin.sock"
     )]
     socket: PathBuf,
+    /// Use this context of the contexts file (a remote coordinator's admin API over TLS, with a client
+    /// certificate or an OIDC token command) instead of the local socket. [default: the file's current-context]
+    #[arg(long, global = true, env = "NIMBUS_CONTEXT")]
+    context: Option<String>,
+    /// Contexts file (kubeconfig-like YAML). [default: ~/.config/nimbus/contexts.yaml]
+    #[arg(long, global = true, env = "NIMBUS_CONTEXTS")]
+    contexts: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -177,6 +183,12 @@ enum Cmd {
         #[arg(long)]
         allow_disruptive: bool,
     },
+    // Help text: on `audit_cmd::AuditArgs`.
+    Audit(audit_cmd::AuditArgs),
+    /// Who the coordinator takes you for (uid on the local socket, certificate subject or OIDC subject on a
+    /// remote context) and the roles it grants: viewer (read), operator (tokens, apply, rollouts, releases),
+    /// admin (revoke, decommission, keys, release repository).
+    Whoami,
 }
 
 #[derive(Subcommand, Debug)]
@@ -546,30 +558,6 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
-async fn connect(socket: &Path) -> Result<AdminClient<Channel>> {
-    if !socket.exists() {
-        bail!(
-            "admin socket {} does not exist: is nimbus-coordinator running? (set --socket or NIMBUS_ADMIN_SOCKET)",
-            socket.display()
-        );
-    }
-    let path = socket.to_path_buf();
-    let channel = Endpoint::from_static("http://admin.local")
-        .connect_timeout(Duration::from_secs(5))
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to {} (permission denied means: run as root or the coordinator's user)",
-                socket.display()
-            )
-        })?;
-    Ok(AdminClient::new(channel))
-}
-
 fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
@@ -803,7 +791,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Diff { file, .. } | Cmd::Apply { file, .. } => Some(read_policy(file)?),
         _ => None,
     };
-    let mut c = connect(&cli.socket).await?;
+    let ctx = context::select(cli.contexts.as_deref(), cli.context.as_deref())?;
+    let mut c = context::connect(ctx.as_ref(), &cli.socket).await?;
     match cli.cmd {
         Cmd::Diff { allow_disruptive, .. } | Cmd::Apply { allow_disruptive, .. } => {
             let verb = if matches!(cli.cmd, Cmd::Diff { .. }) {
@@ -914,6 +903,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if all_done { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Cmd::Audit(args) => audit_cmd::run(&mut c, args, json).await,
         cmd => {
             admin(c, cli.output, cmd).await?;
             Ok(ExitCode::SUCCESS)
@@ -922,7 +912,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// The commands outside the fleet policy.
-async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<()> {
+async fn admin(mut c: context::Client, output: Output, cmd: Cmd) -> Result<()> {
     let json = output == Output::Json;
     match cmd {
         Cmd::Release(rc) => {
@@ -1348,12 +1338,28 @@ async fn admin(mut c: AdminClient<Channel>, output: Output, cmd: Cmd) -> Result<
             }
             emit(&rollout_view::text(&r, unix_now()))?;
         }
+        Cmd::Whoami => {
+            let me = c.who_am_i(WhoAmIRequest {}).await.map_err(status_err)?.into_inner();
+            if output == Output::Json {
+                return print_json(&serde_json::json!({
+                    "kind": me.kind, "subject": me.subject, "roles": me.roles, "from": me.from,
+                }));
+            }
+            emit(&format!(
+                "{}:{}\nroles: {}\nfrom: {}\n",
+                me.kind,
+                me.subject,
+                me.roles.join(", "),
+                me.from
+            ))?;
+        }
         Cmd::Policy(_)
         | Cmd::Diff { .. }
         | Cmd::Apply { .. }
         | Cmd::Rollback { .. }
+        | Cmd::Audit(_)
         | Cmd::Node(NodeCmd::Decommission { .. }) => {
-            bail!("internal error: policy commands are handled by run()")
+            bail!("internal error: policy and audit commands are handled by run()")
         }
     }
     Ok(())

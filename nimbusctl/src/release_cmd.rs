@@ -7,10 +7,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use nimbus_proto::admin_client::AdminClient;
 use nimbus_proto::{AddReleaseChunk, InstallReleaseRepositoryRequest, ReleaseHeader, ReleaseList};
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
 
 /// Bytes per uploaded chunk (well under gRPC's 4 MiB message limit).
 const CHUNK: usize = 1 << 20;
@@ -77,7 +75,7 @@ fn read_install(dir: &Path, replace: bool) -> Result<InstallReleaseRepositoryReq
     })
 }
 
-pub async fn install(c: &mut AdminClient<Channel>, dir: &Path, replace: bool) -> Result<ReleaseList> {
+pub async fn install(c: &mut crate::context::Client, dir: &Path, replace: bool) -> Result<ReleaseList> {
     let req = read_install(dir, replace)?;
     Ok(c.install_release_repository(req)
         .await
@@ -87,7 +85,7 @@ pub async fn install(c: &mut AdminClient<Channel>, dir: &Path, replace: bool) ->
 
 /// Streams `file` as a release; its SHA-256 is computed first and checked by the coordinator.
 pub async fn add(
-    c: &mut AdminClient<Channel>,
+    c: &mut crate::context::Client,
     file: &Path,
     version: &str,
     kind: &str,

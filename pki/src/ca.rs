@@ -22,6 +22,13 @@ use crate::{Pin, PkiError, SERVER_NAME};
 pub const CA_CERT_FILE: &str = "ca.crt";
 /// File name of the CA private key (PEM PKCS#8, mode 0600) inside the CA directory.
 pub const CA_KEY_FILE: &str = "ca.key";
+/// During a CA rotation: the new CA certificate (PEM, 0644). Its presence means "rotation in
+/// progress"; `ca.crt`/`ca.key` then still hold the previous CA.
+pub const NEXT_CERT_FILE: &str = "ca-next.crt";
+/// During a CA rotation: the new CA's private key (PEM PKCS#8, 0600).
+pub const NEXT_KEY_FILE: &str = "ca-next.key";
+/// During a CA rotation: the new CA certificate cross-signed by the previous CA (PEM, 0644).
+pub const CROSS_CERT_FILE: &str = "ca-cross.crt";
 
 /// Validity of a newly created CA: 10 years (like kubeadm's CA).
 const CA_VALIDITY: Duration = Duration::days(3650);
@@ -32,10 +39,20 @@ const CLOCK_SKEW: Duration = Duration::hours(1);
 
 /// The coordinator's CA: a self-signed certificate and its key, kept in a directory.
 pub struct CertificateAuthority {
+    /// The issuing CA (the new one during a rotation).
     cert_pem: String,
     cert_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
     dir: PathBuf,
+    /// Set while a CA rotation is in its overlap.
+    overlap: Option<Overlap>,
+}
+
+/// The overlap of a CA rotation: the previous CA and the new CA cross-signed by it.
+struct Overlap {
+    previous_pem: String,
+    previous_der: CertificateDer<'static>,
+    cross_pem: String,
 }
 
 impl fmt::Debug for CertificateAuthority {
@@ -43,6 +60,7 @@ impl fmt::Debug for CertificateAuthority {
         f.debug_struct("CertificateAuthority")
             .field("dir", &self.dir)
             .field("pin", &self.pin())
+            .field("previous_pin", &self.previous_pin())
             .field("key", &"<redacted>")
             .finish()
     }
@@ -58,10 +76,14 @@ impl CertificateAuthority {
     pub fn load_or_create(dir: &Path) -> Result<Self, PkiError> {
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
+        recover_interrupted_rotation(dir)?;
         let cert_exists = exists(&cert_path)?;
         let key_exists = exists(&key_path)?;
         match (cert_exists, key_exists) {
-            (true, true) => Self::load(dir, &cert_path, &key_path),
+            (true, true) => {
+                let ca = Self::load(dir, &cert_path, &key_path)?;
+                ca.load_overlap()
+            }
             (false, false) => Self::create(dir, &cert_path, &key_path),
             (true, false) => Err(PkiError::IncompleteCa {
                 present: cert_path,
@@ -102,6 +124,7 @@ impl CertificateAuthority {
             cert_der,
             issuer,
             dir: dir.to_path_buf(),
+            overlap: None,
         };
         tracing::info!(dir = %dir.display(), pin = %ca.pin(), "loaded the coordinator CA");
         Ok(ca)
@@ -121,29 +144,7 @@ impl CertificateAuthority {
                 )
             })?;
 
-        let key = KeyPair::generate().map_err(|source| PkiError::Certificate { what: "CA key", source })?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, "polynimbus");
-        // A short key fingerprint in the name tells CAs of different clusters apart in tools' output.
-        let id = hex::encode(&Pin::of_der(key.public_key_raw()).as_bytes()[..4]);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("nimbus coordinator CA {id}"));
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - CLOCK_SKEW;
-        params.not_after = now + CA_VALIDITY;
-        let cert = params.self_signed(&key).map_err(|source| PkiError::Certificate {
-            what: "CA certificate",
-            source,
-        })?;
-
+        let (key, params, cert) = generate_ca()?;
         let key_pem = key.serialize_pem();
         let cert_pem = cert.pem();
         write_atomically(dir, key_path, key_pem.as_bytes(), 0o600)?;
@@ -155,12 +156,14 @@ impl CertificateAuthority {
             cert_pem,
             issuer: Issuer::new(params, key),
             dir: dir.to_path_buf(),
+            overlap: None,
         };
         tracing::info!(dir = %dir.display(), pin = %ca.pin(), "created a new coordinator CA");
         Ok(ca)
     }
 
-    /// The CA certificate's pin (what `nimbusctl token create` prints).
+    /// The issuing CA certificate's pin (what `nimbusctl token create` prints). During a CA
+    /// rotation this is the *new* CA's pin; see [`CertificateAuthority::accepted_pins`].
     pub fn pin(&self) -> Pin {
         Pin::of_der(&self.cert_der)
     }
@@ -222,10 +225,227 @@ impl CertificateAuthority {
                 what: "server certificate",
                 source,
             })?;
+        // During a rotation's overlap: [leaf, cross, previous CA, new CA]. A client pinning the
+        // previous CA anchors there and verifies leaf → cross → previous CA; one pinning the new
+        // CA anchors on the last certificate (whose pin `ServerIdentity::ca_pin` reports).
+        let cert_chain_pem = match &self.overlap {
+            Some(o) => format!("{}{}{}{}", cert.pem(), o.cross_pem, o.previous_pem, self.cert_pem),
+            None => format!("{}{}", cert.pem(), self.cert_pem),
+        };
         Ok(ServerIdentity {
-            cert_chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
+            cert_chain_pem,
             key_pem: key.serialize_pem(),
         })
+    }
+
+    /// Whether a CA rotation is in its overlap (started, not finished).
+    pub fn rotation_in_progress(&self) -> bool {
+        self.overlap.is_some()
+    }
+
+    /// The previous CA's pin during a rotation's overlap.
+    pub fn previous_pin(&self) -> Option<Pin> {
+        self.overlap.as_ref().map(|o| Pin::of_der(&o.previous_der))
+    }
+
+    /// Pins a client may hold and still verify this coordinator: the issuing CA's, plus the
+    /// previous CA's during a rotation's overlap.
+    pub fn accepted_pins(&self) -> Vec<Pin> {
+        std::iter::once(self.pin()).chain(self.previous_pin()).collect()
+    }
+
+    /// The new CA certificate cross-signed by the previous CA (PEM), during the overlap.
+    pub fn cross_cert_pem(&self) -> Option<String> {
+        self.overlap.as_ref().map(|o| o.cross_pem.clone())
+    }
+
+    /// Starts a CA rotation: creates a new CA key and self-signed certificate and a
+    /// certificate for the same subject and key signed by the current CA (the cross
+    /// certificate). From now on [`CertificateAuthority::issue_server_identity`] signs with the
+    /// new CA and serves `[leaf, cross, previous CA, new CA]`, which verifies for a client
+    /// pinning either CA ([`crate::client_config`]). Returns the new pin, for new join tokens and
+    /// for agents to switch to.
+    ///
+    /// Persisted before returning: `ca-next.key` (0600), `ca-cross.crt`, then `ca-next.crt`
+    /// (its presence marks the rotation); `ca.crt`/`ca.key` keep the previous CA until
+    /// [`CertificateAuthority::finish_rotation`]. [`CertificateAuthority::load_or_create`] sees
+    /// a rotation in progress. Server identities issued before keep working (they chain to the
+    /// previous CA, still trusted by its pin); reissue them so new-pin clients accept them.
+    ///
+    /// Errors: [`PkiError::CaRotation`] when a rotation is already in progress; I/O errors.
+    pub fn rotate(&mut self) -> Result<Pin, PkiError> {
+        if self.overlap.is_some() {
+            return Err(PkiError::CaRotation {
+                reason: "a rotation is already in progress; finish it before starting another".into(),
+            });
+        }
+        let (key, params, cert) = generate_ca()?;
+        let cross = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|source| PkiError::Certificate {
+                what: "cross-signed CA certificate",
+                source,
+            })?;
+        let dir = self.dir.clone();
+        write_atomically(&dir, &dir.join(NEXT_KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
+        write_atomically(&dir, &dir.join(CROSS_CERT_FILE), cross.pem().as_bytes(), 0o644)?;
+        write_atomically(&dir, &dir.join(NEXT_CERT_FILE), cert.pem().as_bytes(), 0o644)?;
+        sync_dir(&dir);
+
+        let previous_pin = self.pin();
+        let previous_pem = std::mem::replace(&mut self.cert_pem, cert.pem());
+        let previous_der = std::mem::replace(&mut self.cert_der, cert.der().clone());
+        self.issuer = Issuer::new(params, key);
+        self.overlap = Some(Overlap {
+            previous_pem,
+            previous_der,
+            cross_pem: cross.pem(),
+        });
+        tracing::info!(previous = %previous_pin, new = %self.pin(), "CA rotation started; both pins are accepted");
+        Ok(self.pin())
+    }
+
+    /// Ends a CA rotation: the new CA replaces `ca.crt`/`ca.key` (the previous CA's key is
+    /// overwritten) and the cross certificate is removed. Identities issued afterwards carry
+    /// `[leaf, new CA]`: clients still pinning the previous CA then fail with
+    /// [`PkiError::PinMismatch`]. Reissue the served identity after calling this.
+    ///
+    /// Crash-safe: `ca-next.crt` is renamed first, then `ca-next.key`; `load_or_create` completes
+    /// a finish interrupted in between.
+    ///
+    /// Errors: [`PkiError::CaRotation`] when no rotation is in progress; I/O errors.
+    pub fn finish_rotation(&mut self) -> Result<(), PkiError> {
+        if self.overlap.is_none() {
+            return Err(PkiError::CaRotation {
+                reason: "no rotation is in progress; start one first".into(),
+            });
+        }
+        let dir = self.dir.clone();
+        rename(&dir.join(NEXT_CERT_FILE), &dir.join(CA_CERT_FILE))?;
+        rename(&dir.join(NEXT_KEY_FILE), &dir.join(CA_KEY_FILE))?;
+        remove_if_exists(&dir.join(CROSS_CERT_FILE))?;
+        sync_dir(&dir);
+        let previous = self.previous_pin();
+        self.overlap = None;
+        tracing::info!(retired = ?previous, pin = %self.pin(), "CA rotation finished; only the new pin is accepted");
+        Ok(())
+    }
+
+    /// After `load`: pick up a rotation in progress (`ca-next.crt` present).
+    fn load_overlap(mut self) -> Result<Self, PkiError> {
+        let dir = self.dir.clone();
+        let next_cert = dir.join(NEXT_CERT_FILE);
+        let next_key = dir.join(NEXT_KEY_FILE);
+        let cross = dir.join(CROSS_CERT_FILE);
+        if !exists(&next_cert)? {
+            return Ok(self);
+        }
+        for needed in [&next_key, &cross] {
+            if !exists(needed)? {
+                return Err(PkiError::IncompleteCa {
+                    present: next_cert.clone(),
+                    missing: needed.clone(),
+                });
+            }
+        }
+        let next = Self::load(&dir, &next_cert, &next_key)?;
+        let cross_pem = read(&cross)?;
+        CertificateDer::from_pem_slice(cross_pem.as_bytes()).map_err(|err| {
+            bad_pem(
+                &cross,
+                format!("no PEM certificate found ({err}); restore it from a backup"),
+            )
+        })?;
+        let previous_pem = std::mem::replace(&mut self.cert_pem, next.cert_pem);
+        let previous_der = std::mem::replace(&mut self.cert_der, next.cert_der);
+        self.issuer = next.issuer;
+        self.overlap = Some(Overlap {
+            previous_pem,
+            previous_der,
+            cross_pem,
+        });
+        tracing::info!(previous = ?self.previous_pin(), new = %self.pin(), "CA rotation in progress");
+        Ok(self)
+    }
+}
+
+/// A fresh CA: P-256 key, self-signed certificate valid [`CA_VALIDITY`], path length 0.
+fn generate_ca() -> Result<(KeyPair, CertificateParams, rcgen::Certificate), PkiError> {
+    let key = KeyPair::generate().map_err(|source| PkiError::Certificate { what: "CA key", source })?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::OrganizationName, "polynimbus");
+    // A short key fingerprint in the name tells CAs apart in tools' output, and gives a rotated CA
+    // a subject distinct from its predecessor (path building matches issuers by name).
+    let id = hex::encode(&Pin::of_der(key.public_key_raw()).as_bytes()[..4]);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("nimbus coordinator CA {id}"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + CA_VALIDITY;
+    let cert = params.self_signed(&key).map_err(|source| PkiError::Certificate {
+        what: "CA certificate",
+        source,
+    })?;
+    Ok((key, params, cert))
+}
+
+/// Completes or undoes a rotation step cut short by a crash, before the CA is loaded:
+/// - `ca-next.key` without `ca-next.crt`, and that key belongs to `ca.crt`: `finish_rotation`
+///   stopped between its two renames; finish it.
+/// - otherwise `ca-next.key`/`ca-cross.crt` without `ca-next.crt`: `rotate` stopped before its
+///   commit point; remove the leftovers.
+fn recover_interrupted_rotation(dir: &Path) -> Result<(), PkiError> {
+    let next_cert = dir.join(NEXT_CERT_FILE);
+    let next_key = dir.join(NEXT_KEY_FILE);
+    let cross = dir.join(CROSS_CERT_FILE);
+    if exists(&next_cert)? {
+        return Ok(());
+    }
+    let cert_path = dir.join(CA_CERT_FILE);
+    if exists(&next_key)? && exists(&cert_path)? {
+        check_key_permissions(&next_key)?;
+        let cert_pem = read(&cert_path)?;
+        let key_pem = read(&next_key)?;
+        let belongs = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .ok()
+            .is_some_and(|der| check_key_matches(&[der], &key_pem, &cert_path, &next_key).is_ok());
+        if belongs {
+            tracing::warn!(dir = %dir.display(), "completing a CA rotation finish that was interrupted");
+            rename(&next_key, &dir.join(CA_KEY_FILE))?;
+        } else {
+            tracing::warn!(dir = %dir.display(), "removing the leftovers of an interrupted CA rotation start");
+            remove_if_exists(&next_key)?;
+        }
+    }
+    remove_if_exists(&cross)?;
+    sync_dir(dir);
+    Ok(())
+}
+
+fn rename(from: &Path, to: &Path) -> Result<(), PkiError> {
+    fs::rename(from, to).map_err(|err| {
+        io_err(
+            "rename into place",
+            from,
+            "check that the CA directory is writable; the rotation resumes at the next start",
+            err,
+        )
+    })
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), PkiError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(io_err("remove", path, "check that the CA directory is writable", err)),
     }
 }
 

@@ -109,6 +109,10 @@ pub enum PkiError {
         source: rcgen::Error,
     },
 
+    /// A CA rotation step out of order (start while one runs, finish with none running).
+    #[error("CA rotation: {reason}")]
+    CaRotation { reason: String },
+
     /// Building the rustls configuration failed (a bug or an unsupported key).
     #[error("cannot build the TLS configuration: {source}")]
     TlsConfig {

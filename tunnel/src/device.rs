@@ -13,7 +13,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
@@ -130,7 +130,10 @@ struct Inner {
     router: Arc<Mutex<Router>>,
     local_addr: SocketAddr,
     name: String,
-    public_key: PublicKey,
+    /// For datagrams a method call must send at once (the handshake of a peer key change).
+    /// Weak: the tasks own the socket, so [`Tunnel::shutdown`] still closes it.
+    udp: Weak<UdpSocket>,
+    is_v6_socket: bool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -172,11 +175,11 @@ impl Tunnel {
         let name = tun.name().unwrap_or_else(|_| cfg.tun_name.clone());
 
         let router = Router::new(cfg.private_key);
-        let public_key = router.public_key();
         let router = Arc::new(Mutex::new(router));
         let tun = Arc::new(tun);
         let udp = Arc::new(udp);
         let is_v6_socket = local_addr.is_ipv6();
+        let udp_weak = Arc::downgrade(&udp);
 
         let tasks = vec![
             tokio::spawn(tun_task(
@@ -191,7 +194,7 @@ impl Tunnel {
                 Arc::clone(&udp),
                 is_v6_socket,
             )),
-            tokio::spawn(timer_task(Arc::clone(&router), tun, udp, is_v6_socket)),
+            tokio::spawn(timer_task(Arc::clone(&router), tun, Arc::clone(&udp), is_v6_socket)),
         ];
 
         tracing::info!(
@@ -207,7 +210,8 @@ impl Tunnel {
                 router,
                 local_addr,
                 name,
-                public_key,
+                udp: udp_weak,
+                is_v6_socket,
                 tasks: Mutex::new(tasks),
             }),
         })
@@ -249,9 +253,48 @@ impl Tunnel {
         &self.inner.name
     }
 
-    /// This node's public key.
+    /// This node's public key (the new one once a key rotation has started).
     pub fn public_key(&self) -> PublicKey {
-        self.inner.public_key
+        lock(&self.inner.router).public_key()
+    }
+
+    /// The key being rotated away from, while a key rotation is in progress.
+    pub fn previous_public_key(&self) -> Option<PublicKey> {
+        lock(&self.inner.router).previous_public_key()
+    }
+
+    /// Coordinator side of a key rotation: answer handshakes to both the old key and `new`;
+    /// established sessions stay up. Returns the new public key. See
+    /// [`Router::start_key_rotation`].
+    pub fn start_key_rotation(&self, new: StaticSecret) -> Result<PublicKey, TunnelError> {
+        lock(&self.inner.router).start_key_rotation(new)
+    }
+
+    /// Ends a key rotation: the old key is no longer answered and sessions still on it end.
+    /// Returns how many peers lost an established session. See
+    /// [`Router::finish_key_rotation`].
+    pub fn finish_key_rotation(&self) -> Result<usize, TunnelError> {
+        lock(&self.inner.router).finish_key_rotation()
+    }
+
+    /// Agent side of a key rotation: the peer `old` now has key `new`. The handshake to `new`
+    /// is sent before this returns; traffic stays on the old session until the new one is
+    /// up. See [`Router::set_peer_public_key`].
+    pub async fn set_peer_public_key(&self, old: &PublicKey, new: PublicKey) -> Result<(), TunnelError> {
+        let mut actions = Vec::new();
+        lock(&self.inner.router).set_peer_public_key(old, new, &mut actions)?;
+        let Some(udp) = self.inner.udp.upgrade() else {
+            return Ok(());
+        };
+        for action in actions {
+            if let Action::SendDatagram { to, data } = action
+                && let Err(e) = udp.send_to(&data, for_socket(to, self.inner.is_v6_socket)).await
+            {
+                // The handshake is retried by the timer task.
+                tracing::debug!(%to, error = %e, "WireGuard UDP send failed");
+            }
+        }
+        Ok(())
     }
 
     /// Stops the tasks and waits for them; this closes the TUN (the interface disappears) and

@@ -87,6 +87,10 @@ pub enum TunnelError {
     /// A tunnel configuration value is out of range (prefix length, MTU, interface name).
     #[error("invalid tunnel configuration: {0}")]
     InvalidConfig(String),
+
+    /// A key rotation step was out of order (one already running, none to finish, a reused key).
+    #[error("WireGuard key rotation: {0}")]
+    KeyRotation(String),
 }
 
 /// The actionable part of a [`TunnelError::TunCreate`] message, chosen by the OS error.

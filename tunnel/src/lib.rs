@@ -54,4 +54,4 @@ pub mod router;
 pub use device::{DEFAULT_MTU, Tunnel, TunnelConfig};
 pub use error::TunnelError;
 pub use keys::{PublicKey, StaticSecret};
-pub use router::{Action, PeerConfig, PeerStats, Router, RouterCounters, TICK_INTERVAL};
+pub use router::{Action, LocalKey, PeerConfig, PeerStats, Router, RouterCounters, TICK_INTERVAL};

@@ -11,9 +11,26 @@
 //! - Handshake initiations carry the initiator's static key encrypted to ours: the key is
 //!   recovered with [`parse_handshake_anon`] (after the MAC1 / cookie check, so unauthenticated
 //!   junk never costs a Diffie-Hellman) and looked up; unknown keys are dropped.
-//! - Every other message carries our *receiver index*. Each peer's `Tunn` is created with a
-//!   unique 24-bit slot, and boringtun puts that slot in the upper 24 bits of every index it
-//!   hands out, so `receiver_idx >> 8` names the peer (as in boringtun's own device).
+//! - Every other message carries our *receiver index*. Each `Tunn` is created with a unique
+//!   24-bit slot, and boringtun puts that slot in the upper 24 bits of every index it hands
+//!   out, so `receiver_idx >> 8` names the session and through it the peer (as in boringtun's
+//!   own device).
+//!
+//! # Key rotation
+//!
+//! A `Tunn` is bound to one (local key, peer key) pair, so a peer has up to three sessions,
+//! each a `Tunn` with its own slot: *main* (sends, runs timers), *pending* (a handshake on
+//! another key pair) and *retired* (the previous main, decrypt-only for [`RETIRED_LINGER`]).
+//!
+//! - Coordinator side, [`Router::start_key_rotation`]: the router keeps the previous key and
+//!   answers initiations to either. The addressed key is found by MAC1 (keyed by the
+//!   responder's public key) before any Diffie-Hellman. An initiation on a key pair other than
+//!   main's creates the pending session; the peer's first data packet on it (boringtun's
+//!   initiator sends a keepalive right after the response) promotes it to main.
+//!   [`PeerStats::local_key`] tells which key each peer's session uses.
+//!   [`Router::finish_key_rotation`] forgets the previous key and ends sessions still on it.
+//! - Agent side, [`Router::set_peer_public_key`]: a pending session toward the new peer key
+//!   initiates at once; traffic stays on main until the handshake response promotes it.
 //!
 //! # Counters
 //!
@@ -25,7 +42,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -59,6 +76,8 @@ const BUF_LEN: usize = MAX_IP_PACKET + DATA_OVERHEAD + 32;
 const MSG_COOKIE_REPLY: u8 = 3;
 /// Bound on the queued-packet flush loop (boringtun queues at most 256 packets per peer).
 const MAX_FLUSH: usize = 1024;
+/// How long a session replaced by a key change keeps decrypting packets still in flight.
+pub const RETIRED_LINGER: Duration = Duration::from_secs(10);
 /// Peer slots are 24-bit (boringtun shifts the index left by 8).
 const SLOT_MASK: u32 = 0x00FF_FFFF;
 
@@ -94,6 +113,15 @@ pub struct PeerStats {
     pub endpoint: Option<SocketAddr>,
     /// Time since the current session's handshake; `None` if there is no session.
     pub last_handshake_age: Option<Duration>,
+    /// Which of this router's own keys the session in use was made with (on the coordinator:
+    /// which coordinator key the agent is on). `None` if there is no session. During a key
+    /// rotation ([`Router::start_key_rotation`]) the coordinator watches this move from
+    /// [`LocalKey::Previous`] to [`LocalKey::Current`] for every agent before finishing it.
+    pub local_key: Option<LocalKey>,
+    /// A handshake on another key pair is under way beside the session in use (after
+    /// [`Router::set_peer_public_key`], or on the coordinator while an agent moves to the new
+    /// key); traffic keeps using the old session until the new one is confirmed.
+    pub key_change_pending: bool,
     /// Plaintext IP bytes received from the peer and written to the TUN.
     pub rx_bytes: u64,
     /// Plaintext IP bytes encrypted and sent to the peer.
@@ -101,6 +129,17 @@ pub struct PeerStats {
     pub allowed_ips: Vec<IpNet>,
 }
 
+/// Which of the router's own static keys a session uses.
+///
+/// Labels are relative: [`Router::start_key_rotation`] turns every `Current` session into a
+/// `Previous` one, and [`Router::finish_key_rotation`] ends the `Previous` sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LocalKey {
+    /// The key returned by [`Router::public_key`].
+    Current,
+    /// The key being rotated away from ([`Router::previous_public_key`]).
+    Previous,
+}
 /// Router-wide drop counters (monotonic).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RouterCounters {
@@ -122,15 +161,68 @@ pub struct RouterCounters {
     pub cookies_sent: u64,
 }
 
-struct Peer {
-    public_key: PublicKey,
+/// One of this router's static key pairs, with the handshake rate limiter bound to it (MAC1 of
+/// an initiation is keyed by the responder's public key, so each local key needs its own).
+struct LocalKeyPair {
+    private: StaticSecret,
+    public: PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+}
+
+impl LocalKeyPair {
+    fn new(private: StaticSecret) -> Self {
+        let public = PublicKey::from(&private);
+        LocalKeyPair {
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            private,
+            public,
+        }
+    }
+}
+
+/// One boringtun `Tunn`: a (local key, peer key) pair and its own 24-bit index slot.
+struct Session {
     tunn: Tunn,
     slot: u32,
+    local: LocalKey,
+    peer_key: PublicKey,
+}
+
+impl Session {
+    fn has_session(&self) -> bool {
+        self.tunn.time_since_last_handshake().is_some()
+    }
+
+    fn tx(&self) -> u64 {
+        self.tunn.stats().1 as u64
+    }
+}
+
+/// Which of a peer's sessions a datagram belongs to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Which {
+    Main,
+    Pending,
+    Retired,
+}
+
+struct Peer {
+    /// Stable identity in `peers` and the allowed-IPs table (independent of session slots).
+    id: u32,
+    public_key: PublicKey,
+    /// The session used for sending and timers.
+    main: Session,
+    /// A handshake on another (local key, peer key) pair. Promoted to `main` once the peer
+    /// proves it uses it (a handshake response, or the first data packet on it).
+    pending: Option<Session>,
+    /// The previous `main` after a promotion: only decrypts packets still in flight, never
+    /// sends, and is dropped after [`RETIRED_LINGER`].
+    retired: Option<(Session, Instant)>,
     endpoint: Option<SocketAddr>,
     allowed_ips: Vec<IpNet>,
     keepalive: Option<u16>,
     rx_bytes: u64,
-    /// tx bytes of earlier `Tunn`s of this peer (a keepalive change recreates the `Tunn`).
+    /// tx bytes of earlier `Tunn`s of this peer (rekeys and key changes replace the `Tunn`).
     tx_base: u64,
     /// Start a handshake at the next tick (persistent keepalive peers with an endpoint).
     initiate: bool,
@@ -138,18 +230,48 @@ struct Peer {
 
 impl Peer {
     fn stats(&self) -> PeerStats {
-        let (age, tx, _rx, _loss, _rtt) = self.tunn.stats();
+        let age = self.main.tunn.time_since_last_handshake();
+        let pending_tx = self.pending.as_ref().map_or(0, Session::tx);
         PeerStats {
             public_key: self.public_key,
             endpoint: self.endpoint,
             last_handshake_age: age,
+            local_key: age.map(|_| self.main.local),
+            key_change_pending: self.pending.is_some(),
             rx_bytes: self.rx_bytes,
-            tx_bytes: self.tx_base.saturating_add(tx as u64),
+            tx_bytes: self.tx_base.saturating_add(self.main.tx()).saturating_add(pending_tx),
             allowed_ips: self.allowed_ips.clone(),
         }
     }
-}
 
+    fn session_mut(&mut self, which: Which) -> Option<&mut Session> {
+        match which {
+            Which::Main => Some(&mut self.main),
+            Which::Pending => self.pending.as_mut(),
+            Which::Retired => self.retired.as_mut().map(|(s, _)| s),
+        }
+    }
+
+    /// Which session owns index slot `slot`.
+    fn which(&self, slot: u32) -> Option<Which> {
+        if self.main.slot == slot {
+            Some(Which::Main)
+        } else if self.pending.as_ref().is_some_and(|s| s.slot == slot) {
+            Some(Which::Pending)
+        } else if self.retired.as_ref().is_some_and(|(s, _)| s.slot == slot) {
+            Some(Which::Retired)
+        } else {
+            None
+        }
+    }
+
+    /// Slots of all sessions (for unregistering the peer).
+    fn slots(&self) -> impl Iterator<Item = u32> + '_ {
+        std::iter::once(self.main.slot)
+            .chain(self.pending.as_ref().map(|s| s.slot))
+            .chain(self.retired.as_ref().map(|(s, _)| s.slot))
+    }
+}
 /// Allowed-IPs table: longest prefix match, one owner per prefix.
 #[derive(Default)]
 struct AllowedIps {
@@ -205,12 +327,16 @@ impl AllowedIps {
     }
 }
 
-/// The WireGuard state machine driver for one local key and many peers. See the module docs.
+/// The WireGuard state machine driver for one local key (two during a key rotation) and many
+/// peers. See the module docs.
 pub struct Router {
-    private: StaticSecret,
-    public: PublicKey,
-    rate_limiter: Arc<RateLimiter>,
+    local: LocalKeyPair,
+    /// The key being rotated away from; handshakes addressed to it are still answered.
+    previous: Option<LocalKeyPair>,
+    /// Peer public key → peer id.
     by_key: HashMap<PublicKey, u32>,
+    /// Session index slot → peer id (a peer has up to three sessions, each with its own slot).
+    by_slot: HashMap<u32, u32>,
     peers: HashMap<u32, Peer>,
     table: AllowedIps,
     buf: Box<[u8]>,
@@ -220,12 +346,11 @@ pub struct Router {
 impl Router {
     /// A router with no peers for the local private key.
     pub fn new(private: StaticSecret) -> Self {
-        let public = PublicKey::from(&private);
         Router {
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
-            private,
-            public,
+            local: LocalKeyPair::new(private),
+            previous: None,
             by_key: HashMap::new(),
+            by_slot: HashMap::new(),
             peers: HashMap::new(),
             table: AllowedIps::default(),
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
@@ -233,9 +358,196 @@ impl Router {
         }
     }
 
-    /// The local public key.
+    /// The local public key (the new one once a key rotation has started).
     pub fn public_key(&self) -> PublicKey {
-        self.public
+        self.local.public
+    }
+
+    /// The key being rotated away from, while a key rotation is in progress.
+    pub fn previous_public_key(&self) -> Option<PublicKey> {
+        self.previous.as_ref().map(|k| k.public)
+    }
+
+    /// Starts rotating this router's static key to `new` (the coordinator side of a key
+    /// rotation). Returns the new public key.
+    ///
+    /// From now on handshake initiations addressed to either key are answered: the responder
+    /// key is recognised by the initiation's MAC1 (keyed by the responder's public key), before
+    /// any Diffie-Hellman. Sessions made before stay up and keep carrying traffic (they are now
+    /// reported as [`LocalKey::Previous`] in [`PeerStats::local_key`]); a peer that hands-shakes
+    /// on the new key moves to it without a gap. New handshakes this router initiates use the
+    /// key of the peer's session in use. Call [`Router::finish_key_rotation`] once every peer
+    /// reports [`LocalKey::Current`] (or the overlap has expired).
+    ///
+    /// Errors: a rotation is already in progress, or `new` is the current key or a peer's key.
+    pub fn start_key_rotation(&mut self, new: StaticSecret) -> Result<PublicKey, TunnelError> {
+        if let Some(prev) = &self.previous {
+            return Err(TunnelError::KeyRotation(format!(
+                "a key rotation away from {} is already in progress; finish it \
+                 (finish_key_rotation) before starting another",
+                public_key_to_base64(&prev.public)
+            )));
+        }
+        let next = LocalKeyPair::new(new);
+        if next.public == self.local.public {
+            return Err(TunnelError::KeyRotation(
+                "the new key is the key already in use; generate a fresh key for the rotation".to_string(),
+            ));
+        }
+        if self.by_key.contains_key(&next.public) {
+            return Err(TunnelError::KeyRotation(
+                "the new key is a peer's public key; generate a fresh key for the rotation".to_string(),
+            ));
+        }
+        let old = std::mem::replace(&mut self.local, next);
+        for peer in self.peers.values_mut() {
+            for s in std::iter::once(&mut peer.main)
+                .chain(peer.pending.as_mut())
+                .chain(peer.retired.as_mut().map(|(s, _)| s))
+            {
+                s.local = LocalKey::Previous;
+            }
+        }
+        tracing::info!(
+            old = %public_key_to_base64(&old.public),
+            new = %public_key_to_base64(&self.local.public),
+            "WireGuard key rotation started; both keys are answered"
+        );
+        self.previous = Some(old);
+        Ok(self.local.public)
+    }
+
+    /// Ends a key rotation: the previous key is forgotten. Peers whose session still used it
+    /// lose that session (queued packets are dropped) and must hand-shake again on the current
+    /// key; a handshake to the old key is then refused like one to any unknown key. Returns
+    /// how many peers lost an established session.
+    ///
+    /// Errors: no rotation is in progress.
+    pub fn finish_key_rotation(&mut self) -> Result<usize, TunnelError> {
+        let Some(old) = self.previous.take() else {
+            return Err(TunnelError::KeyRotation(
+                "no key rotation is in progress; start one with start_key_rotation".to_string(),
+            ));
+        };
+        let mut cut = 0;
+        let ids: Vec<u32> = self.peers.keys().copied().collect();
+        for id in ids {
+            let Some(mut peer) = self.peers.remove(&id) else {
+                continue;
+            };
+            if let Some((r, _)) = peer.retired.take_if(|(s, _)| s.local == LocalKey::Previous) {
+                self.by_slot.remove(&r.slot);
+            }
+            if let Some(p) = peer.pending.take_if(|s| s.local == LocalKey::Previous) {
+                peer.tx_base = peer.tx_base.saturating_add(p.tx());
+                self.by_slot.remove(&p.slot);
+            }
+            if peer.main.local == LocalKey::Previous {
+                if peer.main.has_session() {
+                    cut += 1;
+                }
+                let replacement = match peer.pending.take() {
+                    Some(p) => Some(p),
+                    None => match self.alloc_slot() {
+                        Ok(slot) => {
+                            self.by_slot.insert(slot, id);
+                            Some(new_session(
+                                &self.local,
+                                LocalKey::Current,
+                                peer.public_key,
+                                peer.keepalive,
+                                slot,
+                            ))
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot rebuild a WireGuard session after key rotation");
+                            None
+                        }
+                    },
+                };
+                if let Some(replacement) = replacement {
+                    let old_main = std::mem::replace(&mut peer.main, replacement);
+                    peer.tx_base = peer.tx_base.saturating_add(old_main.tx());
+                    self.by_slot.remove(&old_main.slot);
+                    peer.initiate = peer.keepalive.is_some() && peer.endpoint.is_some();
+                }
+            }
+            self.peers.insert(id, peer);
+        }
+        tracing::info!(
+            retired = %public_key_to_base64(&old.public),
+            current = %public_key_to_base64(&self.local.public),
+            sessions_cut = cut,
+            "WireGuard key rotation finished; the previous key is no longer answered"
+        );
+        Ok(cut)
+    }
+
+    /// Replaces the public key of the peer `old` by `new`, live (the agent side of a key
+    /// rotation: the coordinator announced its next key).
+    ///
+    /// A handshake toward `new` starts at once (its initiation is pushed to `out` when the
+    /// peer's endpoint is known, and retried by [`Router::tick`]). Until the peer answers it,
+    /// traffic keeps flowing on the session with `old`; packets sent while neither session is
+    /// up are queued (up to boringtun's 256 per session). Once the new session is confirmed
+    /// it carries all traffic; packets still in flight on the old one are accepted for a few
+    /// seconds ([`RETIRED_LINGER`]). Allowed IPs, endpoint, keepalive and counters are kept.
+    /// Handshakes the peer initiates with `old` are refused from now on.
+    ///
+    /// Errors: no peer has key `old`; `new` is this router's key or another peer's key.
+    pub fn set_peer_public_key(
+        &mut self,
+        old: &PublicKey,
+        new: PublicKey,
+        out: &mut Vec<Action>,
+    ) -> Result<(), TunnelError> {
+        let Some(&id) = self.by_key.get(old) else {
+            return Err(TunnelError::InvalidPeer(format!(
+                "no peer has the key {}; add the peer before changing its key",
+                public_key_to_base64(old)
+            )));
+        };
+        if new == *old {
+            return Ok(());
+        }
+        if new == self.local.public || self.previous.as_ref().is_some_and(|p| p.public == new) {
+            return Err(TunnelError::InvalidPeer(
+                "the peer's new public key is this node's own key; each node needs its own key pair".to_string(),
+            ));
+        }
+        if self.by_key.contains_key(&new) {
+            return Err(TunnelError::InvalidPeer(format!(
+                "another peer already has the key {}; remove it first",
+                public_key_to_base64(&new)
+            )));
+        }
+        let slot = self.alloc_slot()?;
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return Err(TunnelError::InvalidPeer("peer table is inconsistent".to_string()));
+        };
+        let mut session = new_session(&self.local, LocalKey::Current, new, peer.keepalive, slot);
+        self.by_slot.insert(slot, id);
+        if let Some(endpoint) = peer.endpoint
+            && let TunnResult::WriteToNetwork(data) = session.tunn.format_handshake_initiation(&mut self.buf, false)
+        {
+            out.push(Action::SendDatagram {
+                to: endpoint,
+                data: data.to_vec(),
+            });
+        }
+        if let Some(p) = peer.pending.replace(session) {
+            peer.tx_base = peer.tx_base.saturating_add(p.tx());
+            self.by_slot.remove(&p.slot);
+        }
+        peer.public_key = new;
+        self.by_key.remove(old);
+        self.by_key.insert(new, id);
+        tracing::info!(
+            old = %public_key_to_base64(old),
+            new = %public_key_to_base64(&new),
+            "WireGuard peer key changing; handshaking with the new key"
+        );
+        Ok(())
     }
 
     /// Adds a peer, or updates the peer with the same key.
@@ -245,7 +557,7 @@ impl Router {
     /// update with `endpoint: None` keeps the endpoint already known. As in WireGuard, an
     /// allowed-IP prefix that belongs to another peer moves to this one.
     pub fn add_peer(&mut self, cfg: PeerConfig) -> Result<(), TunnelError> {
-        if cfg.public_key == self.public {
+        if cfg.public_key == self.local.public || self.previous.as_ref().is_some_and(|p| p.public == cfg.public_key) {
             return Err(TunnelError::InvalidPeer(
                 "the peer's public key is this node's own key; each node needs its own key pair".to_string(),
             ));
@@ -260,42 +572,62 @@ impl Router {
             None => true,
         };
         let new_slot = if needs_new_tunn { Some(self.alloc_slot()?) } else { None };
-        let existing = self
-            .by_key
-            .get(&cfg.public_key)
-            .and_then(|slot| self.peers.remove(slot));
+        let existing = self.by_key.get(&cfg.public_key).and_then(|id| self.peers.remove(id));
 
         let peer = match existing {
             Some(mut old) => {
                 for net in &old.allowed_ips {
-                    self.table.remove(net, old.slot);
+                    self.table.remove(net, old.id);
                 }
-                self.by_key.remove(&old.public_key);
                 if let Some(ep) = cfg.endpoint {
                     old.endpoint = Some(ep);
                 }
                 if let Some(slot) = new_slot {
-                    let (_, tx, _, _, _) = old.tunn.stats();
-                    old.tx_base = old.tx_base.saturating_add(tx as u64);
-                    old.tunn = self.new_tunn(&cfg, slot);
-                    old.slot = slot;
+                    // Rebuild on the same local key, toward the configured key; any key change
+                    // in flight is abandoned.
+                    let local = old.main.local;
+                    let kp = match local {
+                        LocalKey::Previous => self.previous.as_ref().unwrap_or(&self.local),
+                        LocalKey::Current => &self.local,
+                    };
+                    let fresh = new_session(kp, local, cfg.public_key, cfg.persistent_keepalive, slot);
+                    let stale: Vec<u32> = old.slots().collect();
+                    for s in stale {
+                        self.by_slot.remove(&s);
+                    }
+                    old.tx_base = old
+                        .tx_base
+                        .saturating_add(old.main.tx())
+                        .saturating_add(old.pending.as_ref().map_or(0, Session::tx));
+                    old.main = fresh;
+                    old.pending = None;
+                    old.retired = None;
+                    self.by_slot.insert(slot, old.id);
                     old.keepalive = cfg.persistent_keepalive;
                     old.initiate = old.keepalive.is_some() && old.endpoint.is_some();
                 } else if cfg.endpoint.is_some() && old.keepalive.is_some() {
-                    old.initiate = old.tunn.time_since_last_handshake().is_none();
+                    old.initiate = !old.main.has_session();
                 }
                 old.allowed_ips = nets;
                 old
             }
             None => {
-                let slot = match new_slot {
-                    Some(slot) => slot,
-                    None => self.alloc_slot()?,
+                let Some(slot) = new_slot else {
+                    return Err(TunnelError::InvalidPeer("peer table is inconsistent".to_string()));
                 };
+                self.by_slot.insert(slot, slot);
                 Peer {
+                    id: slot,
                     public_key: cfg.public_key,
-                    tunn: self.new_tunn(&cfg, slot),
-                    slot,
+                    main: new_session(
+                        &self.local,
+                        LocalKey::Current,
+                        cfg.public_key,
+                        cfg.persistent_keepalive,
+                        slot,
+                    ),
+                    pending: None,
+                    retired: None,
                     endpoint: cfg.endpoint,
                     allowed_ips: nets,
                     keepalive: cfg.persistent_keepalive,
@@ -307,7 +639,7 @@ impl Router {
         };
 
         for net in &peer.allowed_ips {
-            if let Some(prev) = self.table.insert(*net, peer.slot)
+            if let Some(prev) = self.table.insert(*net, peer.id)
                 && let Some(other) = self.peers.get_mut(&prev)
             {
                 other.allowed_ips.retain(|n| n != net);
@@ -326,19 +658,22 @@ impl Router {
             keepalive = ?peer.keepalive,
             "WireGuard peer configured"
         );
-        self.by_key.insert(peer.public_key, peer.slot);
-        self.peers.insert(peer.slot, peer);
+        self.by_key.insert(peer.public_key, peer.id);
+        self.peers.insert(peer.id, peer);
         Ok(())
     }
 
     /// Removes a peer; returns whether it existed. Its session and queued packets are dropped.
     pub fn remove_peer(&mut self, key: &PublicKey) -> bool {
-        let Some(slot) = self.by_key.remove(key) else {
+        let Some(id) = self.by_key.remove(key) else {
             return false;
         };
-        if let Some(peer) = self.peers.remove(&slot) {
+        if let Some(peer) = self.peers.remove(&id) {
             for net in &peer.allowed_ips {
-                self.table.remove(net, slot);
+                self.table.remove(net, id);
+            }
+            for s in peer.slots() {
+                self.by_slot.remove(&s);
             }
         }
         tracing::debug!(peer = %public_key_to_base64(key), "WireGuard peer removed");
@@ -349,7 +684,7 @@ impl Router {
         // Random slots make a removed peer's stale indices unlikely to hit its successor.
         for _ in 0..64 {
             let slot = OsRng.next_u32() & SLOT_MASK;
-            if !self.peers.contains_key(&slot) {
+            if !self.peers.contains_key(&slot) && !self.by_slot.contains_key(&slot) {
                 return Ok(slot);
             }
         }
@@ -359,15 +694,11 @@ impl Router {
         )))
     }
 
-    fn new_tunn(&self, cfg: &PeerConfig, slot: u32) -> Tunn {
-        Tunn::new(
-            self.private.clone(),
-            cfg.public_key,
-            None,
-            cfg.persistent_keepalive,
-            slot,
-            Some(Arc::clone(&self.rate_limiter)),
-        )
+    fn key_pair(&self, which: LocalKey) -> Option<&LocalKeyPair> {
+        match which {
+            LocalKey::Current => Some(&self.local),
+            LocalKey::Previous => self.previous.as_ref(),
+        }
     }
 
     /// An IP packet read from the TUN: routed by destination (longest prefix over allowed IPs),
@@ -382,12 +713,12 @@ impl Router {
             self.counters.malformed += 1;
             return;
         };
-        let Some(slot) = self.table.lookup(dst) else {
+        let Some(id) = self.table.lookup(dst) else {
             self.counters.no_route += 1;
             tracing::trace!(%dst, "no WireGuard peer for destination; dropped");
             return;
         };
-        let Some(peer) = self.peers.get_mut(&slot) else {
+        let Some(peer) = self.peers.get_mut(&id) else {
             self.counters.no_route += 1;
             return;
         };
@@ -396,7 +727,13 @@ impl Router {
             tracing::trace!(%dst, "WireGuard peer has no known endpoint yet; dropped");
             return;
         };
-        match peer.tunn.encapsulate(packet, &mut self.buf) {
+        // The session in use; during a key change with no old session left, the new one
+        // (which queues the packet until its handshake completes).
+        let session = match peer.pending.as_mut() {
+            Some(p) if !peer.main.has_session() => p,
+            _ => &mut peer.main,
+        };
+        match session.tunn.encapsulate(packet, &mut self.buf) {
             TunnResult::WriteToNetwork(data) => out.push(Action::SendDatagram {
                 to: endpoint,
                 data: data.to_vec(),
@@ -424,71 +761,51 @@ impl Router {
             }
         };
 
-        let slot = match packet {
-            Packet::HandshakeInit(ref init) => {
-                // MAC1 (and, under load, MAC2/cookie) before any Diffie-Hellman.
-                let mut cookie = [0u8; 64];
-                match self.rate_limiter.verify_packet(Some(src.ip()), datagram, &mut cookie) {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(reply)) => {
-                        self.counters.cookies_sent += 1;
-                        out.push(Action::SendDatagram {
-                            to: src,
-                            data: reply.to_vec(),
-                        });
-                        return;
-                    }
-                    Err(_) => {
-                        self.counters.rejected += 1;
-                        tracing::trace!(%src, "handshake initiation with bad MAC; dropped");
-                        return;
-                    }
-                }
-                let half = match parse_handshake_anon(&self.private, &self.public, init) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        self.counters.rejected += 1;
-                        tracing::debug!(%src, error = ?e, "undecryptable handshake initiation");
-                        return;
-                    }
-                };
-                let key = PublicKey::from(half.peer_static_public);
-                match self.by_key.get(&key) {
-                    Some(&slot) => slot,
-                    None => {
-                        self.counters.unknown_peer += 1;
-                        tracing::debug!(
-                            %src,
-                            peer = %public_key_to_base64(&key),
-                            "handshake initiation from unknown WireGuard key; dropped"
-                        );
-                        return;
-                    }
-                }
-            }
-            Packet::HandshakeResponse(ref p) => p.receiver_idx >> 8,
-            Packet::PacketCookieReply(ref p) => p.receiver_idx >> 8,
-            Packet::PacketData(ref p) => p.receiver_idx >> 8,
+        let (id, which) = match packet {
+            Packet::HandshakeInit(ref init) => match self.route_initiation(src, datagram, init, out) {
+                Some(found) => found,
+                None => return,
+            },
+            Packet::HandshakeResponse(ref p) => match self.route_index(src, p.receiver_idx) {
+                Some(found) => found,
+                None => return,
+            },
+            Packet::PacketCookieReply(ref p) => match self.route_index(src, p.receiver_idx) {
+                Some(found) => found,
+                None => return,
+            },
+            Packet::PacketData(ref p) => match self.route_index(src, p.receiver_idx) {
+                Some(found) => found,
+                None => return,
+            },
         };
         let is_cookie = matches!(packet, Packet::PacketCookieReply(_));
+        // Proof that the peer holds the keys of this session (the responder learns it from
+        // the first data packet, the initiator from the handshake response).
+        let confirms = matches!(packet, Packet::PacketData(_) | Packet::HandshakeResponse(_));
 
         let Router {
             peers,
+            by_slot,
             table,
             buf,
             counters,
             ..
         } = self;
-        let Some(peer) = peers.get_mut(&slot) else {
+        let Some(peer) = peers.get_mut(&id) else {
             counters.unknown_index += 1;
-            tracing::trace!(%src, slot, "WireGuard packet for unknown receiver index; dropped");
+            return;
+        };
+        let Some(session) = peer.session_mut(which) else {
+            counters.unknown_index += 1;
             return;
         };
 
         // Whether the datagram proved to come from the peer (endpoint roaming).
         let mut authenticated = false;
         let mut flush = false;
-        match peer.tunn.decapsulate(Some(src.ip()), datagram, buf) {
+        let mut delivered: Option<(Vec<u8>, IpAddr)> = None;
+        match session.tunn.decapsulate(Some(src.ip()), datagram, buf) {
             TunnResult::Done => authenticated = !is_cookie,
             TunnResult::Err(e) => {
                 counters.rejected += 1;
@@ -508,12 +825,15 @@ impl Router {
             }
             TunnResult::WriteToTunnelV4(data, from) => {
                 authenticated = true;
-                deliver(peer, table, counters, data, IpAddr::V4(from), out);
+                delivered = Some((data.to_vec(), IpAddr::V4(from)));
             }
             TunnResult::WriteToTunnelV6(data, from) => {
                 authenticated = true;
-                deliver(peer, table, counters, data, IpAddr::V6(from), out);
+                delivered = Some((data.to_vec(), IpAddr::V6(from)));
             }
+        }
+        if let Some((data, from)) = delivered {
+            deliver(peer, table, counters, &data, from, out);
         }
 
         if authenticated && peer.endpoint != Some(src) {
@@ -526,10 +846,16 @@ impl Router {
             peer.endpoint = Some(src);
         }
 
-        if flush {
+        let mut which = which;
+        if authenticated && confirms && which == Which::Pending {
+            promote(peer, by_slot);
+            which = Which::Main;
+        }
+
+        if flush && let Some(session) = peer.session_mut(which) {
             // Packets queued while the handshake was in flight.
             for _ in 0..MAX_FLUSH {
-                match peer.tunn.decapsulate(None, &[], buf) {
+                match session.tunn.decapsulate(None, &[], buf) {
                     TunnResult::WriteToNetwork(data) => out.push(Action::SendDatagram {
                         to: src,
                         data: data.to_vec(),
@@ -540,49 +866,138 @@ impl Router {
         }
     }
 
+    /// Finds the peer and session for a handshake initiation: which local key it is addressed
+    /// to (MAC1, and under load the cookie, before any Diffie-Hellman), then the initiator's
+    /// static key. An initiation for a (local key, peer key) pair that is not the peer's main
+    /// session starts a pending session (a peer moving to our new key).
+    fn route_initiation(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        init: &boringtun::noise::HandshakeInit,
+        out: &mut Vec<Action>,
+    ) -> Option<(u32, Which)> {
+        let mut cookie = [0u8; 64];
+        let mut addressed = None;
+        for which in [LocalKey::Current, LocalKey::Previous] {
+            let Some(kp) = self.key_pair(which) else { break };
+            match kp.rate_limiter.verify_packet(Some(src.ip()), datagram, &mut cookie) {
+                Ok(_) => {
+                    addressed = Some(which);
+                    break;
+                }
+                Err(TunnResult::Err(WireGuardError::InvalidMac)) => {}
+                Err(TunnResult::WriteToNetwork(reply)) => {
+                    self.counters.cookies_sent += 1;
+                    out.push(Action::SendDatagram {
+                        to: src,
+                        data: reply.to_vec(),
+                    });
+                    return None;
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(local) = addressed else {
+            self.counters.rejected += 1;
+            tracing::trace!(%src, "handshake initiation with bad MAC; dropped");
+            return None;
+        };
+        let kp = self.key_pair(local)?;
+        let half = match parse_handshake_anon(&kp.private, &kp.public, init) {
+            Ok(h) => h,
+            Err(e) => {
+                self.counters.rejected += 1;
+                tracing::debug!(%src, error = ?e, "undecryptable handshake initiation");
+                return None;
+            }
+        };
+        let key = PublicKey::from(half.peer_static_public);
+        let Some(&id) = self.by_key.get(&key) else {
+            self.counters.unknown_peer += 1;
+            tracing::debug!(
+                %src,
+                peer = %public_key_to_base64(&key),
+                "handshake initiation from unknown WireGuard key; dropped"
+            );
+            return None;
+        };
+        let peer = self.peers.get(&id)?;
+        let matches = |s: &Session| s.local == local && s.peer_key == key;
+        if matches(&peer.main) {
+            return Some((id, Which::Main));
+        }
+        if peer.pending.as_ref().is_some_and(matches) {
+            return Some((id, Which::Pending));
+        }
+        let slot = match self.alloc_slot() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot accept a handshake on another key");
+                return None;
+            }
+        };
+        let session = new_session(self.key_pair(local)?, local, key, peer.keepalive, slot);
+        self.by_slot.insert(slot, id);
+        let peer = self.peers.get_mut(&id)?;
+        if let Some(p) = peer.pending.replace(session) {
+            peer.tx_base = peer.tx_base.saturating_add(p.tx());
+            self.by_slot.remove(&p.slot);
+        }
+        tracing::debug!(
+            peer = %public_key_to_base64(&key),
+            local_key = ?local,
+            "WireGuard peer hand-shaking on another of our keys"
+        );
+        Some((id, Which::Pending))
+    }
+
+    /// Finds the peer and session by our receiver index (`index >> 8` is the session slot).
+    fn route_index(&mut self, src: SocketAddr, receiver_idx: u32) -> Option<(u32, Which)> {
+        let slot = receiver_idx >> 8;
+        let found = self
+            .by_slot
+            .get(&slot)
+            .and_then(|id| self.peers.get(id))
+            .and_then(|peer| Some((peer.id, peer.which(slot)?)));
+        if found.is_none() {
+            self.counters.unknown_index += 1;
+            tracing::trace!(%src, slot, "WireGuard packet for unknown receiver index; dropped");
+        }
+        found
+    }
+
     /// Timers: keepalives, handshake retries and rekeys for every peer, plus the rate limiter's
     /// per-second reset. Call every [`TICK_INTERVAL`].
     pub fn tick(&mut self, out: &mut Vec<Action>) {
-        self.rate_limiter.reset_count();
-        let Router { peers, buf, .. } = self;
+        self.local.rate_limiter.reset_count();
+        if let Some(prev) = &self.previous {
+            prev.rate_limiter.reset_count();
+        }
+        let Router {
+            peers, by_slot, buf, ..
+        } = self;
         for peer in peers.values_mut() {
+            if let Some((r, _)) = peer.retired.take_if(|(_, since)| since.elapsed() >= RETIRED_LINGER) {
+                by_slot.remove(&r.slot);
+            }
             let endpoint = peer.endpoint;
-            let result = if std::mem::take(&mut peer.initiate) && endpoint.is_some() {
-                peer.tunn.format_handshake_initiation(buf, false)
-            } else {
-                match peer.tunn.update_timers(buf) {
-                    TunnResult::Err(WireGuardError::ConnectionExpired)
-                        if peer.keepalive.is_some() && endpoint.is_some() =>
-                    {
-                        // Like kernel WireGuard with persistent keepalive: keep trying. A new
-                        // attempt starts only after the previous one gave up (90 s).
-                        tracing::debug!(
-                            peer = %public_key_to_base64(&peer.public_key),
-                            "WireGuard session expired; starting a new handshake"
-                        );
-                        peer.tunn.format_handshake_initiation(buf, false)
-                    }
-                    other => other,
-                }
-            };
-            match result {
-                TunnResult::WriteToNetwork(data) => {
-                    if let Some(to) = endpoint {
-                        out.push(Action::SendDatagram {
-                            to,
-                            data: data.to_vec(),
-                        });
-                    }
-                }
-                TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
-                TunnResult::Err(e) => {
-                    tracing::debug!(
-                        peer = %public_key_to_base64(&peer.public_key),
-                        error = ?e,
-                        "WireGuard timer error"
-                    );
-                }
-                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+            let retry = peer.keepalive.is_some() && endpoint.is_some();
+            let has_pending = peer.pending.is_some();
+            let key = peer.public_key;
+            let initiate = std::mem::take(&mut peer.initiate);
+            // While a key change is pending, the old session is not re-established.
+            tick_session(
+                &mut peer.main,
+                buf,
+                endpoint,
+                initiate,
+                retry && !has_pending,
+                &key,
+                out,
+            );
+            if let Some(p) = peer.pending.as_mut() {
+                tick_session(p, buf, endpoint, false, retry, &key, out);
             }
         }
     }
@@ -594,8 +1009,8 @@ impl Router {
 
     /// Snapshot of one peer.
     pub fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats> {
-        let slot = self.by_key.get(key)?;
-        self.peers.get(slot).map(Peer::stats)
+        let id = self.by_key.get(key)?;
+        self.peers.get(id).map(Peer::stats)
     }
 
     /// Router-wide drop counters.
@@ -609,6 +1024,84 @@ impl Router {
     }
 }
 
+fn new_session(kp: &LocalKeyPair, local: LocalKey, peer_key: PublicKey, keepalive: Option<u16>, slot: u32) -> Session {
+    Session {
+        tunn: Tunn::new(
+            kp.private.clone(),
+            peer_key,
+            None,
+            keepalive,
+            slot,
+            Some(Arc::clone(&kp.rate_limiter)),
+        ),
+        slot,
+        local,
+        peer_key,
+    }
+}
+
+/// The pending session becomes the one in use; the old one only decrypts stragglers until it
+/// is dropped after [`RETIRED_LINGER`].
+fn promote(peer: &mut Peer, by_slot: &mut HashMap<u32, u32>) {
+    let Some(pending) = peer.pending.take() else { return };
+    let old = std::mem::replace(&mut peer.main, pending);
+    peer.tx_base = peer.tx_base.saturating_add(old.tx());
+    if let Some((r, _)) = peer.retired.replace((old, Instant::now())) {
+        by_slot.remove(&r.slot);
+    }
+    peer.initiate = false;
+    tracing::info!(
+        peer = %public_key_to_base64(&peer.public_key),
+        local_key = ?peer.main.local,
+        "WireGuard session moved to the new key"
+    );
+}
+
+fn tick_session(
+    session: &mut Session,
+    buf: &mut [u8],
+    endpoint: Option<SocketAddr>,
+    initiate: bool,
+    retry_expired: bool,
+    key: &PublicKey,
+    out: &mut Vec<Action>,
+) {
+    let result = if initiate && endpoint.is_some() {
+        session.tunn.format_handshake_initiation(buf, false)
+    } else {
+        match session.tunn.update_timers(buf) {
+            TunnResult::Err(WireGuardError::ConnectionExpired) if retry_expired => {
+                // Like kernel WireGuard with persistent keepalive: keep trying. A new
+                // attempt starts only after the previous one gave up (90 s).
+                tracing::debug!(
+                    peer = %public_key_to_base64(key),
+                    "WireGuard session expired; starting a new handshake"
+                );
+                session.tunn.format_handshake_initiation(buf, false)
+            }
+            other => other,
+        }
+    };
+    match result {
+        TunnResult::WriteToNetwork(data) => {
+            if let Some(to) = endpoint {
+                out.push(Action::SendDatagram {
+                    to,
+                    data: data.to_vec(),
+                });
+            }
+        }
+        TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
+        TunnResult::Err(e) => {
+            tracing::debug!(
+                peer = %public_key_to_base64(key),
+                error = ?e,
+                "WireGuard timer error"
+            );
+        }
+        TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+    }
+}
 /// Cryptokey routing on receive: write the packet to the TUN only if its source routes back to
 /// the peer that sent it.
 fn deliver(
@@ -619,7 +1112,7 @@ fn deliver(
     from: IpAddr,
     out: &mut Vec<Action>,
 ) {
-    if table.lookup(from) == Some(peer.slot) {
+    if table.lookup(from) == Some(peer.id) {
         peer.rx_bytes = peer.rx_bytes.saturating_add(data.len() as u64);
         out.push(Action::WriteTun(data.to_vec()));
     } else {

@@ -122,3 +122,66 @@ pub fn caller<T>(req: &tonic::Request<T>) -> Caller {
         .map(|c| c.uid());
     Caller::local(uid)
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The process-wide rustls provider (ring), for tests that make TLS configurations.
+    pub(crate) fn provider() {
+        pki::install_crypto_provider();
+    }
+
+    /// docs/admin-api.md's table, as (method, role) pairs.
+    fn documented() -> Vec<(String, String)> {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/admin-api.md")).unwrap();
+        let start = doc.find("<!-- rpc-roles:start -->").unwrap();
+        let end = doc.find("<!-- rpc-roles:end -->").unwrap();
+        doc[start..end]
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+                match cells.as_slice() {
+                    [m, r] if *m != "RPC" && !m.starts_with('-') => Some((m.to_string(), r.to_string())),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_admin_rpc_has_one_documented_role() {
+        use prost::Message as _;
+        let set = prost_types::FileDescriptorSet::decode(nimbus_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let methods: Vec<String> = set
+            .file
+            .iter()
+            .flat_map(|f| f.service.iter())
+            .filter(|s| s.name() == "Admin")
+            .flat_map(|s| s.method.iter().map(|m| m.name().to_string()))
+            .collect();
+        let doc = documented();
+        assert_eq!(doc.len(), methods.len(), "docs/admin-api.md lists {doc:?}");
+        for m in &methods {
+            let role = required_role(m).unwrap_or_else(|| panic!("{m} has no role"));
+            let row = doc
+                .iter()
+                .find(|(d, _)| d == m)
+                .unwrap_or_else(|| panic!("{m} not in docs/admin-api.md"));
+            assert_eq!(row.1, role.as_str(), "{m}: docs say {}, code says {role}", row.1);
+        }
+        assert_eq!(required_role("NoSuchMethod"), None);
+    }
+
+    #[test]
+    fn roles_include_the_ones_below() {
+        let op = Caller {
+            principal: Principal::oidc("a"),
+            from: "x".into(),
+            roles: [Role::Operator].into_iter().collect(),
+        };
+        assert!(op.may(Role::Viewer) && op.may(Role::Operator) && !op.may(Role::Admin));
+        assert!(Caller::local(Some(0)).may(Role::Admin));
+        assert_eq!(Caller::local(Some(1000)).display(), "uid:1000");
+    }
+}

@@ -485,3 +485,58 @@ fn ipv6_routes_too() {
     r.handle_tun_packet(&p, &mut out);
     assert!(out.is_empty());
 }
+
+#[test]
+fn key_rotation_steps_out_of_order_are_refused() {
+    let mut r = Router::new(generate_secret());
+    let peer_key = PublicKey::from(&generate_secret());
+    r.add_peer(peer(peer_key, None, &["10.0.0.2/32"])).unwrap();
+    assert!(matches!(r.finish_key_rotation(), Err(TunnelError::KeyRotation(_))));
+    // Rotating to the key already in use is refused.
+    let secret = generate_secret();
+    let mut other = Router::new(secret.clone());
+    assert!(matches!(
+        other.start_key_rotation(secret),
+        Err(TunnelError::KeyRotation(_))
+    ));
+    let old = r.public_key();
+    let new = r.start_key_rotation(generate_secret()).unwrap();
+    assert_eq!(r.public_key(), new);
+    assert_eq!(r.previous_public_key(), Some(old));
+    let err = r.start_key_rotation(generate_secret()).unwrap_err();
+    assert!(err.to_string().contains("finish it"), "{err}");
+    // Neither of our keys can become a peer.
+    assert!(r.add_peer(peer(old, None, &["10.0.0.9/32"])).is_err());
+    assert!(r.add_peer(peer(new, None, &["10.0.0.9/32"])).is_err());
+    // No session yet: nothing is cut.
+    assert_eq!(r.finish_key_rotation().unwrap(), 0);
+    assert_eq!(r.previous_public_key(), None);
+    assert_eq!(r.peer_stats(&peer_key).unwrap().local_key, None);
+}
+
+#[test]
+fn set_peer_public_key_checks_its_arguments() {
+    let mut r = Router::new(generate_secret());
+    let (k1, k2, k3) = (
+        PublicKey::from(&generate_secret()),
+        PublicKey::from(&generate_secret()),
+        PublicKey::from(&generate_secret()),
+    );
+    r.add_peer(peer(k1, Some(B_ADDR), &["10.0.0.2/32"])).unwrap();
+    r.add_peer(peer(k2, None, &["10.0.0.3/32"])).unwrap();
+    let mut out = Vec::new();
+    assert!(r.set_peer_public_key(&k3, k1, &mut out).is_err(), "unknown old key");
+    assert!(r.set_peer_public_key(&k1, k2, &mut out).is_err(), "another peer's key");
+    let own = r.public_key();
+    assert!(r.set_peer_public_key(&k1, own, &mut out).is_err(), "our own key");
+    assert!(out.is_empty());
+    r.set_peer_public_key(&k1, k3, &mut out).unwrap();
+    assert!(matches!(out.as_slice(), [Action::SendDatagram { to, data }] if *to == sa(B_ADDR) && data.len() == 148));
+    assert!(r.peer_stats(&k1).is_none());
+    let s = r.peer_stats(&k3).unwrap();
+    assert!(s.key_change_pending);
+    assert_eq!(s.allowed_ips, vec![net("10.0.0.2/32")]);
+    assert_eq!(r.peer_count(), 2);
+    assert!(r.remove_peer(&k3));
+    assert_eq!(r.peer_count(), 1);
+}
