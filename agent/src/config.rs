@@ -99,6 +99,10 @@ pub struct Settings {
     /// are verified against it and refused without it. [default: /etc/nimbus/release-root.json]
     #[arg(long, env = "NIMBUS_RELEASE_ROOT")]
     pub release_root: Option<PathBuf>,
+    /// Prometheus metrics and health endpoint (HTTP: GET /metrics, /healthz, /readyz), or `off`.
+    /// [default: 127.0.0.1:9465]
+    #[arg(long, env = "NIMBUS_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Log format: text or json. [default: text]
     #[arg(long, env = "NIMBUS_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -135,6 +139,8 @@ pub struct Config {
     pub inventory_interval: Duration,
     /// `None` when latency probing is off.
     pub probe_listen: Option<SocketAddr>,
+    /// `None` when the metrics endpoint is off.
+    pub metrics_listen: Option<SocketAddr>,
     /// `None` when metadata lookups are off.
     pub metadata: Option<inventory::MetadataConfig>,
     /// kubeadm and the directories it writes (the failure marker lives in the state dir).
@@ -169,7 +175,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             state_dir, coordinator, ca_pin, node_name, machine_id, tun_name, wg_listen, revocation_check_after,
-            inventory_interval, probe_listen, metadata, kubeadm, drift_check_interval, storage_unit_dir, release_root,
+            inventory_interval, probe_listen, metrics_listen, metadata, kubeadm, drift_check_interval, storage_unit_dir, release_root,
             log_format)
     }
 }
@@ -286,6 +292,23 @@ impl Config {
                 }
             }
         };
+        let metrics_s = o
+            .metrics_listen
+            .or(file.metrics_listen)
+            .unwrap_or_else(|| crate::metrics::DEFAULT_METRICS_LISTEN.into());
+        let metrics_listen = if metrics_s == "off" {
+            None
+        } else {
+            match metrics_s.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    errs.push(format!(
+                        "metrics_listen `{metrics_s}` is not IP:PORT or `off` (e.g. 127.0.0.1:9465)"
+                    ));
+                    None
+                }
+            }
+        };
         let defaults = nimbus_kube::kubeadm::Kubeadm::default();
         let kubeadm = nimbus_kube::kubeadm::Kubeadm {
             binary: o.kubeadm.or(file.kubeadm).unwrap_or(defaults.binary),
@@ -344,6 +367,7 @@ impl Config {
                 revocation_check_after,
                 inventory_interval,
                 probe_listen,
+                metrics_listen,
                 metadata,
                 kubeadm,
                 drift_check_interval,
@@ -367,6 +391,23 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.revocation_check_after, DEFAULT_REVOCATION_CHECK_AFTER);
         assert_eq!(c.release_root, PathBuf::from(DEFAULT_RELEASE_ROOT));
+    }
+
+    #[test]
+    fn metrics_listen_defaults_to_loopback_and_can_be_off() {
+        let c = Config::resolve(Settings::default(), Settings::default()).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9465".parse().unwrap()));
+        let off = Settings {
+            metrics_listen: Some("off".into()),
+            ..Default::default()
+        };
+        assert_eq!(Config::resolve(Settings::default(), off).unwrap().metrics_listen, None);
+        let bad = Settings {
+            metrics_listen: Some("9465".into()),
+            ..Default::default()
+        };
+        let e = Config::resolve(bad, Settings::default()).unwrap_err();
+        assert!(e.iter().any(|m| m.contains("metrics_listen `9465`")), "{e:?}");
     }
 
     #[test]

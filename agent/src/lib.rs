@@ -27,6 +27,7 @@
 //! * `upgrade`   — carries out the agent release a desired state names: decides (pure [`upgrade::decide`]),
 //!   verifies and fetches it from the coordinator's TUF repository (nimbus-release) with the pinned root,
 //!   stages and activates it (`versions`), reports, and asks for exit 75 so the launcher starts it.
+//! * `metrics`   — Prometheus metrics and `GET /metrics`, `/healthz`, `/readyz` on `metrics_listen`.
 //! * `cli`       — the `nimbus-agent` command line (`main.rs` only calls [`cli::main`]).
 //! * `error`     — `AgentError` and the documented exit codes.
 //!
@@ -44,6 +45,7 @@ pub mod install;
 pub mod inventory;
 pub mod join;
 pub mod launcher;
+pub mod metrics;
 pub mod probes;
 pub mod run;
 pub mod uevent;

@@ -150,6 +150,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn E
     })?;
     tracing::info!(tun = %tun.device_name(), udp = %tun.local_udp_addr(), coordinator = %id.coordinator_wg_endpoint, "tunnel up");
 
+    let metrics = crate::metrics::AgentMetrics::new(cfg.state_dir.clone());
+    let metrics_task = match cfg.metrics_listen {
+        Some(addr) => crate::metrics::spawn(addr, metrics.clone(), tun.clone()).await,
+        None => None,
+    };
+
     let probes = probes::start(cfg.probe_listen, &id.node_id).await?;
     let wake = Arc::new(tokio::sync::Notify::new());
     uevent::spawn(Arc::clone(&wake));
@@ -175,13 +181,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn E
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let result = tokio::select! {
-        r = stay_connected(&cfg, &id, &public, stop_rx, latest, &probes, events, link) => r,
+        r = stay_connected(&cfg, &id, &public, stop_rx, latest, &probes, events, link, &metrics) => r,
         _ = shutdown => {
             let _ = stop_tx.send(true);
             Ok(Stopped::Shutdown)
         }
     };
     drop(upgrades);
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     tun.shutdown().await;
     result
 }
@@ -203,12 +212,24 @@ async fn stay_connected(
     probes: &probes::ProbeHandle,
     events: &dyn Events,
     mut upgrades: UpgradeLink<'_>,
+    metrics: &crate::metrics::AgentMetrics,
 ) -> Result<Stopped, AgentError> {
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut last_ok = Instant::now();
     let mut last_check = Instant::now();
     loop {
-        match session(id, cfg, stop.clone(), latest.clone(), probes, events, &mut upgrades).await {
+        match session(
+            id,
+            cfg,
+            stop.clone(),
+            latest.clone(),
+            probes,
+            events,
+            &mut upgrades,
+            metrics,
+        )
+        .await
+        {
             Ok(Ended::Stopped) => {
                 last_ok = Instant::now();
                 backoff.reset();
@@ -242,6 +263,7 @@ async fn stay_connected(
                 _ = &mut sleep => break,
                 Some(outcome) = upgrades.outcomes.recv() => match outcome {
                     upgrade::Outcome::Restart { version, .. } => {
+                        metrics.upgrade_restart();
                         // No stream to report on: the new version reports on its first one.
                         tracing::info!(%version, "restarting into the new version (no fleet stream to report on)");
                         events.restarting(&version);
@@ -426,6 +448,7 @@ fn start_decommission(cfg: &Config, tx: &tokio::sync::mpsc::Sender<nimbus_proto:
 }
 
 /// One fleet stream, from connect to its end.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     id: &Identity,
     cfg: &Config,
@@ -434,6 +457,7 @@ async fn session(
     probes: &probes::ProbeHandle,
     events: &dyn Events,
     upgrades: &mut UpgradeLink<'_>,
+    metrics: &crate::metrics::AgentMetrics,
 ) -> Result<Ended, SessionError> {
     let windows = probes.windows();
     let mut windows = windows.lock().await;
@@ -485,6 +509,7 @@ async fn session(
         Err(_) => return Err(failed(false, "no Welcome within 10 s")),
     };
     tracing::info!(node = %id.node_name, "fleet stream open");
+    let _open = metrics.stream_opened();
     // `connected` (READY=1) waits for the first heartbeat answer: the coordinator handles the stream's messages
     // in order, so by then it has taken Hello and the first inventory report. The launcher counts READY as healthy.
     let mut announced = false;
@@ -521,6 +546,7 @@ async fn session(
                     return Err(failed(true, format!("no heartbeat answer for {:?}", last_ack.elapsed())));
                 }
                 seq += 1;
+                metrics.heartbeat_sent(seq);
                 if tx.send(send(AgentMsg::Heartbeat(Heartbeat { seq }))).await.is_err() {
                     return Err(failed(true, "stream closed"));
                 }
@@ -545,8 +571,10 @@ async fn session(
                 start_storage(cfg, &last_desired, true, &tx);
             }
             Some(w) = windows.recv() => {
+                metrics.probe_window(&w);
                 let mut batch = vec![probes::window_message(&w)];
                 while let Ok(w) = windows.try_recv() {
+                    metrics.probe_window(&w);
                     batch.push(probes::window_message(&w));
                 }
                 let report = nimbus_proto::LatencyReport { windows: batch };
@@ -556,7 +584,8 @@ async fn session(
             }
             m = inbound.message() => match m {
                 Ok(Some(m)) => match m.msg {
-                    Some(CoordMsg::HeartbeatAck(_)) => {
+                    Some(CoordMsg::HeartbeatAck(ack)) => {
+                        metrics.heartbeat_acked(ack.seq);
                         last_ack = Instant::now();
                         if !announced {
                             announced = true;
@@ -606,6 +635,7 @@ async fn session(
                     }
                 }
                 upgrade::Outcome::Restart { version, observed } => {
+                    metrics.upgrade_restart();
                     // As on SIGTERM, but without STOPPING=1 (see `Events::restarting`): the last report, the stream
                     // closed, then exit 75.
                     events.restarting(&version);

@@ -177,6 +177,8 @@ impl AuditStore for KvAuditStore {
 pub struct Auditor {
     log: Arc<AuditLog>,
     failures: AtomicU64,
+    /// Where failed appends are also counted for Prometheus (`nimbus_audit_append_failures_total`).
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Auditor {
@@ -194,7 +196,14 @@ impl Auditor {
         Auditor {
             log: Arc::new(log),
             failures: AtomicU64::new(0),
+            metrics: None,
         }
+    }
+
+    /// Also counts failed appends in `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Auditor {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Opens the log the configuration describes: the key `<data_dir>/audit.key` (created 0600 when
@@ -238,6 +247,9 @@ impl Auditor {
             Err(e) => format!("the append task failed: {e}"),
         };
         self.failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.audit_append_failed();
+        }
         tracing::error!(
             %action, %target, %error,
             "audit entry NOT recorded (the action itself took effect); fix the cause, then run \

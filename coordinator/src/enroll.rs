@@ -11,6 +11,7 @@ use nimbus_proto::{EnrollRequest, EnrollResponse, NodeStatus, StatusRequest, Sta
 use tonic::{Request, Response, Status};
 
 use crate::context::{Ctx, key_id};
+use crate::metrics::RefusalReason;
 use crate::state::{EnrollInput, NodeRecord};
 
 pub struct EnrollmentService {
@@ -47,11 +48,14 @@ impl Enrollment for EnrollmentService {
     async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
         let remote = req.remote_addr();
         let r = req.into_inner();
-        let key = tunnel::keys::public_key_from_bytes(&r.wg_public_key)
-            .map_err(|_| Status::invalid_argument("wg_public_key must be a 32-byte X25519 public key"))?;
+        let metrics = &self.ctx.metrics;
+        let key = tunnel::keys::public_key_from_bytes(&r.wg_public_key).map_err(|_| {
+            metrics.enrollment_refused(RefusalReason::InvalidRequest);
+            Status::invalid_argument("wg_public_key must be a 32-byte X25519 public key")
+        })?;
         // Before the token is looked at: a refused version uses none of its uses.
         if let Err(status) = crate::check_agent_skew(&r.agent_version) {
-            self.ctx.metrics.enrollment(false);
+            metrics.enrollment_refused(RefusalReason::Skew);
             tracing::warn!(remote = ?remote, reason = %status.message(), "enrollment refused: agent version");
             return Err(status);
         }
@@ -64,16 +68,38 @@ impl Enrollment for EnrollmentService {
             macs: r.macs.into_iter().take(64).collect(),
         };
         let token = r.token;
-        let node = match self
-            .ctx
-            .state(move |s| s.enroll(&token, input, SystemTime::now()))
-            .await
-        {
-            Ok(n) => n,
-            Err(status) => {
-                self.ctx.metrics.enrollment(false);
-                tracing::warn!(remote = ?remote, reason = %status.message(), "enrollment refused");
+        let r_token_for_audit = token.clone();
+        let hostname = input.hostname.clone();
+        // Not `Ctx::state`: the refusal reason needs the typed error. The token never reaches a log line.
+        let state = Arc::clone(&self.ctx.state);
+        let enrolled = tokio::task::spawn_blocking(move || state.enroll(&token, input, SystemTime::now())).await;
+        let from = remote.map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let node = match enrolled {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                let reason = RefusalReason::of(&e);
+                metrics.enrollment_refused(reason);
+                let status = Status::from(e);
+                tracing::warn!(remote = ?remote, reason = reason.as_str(), detail = %status.message(), "enrollment refused");
+                // Only a well-formed token names a principal (its id); the secret is never recorded.
+                if let Ok(t) = crate::token::JoinToken::parse(&r_token_for_audit) {
+                    self.ctx
+                        .audit
+                        .record_enrollment(
+                            &t.id,
+                            from,
+                            "",
+                            audit::Outcome::refused(reason.as_str()),
+                            serde_json::json!({"hostname": hostname}),
+                        )
+                        .await;
+                }
                 return Err(status);
+            }
+            Err(e) => {
+                metrics.enrollment_refused(RefusalReason::Internal);
+                tracing::error!(error = %e, "enrollment task failed");
+                return Err(Status::internal("internal error; see the coordinator log"));
             }
         };
         let pending = node.status == crate::state::NodeStatus::Pending;
@@ -83,10 +109,20 @@ impl Enrollment for EnrollmentService {
                 "node enrolled, pending: it gets no tunnel until `nimbusctl node accept {}`", node.name
             );
         } else {
-            add_peer(&self.ctx, &node, key)?;
+            add_peer(&self.ctx, &node, key).inspect_err(|_| metrics.enrollment_refused(RefusalReason::Internal))?;
             tracing::info!(node_id = %node.id, node = %node.name, overlay_ip = %node.overlay_ip, remote = ?remote, "node enrolled");
         }
-        self.ctx.metrics.enrollment(true);
+        metrics.enrollment_accepted();
+        self.ctx
+            .audit
+            .record_enrollment(
+                &node.token_id,
+                from,
+                format!("node/{}", node.name),
+                audit::Outcome::Ok,
+                serde_json::json!({"node_id": node.id, "overlay_ip": node.overlay_ip.to_string(), "pending": pending, "hostname": node.hostname}),
+            )
+            .await;
         Ok(Response::new(EnrollResponse {
             node_id: node.id.clone(),
             node_name: node.name.clone(),

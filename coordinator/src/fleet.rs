@@ -111,6 +111,10 @@ impl Fleet for FleetService {
         if tx.send(Ok(welcome)).await.is_err() {
             return Err(Status::cancelled("stream closed"));
         }
+        self.ctx.metrics.fleet_streams_opened.inc();
+        if self.ctx.sessions.seen_before(&node.id) {
+            self.ctx.metrics.stream_reconnects.inc();
+        }
         let (sid, cancel) = self.ctx.sessions.open(&node.id, tx.clone(), SystemTime::now());
         match u16::try_from(hello.probe_port) {
             Ok(port) => self.ctx.probes.set_port(&node.id, port),
@@ -210,6 +214,9 @@ async fn handle(
         }
         Some(AgentMsg::Latency(report)) => {
             let n = report.windows.len().min(MAX_WINDOWS_PER_REPORT);
+            for w in report.windows.iter().take(n) {
+                ctx.metrics.probe_window(w);
+            }
             let kept = ctx
                 .probes
                 .record(&node.id, report.windows.into_iter().take(n).collect());

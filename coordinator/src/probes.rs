@@ -43,6 +43,15 @@ pub struct ProbeTiming {
     pub key_rotation: Duration,
 }
 
+/// What [`Probes::rtt_summary`] returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RttSummary {
+    /// Ordered pairs with at least one window that got an answer.
+    pub pairs: u64,
+    /// The largest p50 RTT of those pairs' newest answered windows, in nanoseconds (0 without pairs).
+    pub worst_p50_ns: u64,
+}
+
 pub struct Probes {
     /// The fleet's probe MAC key: generated at start, replaced every `timing.key_rotation`; only ever sent
     /// inside the tunnel and never logged (its Debug form is redacted).
@@ -150,6 +159,21 @@ impl Probes {
             })
             .collect();
         out.sort_by(|x, y| (&x.0, &x.1).cmp(&(&y.0, &y.1)));
+        out
+    }
+
+    /// Summary of the newest measured window of every ordered pair, for the metrics endpoint (one pass under
+    /// the lock, nothing cloned): how many pairs have a measurement and the worst p50 RTT among them.
+    pub fn rtt_summary(&self) -> RttSummary {
+        let series = lock(&self.series);
+        let mut out = RttSummary::default();
+        for q in series.values() {
+            let Some(w) = q.iter().rev().find(|w| w.samples > 0) else {
+                continue;
+            };
+            out.pairs += 1;
+            out.worst_p50_ns = out.worst_p50_ns.max(w.p50_ns);
+        }
         out
     }
 
@@ -455,7 +479,15 @@ mod tests {
         };
         p.record("a", vec![sent, w("b")]);
         assert_eq!(p.latest()[0].2.p50_ns, 200);
+        assert_eq!(
+            p.rtt_summary(),
+            RttSummary {
+                pairs: 1,
+                worst_p50_ns: 200
+            }
+        );
         p.forget("b");
         assert!(p.latest().is_empty());
+        assert_eq!(p.rtt_summary(), RttSummary::default());
     }
 }

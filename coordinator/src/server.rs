@@ -147,8 +147,10 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
     let overlay = OverlayPlan::new(config.overlay_cidr).map_err(|e| CoordError::Config(vec![e.to_string()]))?;
     let coordinator_ip = overlay.coordinator_ip;
     let state = Arc::new(State::open(Arc::clone(&store), overlay)?);
+    let metrics = crate::metrics::Metrics::default();
     let audit = crate::auditlog::Auditor::open(&config.audit, &config.data_dir, Arc::clone(&store))
-        .map_err(|e| CoordError::Config(vec![format!("audit log: {e}")]))?;
+        .map_err(|e| CoordError::Config(vec![format!("audit log: {e}")]))?
+        .with_metrics(metrics.clone());
 
     let (identity, ca_pin) = match &config.tls {
         None => {
@@ -270,7 +272,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         tunnel,
         coordinator_ip,
         ca_pin,
-        metrics: crate::metrics::Metrics::default(),
+        metrics,
         probes: crate::probes::Probes::new(crate::probes::ProbeTiming {
             interval: config_probe.0,
             window: config_probe.1,
@@ -309,6 +311,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
             source,
         })?
         .timeout(Duration::from_secs(30))
+        .layer(crate::metrics::RpcMetricsLayer::new(ctx.metrics.clone()))
         .add_service(EnrollmentServer::new(EnrollmentService::new(Arc::clone(&ctx))));
     tasks.push(spawn_server!(
         enroll_srv,
@@ -320,6 +323,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
     let fleet_srv = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(crate::metrics::RpcMetricsLayer::new(ctx.metrics.clone()))
         .add_service(FleetServer::new(FleetService::new(
             Arc::clone(&ctx),
             shutdown_rx.clone(),
@@ -331,8 +335,9 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         "fleet"
     ));
 
-    let admin_srv =
-        tonic::transport::Server::builder().add_service(AdminServer::new(AdminService::new(Arc::clone(&ctx))));
+    let admin_srv = tonic::transport::Server::builder()
+        .layer(crate::metrics::RpcMetricsLayer::new(ctx.metrics.clone()))
+        .add_service(AdminServer::new(AdminService::new(Arc::clone(&ctx))));
     tasks.push(spawn_server!(
         admin_srv,
         UnixListenerStream::new(admin_listener),
@@ -365,6 +370,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
                 source,
             })?
             .timeout(Duration::from_secs(300))
+            .layer(crate::metrics::RpcMetricsLayer::new(ctx.metrics.clone()))
             .layer(crate::auth::layer::GateLayer::new(gate))
             .add_service(AdminServer::new(AdminService::new(Arc::clone(&ctx))));
         tasks.push(spawn_server!(

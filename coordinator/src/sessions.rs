@@ -89,6 +89,12 @@ impl Sessions {
         }
     }
 
+    /// Whether `node_id` had a stream (or activity) since this coordinator started: a new stream from it is
+    /// a reconnect.
+    pub fn seen_before(&self, node_id: &str) -> bool {
+        self.lock().last_seen.contains_key(node_id)
+    }
+
     pub fn is_connected(&self, node_id: &str) -> bool {
         self.lock().sessions.contains_key(node_id)
     }
@@ -147,7 +153,9 @@ mod tests {
         let (tx1, _r1) = mpsc::channel(1);
         let (tx2, _r2) = mpsc::channel(1);
         let now = SystemTime::now();
+        assert!(!s.seen_before("n1"));
         let (a, cancel_a) = s.open("n1", tx1, now);
+        assert!(s.seen_before("n1"), "a second stream is a reconnect");
         let (b, _) = s.open("n1", tx2, now);
         // The older stream is told to end when replaced.
         tokio_test_notified(&cancel_a);

@@ -22,6 +22,7 @@
 //!   API server) and its control client, for tests of what the coordinator does in a cluster.
 //! - [`packages`]: helpers of the `.deb`/`.rpm` tests — commands that must succeed within a timeout, skip-or-fail
 //!   prerequisites, a minimal `/etc` for throwaway roots, snapshots of host files that must not change.
+//! - [`scrape`]: `GET /metrics` inside a namespace, Prometheus samples, metric names in docs and rules.
 //! - [`delay`]: [`DelayLab`] — zones of hosts joined through a userspace delay router (TUN + policy routing,
 //!   per-zone-pair delay, per-host loss; the `nimbus-delay-router` binary), for kernels without `netem`.
 //!
@@ -41,6 +42,7 @@ pub mod lab;
 pub mod netns;
 pub mod packages;
 pub mod process;
+pub mod scrape;
 pub mod state;
 pub mod topology;
 pub mod wait;
