@@ -181,7 +181,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn E
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let result = tokio::select! {
-        r = stay_connected(&cfg, &id, &public, stop_rx, latest, &probes, events, link, &metrics) => r,
+        r = stay_connected(&cfg, &id, &public, stop_rx, latest, &probes, events, link, &metrics, &tun) => r,
         _ = shutdown => {
             let _ = stop_tx.send(true);
             Ok(Stopped::Shutdown)
@@ -213,6 +213,7 @@ async fn stay_connected(
     events: &dyn Events,
     mut upgrades: UpgradeLink<'_>,
     metrics: &crate::metrics::AgentMetrics,
+    tun: &tunnel::Tunnel,
 ) -> Result<Stopped, AgentError> {
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut last_ok = Instant::now();
@@ -227,6 +228,7 @@ async fn stay_connected(
             events,
             &mut upgrades,
             metrics,
+            tun,
         )
         .await
         {
@@ -447,6 +449,36 @@ fn start_decommission(cfg: &Config, tx: &tokio::sync::mpsc::Sender<nimbus_proto:
     });
 }
 
+/// Switches the coordinator peer to the announced next key: recorded in identity.json first (a crash after it
+/// restarts on the new key, which the coordinator accepts during the overlap), then a handshake on it at once.
+/// The fleet stream runs on: the overlay addresses do not change.
+async fn follow_key_rotation(
+    tun: &tunnel::Tunnel,
+    state_dir: &std::path::Path,
+    k: &nimbus_proto::CoordinatorKeys,
+) -> Result<(), AgentError> {
+    let next = tunnel::keys::public_key_from_base64(&k.next)?;
+    let mut id = identity::load(state_dir)?.ok_or_else(|| {
+        AgentError::Config(vec![
+            "identity.json vanished while connected; re-enroll this host".into(),
+        ])
+    })?;
+    let known = tunnel::keys::public_key_from_base64(&id.coordinator_public_key)?;
+    if known == next {
+        return Ok(());
+    }
+    let current = tunnel::keys::public_key_from_base64(&k.current)?;
+    if current != known {
+        tracing::warn!(announced_current = %k.current, "key rotation names a current coordinator key this agent does not use; ignored");
+        return Ok(());
+    }
+    id.coordinator_public_key = k.next.clone();
+    identity::save(state_dir, &id)?;
+    tun.set_peer_public_key(&known, next).await?;
+    tracing::info!(next = %k.next, retire_at = k.retire_at_unix, "switched to the coordinator's new WireGuard key");
+    Ok(())
+}
+
 /// One fleet stream, from connect to its end.
 #[allow(clippy::too_many_arguments)]
 async fn session(
@@ -458,6 +490,7 @@ async fn session(
     events: &dyn Events,
     upgrades: &mut UpgradeLink<'_>,
     metrics: &crate::metrics::AgentMetrics,
+    tun: &tunnel::Tunnel,
 ) -> Result<Ended, SessionError> {
     let windows = probes.windows();
     let mut windows = windows.lock().await;
@@ -619,9 +652,12 @@ async fn session(
                         probes.configure(c);
                     }
                     Some(CoordMsg::CoordinatorKeys(k)) => {
-                        // Key rotation is announced before it is enforced; until the agent follows it, the old
-                        // key keeps working for the overlap.
-                        tracing::info!(next = %k.next, retire_at = k.retire_at_unix, "coordinator key rotation announced");
+                        // Announced over this stream, i.e. by the holder of the current key. Until it is
+                        // followed, the old key keeps working for the overlap; a failure is retried at the next
+                        // announcement (every reconnect).
+                        if let Err(e) = follow_key_rotation(tun, &cfg.state_dir, &k).await {
+                            tracing::error!(error = %e, next = %k.next, "cannot switch to the coordinator's new WireGuard key");
+                        }
                     }
                     Some(CoordMsg::Welcome(_)) | None => {}
                 },

@@ -107,7 +107,7 @@ impl AdminService {
         Ok(Response::new(CreateTokenResponse {
             token: token.to_string_secret(),
             token_id: rec.id,
-            ca_pin: self.ctx.ca_pin.to_string(),
+            ca_pin: self.ctx.rotations.pin().to_string(),
             expires_at_unix: rec.expires_at,
             enroll_endpoints: vec![self.ctx.config.enroll_endpoint()],
         }))
@@ -887,9 +887,27 @@ impl Admin for AdminService {
 
     async fn rotate_key(
         &self,
-        _req: Request<nimbus_proto::RotateKeyRequest>,
+        req: Request<nimbus_proto::RotateKeyRequest>,
     ) -> Result<Response<nimbus_proto::RotateKeyResponse>, Status> {
-        Err(Status::unimplemented("key rotation is not available yet"))
+        let who = crate::auth::caller(&req);
+        let r = req.into_inner();
+        let target = format!("key/{}", r.kind);
+        let phase = if r.phase.is_empty() {
+            "start".to_string()
+        } else {
+            r.phase.clone()
+        };
+        let result = crate::rotation::rotate(&self.ctx, r).await;
+        let detail = match &result {
+            // Public identities only (public keys, certificate and CA pins).
+            Ok(x) => {
+                serde_json::json!({"phase": phase, "state": x.state, "new": x.new_key, "old": x.old_key, "retire_at_unix": x.retire_at_unix})
+            }
+            Err(_) => serde_json::json!({"phase": phase}),
+        };
+        self.audit(&who, "key.rotate", target, crate::auditlog::outcome_of(&result), detail)
+            .await;
+        result.map(Response::new)
     }
 
     async fn who_am_i(

@@ -16,7 +16,8 @@ pub struct Ctx {
     pub sessions: Sessions,
     pub tunnel: tunnel::Tunnel,
     pub coordinator_ip: Ipv4Addr,
-    pub ca_pin: pki::Pin,
+    /// Key rotation state; also the enrollment certificate and the CA pin new tokens carry.
+    pub rotations: crate::rotation::Rotations,
     pub metrics: crate::metrics::Metrics,
     pub probes: crate::probes::Probes,
     /// Bootstrap tokens created through the Kubernetes API, to delete after each join.

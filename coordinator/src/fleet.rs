@@ -111,6 +111,12 @@ impl Fleet for FleetService {
         if tx.send(Ok(welcome)).await.is_err() {
             return Err(Status::cancelled("stream closed"));
         }
+        // During a WireGuard key rotation every agent that connects learns the next key.
+        if let Some(keys) = self.ctx.rotations.wireguard_announcement(&self.ctx.tunnel)
+            && tx.send(Ok(keys)).await.is_err()
+        {
+            return Err(Status::cancelled("stream closed"));
+        }
         self.ctx.metrics.fleet_streams_opened.inc();
         if self.ctx.sessions.seen_before(&node.id) {
             self.ctx.metrics.stream_reconnects.inc();

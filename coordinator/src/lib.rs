@@ -17,6 +17,8 @@
 //! * `sessions` — open fleet streams and in-memory last-seen, flushed in batches.
 //! * `state`    — typed repository (nodes, tokens, IP allocations) over `store`.
 //! * `store`    — the transactional key-value trait and its sled backend.
+//! * `rotation` — key rotation: WireGuard key (announced to agents, overlap), enrollment certificate, CA.
+//! * `rotation` — key rotation: WireGuard key (announced to agents, overlap), enrollment certificate, CA.
 //! * `token`    — join token format and hashing.
 //! * `ipam`     — overlay address plan.
 //! * `probes`   — the latency mesh: probe configs pushed to agents, reported windows kept per pair.
@@ -51,6 +53,7 @@ pub mod probes;
 pub mod releases;
 pub mod replication;
 pub mod rollout;
+pub mod rotation;
 pub mod schema;
 pub mod server;
 pub mod sessions;

@@ -122,6 +122,43 @@ macro_rules! spawn_server {
     }};
 }
 
+/// TLS connections accepted on `listener`, handshakes done concurrently (a slow or silent client holds up no
+/// one; a failed handshake is logged at debug and dropped).
+fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "enrollment accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "enrollment TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "enrollment TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 /// Refused remote admin calls to state-changing methods go to the audit log (reads are only logged).
 fn refusals_to_audit(ctx: &Arc<Ctx>) -> crate::auth::layer::OnRefused {
     let auditor = Arc::clone(&ctx.audit);
@@ -142,6 +179,7 @@ fn refusals_to_audit(ctx: &Arc<Ctx>) -> crate::auth::layer::OnRefused {
 
 /// Bind everything and start serving. Returns once the coordinator is ready.
 pub async fn start(config: Config) -> Result<Running, CoordError> {
+    pki::install_crypto_provider();
     prepare_data_dir(&config.data_dir)?;
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir.join("state"))?);
     let overlay = OverlayPlan::new(config.overlay_cidr).map_err(|e| CoordError::Config(vec![e.to_string()]))?;
@@ -152,11 +190,14 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         .map_err(|e| CoordError::Config(vec![format!("audit log: {e}")]))?
         .with_metrics(metrics.clone());
 
+    let sans = vec![config.advertise_address.to_string()];
+    let mut own_ca = None;
     let (identity, ca_pin) = match &config.tls {
         None => {
             let ca = pki::CertificateAuthority::load_or_create(&config.data_dir.join("pki"))?;
-            let sans = vec![config.advertise_address.to_string()];
-            (ca.issue_server_identity(&sans)?, ca.pin())
+            let issued = (ca.issue_server_identity(&sans)?, ca.pin());
+            own_ca = Some(ca);
+            issued
         }
         Some(files) => {
             let ca_pem = std::fs::read_to_string(&files.ca).map_err(|source| CoordError::DataDir {
@@ -265,13 +306,21 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
     };
 
     let config_probe = (config.probe_interval, config.probe_window, config.probe_key_rotation);
+    let rotations = crate::rotation::Rotations::new(
+        &config.data_dir,
+        pki::SwappableServerCert::new(&identity)?,
+        own_ca,
+        ca_pin,
+        sans,
+        config.tls.clone(),
+    );
     let ctx = Arc::new(Ctx {
         config,
         state,
         sessions: crate::sessions::Sessions::new(),
         tunnel,
         coordinator_ip,
-        ca_pin,
+        rotations,
         metrics,
         probes: crate::probes::Probes::new(crate::probes::ProbeTiming {
             interval: config_probe.0,
@@ -283,6 +332,8 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         audit: Arc::new(audit),
     });
 
+    // A WireGuard key rotation interrupted by a restart goes on where it was.
+    ctx.rotations.resume_wireguard(&ctx.tunnel)?;
     // Every active node is a WireGuard peer again after a restart.
     let nodes = ctx
         .state(|s| s.list_nodes())
@@ -302,20 +353,15 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
-    pki::install_crypto_provider();
-    let tls = tonic::transport::ServerTlsConfig::new().identity(identity.tonic_identity());
     let enroll_srv = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .map_err(|source| CoordError::Serve {
-            what: "enrollment",
-            source,
-        })?
         .timeout(Duration::from_secs(30))
         .layer(crate::metrics::RpcMetricsLayer::new(ctx.metrics.clone()))
         .add_service(EnrollmentServer::new(EnrollmentService::new(Arc::clone(&ctx))));
+    // TLS is terminated here rather than by tonic so the certificate can be swapped in place (rotation).
+    let enroll_tls = ctx.rotations.enroll_cert.server_config(&[b"h2"])?;
     tasks.push(spawn_server!(
         enroll_srv,
-        TcpListenerStream::new(enroll_listener),
+        tls_incoming(enroll_listener, enroll_tls, shutdown_rx.clone()),
         shutdown_rx,
         "enrollment"
     ));
@@ -486,11 +532,18 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
             Ok(())
         }));
     }
+    {
+        let (ctx, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            crate::rotation::watch(ctx, rx).await;
+            Ok(())
+        }));
+    }
     tasks.push(tokio::spawn(flush_last_seen(Arc::clone(&ctx), shutdown_rx)));
 
     tracing::info!(
         enroll = %enroll_addr, wg = %ctx.tunnel.local_udp_addr(), fleet = %fleet_addr,
-        admin = %ctx.config.admin_socket.display(), peers, ca_pin = %ctx.ca_pin,
+        admin = %ctx.config.admin_socket.display(), peers, ca_pin = %ctx.rotations.pin(),
         "coordinator serving"
     );
     Ok(Running {

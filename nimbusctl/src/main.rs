@@ -189,6 +189,39 @@ enum Cmd {
     /// remote context) and the roles it grants: viewer (read), operator (tokens, apply, rollouts, releases),
     /// admin (revoke, decommission, keys, release repository).
     Whoami,
+    /// Rotate the coordinator's keys (admin role).
+    #[command(subcommand)]
+    Key(KeyCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCmd {
+    /// Rotate a key with an overlap in which old and new are both accepted:
+    ///
+    ///   wireguard        the coordinator's WireGuard key; connected agents are told the new key over their
+    ///                    stream and switch without losing it, agents connecting later are told on connect.
+    ///                    The old key is retired at the end of the overlap (default 24h) or with --finish.
+    ///   enrollment-cert  the enrollment TLS certificate, re-issued by the same CA (join tokens and their
+    ///                    pin stay valid); takes effect at once.
+    ///   ca               the CA itself: a new CA cross-signed by the old one. Tokens pinned to either CA
+    ///                    enroll during the overlap (default 24h); new tokens carry the new pin. --finish
+    ///                    retires the old CA: tokens still pinned to it stop working.
+    ///
+    /// Examples:
+    ///   nimbusctl key rotate wireguard --overlap 1h
+    ///   nimbusctl key rotate wireguard --finish
+    ///   nimbusctl key rotate ca && nimbusctl token create --ttl 1h     # the new token has the new pin
+    #[command(verbatim_doc_comment)]
+    Rotate {
+        #[arg(value_parser = ["wireguard", "enrollment-cert", "ca"])]
+        kind: String,
+        /// Retire the old key now (ends a running wireguard or ca rotation).
+        #[arg(long, conflicts_with = "overlap")]
+        finish: bool,
+        /// How long the old key stays accepted, e.g. 30m or 24h. [default: 24h]
+        #[arg(long, value_parser = humantime::parse_duration)]
+        overlap: Option<Duration>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1337,6 +1370,38 @@ async fn admin(mut c: context::Client, output: Output, cmd: Cmd) -> Result<()> {
                 return print_json(&rollout_view::json(&r));
             }
             emit(&rollout_view::text(&r, unix_now()))?;
+        }
+        Cmd::Key(KeyCmd::Rotate { kind, finish, overlap }) => {
+            let r = c
+                .rotate_key(RotateKeyRequest {
+                    kind,
+                    phase: if finish { "finish" } else { "start" }.into(),
+                    overlap_secs: overlap.map_or(0, |d| d.as_secs().max(1)),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if json {
+                return print_json(&serde_json::json!({
+                    "kind": r.kind, "state": r.state, "new_key": r.new_key, "old_key": r.old_key,
+                    "retire_at_unix": r.retire_at_unix, "agents_notified": r.agents_notified,
+                }));
+            }
+            let mut text = format!("{} rotation: {}\n  new: {}\n", r.kind, r.state, r.new_key);
+            if !r.old_key.is_empty() {
+                text.push_str(&format!("  old: {}\n", r.old_key));
+            }
+            if r.retire_at_unix > 0 {
+                text.push_str(&format!(
+                    "  old key accepted until {} (finish earlier with `nimbusctl key rotate {} --finish`)\n",
+                    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(r.retire_at_unix)),
+                    r.kind
+                ));
+            }
+            if r.kind == "wireguard" && r.state == "overlap" {
+                text.push_str(&format!("  agents told: {}\n", r.agents_notified));
+            }
+            emit(&text)?;
         }
         Cmd::Whoami => {
             let me = c.who_am_i(WhoAmIRequest {}).await.map_err(status_err)?.into_inner();
