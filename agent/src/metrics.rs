@@ -13,7 +13,7 @@
 //! Event counters are updated where things happen ([`AgentMetrics`], cheap to clone); the tunnel and upgrade
 //! levels are read at scrape time.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -62,39 +62,6 @@ struct PeerRtt {
     at: Instant,
 }
 
-/// WireGuard handshakes counted from the peers' handshake times (boringtun reports no handshake events): a
-/// peer whose session handshake moved forward completed a new one.
-#[derive(Debug, Default)]
-struct Handshakes {
-    last: HashMap<[u8; 32], Instant>,
-    total: u64,
-}
-
-const HANDSHAKE_SLACK: Duration = Duration::from_secs(2);
-
-impl Handshakes {
-    fn observe(&mut self, peers: &[([u8; 32], Option<Duration>)], now: Instant) {
-        let mut seen = HashMap::with_capacity(peers.len());
-        for (key, age) in peers {
-            let prev = self.last.get(key).copied();
-            match (age.and_then(|a| now.checked_sub(a)), prev) {
-                (None, Some(p)) => {
-                    seen.insert(*key, p);
-                }
-                (None, None) => {}
-                (Some(at), Some(p)) if at <= p + HANDSHAKE_SLACK => {
-                    seen.insert(*key, p);
-                }
-                (Some(at), _) => {
-                    self.total += 1;
-                    seen.insert(*key, at);
-                }
-            }
-        }
-        self.last = seen;
-    }
-}
-
 #[derive(Debug)]
 struct Inner {
     state_dir: PathBuf,
@@ -107,7 +74,7 @@ struct Inner {
     last_heartbeat: Mutex<Option<(u64, Instant)>>,
     probe_windows: Counter,
     probes: Mutex<BTreeMap<String, PeerRtt>>,
-    handshakes: Mutex<Handshakes>,
+    handshakes: Mutex<tunnel::HandshakeCounter>,
     upgrade_restarts: Counter,
     /// Streams opened in this process (the first is not a reconnect).
     opened: AtomicU64,
@@ -168,7 +135,7 @@ impl AgentMetrics {
                 last_heartbeat: Mutex::new(None),
                 probe_windows: Counter::default(),
                 probes: Mutex::new(BTreeMap::new()),
-                handshakes: Mutex::new(Handshakes::default()),
+                handshakes: Mutex::new(tunnel::HandshakeCounter::default()),
                 upgrade_restarts: Counter::default(),
                 opened: AtomicU64::new(0),
             }),
@@ -236,14 +203,9 @@ impl AgentMetrics {
 
     /// Samples the tunnel's peers (the coordinator; two keys of it during a key rotation).
     pub fn sample_tunnel(&self, peers: &[tunnel::PeerStats]) -> TunnelSample {
-        let keys: Vec<([u8; 32], Option<Duration>)> = peers
-            .iter()
-            .map(|p| (*p.public_key.as_bytes(), p.last_handshake_age))
-            .collect();
-        let mut hs = lock(&self.inner.handshakes);
-        hs.observe(&keys, Instant::now());
+        let handshakes = lock(&self.inner.handshakes).observe(peers, Instant::now());
         TunnelSample {
-            handshakes: hs.total,
+            handshakes,
             rx_bytes: peers.iter().map(|p| p.rx_bytes).sum(),
             tx_bytes: peers.iter().map(|p| p.tx_bytes).sum(),
             handshake_age_seconds: peers
@@ -530,20 +492,6 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in:\n{text}");
         }
-    }
-
-    #[test]
-    fn handshakes_count_each_new_session() {
-        let mut h = Handshakes::default();
-        let t0 = Instant::now() + Duration::from_secs(1000);
-        let k = [7u8; 32];
-        h.observe(&[(k, None)], t0);
-        assert_eq!(h.total, 0);
-        h.observe(&[(k, Some(Duration::from_secs(1)))], t0);
-        h.observe(&[(k, Some(Duration::from_secs(6)))], t0 + Duration::from_secs(5));
-        assert_eq!(h.total, 1, "the same session sampled twice");
-        h.observe(&[(k, Some(Duration::from_secs(1)))], t0 + Duration::from_secs(130));
-        assert_eq!(h.total, 2, "a rekey");
     }
 
     #[test]

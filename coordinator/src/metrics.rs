@@ -24,7 +24,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -162,45 +162,6 @@ fn rtt_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 15))
 }
 
-/// Counts WireGuard handshakes from the peers' last-handshake ages (boringtun reports no handshake events):
-/// a peer whose handshake time moved forward completed a new one. Sampled at every scrape and whenever
-/// [`Metrics::observe_handshakes`] is called; two handshakes of one peer between samples count once (a
-/// session rekeys every 2 minutes at most, scrapes are more frequent).
-#[derive(Debug, Default)]
-struct HandshakeTracker {
-    /// Peer key → when its current session's handshake happened.
-    last: HashMap<[u8; 32], Instant>,
-    total: u64,
-}
-
-/// Slack for the jitter of `now - age` between two samples of one handshake.
-const HANDSHAKE_SLACK: Duration = Duration::from_secs(2);
-
-impl HandshakeTracker {
-    fn observe(&mut self, peers: &[([u8; 32], Option<Duration>)], now: Instant) {
-        let mut seen = HashMap::with_capacity(peers.len());
-        for (key, age) in peers {
-            let Some(at) = age.and_then(|a| now.checked_sub(a)) else {
-                if let Some(prev) = self.last.get(key) {
-                    seen.insert(*key, *prev);
-                }
-                continue;
-            };
-            match self.last.get(key) {
-                Some(prev) if at <= *prev + HANDSHAKE_SLACK => {
-                    seen.insert(*key, *prev);
-                }
-                _ => {
-                    self.total += 1;
-                    seen.insert(*key, at);
-                }
-            }
-        }
-        // Peers that are gone are forgotten: the map stays as large as the peer set.
-        self.last = seen;
-    }
-}
-
 /// Event counters, incremented where the events happen.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -230,7 +191,7 @@ pub struct Metrics {
     pub probe_rtt_p50: Histogram,
     /// gRPC call durations by service, method and code ([`RpcMetricsLayer`]).
     pub rpc_duration: Family<RpcLabels, Histogram, fn() -> Histogram>,
-    handshakes: Arc<Mutex<HandshakeTracker>>,
+    handshakes: Arc<Mutex<tunnel::HandshakeCounter>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -311,13 +272,10 @@ impl Metrics {
 
     /// Feeds the handshake counter from the peers' last-handshake ages; returns the total so far.
     pub fn observe_handshakes(&self, peers: &[tunnel::PeerStats]) -> u64 {
-        let sample: Vec<([u8; 32], Option<Duration>)> = peers
-            .iter()
-            .map(|p| (*p.public_key.as_bytes(), p.last_handshake_age))
-            .collect();
-        let mut t = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
-        t.observe(&sample, Instant::now());
-        t.total
+        self.handshakes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(peers, Instant::now())
     }
 }
 
@@ -923,6 +881,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, mut shutdown: watch::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// A snapshot with every level set, so every metric renders.
     fn full_snapshot() -> Snapshot {
@@ -1035,28 +994,6 @@ mod tests {
         assert_eq!(RefusalReason::of(&StateError::Conflict), RefusalReason::Internal);
         let names: std::collections::HashSet<_> = RefusalReason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), RefusalReason::ALL.len(), "distinct label values");
-    }
-
-    #[test]
-    fn handshakes_count_new_sessions_once() {
-        let mut t = HandshakeTracker::default();
-        let now = Instant::now() + Duration::from_secs(1000);
-        let a = [1u8; 32];
-        let b = [2u8; 32];
-        t.observe(&[(a, Some(Duration::from_secs(5))), (b, None)], now);
-        assert_eq!(t.total, 1, "a's session; b has none");
-        // Ten seconds later: the same session of a (age grew by ten), b completed one.
-        let later = now + Duration::from_secs(10);
-        t.observe(
-            &[(a, Some(Duration::from_secs(15))), (b, Some(Duration::from_secs(1)))],
-            later,
-        );
-        assert_eq!(t.total, 2);
-        // a rekeyed.
-        let rekey = later + Duration::from_secs(130);
-        t.observe(&[(a, Some(Duration::from_secs(3)))], rekey);
-        assert_eq!(t.total, 3);
-        assert_eq!(t.last.len(), 1, "removed peers are forgotten");
     }
 
     #[test]

@@ -48,10 +48,12 @@
 
 pub mod device;
 pub mod error;
+pub mod handshakes;
 pub mod keys;
 pub mod router;
 
 pub use device::{DEFAULT_MTU, Tunnel, TunnelConfig};
 pub use error::TunnelError;
+pub use handshakes::HandshakeCounter;
 pub use keys::{PublicKey, StaticSecret};
 pub use router::{Action, LocalKey, PeerConfig, PeerStats, Router, RouterCounters, TICK_INTERVAL};
