@@ -3,9 +3,6 @@
 //! documented metrics. The end-to-end tests need root and the daemon binaries (`cargo build --workspace --bins`).
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
 
 use e2e::scrape::{self, AGENT_METRICS, COORDINATOR_METRICS};
 use e2e::{Fleet, FleetOptions, eventually_patiently, require_root};
@@ -13,19 +10,7 @@ use e2e::{Fleet, FleetOptions, eventually_patiently, require_root};
 /// `GET path` from inside the coordinator's namespace (the endpoint listens on its loopback): the whole
 /// HTTP response.
 fn get(fleet: &Fleet, path: &str) -> Result<String, String> {
-    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    fleet
-        .coordinator_ns()
-        .run_in(move || -> Result<String, String> {
-            let mut s = TcpStream::connect("127.0.0.1:9464").map_err(|e| e.to_string())?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))
-                .map_err(|e| e.to_string())?;
-            s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
-            let mut body = String::new();
-            s.read_to_string(&mut body).map_err(|e| e.to_string())?;
-            Ok(body)
-        })
-        .map_err(|e| e.to_string())?
+    e2e::scrape::http_get(fleet.coordinator_ns(), "127.0.0.1:9464", path)
 }
 
 fn has(text: &str, line: &str) -> Result<(), String> {
