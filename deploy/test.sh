@@ -12,8 +12,9 @@ command -v cargo >/dev/null 2>&1 || {
 # The tests lint deploy/*.sh with the shellcheck package; probe_auth captures a latency probe with tcpdump; the
 # storage tests partition, format and mount loop devices (sfdisk is in fdisk, mkfs.xfs in xfsprogs); the bootstrap
 # tests check rendered cloud-configs with `cloud-init schema`; the packaging test runs `systemd-analyze verify`
-# and `security` on the units; the .rpm test inspects and installs the packages with Debian's rpm.
-./deploy/deps.sh shellcheck tcpdump fdisk xfsprogs e2fsprogs util-linux cloud-init systemd rpm
+# and `security` on the units; the .rpm test inspects and installs the packages with Debian's rpm; the store tests
+# start a real etcd (etcd-server) on loopback.
+./deploy/deps.sh shellcheck tcpdump fdisk xfsprogs e2fsprogs util-linux cloud-init systemd rpm etcd-server
 # The helm chart test renders with Helm's Go SDK (PyPI helm-python-sdk, pinned) from a venv: create it once.
 # Two lines on purpose: `export VAR=$(...)` would hide a failed install from `set -e`.
 NIMBUS_HELM_PYTHON="$(./deploy/helm/install-renderer.sh)"

@@ -24,12 +24,18 @@
 //! # Backends
 //! * [`SledStore`] (`sled.rs`): embedded, one process per data directory, every transaction flushed to disk
 //!   before it is acknowledged.
+//! * [`EtcdStore`] (`etcd.rs`): etcd v3 under a key prefix (default `nimbus/`), for several coordinator
+//!   replicas; a write is durable once etcd acknowledges it. Sync calls run on the store's own small runtime.
+//!
+//! [`conformance`] is the behaviour both backends must share; each backend's tests run it.
 
+pub mod etcd;
 mod sled;
 
 use std::io;
 use std::path::PathBuf;
 
+pub use self::etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use self::sled::SledStore;
 
 /// Errors from a store backend.
@@ -154,6 +160,150 @@ pub trait Store: Send + Sync + 'static {
     fn txn(&self, txn: Txn) -> Result<bool, StoreError>;
     /// Durably persist everything committed so far.
     fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// Checks the [`Store`] contract on `store` and panics on the first violation (a test helper, public so that
+/// integration tests can run it on every backend). Uses only keys under `conformance/`, which must be empty.
+#[doc(hidden)]
+#[allow(clippy::unwrap_used)]
+pub fn conformance(store: &dyn Store) {
+    let s = store;
+    let snapshot = || s.scan_prefix(b"conformance/").unwrap();
+    assert!(snapshot().is_empty(), "conformance/ must start empty");
+
+    // get / put / delete / scan.
+    assert_eq!(s.get(b"conformance/a/1").unwrap(), None);
+    assert!(
+        s.txn(
+            Txn::new()
+                .put("conformance/a/1", "x")
+                .put("conformance/a/2", "y")
+                .put("conformance/b/1", "z")
+        )
+        .unwrap()
+    );
+    assert_eq!(s.get(b"conformance/a/1").unwrap().as_deref(), Some(&b"x"[..]));
+    assert_eq!(
+        s.scan_prefix(b"conformance/a/").unwrap(),
+        vec![
+            (b"conformance/a/1".to_vec(), b"x".to_vec()),
+            (b"conformance/a/2".to_vec(), b"y".to_vec())
+        ]
+    );
+    assert!(
+        s.txn(Txn::new().delete("conformance/a/1").delete("conformance/missing"))
+            .unwrap()
+    );
+    assert_eq!(s.get(b"conformance/a/1").unwrap(), None);
+    assert_eq!(s.scan_prefix(b"conformance/a/").unwrap().len(), 1);
+    assert_eq!(snapshot().len(), 2);
+    // Empty values are values.
+    assert!(s.txn(Txn::new().put("conformance/empty", "")).unwrap());
+    assert_eq!(s.get(b"conformance/empty").unwrap().as_deref(), Some(&b""[..]));
+    assert!(
+        s.txn(
+            Txn::new()
+                .if_equals("conformance/empty", "")
+                .delete("conformance/empty")
+        )
+        .unwrap()
+    );
+    // Several ops on one key apply in order: the last wins.
+    assert!(
+        s.txn(
+            Txn::new()
+                .put("conformance/dup", "1")
+                .delete("conformance/dup")
+                .put("conformance/dup", "2")
+        )
+        .unwrap()
+    );
+    assert_eq!(s.get(b"conformance/dup").unwrap().as_deref(), Some(&b"2"[..]));
+    assert!(
+        s.txn(Txn::new().put("conformance/dup", "3").delete("conformance/dup"))
+            .unwrap()
+    );
+    assert_eq!(s.get(b"conformance/dup").unwrap(), None);
+    // Scan order is byte order.
+    assert!(
+        s.txn(
+            Txn::new()
+                .put("conformance/o/b", "2")
+                .put("conformance/o/a", "1")
+                .put("conformance/o/B", "0")
+                .put("conformance/o/\u{e9}", "3")
+        )
+        .unwrap()
+    );
+    let keys: Vec<Vec<u8>> = s
+        .scan_prefix(b"conformance/o/")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted);
+    assert_eq!(keys.len(), 4);
+
+    // Compare semantics: a failing compare applies nothing.
+    assert!(s.txn(Txn::new().put("conformance/k", "v1")).unwrap());
+    let before = snapshot();
+    let failing = [
+        Compare::Equals(b"conformance/k".to_vec(), b"v2".to_vec()),
+        Compare::Equals(b"conformance/nope".to_vec(), b"v1".to_vec()),
+        Compare::Absent(b"conformance/k".to_vec()),
+        Compare::Present(b"conformance/nope".to_vec()),
+    ];
+    for c in failing {
+        let t = Txn::new()
+            .if_present("conformance/k")
+            .when(c.clone())
+            .put("conformance/k", "changed")
+            .put("conformance/new", "1")
+            .delete("conformance/k");
+        assert!(!s.txn(t).unwrap(), "{c:?} should fail");
+        assert_eq!(snapshot(), before, "{c:?} changed the store");
+    }
+    let t = Txn::new()
+        .if_equals("conformance/k", "v1")
+        .if_absent("conformance/nope")
+        .if_present("conformance/k")
+        .put("conformance/k", "v2")
+        .put("conformance/n", "1");
+    assert!(s.txn(t).unwrap());
+    assert_eq!(s.get(b"conformance/k").unwrap().as_deref(), Some(&b"v2"[..]));
+    assert_eq!(s.get(b"conformance/n").unwrap().as_deref(), Some(&b"1"[..]));
+    assert!(
+        !s.txn(Txn::new().if_equals("conformance/k", "v1").put("conformance/k", "v3"))
+            .unwrap()
+    );
+    assert_eq!(s.get(b"conformance/k").unwrap().as_deref(), Some(&b"v2"[..]));
+    assert!(s.txn(Txn::new().delete("conformance/n")).unwrap());
+    assert_eq!(s.get(b"conformance/n").unwrap(), None);
+
+    // Concurrent compare-and-swap increments are never lost.
+    assert!(s.txn(Txn::new().put("conformance/ctr", "0")).unwrap());
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..25 {
+                    loop {
+                        let cur = s.get(b"conformance/ctr").unwrap().unwrap();
+                        let n: u32 = std::str::from_utf8(&cur).unwrap().parse().unwrap();
+                        let t = Txn::new()
+                            .if_equals("conformance/ctr", cur)
+                            .put("conformance/ctr", (n + 1).to_string());
+                        if s.txn(t).unwrap() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(s.get(b"conformance/ctr").unwrap().as_deref(), Some(&b"100"[..]));
+    s.flush().unwrap();
 }
 
 /// Builders for every key of the layout in the module doc.
