@@ -118,9 +118,8 @@ pub struct Settings {
     /// Private key (PEM, mode 0600) of --packages-tls-cert.
     #[arg(long, env = "NIMBUS_PACKAGES_TLS_KEY")]
     pub packages_tls_key: Option<PathBuf>,
-    /// etcd endpoints (https://host:2379, comma-separated) for a replicated store. Accepted in the file so
-    /// configurations can be written ahead, but this build runs on the sled store only and refuses to start
-    /// with it set.
+    /// etcd endpoints (https://host:2379, comma-separated): keep the state in etcd instead of the sled store in
+    /// data_dir. Needs etcd_ca, etcd_cert and etcd_key (client-certificate TLS).
     #[arg(long, env = "NIMBUS_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Option<Vec<String>>,
     /// CA certificate (PEM) that signed the etcd servers' certificates.
@@ -132,6 +131,12 @@ pub struct Settings {
     /// Client key (PEM, mode 0600) for etcd.
     #[arg(long, env = "NIMBUS_ETCD_KEY")]
     pub etcd_key: Option<PathBuf>,
+    /// Key prefix of this coordinator's state in etcd (several fleets can share one etcd). [default: nimbus/]
+    #[arg(long, env = "NIMBUS_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// Allow http:// etcd endpoints without TLS. For tests on loopback only: never in production.
+    #[arg(long, env = "NIMBUS_ETCD_PLAINTEXT")]
+    pub etcd_plaintext: Option<bool>,
     /// Prometheus metrics (HTTP GET /metrics) listen address, or `off`. [default: 127.0.0.1:9464]
     #[arg(long, env = "NIMBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -193,6 +198,65 @@ pub struct Settings {
     /// CA (PEM) that signed the issuer's HTTPS certificate, when not a public one.
     #[arg(long, env = "NIMBUS_OIDC_CA")]
     pub oidc_ca: Option<PathBuf>,
+}
+
+/// Where the coordinator keeps its state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreSettings {
+    /// The embedded sled store in `<data_dir>/state` (one coordinator).
+    Sled,
+    /// etcd v3.
+    Etcd(EtcdSettings),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdSettings {
+    pub endpoints: Vec<String>,
+    /// CA, client certificate and key; `None` only with `etcd_plaintext` (tests).
+    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    pub prefix: String,
+}
+
+/// Default key prefix in etcd.
+pub const DEFAULT_ETCD_PREFIX: &str = "nimbus/";
+
+/// The store from the (merged) etcd keys of `k`.
+fn store_settings(k: Settings, errs: &mut Vec<String>) -> StoreSettings {
+    let endpoints = k.etcd_endpoints.unwrap_or_default();
+    let (ca, cert, key, prefix) = (k.etcd_ca, k.etcd_cert, k.etcd_key, k.etcd_prefix);
+    let plaintext = k.etcd_plaintext.unwrap_or(false);
+    if endpoints.is_empty() {
+        if ca.is_some() || cert.is_some() || key.is_some() || prefix.is_some() {
+            errs.push(
+                "etcd_ca, etcd_cert, etcd_key and etcd_prefix need etcd_endpoints (or remove them for the sled store)"
+                    .into(),
+            );
+        }
+        return StoreSettings::Sled;
+    }
+    let prefix = prefix.unwrap_or_else(|| DEFAULT_ETCD_PREFIX.into());
+    if prefix.is_empty() || !prefix.ends_with('/') {
+        errs.push(format!("etcd_prefix {prefix:?} must end with `/`, e.g. \"nimbus/\""));
+    }
+    for e in &endpoints {
+        match e.split_once("://").map(|(s, _)| s) {
+            Some("https") => {}
+            Some("http") if plaintext => {}
+            Some("http") => errs.push(format!(
+                "etcd endpoint {e:?} is plain http: use https:// with etcd_ca/etcd_cert/etcd_key (etcd_plaintext = true is for tests only)"
+            )),
+            _ => errs.push(format!("etcd endpoint {e:?} must look like https://HOST:2379")),
+        }
+    }
+    let tls = match (ca, cert, key) {
+        (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
+        (None, None, None) if plaintext => None,
+        _ => {
+            errs.push("etcd_ca, etcd_cert and etcd_key must be given together: the coordinator talks to etcd over TLS with a client certificate".into());
+            None
+        }
+    };
+    StoreSettings::Etcd(EtcdSettings { endpoints, tls, prefix })
 }
 
 /// Default interval between signed audit checkpoints.
@@ -262,6 +326,8 @@ pub struct Config {
     pub log_level: String,
     pub tls: Option<TlsFiles>,
     pub audit: AuditSettings,
+    /// Where the state lives.
+    pub store: StoreSettings,
     /// `None`: the admin API is on the local socket only.
     pub admin_remote: Option<RemoteAdmin>,
 }
@@ -433,21 +499,18 @@ impl Config {
                 None
             }
         };
-        let etcd_set = o.etcd_endpoints.or(file.etcd_endpoints).is_some_and(|e| !e.is_empty())
-            || [
-                o.etcd_ca.or(file.etcd_ca),
-                o.etcd_cert.or(file.etcd_cert),
-                o.etcd_key.or(file.etcd_key),
-            ]
-            .iter()
-            .any(Option::is_some);
-        if etcd_set {
-            errs.push(
-                "etcd_* is set, but this build keeps its state in the sled store in data_dir only (the etcd store for \
-                 several replicas is not in this release): remove the etcd_* keys and run one replica"
-                    .into(),
-            );
-        }
+        let store = store_settings(
+            Settings {
+                etcd_endpoints: o.etcd_endpoints.or(file.etcd_endpoints),
+                etcd_ca: o.etcd_ca.or(file.etcd_ca),
+                etcd_cert: o.etcd_cert.or(file.etcd_cert),
+                etcd_key: o.etcd_key.or(file.etcd_key),
+                etcd_prefix: o.etcd_prefix.or(file.etcd_prefix),
+                etcd_plaintext: o.etcd_plaintext.or(file.etcd_plaintext),
+                ..Settings::default()
+            },
+            &mut errs,
+        );
         if cluster_sync_interval < Duration::from_secs(1) {
             errs.push(format!(
                 "cluster_sync_interval {cluster_sync_interval:?} is too short: use at least 1s (a minute in production)"
@@ -607,6 +670,7 @@ impl Config {
                     log_level,
                     tls,
                     audit,
+                    store,
                     admin_remote,
                 })
             }
@@ -624,7 +688,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             data_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, release_port, tun_name, mtu,
-            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, cluster_sync_interval, rollout_node_timeout, packages, packages_tls, log_format, tls, audit, admin_remote)
+            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, cluster_sync_interval, rollout_node_timeout, packages, packages_tls, log_format, tls, audit, store, admin_remote)
     }
 }
 
@@ -665,19 +729,81 @@ mod tests {
     }
 
     #[test]
-    fn etcd_keys_parse_but_are_refused_and_mirror_tls_needs_the_mirror() {
+    fn etcd_needs_tls_with_a_client_certificate_unless_plaintext_for_tests() {
+        let base = || Settings {
+            advertise_address: Some("192.0.2.1".into()),
+            etcd_endpoints: Some(vec!["https://etcd-0:2379".into()]),
+            ..Default::default()
+        };
+        let e = Config::resolve(Settings::default(), base()).unwrap_err();
+        assert!(e.iter().any(|m| m.contains("must be given together")), "{e:?}");
+        let full = Settings {
+            etcd_ca: Some("/ca".into()),
+            etcd_cert: Some("/c".into()),
+            etcd_key: Some("/k".into()),
+            ..base()
+        };
+        let c = Config::resolve(Settings::default(), full).unwrap();
+        assert_eq!(
+            c.store,
+            StoreSettings::Etcd(EtcdSettings {
+                endpoints: vec!["https://etcd-0:2379".into()],
+                tls: Some(("/ca".into(), "/c".into(), "/k".into())),
+                prefix: DEFAULT_ETCD_PREFIX.into(),
+            })
+        );
+        let plain = Settings {
+            etcd_endpoints: Some(vec!["http://127.0.0.1:2379".into()]),
+            ..base()
+        };
+        let e = Config::resolve(Settings::default(), plain.clone()).unwrap_err();
+        assert!(e.iter().any(|m| m.contains("plain http")), "{e:?}");
+        let c = Config::resolve(
+            Settings::default(),
+            Settings {
+                etcd_plaintext: Some(true),
+                etcd_prefix: Some("lab/".into()),
+                ..plain
+            },
+        )
+        .unwrap();
+        assert!(matches!(c.store, StoreSettings::Etcd(ref e) if e.tls.is_none() && e.prefix == "lab/"));
+        let e = Config::resolve(
+            Settings::default(),
+            Settings {
+                etcd_ca: Some("/ca".into()),
+                advertise_address: Some("192.0.2.1".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e[0].contains("need etcd_endpoints"), "{e:?}");
+        assert_eq!(
+            Config::resolve(
+                Settings::default(),
+                Settings {
+                    advertise_address: Some("192.0.2.1".into()),
+                    ..Default::default()
+                }
+            )
+            .unwrap()
+            .store,
+            StoreSettings::Sled
+        );
+    }
+
+    #[test]
+    fn mirror_tls_needs_the_mirror() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("coordinator.toml");
         std::fs::write(
             &path,
-            "advertise_address = \"192.0.2.1\"\netcd_endpoints = [\"https://etcd-0:2379\"]\n\
-             packages_tls_cert = \"/etc/nimbus/mirror.crt\"\n",
+            "advertise_address = \"192.0.2.1\"\npackages_tls_cert = \"/etc/nimbus/mirror.crt\"\n",
         )
         .unwrap();
         let file: Settings = daemon::config::load_toml(&path).unwrap();
         let e = Config::resolve(file, Settings::default()).unwrap_err();
-        assert_eq!(e.len(), 2, "{e:?}");
-        assert!(e.iter().any(|m| m.contains("etcd_*") && m.contains("sled")), "{e:?}");
+        assert_eq!(e.len(), 1, "{e:?}");
         assert!(
             e.iter()
                 .any(|m| m.contains("packages_tls_cert and packages_tls_key go together")),

@@ -122,6 +122,34 @@ macro_rules! spawn_server {
     }};
 }
 
+/// The store the configuration names: sled in `<data_dir>/state`, or etcd (connected and answering).
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, CoordError> {
+    match &config.store {
+        crate::config::StoreSettings::Sled => Ok(Arc::new(SledStore::open(&config.data_dir.join("state"))?)),
+        crate::config::StoreSettings::Etcd(e) => {
+            let mut opts = crate::store::EtcdOptions::new(e.endpoints.clone()).with_prefix(e.prefix.clone());
+            if let Some((ca, cert, key)) = &e.tls {
+                let read = |p: &std::path::Path, what: &str| {
+                    std::fs::read(p)
+                        .map_err(|err| CoordError::Config(vec![format!("cannot read {what} {}: {err}", p.display())]))
+                };
+                opts = opts.with_tls(crate::store::EtcdTls {
+                    ca_pem: read(ca, "etcd_ca")?,
+                    client_cert_pem: read(cert, "etcd_cert")?,
+                    client_key_pem: read(key, "etcd_key")?,
+                    domain_name: None,
+                });
+            }
+            let endpoints = e.endpoints.join(",");
+            let store = tokio::task::spawn_blocking(move || crate::store::EtcdStore::connect(opts))
+                .await
+                .map_err(|err| CoordError::Config(vec![format!("connecting to etcd: {err}")]))??;
+            tracing::info!(%endpoints, prefix = %e.prefix, "state in etcd");
+            Ok(Arc::new(store))
+        }
+    }
+}
+
 /// TLS connections accepted on `listener`, handshakes done concurrently (a slow or silent client holds up no
 /// one; a failed handshake is logged at debug and dropped).
 fn tls_incoming(
@@ -181,7 +209,7 @@ fn refusals_to_audit(ctx: &Arc<Ctx>) -> crate::auth::layer::OnRefused {
 pub async fn start(config: Config) -> Result<Running, CoordError> {
     pki::install_crypto_provider();
     prepare_data_dir(&config.data_dir)?;
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir.join("state"))?);
+    let store = open_store(&config).await?;
     let overlay = OverlayPlan::new(config.overlay_cidr).map_err(|e| CoordError::Config(vec![e.to_string()]))?;
     let coordinator_ip = overlay.coordinator_ip;
     let state = Arc::new(State::open(Arc::clone(&store), overlay)?);

@@ -82,9 +82,23 @@ const NOT_IN_CHART: &[&str] = &[
     "packages_listen",
     "packages_tls_cert",
     "packages_tls_key",
+    // The remote admin API and the audit file need files (client CA, JWKS, TLS) the chart mounts no volume for yet.
+    "admin_listen",
+    "admin_tls_cert",
+    "admin_tls_key",
+    "admin_client_ca",
+    "oidc_issuer",
+    "oidc_audience",
+    "oidc_jwks_file",
+    "oidc_roles_claim",
+    "oidc_ca",
+    "audit_file",
+    // The etcd prefix keeps its default (one fleet per etcd from the chart); plaintext etcd is for tests only.
+    "etcd_prefix",
+    "etcd_plaintext",
 ];
 
-/// The etcd settings: parsed by the coordinator, but refused by its validation until the etcd store exists.
+/// The etcd settings the chart renders from `etcd` values.
 const ETCD_KEYS: &[&str] = &["etcd_endpoints", "etcd_ca", "etcd_cert", "etcd_key"];
 
 fn chart_dir() -> PathBuf {
@@ -277,21 +291,8 @@ fn validate(origin: &str, toml_text: &str) -> Config {
         daemon::config::parse_toml(text, origin)
             .unwrap_or_else(|e| panic!("the coordinator refuses {origin}:\n{e}\n--- {origin}:\n{toml_text}"))
     };
-    let mut table = toml_table(toml_text);
-    match Config::resolve(parse(toml_text), Settings::default()) {
-        Ok(config) => config,
-        // This coordinator release parses the etcd keys but refuses them until the etcd store exists. That
-        // refusal is the only error allowed, and the rest of the config must be valid on its own.
-        Err(errs) if ETCD_KEYS.iter().any(|k| table.contains_key(*k)) && errs.iter().all(|e| e.contains("etcd")) => {
-            eprintln!("NOTE {origin}: the coordinator refuses etcd for now: {errs:?}");
-            for k in ETCD_KEYS {
-                table.remove(*k);
-            }
-            Config::resolve(parse(&toml::to_string(&table).unwrap()), Settings::default())
-                .unwrap_or_else(|e| panic!("{origin} without etcd is invalid: {e:?}\n{toml_text}"))
-        }
-        Err(errs) => panic!("the coordinator's validation refuses {origin}: {errs:?}\n{toml_text}"),
-    }
+    Config::resolve(parse(toml_text), Settings::default())
+        .unwrap_or_else(|errs| panic!("the coordinator's validation refuses {origin}: {errs:?}\n{toml_text}"))
 }
 
 fn toml_table(text: &str) -> toml::Table {
