@@ -3,7 +3,6 @@
 //! documented metrics. The end-to-end tests need root and the daemon binaries (`cargo build --workspace --bins`).
 #![allow(clippy::unwrap_used)]
 
-
 use e2e::scrape::{self, AGENT_METRICS, COORDINATOR_METRICS};
 use e2e::{Fleet, FleetOptions, eventually_patiently, require_root};
 

@@ -96,7 +96,10 @@ fn wireguard_key_rotation_keeps_agent_streams() {
         .map(|l| serde_json::from_str(l).unwrap())
         .filter(|e: &Value| e["action"] == "key.rotate")
         .collect();
-    let results: Vec<&str> = entries.iter().map(|e| e["result"]["status"].as_str().unwrap_or("")).collect();
+    let results: Vec<&str> = entries
+        .iter()
+        .map(|e| e["result"]["status"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(results, ["ok", "refused", "ok"], "{entries:?}");
 }
 
