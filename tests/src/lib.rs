@@ -22,6 +22,7 @@
 //!   API server) and its control client, for tests of what the coordinator does in a cluster.
 //! - [`packages`]: helpers of the `.deb`/`.rpm` tests — commands that must succeed within a timeout, skip-or-fail
 //!   prerequisites, a minimal `/etc` for throwaway roots, snapshots of host files that must not change.
+//! - [`etcd`]: [`etcd::Etcd`] — a real single-member etcd on a namespace's loopback, restartable on its data.
 //! - [`scrape`]: `GET /metrics` inside a namespace, Prometheus samples, metric names in docs and rules.
 //! - [`delay`]: [`DelayLab`] — zones of hosts joined through a userspace delay router (TUN + policy routing,
 //!   per-zone-pair delay, per-host loss; the `nimbus-delay-router` binary), for kernels without `netem`.
@@ -35,6 +36,7 @@ pub mod blockdev;
 pub mod delay;
 pub mod env;
 pub mod error;
+pub mod etcd;
 pub mod fleet;
 pub mod kube_api;
 pub mod kubeadm;
