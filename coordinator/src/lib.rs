@@ -26,6 +26,9 @@
 //! * `placement` — the fleet policy in the store: revisions, live placement, desired/observed per node.
 //! * `rollout`  — disruptive changes in waves: health gates, deadlines, pause/resume/abort.
 //! * `moves`    — nodes leaving a cluster in a rollout are drained there before they are told.
+//! * `kek`      — the key-encryption key (file, NIMBUS_KEK, or a secret-manager command) and AES-GCM envelopes.
+//! * `backup`   — encrypted backup/restore of store + data_dir secrets, and the sled → etcd migration.
+//! * `leader`   — leader election on etcd (lease + fenced writes) for singleton work; always leader on sled.
 //! * `join`     — per-node bootstrap tokens for kubelet joins.
 //! * `clustersync` — node labels/taints kept in each environment's cluster through the Kubernetes API.
 //! * `decommission` — drain, reset, revoke, free IP and name.
@@ -36,6 +39,7 @@
 pub mod admin;
 pub mod auditlog;
 pub mod auth;
+pub mod backup;
 pub mod clustersync;
 pub mod config;
 pub mod context;
@@ -45,6 +49,8 @@ pub mod error;
 pub mod fleet;
 pub mod ipam;
 pub mod join;
+pub mod kek;
+pub mod leader;
 pub mod metrics;
 pub mod moves;
 pub mod packages;

@@ -32,7 +32,7 @@ use std::time::SystemTime;
 use policy::{Assignment, NodeFacts, NodePlacement, Placement, Policy};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{MAX_TXN_ATTEMPTS, NodeStatus, State, StateError, encode, invalid};
+use crate::state::{NodeStatus, State, StateError, attempts, encode, invalid};
 use crate::store::Txn;
 
 pub(crate) const LIVE: &[u8] = b"placement/current";
@@ -454,7 +454,7 @@ impl State {
 
     fn apply_parsed(&self, policy: &Policy, req: &ApplyRequest) -> Result<ApplyOutcome, StateError> {
         let digest = policy.digest();
-        for _ in 0..MAX_TXN_ATTEMPTS {
+        for _ in attempts() {
             // One rollout at a time: a policy apply replaces a running policy rollout, but waits for an upgrade.
             let running = self.read_json::<RolloutRecord>(ROLLOUT)?;
             if let Some((r, _)) = &running
@@ -633,7 +633,7 @@ impl State {
     /// placed keep their environment and pool: moving them is a disruptive change only an apply makes.
     /// Returns the desired states to push.
     pub fn reconcile_placement(&self) -> Result<Vec<(String, DesiredRecord)>, StateError> {
-        for _ in 0..MAX_TXN_ATTEMPTS {
+        for _ in attempts() {
             let Some((live, raw)) = self.read_json::<LivePlacement>(LIVE)? else {
                 return Ok(Vec::new());
             };

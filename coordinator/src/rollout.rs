@@ -18,7 +18,7 @@ use std::time::SystemTime;
 use policy::Policy;
 
 use crate::placement::{DesiredRecord, LIVE, LivePlacement, ObservedRecord, ROLLOUT, RolloutKind, RolloutRecord};
-use crate::state::{MAX_TXN_ATTEMPTS, State, StateError, encode, invalid};
+use crate::state::{State, StateError, attempts, encode, invalid};
 use crate::store::Txn;
 
 /// The last finished rollout (completed or aborted), for `nimbusctl rollout status`.
@@ -286,7 +286,7 @@ impl State {
 
     /// Node `id` was drained from its old cluster: it takes its staged desired state now. Returns what to push.
     pub fn finish_drain(&self, id: &str) -> Result<Vec<(String, DesiredRecord)>, StateError> {
-        for _ in 0..MAX_TXN_ATTEMPTS {
+        for _ in attempts() {
             let Some((mut rec, raw)) = self.read_json::<RolloutRecord>(ROLLOUT)? else {
                 return Ok(Vec::new());
             };
@@ -346,7 +346,7 @@ impl State {
     where
         F: FnMut(&State, &RolloutRecord) -> Result<Vec<waves::Event>, StateError>,
     {
-        for _ in 0..MAX_TXN_ATTEMPTS {
+        for _ in attempts() {
             let Some((mut rec, raw)) = self.read_json::<RolloutRecord>(ROLLOUT)? else {
                 return Ok((Vec::new(), None));
             };

@@ -27,6 +27,21 @@ use crate::token::{self, JoinToken, TokenError};
 
 /// How many times a compare-and-swap update is retried before [`StateError::Conflict`].
 pub const MAX_TXN_ATTEMPTS: usize = 32;
+/// Longest pause between two attempts of a conflicted compare-and-swap update.
+const MAX_CONFLICT_PAUSE_MS: u64 = 50;
+
+/// The attempts of a compare-and-swap update: [`MAX_TXN_ATTEMPTS`] of them, each after the first preceded by a
+/// short random pause that grows with the attempt (at most 50 ms), so threads or replicas that collided do not
+/// collide again in lockstep. On etcd, where a round trip takes a millisecond, contenders retrying at once
+/// starved one another (8 concurrent enrollments on one token ran out of attempts; benches/store_enroll.rs).
+pub fn attempts() -> impl Iterator<Item = usize> {
+    (0..MAX_TXN_ATTEMPTS).inspect(|&attempt| {
+        if attempt > 0 {
+            let cap = (1u64 << attempt.min(6)).min(MAX_CONFLICT_PAUSE_MS);
+            std::thread::sleep(std::time::Duration::from_millis(rand::random::<u64>() % (cap + 1)));
+        }
+    })
+}
 /// Longest node name (a DNS label).
 pub const MAX_NAME_LEN: usize = 63;
 /// Longest accepted hostname or requested name (a DNS name).
@@ -313,7 +328,7 @@ impl State {
         validate_labels(&labels)?;
         check_text("description", &description, MAX_TEXT_LEN)?;
         let created_at = unix(now);
-        for _ in 0..MAX_TXN_ATTEMPTS {
+        for _ in attempts() {
             let token = JoinToken::generate();
             let record = TokenRecord {
                 id: token.id.clone(),
@@ -387,7 +402,7 @@ impl State {
         let now_s = unix(now);
         let token_key = keys::token(&token.id);
 
-        for attempt in 0..MAX_TXN_ATTEMPTS {
+        for attempt in attempts() {
             let Some((record, raw_token)) = self.get_json::<TokenRecord>(&token_key)? else {
                 return Err(StateError::TokenInvalid);
             };
@@ -546,7 +561,7 @@ impl State {
             what: "node",
             name: name.to_owned(),
         };
-        for _ in 0..MAX_TXN_ATTEMPTS {
+        for _ in attempts() {
             let id = self.get_str(&keys::node_by_name(name))?.ok_or_else(not_found)?;
             let node_key = keys::node(&id);
             let (mut node, raw) = self.get_json::<NodeRecord>(&node_key)?.ok_or_else(not_found)?;
@@ -591,7 +606,7 @@ impl State {
             what: "node",
             name: name.to_owned(),
         };
-        for _ in 0..MAX_TXN_ATTEMPTS {
+        for _ in attempts() {
             let name_key = keys::node_by_name(name);
             let id = self.get_str(&name_key)?.ok_or_else(not_found)?;
             let node_key = keys::node(&id);
@@ -648,7 +663,7 @@ impl State {
         now: SystemTime,
     ) -> Result<Vec<String>, StateError> {
         let key = keys::inventory(id);
-        for _ in 0..MAX_TXN_ATTEMPTS {
+        for _ in attempts() {
             if self.node(id)?.is_none() {
                 return Err(StateError::NotFound {
                     what: "node",
@@ -729,7 +744,7 @@ impl State {
             let e = latest.entry(id.as_str()).or_insert(t);
             *e = (*e).max(t);
         }
-        for _ in 0..MAX_TXN_ATTEMPTS {
+        for _ in attempts() {
             let mut txn = Txn::new();
             for (id, seen) in &latest {
                 let key = keys::node(id);
@@ -794,7 +809,7 @@ impl State {
     where
         T: Serialize + DeserializeOwned,
     {
-        for _ in 0..MAX_TXN_ATTEMPTS {
+        for _ in attempts() {
             let Some((mut value, raw)) = self.get_json::<T>(key)? else {
                 return Ok(None);
             };

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use crate::placement::{AgentTarget, LIVE, LivePlacement, ROLLOUT, RolloutKind, RolloutRecord};
-use crate::state::{MAX_TXN_ATTEMPTS, NodeStatus, State, StateError, encode, invalid};
+use crate::state::{NodeStatus, State, StateError, attempts, encode, invalid};
 use crate::store::Txn;
 
 /// How many nodes of a group may upgrade at once.
@@ -82,7 +82,7 @@ impl State {
         req: &UpgradeRequest,
         by: &str,
     ) -> Result<(Vec<(String, crate::placement::DesiredRecord)>, RolloutRecord), StateError> {
-        for _ in 0..MAX_TXN_ATTEMPTS {
+        for _ in attempts() {
             if let Some(running) = self.rollout()? {
                 return Err(invalid(format!(
                     "a {} rollout is {}: wait for it to finish, or `nimbusctl rollout abort` it first",

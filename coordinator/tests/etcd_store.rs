@@ -1,143 +1,22 @@
 //! `EtcdStore` against a real etcd (Debian's etcd-server, /usr/bin/etcd) started per test on loopback with
-//! random ports in a temporary data directory, and killed by PID when the test ends.
+//! random ports in a temporary data directory, and killed by PID when the test ends (`common::Etcd`).
 //!
 //! Without /usr/bin/etcd each test prints a note and passes, unless NIMBUS_REQUIRE_ROOT_TESTS=1 (CI), where
 //! it fails.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::{Etcd, free_port};
 use coordinator::ipam::OverlayPlan;
 use coordinator::state::{EnrollInput, State};
 use coordinator::store::{self, EtcdOptions, EtcdStore, SledStore, Store, Txn, keys};
-
-const ETCD: &str = "/usr/bin/etcd";
-
-/// A single-member etcd on 127.0.0.1.
-struct Etcd {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    client_port: u16,
-    peer_port: u16,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Etcd {
-    /// Starts etcd, or returns `None` (after printing why) when it is not installed and not required.
-    fn start() -> Option<Etcd> {
-        if !Path::new(ETCD).exists() {
-            if std::env::var("NIMBUS_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
-                panic!(
-                    "{ETCD} is missing but NIMBUS_REQUIRE_ROOT_TESTS=1: install etcd-server (apt-get install etcd-server)"
-                );
-            }
-            eprintln!("NOTE: skipping etcd store test: {ETCD} not found (install etcd-server to run it)");
-            return None;
-        }
-        let mut etcd = Etcd {
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            client_port: free_port(),
-            peer_port: free_port(),
-        };
-        etcd.spawn();
-        Some(etcd)
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
-    }
-
-    fn spawn(&mut self) {
-        assert!(self.child.is_none());
-        let client = self.endpoint();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("etcd.log"))
-            .unwrap();
-        let child = Command::new(ETCD)
-            .args(["--name", "default"])
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("default={peer}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        self.wait_ready();
-    }
-
-    /// Waits until etcd answers a store connection (20 s at most).
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("etcd exited with {status} during startup; log:\n{}", self.log());
-            }
-            let mut o = self.options("probe/");
-            o.connect_timeout = Duration::from_millis(500);
-            o.request_timeout = Duration::from_secs(1);
-            if EtcdStore::connect(o).is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not become ready in 20 s; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
-    }
-
-    /// Kills etcd (SIGKILL, by PID) and reaps it.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn options(&self, prefix: &str) -> EtcdOptions {
-        let mut o = EtcdOptions::new([self.endpoint()]).with_prefix(prefix);
-        o.connect_timeout = Duration::from_secs(2);
-        o.request_timeout = Duration::from_secs(5);
-        o
-    }
-
-    fn store(&self, prefix: &str) -> EtcdStore {
-        EtcdStore::connect(self.options(prefix)).unwrap()
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 #[test]
 fn conformance_on_etcd_and_sled() {

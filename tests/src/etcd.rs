@@ -1,6 +1,7 @@
-//! A real etcd (Debian's etcd-server, `/usr/bin/etcd`) for the end-to-end tests: one member listening on the
-//! loopback of a lab namespace (the coordinator's), plain HTTP, data in the test's work dir. Started and
-//! killed by PID through [`Process`]; [`Etcd::restart`] keeps the data dir (a restarted etcd has the same state).
+//! A real etcd (Debian's etcd-server, `/usr/bin/etcd`) for the end-to-end tests and benchmarks: one member
+//! listening on loopback — of a lab namespace (the coordinator's, fixed ports) or of this one (free ports) —,
+//! plain HTTP, data in the test's work dir. Started and killed by PID through [`Process`]; [`Etcd::restart`]
+//! keeps the data dir (a restarted etcd has the same state).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,14 +13,17 @@ use crate::{HarnessError, Result};
 
 /// Where Debian installs etcd.
 pub const ETCD: &str = "/usr/bin/etcd";
-/// Client and peer ports inside the namespace.
+/// Client and peer ports inside a lab namespace.
 pub const CLIENT_PORT: u16 = 2379;
 const PEER_PORT: u16 = 2380;
 
 /// A single-member etcd in a namespace.
 #[derive(Debug)]
 pub struct Etcd {
-    ns: String,
+    /// The lab namespace, or `None`: this process's.
+    ns: Option<String>,
+    client_port: u16,
+    peer_port: u16,
     dir: PathBuf,
     process: Option<Process>,
     starts: usize,
@@ -43,28 +47,54 @@ impl Etcd {
     pub fn start(ns: &Netns, dir: &Path) -> Result<Etcd> {
         std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
         let mut etcd = Etcd {
-            ns: ns.name().to_string(),
+            ns: Some(ns.name().to_string()),
+            client_port: CLIENT_PORT,
+            peer_port: PEER_PORT,
             dir: dir.to_path_buf(),
             process: None,
             starts: 0,
         };
-        etcd.spawn(ns)?;
+        etcd.spawn(Some(ns))?;
         Ok(etcd)
     }
 
-    /// The client URL inside the namespace.
-    pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{CLIENT_PORT}")
+    /// Starts etcd on this namespace's loopback on free ports (benchmarks and tests without a lab).
+    pub fn start_local(dir: &Path) -> Result<Etcd> {
+        std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
+        let port = || -> Result<u16> {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .map_err(|e| HarnessError::io("finding a free port", e))
+        };
+        let mut etcd = Etcd {
+            ns: None,
+            client_port: port()?,
+            peer_port: port()?,
+            dir: dir.to_path_buf(),
+            process: None,
+            starts: 0,
+        };
+        etcd.spawn(None)?;
+        Ok(etcd)
     }
 
-    fn spawn(&mut self, ns: &Netns) -> Result<()> {
+    /// The client URL (inside the namespace for [`Etcd::start`]).
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn spawn(&mut self, ns: Option<&Netns>) -> Result<()> {
         let client = self.endpoint();
-        let peer = format!("http://127.0.0.1:{PEER_PORT}");
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
         self.starts += 1;
         let log = self.dir.join(format!("etcd-{}.log", self.starts));
         let data = self.dir.join("data");
-        let process = Process::builder("etcd", ETCD, &log)
-            .netns_name(self.ns.clone())
+        let mut builder = Process::builder("etcd", ETCD, &log);
+        if let Some(ns) = &self.ns {
+            builder = builder.netns_name(ns.clone());
+        }
+        let process = builder
             .args(["--name", "default", "--data-dir"])
             .arg(&data)
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
@@ -72,7 +102,7 @@ impl Etcd {
             .args(["--initial-cluster", &format!("default={peer}")])
             .spawn()?;
         self.process = Some(process);
-        let addr = format!("127.0.0.1:{CLIENT_PORT}");
+        let addr = format!("127.0.0.1:{}", self.client_port);
         poll_until(
             "etcd to answer /health",
             Duration::from_secs(20),
@@ -87,7 +117,11 @@ impl Etcd {
                         p.log()
                     ));
                 }
-                match crate::scrape::http_get(ns, &addr, "/health") {
+                let health = match ns {
+                    Some(ns) => crate::scrape::http_get(ns, &addr, "/health"),
+                    None => crate::scrape::http_get_here(&addr, "/health"),
+                };
+                match health {
                     Ok(r) if r.contains("\"health\":\"true\"") => Attempt::Done(()),
                     Ok(r) => Attempt::Retry(r),
                     Err(e) => Attempt::Retry(e),
@@ -104,8 +138,8 @@ impl Etcd {
         }
     }
 
-    /// Kills and starts etcd again on the same data dir.
-    pub fn restart(&mut self, ns: &Netns) -> Result<()> {
+    /// Kills and starts etcd again on the same data dir (`ns`: the one it was started in, if any).
+    pub fn restart(&mut self, ns: Option<&Netns>) -> Result<()> {
         self.kill();
         self.spawn(ns)
     }

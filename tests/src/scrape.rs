@@ -16,18 +16,22 @@ pub const AGENT_METRICS: &str = "127.0.0.1:9465";
 
 /// `GET path` at `addr` from inside `ns` (HTTP/1.0): the whole response, status line included.
 pub fn http_get(ns: &Netns, addr: &str, path: &str) -> Result<String, String> {
+    let (addr, path) = (addr.to_string(), path.to_string());
+    ns.run_in(move || http_get_here(&addr, &path))
+        .map_err(|e| e.to_string())?
+}
+
+/// [`http_get`] from this thread's namespace.
+pub fn http_get_here(addr: &str, path: &str) -> Result<String, String> {
     let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    ns.run_in(move || -> Result<String, String> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("{addr}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(|e| e.to_string())?;
-        s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).map_err(|e| e.to_string())?;
-        Ok(body)
-    })
-    .map_err(|e| e.to_string())?
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).map_err(|e| e.to_string())?;
+    Ok(body)
 }
 
 /// `GET /metrics` at `addr` in `ns`: the body of a 200 response.

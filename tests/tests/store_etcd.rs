@@ -56,7 +56,7 @@ fn coordinator_state_lives_in_etcd_and_survives_restarts() {
     assert_eq!(ids(&before), ids(&after));
 
     // etcd goes away and comes back: the coordinator answers again without a restart of its own.
-    etcd.restart(fleet.coordinator_ns()).unwrap();
+    etcd.restart(Some(fleet.coordinator_ns())).unwrap();
     eventually_patiently(|| {
         let nodes = fleet.try_nodes().map_err(|e| e.to_string())?;
         if ids(&nodes) == ids(&before) {

@@ -21,6 +21,8 @@
 //!   client's 4 MiB response limit is retried with half the page size.
 //! * **Durability**: etcd acknowledges a write only after a quorum committed it to its WAL, so
 //!   [`Store::flush`] is a no-op.
+//! * **Leases and watches** are used only by `crate::leader` (leader election), which runs its task on this
+//!   store's runtime and client (`runtime_handle`, `client`).
 //! * **Reconnects**: the client's channel reconnects by itself; while etcd is down calls fail with
 //!   [`StoreError::Backend`] saying that etcd is unreachable, and succeed again once it is back.
 
@@ -226,7 +228,28 @@ impl EtcdStore {
         &self.prefix
     }
 
-    fn full_key(&self, key: &[u8]) -> Vec<u8> {
+    /// A handle of the store's own runtime, for background work on the same connection (leader election);
+    /// `None` while the store is being dropped.
+    pub(crate) fn runtime_handle(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime.as_ref().map(|rt| rt.handle().clone())
+    }
+
+    /// A clone of the client (cheap: one shared channel).
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The endpoints, comma-separated, for messages.
+    pub(crate) fn endpoints(&self) -> &str {
+        &self.endpoints
+    }
+
+    /// The timeout of one request.
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    pub(crate) fn full_key(&self, key: &[u8]) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.prefix.len() + key.len());
         k.extend_from_slice(&self.prefix);
         k.extend_from_slice(key);
@@ -443,7 +466,7 @@ fn backend(msg: impl Into<String>) -> StoreError {
 }
 
 /// Maps a client error to a [`StoreError`] that says what failed and what to do.
-fn classify(endpoints: &str, what: &str, e: &etcd_client::Error) -> StoreError {
+pub(crate) fn classify(endpoints: &str, what: &str, e: &etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
     use tonic::Code;
     let msg = match e {

@@ -17,6 +17,7 @@
 //! | `revoked-keys/<wg pubkey b64url>`| id of the revoked node that used the key         |
 //! | `inventory/<node id>`            | `HardwareRecord` JSON: full inventory + history  |
 //! | `config/<name>`                  | operator documents kept as given (e.g. stores.yaml) |
+//! | `leader`                         | leader token of the current term (etcd only, under a lease; `crate::leader`) |
 //!
 //! Public keys are canonical base64url without padding (43 characters for 32 bytes). Node ids are
 //! `n` + 12 × `[a-z0-9]`; token ids are 10 × `[a-z0-9]`.
