@@ -2,6 +2,8 @@
 //! in which clients pinning either CA connect. Real TLS handshakes over loopback TCP.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
@@ -11,33 +13,13 @@ use pki::ca::{CA_CERT_FILE, CA_KEY_FILE, CROSS_CERT_FILE, NEXT_CERT_FILE, NEXT_K
 use pki::{CertificateAuthority, Pin, PkiError, ServerIdentity, SwappableServerCert};
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A tokio-rustls server resolving its certificate through `cert`; echoes one read.
 async fn swappable_server(cert: &Arc<SwappableServerCert>) -> String {
     let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config(&[b"h2"]).unwrap());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                if let Ok(mut tls) = acceptor.accept(tcp).await {
-                    let mut buf = [0u8; 64];
-                    if let Ok(n) = tls.read(&mut buf).await {
-                        let _ = tls.write_all(&buf[..n]).await;
-                        let _ = tls.flush().await;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    common::echo_server(acceptor).await
 }
 
 /// Connects with `pin`, checks the connection carries data, returns the presented chain.

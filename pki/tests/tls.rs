@@ -2,6 +2,8 @@
 //! End-to-end pinned TLS: a tokio-rustls server and a tonic server (`ServerTlsConfig`) with identities
 //! from `CertificateAuthority`, dialled with `tls_connect` / `connect_pinned`.
 
+mod common;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -41,26 +43,7 @@ async fn rustls_server(id: &ServerIdentity) -> String {
         .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                if let Ok(mut tls) = acceptor.accept(tcp).await {
-                    let mut buf = [0u8; 64];
-                    if let Ok(n) = tls.read(&mut buf).await {
-                        let _ = tls.write_all(&buf[..n]).await;
-                        let _ = tls.flush().await;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    common::echo_server(acceptor).await
 }
 
 #[tokio::test]
