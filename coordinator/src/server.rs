@@ -36,6 +36,8 @@ pub struct Running {
     pub ctx: Arc<Ctx>,
     pub enroll_addr: SocketAddr,
     store: Arc<dyn Store>,
+    /// On etcd: this coordinator's hold on its prefix (released at shutdown).
+    sole: Option<crate::leader::Leadership>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), CoordError>>>,
 }
@@ -126,28 +128,61 @@ macro_rules! spawn_server {
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, CoordError> {
     match &config.store {
         crate::config::StoreSettings::Sled => Ok(Arc::new(SledStore::open(&config.data_dir.join("state"))?)),
-        crate::config::StoreSettings::Etcd(e) => {
-            let mut opts = crate::store::EtcdOptions::new(e.endpoints.clone()).with_prefix(e.prefix.clone());
-            if let Some((ca, cert, key)) = &e.tls {
-                let read = |p: &std::path::Path, what: &str| {
-                    std::fs::read(p)
-                        .map_err(|err| CoordError::Config(vec![format!("cannot read {what} {}: {err}", p.display())]))
-                };
-                opts = opts.with_tls(crate::store::EtcdTls {
-                    ca_pem: read(ca, "etcd_ca")?,
-                    client_cert_pem: read(cert, "etcd_cert")?,
-                    client_key_pem: read(key, "etcd_key")?,
-                    domain_name: None,
-                });
-            }
-            let endpoints = e.endpoints.join(",");
-            let store = tokio::task::spawn_blocking(move || crate::store::EtcdStore::connect(opts))
-                .await
-                .map_err(|err| CoordError::Config(vec![format!("connecting to etcd: {err}")]))??;
-            tracing::info!(%endpoints, prefix = %e.prefix, "state in etcd");
-            Ok(Arc::new(store))
-        }
+        crate::config::StoreSettings::Etcd(e) => Ok(connect_etcd(e).await?),
     }
+}
+
+/// How long a coordinator waits to hold an etcd prefix alone at start (a crashed predecessor's lease runs out
+/// within the leader TTL, 10 s).
+const SOLE_COORDINATOR_WAIT: Duration = Duration::from_secs(15);
+
+/// Until several replicas are supported, a coordinator on etcd holds the prefix alone: it takes the leader key
+/// (lease-bound, released when it stops or dies) and refuses to start while another coordinator holds it, so two
+/// coordinators never drive one fleet's state by mistake.
+async fn hold_prefix_alone(
+    store: Arc<crate::store::EtcdStore>,
+    config: &Config,
+) -> Result<crate::leader::Leadership, CoordError> {
+    let id = format!(
+        "{}-{}",
+        config.advertise_address.to_string().replace([':', '%'], "-"),
+        config.enroll_listen.port()
+    );
+    let leadership = crate::leader::Leadership::etcd(store, crate::leader::LeaderOptions::new(id))
+        .map_err(|e| CoordError::Config(vec![format!("etcd leader election: {e}")]))?;
+    if leadership.wait_leader(SOLE_COORDINATOR_WAIT).await.is_none() {
+        let holder = match leadership.role() {
+            crate::leader::Role::Follower { leader: Some(l) } => l,
+            _ => "unknown".into(),
+        };
+        return Err(CoordError::Config(vec![format!(
+            "another coordinator ({holder}) holds this etcd prefix; several replicas are not supported yet: stop it, or give this one its own etcd_prefix"
+        )]));
+    }
+    Ok(leadership)
+}
+
+/// Connects to etcd as `e` says and checks it answers.
+async fn connect_etcd(e: &crate::config::EtcdSettings) -> Result<Arc<crate::store::EtcdStore>, CoordError> {
+    let mut opts = crate::store::EtcdOptions::new(e.endpoints.clone()).with_prefix(e.prefix.clone());
+    if let Some((ca, cert, key)) = &e.tls {
+        let read = |p: &std::path::Path, what: &str| {
+            std::fs::read(p)
+                .map_err(|err| CoordError::Config(vec![format!("cannot read {what} {}: {err}", p.display())]))
+        };
+        opts = opts.with_tls(crate::store::EtcdTls {
+            ca_pem: read(ca, "etcd_ca")?,
+            client_cert_pem: read(cert, "etcd_cert")?,
+            client_key_pem: read(key, "etcd_key")?,
+            domain_name: None,
+        });
+    }
+    let endpoints = e.endpoints.join(",");
+    let store = tokio::task::spawn_blocking(move || crate::store::EtcdStore::connect(opts))
+        .await
+        .map_err(|err| CoordError::Config(vec![format!("connecting to etcd: {err}")]))??;
+    tracing::info!(%endpoints, prefix = %e.prefix, "state in etcd");
+    Ok(Arc::new(store))
 }
 
 /// TLS connections accepted on `listener`, handshakes done concurrently (a slow or silent client holds up no
@@ -209,7 +244,14 @@ fn refusals_to_audit(ctx: &Arc<Ctx>) -> crate::auth::layer::OnRefused {
 pub async fn start(config: Config) -> Result<Running, CoordError> {
     pki::install_crypto_provider();
     prepare_data_dir(&config.data_dir)?;
-    let store = open_store(&config).await?;
+    let (store, sole): (Arc<dyn Store>, Option<crate::leader::Leadership>) = match &config.store {
+        crate::config::StoreSettings::Etcd(e) => {
+            let etcd = connect_etcd(e).await?;
+            let sole = hold_prefix_alone(Arc::clone(&etcd), &config).await?;
+            (etcd, Some(sole))
+        }
+        crate::config::StoreSettings::Sled => (open_store(&config).await?, None),
+    };
     let overlay = OverlayPlan::new(config.overlay_cidr).map_err(|e| CoordError::Config(vec![e.to_string()]))?;
     let coordinator_ip = overlay.coordinator_ip;
     let state = Arc::new(State::open(Arc::clone(&store), overlay)?);
@@ -578,6 +620,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         ctx,
         enroll_addr,
         store,
+        sole,
         shutdown_tx,
         tasks,
     })
@@ -625,6 +668,10 @@ impl Running {
         }
         if let Err(e) = self.store.flush() {
             tracing::warn!(error = %e, "final store flush failed");
+        }
+        if let Some(sole) = self.sole {
+            // The next coordinator on this prefix need not wait for the lease to run out.
+            sole.resign().await;
         }
         let _ = std::fs::remove_file(&self.ctx.config.admin_socket);
         self.ctx.tunnel.clone().shutdown().await;

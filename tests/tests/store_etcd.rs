@@ -71,4 +71,24 @@ fn coordinator_state_lives_in_etcd_and_survives_restarts() {
         "writes work again after etcd restarted"
     );
     assert!(fleet.coordinator().is_running());
+
+    // A second coordinator on the same prefix (own data dir, ports and TUN) is refused: one per prefix until
+    // several replicas are supported.
+    let second = fleet.work_dir().join("second");
+    let mut args = fleet.coordinator_args(&second.join("data"));
+    for (flag, value) in [
+        ("--enroll-listen", "127.0.0.1:17443".to_string()),
+        ("--wg-listen", "127.0.0.1:51821".to_string()),
+        ("--admin-socket", second.join("admin.sock").display().to_string()),
+        ("--tun-name", "nimbus9".to_string()),
+    ] {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1] = value;
+    }
+    args.extend(["--metrics-listen".to_string(), "off".to_string()]);
+    let out = e2e::run_with_timeout(&mut fleet.coordinator_command(&args), Duration::from_secs(60)).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("holds this etcd prefix"), "{stderr}");
+    assert!(fleet.coordinator().is_running(), "the first coordinator is untouched");
 }
