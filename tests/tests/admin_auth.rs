@@ -241,6 +241,16 @@ fn every_admin_rpc_checks_credentials_and_role() {
             Answer::Unauthenticated,
         ),
         (
+            "token not valid yet (nbf in an hour)",
+            Cred::Token(signer.token("k1", {
+                let mut c = claims("alice", &["admin"], ISSUER, AUDIENCE, exp + 7200);
+                c["nbf"] = json!(now() + 3600);
+                c
+            })),
+            None,
+            Answer::Unauthenticated,
+        ),
+        (
             "token for another audience",
             Cred::Token(signer.token("k1", claims("alice", &["admin"], ISSUER, "grafana", exp))),
             None,
