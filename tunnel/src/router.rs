@@ -214,10 +214,10 @@ struct Peer {
     main: Session,
     /// A handshake on another (local key, peer key) pair. Promoted to `main` once the peer
     /// proves it uses it (a handshake response, or the first data packet on it).
-    pending: Option<Session>,
+    pending: Option<Box<Session>>,
     /// The previous `main` after a promotion: only decrypts packets still in flight, never
     /// sends, and is dropped after [`RETIRED_LINGER`].
-    retired: Option<(Session, Instant)>,
+    retired: Option<(Box<Session>, Instant)>,
     endpoint: Option<SocketAddr>,
     allowed_ips: Vec<IpNet>,
     keepalive: Option<u16>,
@@ -231,7 +231,7 @@ struct Peer {
 impl Peer {
     fn stats(&self) -> PeerStats {
         let age = self.main.tunn.time_since_last_handshake();
-        let pending_tx = self.pending.as_ref().map_or(0, Session::tx);
+        let pending_tx = self.pending.as_deref().map_or(0, Session::tx);
         PeerStats {
             public_key: self.public_key,
             endpoint: self.endpoint,
@@ -247,8 +247,8 @@ impl Peer {
     fn session_mut(&mut self, which: Which) -> Option<&mut Session> {
         match which {
             Which::Main => Some(&mut self.main),
-            Which::Pending => self.pending.as_mut(),
-            Which::Retired => self.retired.as_mut().map(|(s, _)| s),
+            Which::Pending => self.pending.as_deref_mut(),
+            Which::Retired => self.retired.as_mut().map(|(s, _)| &mut **s),
         }
     }
 
@@ -337,7 +337,10 @@ pub struct Router {
     by_key: HashMap<PublicKey, u32>,
     /// Session index slot → peer id (a peer has up to three sessions, each with its own slot).
     by_slot: HashMap<u32, u32>,
-    peers: HashMap<u32, Peer>,
+    /// Boxed, like the pending and retired sessions: a boringtun `Tunn` is about 11 KB inline,
+    /// and an unboxed map reserves that much per bucket, times up to three sessions per peer
+    /// (68 KB per configured peer at 1 000 peers before this; see the bench's `wg-peers`).
+    peers: HashMap<u32, Box<Peer>>,
     table: AllowedIps,
     buf: Box<[u8]>,
     counters: RouterCounters,
@@ -402,8 +405,8 @@ impl Router {
         let old = std::mem::replace(&mut self.local, next);
         for peer in self.peers.values_mut() {
             for s in std::iter::once(&mut peer.main)
-                .chain(peer.pending.as_mut())
-                .chain(peer.retired.as_mut().map(|(s, _)| s))
+                .chain(peer.pending.as_deref_mut())
+                .chain(peer.retired.as_mut().map(|(s, _)| &mut **s))
             {
                 s.local = LocalKey::Previous;
             }
@@ -447,7 +450,7 @@ impl Router {
                     cut += 1;
                 }
                 let replacement = match peer.pending.take() {
-                    Some(p) => Some(p),
+                    Some(p) => Some(*p),
                     None => match self.alloc_slot() {
                         Ok(slot) => {
                             self.by_slot.insert(slot, id);
@@ -535,7 +538,7 @@ impl Router {
                 data: data.to_vec(),
             });
         }
-        if let Some(p) = peer.pending.replace(session) {
+        if let Some(p) = peer.pending.replace(Box::new(session)) {
             peer.tx_base = peer.tx_base.saturating_add(p.tx());
             self.by_slot.remove(&p.slot);
         }
@@ -598,7 +601,7 @@ impl Router {
                     old.tx_base = old
                         .tx_base
                         .saturating_add(old.main.tx())
-                        .saturating_add(old.pending.as_ref().map_or(0, Session::tx));
+                        .saturating_add(old.pending.as_deref().map_or(0, Session::tx));
                     old.main = fresh;
                     old.pending = None;
                     old.retired = None;
@@ -616,7 +619,7 @@ impl Router {
                     return Err(TunnelError::InvalidPeer("peer table is inconsistent".to_string()));
                 };
                 self.by_slot.insert(slot, slot);
-                Peer {
+                Box::new(Peer {
                     id: slot,
                     public_key: cfg.public_key,
                     main: new_session(
@@ -634,7 +637,7 @@ impl Router {
                     rx_bytes: 0,
                     tx_base: 0,
                     initiate: cfg.persistent_keepalive.is_some() && cfg.endpoint.is_some(),
-                }
+                })
             }
         };
 
@@ -927,7 +930,7 @@ impl Router {
         if matches(&peer.main) {
             return Some((id, Which::Main));
         }
-        if peer.pending.as_ref().is_some_and(matches) {
+        if peer.pending.as_deref().is_some_and(matches) {
             return Some((id, Which::Pending));
         }
         let slot = match self.alloc_slot() {
@@ -940,7 +943,7 @@ impl Router {
         let session = new_session(self.key_pair(local)?, local, key, peer.keepalive, slot);
         self.by_slot.insert(slot, id);
         let peer = self.peers.get_mut(&id)?;
-        if let Some(p) = peer.pending.replace(session) {
+        if let Some(p) = peer.pending.replace(Box::new(session)) {
             peer.tx_base = peer.tx_base.saturating_add(p.tx());
             self.by_slot.remove(&p.slot);
         }
@@ -1004,13 +1007,13 @@ impl Router {
 
     /// Snapshots of all peers (in no particular order).
     pub fn stats(&self) -> Vec<PeerStats> {
-        self.peers.values().map(Peer::stats).collect()
+        self.peers.values().map(|p| p.stats()).collect()
     }
 
     /// Snapshot of one peer.
     pub fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats> {
         let id = self.by_key.get(key)?;
-        self.peers.get(id).map(Peer::stats)
+        self.peers.get(id).map(|p| p.stats())
     }
 
     /// Router-wide drop counters.
@@ -1044,9 +1047,9 @@ fn new_session(kp: &LocalKeyPair, local: LocalKey, peer_key: PublicKey, keepaliv
 /// is dropped after [`RETIRED_LINGER`].
 fn promote(peer: &mut Peer, by_slot: &mut HashMap<u32, u32>) {
     let Some(pending) = peer.pending.take() else { return };
-    let old = std::mem::replace(&mut peer.main, pending);
+    let old = std::mem::replace(&mut peer.main, *pending);
     peer.tx_base = peer.tx_base.saturating_add(old.tx());
-    if let Some((r, _)) = peer.retired.replace((old, Instant::now())) {
+    if let Some((r, _)) = peer.retired.replace((Box::new(old), Instant::now())) {
         by_slot.remove(&r.slot);
     }
     peer.initiate = false;
