@@ -241,6 +241,24 @@ impl ChildLeader {
         }
     }
 
+    /// One line for each of `prefixes`, in whatever order the child prints them, within `timeout`.
+    fn expect_all(&self, prefixes: &[&str], timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut found: Vec<Option<String>> = vec![None; prefixes.len()];
+        while found.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    if let Some(i) = (0..prefixes.len()).find(|&i| found[i].is_none() && l.starts_with(prefixes[i])) {
+                        found[i] = Some(l);
+                    }
+                }
+                Err(e) => panic!("no lines {prefixes:?} from the child within {timeout:?} (got {found:?}): {e}"),
+            }
+        }
+        found.into_iter().flatten().collect()
+    }
+
     fn send(&mut self, cmd: &str) {
         writeln!(self.stdin, "{cmd}").unwrap();
         self.stdin.flush().unwrap();
@@ -339,10 +357,10 @@ fn a_sigstopped_leader_is_replaced_and_its_writes_are_refused_after_sigcont() {
     old.send("stale");
     old.send("commit");
     kill(old.pid(), Signal::SIGCONT).unwrap();
-    assert_eq!(old.expect("STALE", Duration::from_secs(10)), "STALE false");
-    let commit = old.expect("COMMIT", Duration::from_secs(10));
-    assert!(commit == "COMMIT false" || commit == "COMMIT notleader", "{commit}");
-    old.expect("ROLE follower new", Duration::from_secs(10));
+    // The child prints its role change and the answers in whatever order its threads get there.
+    let got = old.expect_all(&["STALE", "COMMIT", "ROLE follower new"], Duration::from_secs(10));
+    assert_eq!(got[0], "STALE false");
+    assert!(got[1] == "COMMIT false" || got[1] == "COMMIT notleader", "{}", got[1]);
     assert_eq!(store.get(b"work/stale").unwrap(), None);
     assert_eq!(store.get(b"work/commit").unwrap(), None);
     assert!(new.is_leader());
