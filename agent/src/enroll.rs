@@ -155,6 +155,18 @@ pub async fn enroll(
             r.node_name
         );
     }
+    identity_from_response(r, addr, pin)
+}
+
+/// The identity an enrollment answer gives (`addr` and `pin`: the enrollment endpoint, kept for the revocation
+/// check). Everything in the answer is checked: a field out of range or a bad replica entry
+/// ([`crate::replicas::validate`], [`AgentError::Replicas`] naming the field) fails the enrollment. A single
+/// coordinator's answer (no replicas, or just itself) leaves [`Identity::replicas`] empty.
+pub fn identity_from_response(
+    r: nimbus_proto::EnrollResponse,
+    addr: &str,
+    pin: &pki::Pin,
+) -> Result<Identity, AgentError> {
     let bad = |what: &str| {
         AgentError::Other(format!(
             "the coordinator's enrollment answer has an invalid {what}; is it a compatible version?"
@@ -162,7 +174,7 @@ pub async fn enroll(
     };
     let coordinator_key =
         tunnel::keys::public_key_from_bytes(&r.coordinator_wg_public_key).map_err(|_| bad("WireGuard key"))?;
-    Ok(Identity {
+    let mut id = Identity {
         node_id: r.node_id,
         node_name: r.node_name,
         overlay_ip: r.overlay_ip.parse::<Ipv4Addr>().map_err(|_| bad("overlay IP"))?,
@@ -189,7 +201,14 @@ pub async fn enroll(
             .ok_or_else(|| bad("MTU"))?,
         enroll_endpoint: addr.to_string(),
         ca_pin: pin.to_string(),
-    })
+        replicas: Vec::new(),
+    };
+    if !r.replicas.is_empty() {
+        let overlay = id.overlay_net().ok_or_else(|| bad("prefix length"))?;
+        let list = crate::replicas::validate(&r.replicas, overlay, id.overlay_ip)?;
+        id.set_replicas(list);
+    }
+    Ok(id)
 }
 
 /// Ask the enrollment endpoint whether this key is still admitted.
@@ -228,6 +247,100 @@ mod tests {
             assert!(e.to_string().contains("malformed join token"), "{bad}: {e}");
             assert_eq!(e.exit_code(), crate::error::EXIT_USAGE);
         }
+    }
+
+    fn pin() -> pki::Pin {
+        pki::Pin::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap()
+    }
+
+    fn replica(id: &str, n: u8) -> nimbus_proto::Replica {
+        nimbus_proto::Replica {
+            id: id.into(),
+            wg_public_key: vec![n; 32],
+            wg_endpoint: format!("192.0.2.{n}:51820"),
+            overlay_ip: format!("100.96.0.{n}"),
+            fleet_port: 7000,
+        }
+    }
+
+    /// A coordinator's answer: it is `c1` (key [1; 32]) and lists `replicas`.
+    fn answer(replicas: Vec<nimbus_proto::Replica>) -> nimbus_proto::EnrollResponse {
+        nimbus_proto::EnrollResponse {
+            node_id: "n1".into(),
+            node_name: "agent-1".into(),
+            overlay_ip: "100.96.0.50".into(),
+            overlay_prefix_len: 16,
+            coordinator_wg_public_key: vec![1; 32],
+            coordinator_wg_endpoint: "192.0.2.1:51820".into(),
+            coordinator_overlay_ip: "100.96.0.1".into(),
+            fleet_port: 7000,
+            mtu: 1420,
+            replicas,
+            ..Default::default()
+        }
+    }
+
+    fn refused(replicas: Vec<nimbus_proto::Replica>) -> String {
+        let e = identity_from_response(answer(replicas), "192.0.2.1:7443", &pin()).unwrap_err();
+        assert!(matches!(e, AgentError::Replicas(_)), "{e}");
+        assert_eq!(e.exit_code(), 1);
+        e.to_string()
+    }
+
+    #[test]
+    fn a_single_coordinator_answer_stores_no_list() {
+        for replicas in [vec![], vec![replica("c1", 1)]] {
+            let id = identity_from_response(answer(replicas), "192.0.2.1:7443", &pin()).unwrap();
+            assert!(id.replicas.is_empty());
+            assert_eq!(id.replica_peers().len(), 1);
+            assert_eq!(id.replica_peers()[0].overlay_ip, Ipv4Addr::new(100, 96, 0, 1));
+            assert_eq!(id.enroll_endpoint, "192.0.2.1:7443");
+            assert_eq!(id.ca_pin, pin().to_string());
+        }
+    }
+
+    #[test]
+    fn the_replica_list_of_the_answer_is_kept() {
+        let id = identity_from_response(
+            answer(vec![replica("c1", 1), replica("c2", 2), replica("c3", 3)]),
+            "192.0.2.1:7443",
+            &pin(),
+        )
+        .unwrap();
+        let ids: Vec<_> = id.replica_peers().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, ["c1", "c2", "c3"]);
+        assert_eq!(id.replicas[2].wg_endpoint, "192.0.2.3:51820".parse().unwrap());
+        assert_eq!(
+            id.replicas[2].public_key,
+            tunnel::keys::public_key_to_base64(&[3u8; 32].into())
+        );
+        assert_eq!(id.primary_replica().as_deref(), Some("c1"));
+    }
+
+    #[test]
+    fn a_bad_replica_fails_enrollment_naming_the_field() {
+        let mut short_key = replica("c2", 2);
+        short_key.wg_public_key.pop();
+        let e = refused(vec![replica("c1", 1), short_key]);
+        assert!(
+            e.contains("replica #1 (id \"c2\"): invalid wg_public_key: is 31 bytes"),
+            "{e}"
+        );
+
+        let mut endpoint = replica("c2", 2);
+        endpoint.wg_endpoint = "nowhere".into();
+        assert!(refused(vec![replica("c1", 1), endpoint]).contains("invalid wg_endpoint"));
+
+        let mut outside = replica("c2", 2);
+        outside.overlay_ip = "100.97.0.2".into();
+        let e = refused(vec![replica("c1", 1), outside]);
+        assert!(e.contains("invalid overlay_ip") && e.contains("100.96.0.0/16"), "{e}");
+
+        let e = refused(vec![replica("c1", 1), replica("c1", 2)]);
+        assert!(e.contains("invalid id") && e.contains("listed twice"), "{e}");
+
+        let e = refused((1..=17).map(|n| replica(&format!("c{n}"), n)).collect());
+        assert!(e.contains("17 entries"), "{e}");
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub enum AgentError {
     StateDir { path: PathBuf, detail: String },
     #[error("{0}")]
     Tunnel(#[from] tunnel::TunnelError),
+    #[error(
+        "the coordinator's enrollment answer lists an invalid replica: {0}; is the coordinator a compatible version?"
+    )]
+    Replicas(#[from] crate::replicas::ReplicaError),
     #[error("{0}")]
     Other(String),
 }

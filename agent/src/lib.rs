@@ -2,15 +2,18 @@
 //!
 //! The host agent: enrolls once with a join token (TLS, CA pin), persists its
 //! identity, brings up the embedded WireGuard tunnel to the coordinator and
-//! keeps one fleet stream open inside it.
+//! keeps one fleet stream open inside it, on one coordinator replica at a time.
 //!
 //! # Layout
 //! * `backoff`   — reconnect delays: exponential, capped, jittered.
 //! * `config`    — file + flag configuration, validated as a whole.
-//! * `identity`  — `identity.json` and `wg.key` in the state directory (0600).
+//! * `identity`  — `identity.json` (with the coordinator replicas known) and `wg.key` in the state directory
+//!   (0600).
 //! * `enroll`    — the Enrollment client (pinned TLS), also used for the
 //!   revocation check of an agent whose tunnel stays dead.
-//! * `run`       — tunnel, reconnect loop with backoff and jitter, heartbeats.
+//! * `replicas`  — coordinator replicas without I/O: checking a replica list, the tunnel peer changes a new
+//!   list needs, and which replica the fleet stream tries next (failover).
+//! * `run`       — tunnel (a peer per replica), reconnect loop with failover, backoff and jitter, heartbeats.
 //! * `inventory` — the inventory watcher: collect (nimbus-inventory), enrich from cloud metadata once,
 //!   re-collect on a timer and on uevents, publish only changes.
 //! * `probes`    — the latency probe socket and driver (nimbus-latency), configured by the coordinator.
@@ -47,6 +50,7 @@ pub mod join;
 pub mod launcher;
 pub mod metrics;
 pub mod probes;
+pub mod replicas;
 pub mod run;
 pub mod uevent;
 pub mod upgrade;

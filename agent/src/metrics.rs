@@ -3,7 +3,8 @@
 //! answers `GET /healthz` (200 while the process serves HTTP: liveness) and `GET /readyz` (200 while the fleet
 //! stream is open, 503 otherwise). Every metric is documented in `docs/metrics.md`.
 //!
-//! What is measured: the fleet stream (open or not, streams opened, reconnects, heartbeat answer latency), the
+//! What is measured: the fleet stream (open or not, streams opened, reconnects, moves to another coordinator
+//! replica, heartbeat answer latency), the
 //! WireGuard tunnel to the coordinator (handshakes, bytes each way, age of the session), the latency probes
 //! (newest p50 RTT and loss per probed peer, label `peer` = the peer's node id: bounded by the probe target
 //! count, at most 64, and a peer not reported for [`PROBE_STALE`] disappears), the upgrade state
@@ -41,7 +42,7 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9465";
 /// targets): the `peer` label set stays bounded by the current targets.
 pub const PROBE_STALE: Duration = Duration::from_secs(180);
 
-/// Buckets of `nimbus_agent_heartbeat_ack_seconds`: 1 ms to 10 s (three missed intervals end the stream).
+/// Buckets of `nimbus_agent_heartbeat_ack_seconds`: 1 ms to 10 s (two unanswered heartbeats end the stream).
 const ACK_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,6 +69,7 @@ struct Inner {
     connected: Gauge,
     streams_opened: Counter,
     stream_reconnects: Counter,
+    replica_switches: Counter,
     heartbeats_sent: Counter,
     heartbeat_ack: Histogram,
     /// (seq, sent at) of the newest heartbeat sent.
@@ -130,6 +132,7 @@ impl AgentMetrics {
                 connected: Gauge::default(),
                 streams_opened: Counter::default(),
                 stream_reconnects: Counter::default(),
+                replica_switches: Counter::default(),
                 heartbeats_sent: Counter::default(),
                 heartbeat_ack: Histogram::new(ACK_BUCKETS),
                 last_heartbeat: Mutex::new(None),
@@ -158,6 +161,11 @@ impl AgentMetrics {
     /// Whether a fleet stream is open.
     pub fn is_connected(&self) -> bool {
         self.inner.connected.get() > 0
+    }
+
+    /// The fleet stream moves to another coordinator replica (its replica failed).
+    pub fn replica_switch(&self) {
+        self.inner.replica_switches.inc();
     }
 
     /// Heartbeat `seq` went up the stream.
@@ -254,6 +262,11 @@ impl AgentMetrics {
             "stream_reconnects",
             "Fleet streams established after the first one of this process",
             i.stream_reconnects.clone(),
+        );
+        r.register(
+            "replica_switches",
+            "Moves of the fleet stream to another coordinator replica after its replica failed",
+            i.replica_switches.clone(),
         );
         r.register(
             "heartbeats_sent",
@@ -462,6 +475,7 @@ mod tests {
         drop(first);
         assert!(!m.is_connected());
         let _second = m.stream_opened();
+        m.replica_switch();
         m.heartbeat_sent(1);
         m.heartbeat_acked(1);
         m.heartbeat_acked(7);
@@ -478,6 +492,7 @@ mod tests {
             "nimbus_agent_connected 1".into(),
             "nimbus_agent_streams_opened_total 2".into(),
             "nimbus_agent_stream_reconnects_total 1".into(),
+            "nimbus_agent_replica_switches_total 1".into(),
             "nimbus_agent_heartbeats_sent_total 1".into(),
             "nimbus_agent_heartbeat_ack_seconds_count 1".into(),
             "nimbus_agent_wireguard_handshakes_total 2".into(),

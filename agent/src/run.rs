@@ -2,21 +2,29 @@
 //! one fleet stream open (reconnecting with backoff and jitter), and stop on
 //! shutdown, revocation, or to restart into an upgraded version (`crate::upgrade`).
 //!
+//! Coordinator replicas: the tunnel has one WireGuard peer per replica the identity knows; the fleet stream goes
+//! to one of them at a time. When a stream fails (to connect, or later: [`MISSED_ACKS`] unanswered heartbeats)
+//! the next attempt goes to the next replica at once ([`crate::replicas::Failover`]); the backoff delay applies
+//! only once every replica failed in a row. A `Replicas` message on the stream replaces the list: peers are
+//! added, changed and removed ([`crate::replicas::plan_peers`]; the peer the stream runs on stays until the
+//! stream ends), `identity.json` is rewritten when the list changed, and the release allow-list
+//! ([`upgrade::ReleaseHosts`]) follows.
+//!
 //! Every message goes up through one sender per stream; every `ObservedState` on it is stamped there with the
 //! running version and the releases this host rolled back (`upgrade.json`), whoever built it, and with the
 //! error of a failed upgrade to its generation.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::Ipv4Net;
 use nimbus_proto::agent_message::Msg as AgentMsg;
 use nimbus_proto::coordinator_message::Msg as CoordMsg;
 use nimbus_proto::fleet_client::FleetClient;
 use nimbus_proto::{AgentMessage, DesiredStateRequest, Heartbeat, Hello, NodeStatus};
+use rand::Rng as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,16 +33,22 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::enroll::{self, HostFacts};
 use crate::error::AgentError;
-use crate::identity::{self, Identity};
+use crate::identity::{self, Identity, KeyFollow, ReplicaPeer};
+use crate::replicas::{self, Failover, Pace};
 use crate::{inventory, probes, uevent, upgrade};
 
-/// WireGuard persistent keepalive towards the coordinator (keeps NAT state).
+/// WireGuard persistent keepalive towards each coordinator replica (keeps NAT state).
 pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`], with jitter.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
-/// Heartbeats that may go unanswered before the stream counts as dead.
-pub const MISSED_ACKS: u32 = 3;
+/// Heartbeats that may go unanswered before the stream counts as dead (each has a heartbeat interval to be
+/// answered), so an agent leaves a dead replica within about three intervals of its last answer.
+pub const MISSED_ACKS: u32 = 2;
+/// Longest pause before trying another replica after one failed, while not every replica has failed in a row
+/// (then the backoff applies). The pause is drawn at random below it, so agents that lost the same replica do
+/// not all arrive at the next one at the same instant.
+pub const SWITCH_DELAY: Duration = Duration::from_millis(250);
 /// Before restarting into a new version: how long to wait for the coordinator to take the last report and
 /// close the stream.
 pub const RESTART_CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -131,7 +145,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn E
     let secret = tunnel::keys::load_or_create_secret(&cfg.state_dir.join(identity::KEY_FILE))?;
     let public = tunnel::PublicKey::from(&secret);
     let id = identity(&cfg, &public).await?;
-    let coordinator_key = tunnel::keys::public_key_from_base64(&id.coordinator_public_key)?;
+    let overlay = id.overlay_net().ok_or_else(|| AgentError::StateDir {
+        path: identity::identity_path(&cfg.state_dir),
+        detail: format!(
+            "overlay_prefix_len {} is over 32; to enroll this host again remove the state directory and use a new token",
+            id.overlay_prefix_len
+        ),
+    })?;
+    let peers = id
+        .replica_peers()
+        .iter()
+        .map(replicas::peer_config)
+        .collect::<Result<Vec<_>, _>>()?;
 
     let tun = tunnel::Tunnel::start(tunnel::TunnelConfig {
         private_key: secret,
@@ -142,13 +167,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn E
         mtu: id.mtu,
     })
     .await?;
-    tun.add_peer(tunnel::PeerConfig {
-        public_key: coordinator_key,
-        endpoint: Some(id.coordinator_wg_endpoint),
-        allowed_ips: vec![IpNet::V4(Ipv4Net::from(id.coordinator_overlay_ip))],
-        persistent_keepalive: Some(PERSISTENT_KEEPALIVE_SECS),
-    })?;
-    tracing::info!(tun = %tun.device_name(), udp = %tun.local_udp_addr(), coordinator = %id.coordinator_wg_endpoint, "tunnel up");
+    for peer in peers {
+        tun.add_peer(peer)?;
+    }
+    tracing::info!(
+        tun = %tun.device_name(),
+        udp = %tun.local_udp_addr(),
+        coordinator = %id.coordinator_wg_endpoint,
+        replicas = %replica_names(&id.replica_peers()),
+        "tunnel up"
+    );
 
     let metrics = crate::metrics::AgentMetrics::new(cfg.state_dir.clone());
     let metrics_task = match cfg.metrics_listen {
@@ -168,20 +196,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn E
         wake,
     );
 
-    let executor = upgrade::Executor::new(
-        cfg.state_dir.clone(),
-        cfg.release_root.clone(),
-        id.coordinator_overlay_ip,
-    );
+    let release_hosts = upgrade::ReleaseHosts::new(id.replica_peers().iter().map(|r| r.overlay_ip));
+    let executor = upgrade::Executor::new(cfg.state_dir.clone(), cfg.release_root.clone(), release_hosts.clone());
     let (upgrades, mut upgrade_outcomes) = upgrade::spawn(executor);
     let link = UpgradeLink {
         handle: &upgrades,
         outcomes: &mut upgrade_outcomes,
     };
 
+    let mut fleet = Fleet {
+        id,
+        overlay,
+        deferred: Vec::new(),
+        release_hosts,
+        tun: &tun,
+        state_dir: &cfg.state_dir,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let result = tokio::select! {
-        r = stay_connected(&cfg, &id, &public, stop_rx, latest, &probes, events, link, &metrics, &tun) => r,
+        r = stay_connected(&cfg, &mut fleet, &public, stop_rx, latest, &probes, events, link, &metrics) => r,
         _ = shutdown => {
             let _ = stop_tx.send(true);
             Ok(Stopped::Shutdown)
@@ -195,17 +228,191 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, events: &dyn E
     result
 }
 
+/// `id@endpoint, ...` for logs.
+fn replica_names(list: &[ReplicaPeer]) -> String {
+    list.iter()
+        .map(|r| format!("{}@{}", r.id, r.wg_endpoint))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The tunnel's peer operations the replica handling uses: [`tunnel::Tunnel`]'s, or in tests a bare
+/// [`tunnel::Router`]'s (the same peer table without a TUN device).
+trait PeerTable {
+    fn add_peer(&self, cfg: tunnel::PeerConfig) -> Result<(), tunnel::TunnelError>;
+    fn remove_peer(&self, key: &tunnel::PublicKey) -> bool;
+    async fn set_peer_public_key(
+        &self,
+        old: &tunnel::PublicKey,
+        new: tunnel::PublicKey,
+    ) -> Result<(), tunnel::TunnelError>;
+}
+
+impl PeerTable for tunnel::Tunnel {
+    fn add_peer(&self, cfg: tunnel::PeerConfig) -> Result<(), tunnel::TunnelError> {
+        tunnel::Tunnel::add_peer(self, cfg)
+    }
+
+    fn remove_peer(&self, key: &tunnel::PublicKey) -> bool {
+        tunnel::Tunnel::remove_peer(self, key)
+    }
+
+    async fn set_peer_public_key(
+        &self,
+        old: &tunnel::PublicKey,
+        new: tunnel::PublicKey,
+    ) -> Result<(), tunnel::TunnelError> {
+        tunnel::Tunnel::set_peer_public_key(self, old, new).await
+    }
+}
+
+/// What the fleet sessions share about the coordinator replicas across reconnects: the identity (its replica
+/// list and keys change while connected, and are written back to `identity.json`), the peers of unlisted
+/// replicas that wait for the stream on them to end, the tunnel, and the release allow-list.
+struct Fleet<'a, P: PeerTable = tunnel::Tunnel> {
+    id: Identity,
+    /// This node's overlay network: replica addresses must lie inside it.
+    overlay: Ipv4Net,
+    deferred: Vec<ReplicaPeer>,
+    release_hosts: upgrade::ReleaseHosts,
+    tun: &'a P,
+    state_dir: &'a Path,
+}
+
+impl<P: PeerTable> Fleet<'_, P> {
+    /// A `Replicas` message from the stream on the replica `in_use`: checked (a bad list is logged and ignored),
+    /// then the tunnel peers follow it, `identity.json` is rewritten if the list changed, and the release
+    /// allow-list follows.
+    async fn apply_replicas(&mut self, msg: &nimbus_proto::Replicas, in_use: &str) {
+        let next = match replicas::validate(&msg.replicas, self.overlay, self.id.overlay_ip) {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "the coordinator sent an invalid replica list; ignored, the tunnel keeps its peers (is the \
+                     coordinator a compatible version?)"
+                );
+                return;
+            }
+        };
+        let plan = replicas::plan_peers(&self.id.replica_peers(), &next, Some(in_use));
+        for r in &plan.remove {
+            self.remove_peer(r, "coordinator replica no longer listed: its tunnel peer is removed");
+        }
+        for (old, r) in &plan.rekey {
+            let keys = tunnel::keys::public_key_from_base64(old).and_then(|old| Ok((old, r.key()?)));
+            let changed = match keys {
+                Ok((old, new)) => self.tun.set_peer_public_key(&old, new).await.map(|()| old),
+                Err(e) => Err(e),
+            };
+            match changed {
+                Ok(_) => {
+                    tracing::info!(replica = %r.id, key = %r.public_key, "coordinator replica has a new WireGuard key")
+                }
+                Err(e) => {
+                    tracing::warn!(replica = %r.id, error = %e, "cannot change the replica's WireGuard key in place; replacing its peer");
+                    if let Ok(old) = tunnel::keys::public_key_from_base64(old) {
+                        self.tun.remove_peer(&old);
+                    }
+                }
+            }
+        }
+        for r in &plan.upsert {
+            match replicas::peer_config(r).and_then(|c| self.tun.add_peer(c)) {
+                Ok(()) => tracing::info!(
+                    replica = %r.id, endpoint = %r.wg_endpoint, overlay_ip = %r.overlay_ip,
+                    "coordinator replica's tunnel peer configured"
+                ),
+                Err(e) => {
+                    tracing::warn!(replica = %r.id, error = %e, "cannot configure the coordinator replica's tunnel peer")
+                }
+            }
+        }
+        for r in plan.deferred {
+            if !self.deferred.iter().any(|d| d.public_key == r.public_key) {
+                tracing::info!(
+                    replica = %r.id,
+                    "coordinator replica no longer listed; its tunnel peer stays until the fleet stream on it ends"
+                );
+                self.deferred.push(r);
+            }
+        }
+        let mut updated = self.id.clone();
+        if updated.set_replicas(next) {
+            tracing::info!(replicas = %replica_names(&updated.replica_peers()), "coordinator replica set changed");
+            if let Err(e) = identity::save(self.state_dir, &updated) {
+                tracing::error!(
+                    error = %e,
+                    "cannot record the new replica set in identity.json; a restarted agent starts from the old one"
+                );
+            }
+        }
+        self.id = updated;
+        self.release_hosts
+            .set(self.id.replica_peers().iter().map(|r| r.overlay_ip));
+    }
+
+    /// After a stream ended: the peers of replicas that left the list while it ran go now (unless the list has
+    /// brought them back).
+    fn settle(&mut self) {
+        let listed = self.id.replica_peers();
+        for r in std::mem::take(&mut self.deferred) {
+            if !listed.iter().any(|l| l.public_key == r.public_key) {
+                self.remove_peer(
+                    &r,
+                    "fleet stream on an unlisted coordinator replica ended: its tunnel peer is removed",
+                );
+            }
+        }
+    }
+
+    fn remove_peer(&self, r: &ReplicaPeer, why: &'static str) {
+        match r.key() {
+            Ok(k) => {
+                self.tun.remove_peer(&k);
+                tracing::info!(replica = %r.id, "{why}");
+            }
+            Err(e) => tracing::warn!(replica = %r.id, error = %e, "cannot remove the replica's tunnel peer"),
+        }
+    }
+
+    /// Switches the replica whose key is `k.current` to `k.next` (`coordinator_public_key` too when it is that
+    /// replica): recorded in identity.json first (a crash after it restarts on the new key, which the coordinator
+    /// accepts during the overlap), then a handshake on it at once. The fleet stream runs on: the overlay
+    /// addresses do not change.
+    async fn follow_key_rotation(&mut self, k: &nimbus_proto::CoordinatorKeys) -> Result<(), AgentError> {
+        let next = tunnel::keys::public_key_from_base64(&k.next)?;
+        let current = tunnel::keys::public_key_from_base64(&k.current)?;
+        let mut updated = self.id.clone();
+        match updated.follow_key(&current, &next) {
+            KeyFollow::AlreadyFollowed => Ok(()),
+            KeyFollow::UnknownKey => {
+                tracing::warn!(announced_current = %k.current, "key rotation names a current coordinator key no replica of this agent uses; ignored");
+                Ok(())
+            }
+            KeyFollow::Switched { replica } => {
+                identity::save(self.state_dir, &updated)?;
+                self.id = updated;
+                self.tun.set_peer_public_key(&current, next).await?;
+                tracing::info!(%replica, next = %k.next, retire_at = k.retire_at_unix, "switched to the coordinator replica's new WireGuard key");
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The sessions' way to the upgrade task: desired states in, outcomes out.
 struct UpgradeLink<'a> {
     handle: &'a upgrade::Handle,
     outcomes: &'a mut mpsc::Receiver<upgrade::Outcome>,
 }
 
-/// Reconnect forever; return only on revocation, or to restart into an upgraded version.
+/// Reconnect forever, moving between the coordinator replicas; return only on revocation, or to restart into
+/// an upgraded version.
 #[allow(clippy::too_many_arguments)]
 async fn stay_connected(
     cfg: &Config,
-    id: &Identity,
+    fleet: &mut Fleet<'_>,
     key: &tunnel::PublicKey,
     stop: watch::Receiver<bool>,
     latest: inventory::Latest,
@@ -213,14 +420,21 @@ async fn stay_connected(
     events: &dyn Events,
     mut upgrades: UpgradeLink<'_>,
     metrics: &crate::metrics::AgentMetrics,
-    tun: &tunnel::Tunnel,
 ) -> Result<Stopped, AgentError> {
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
+    let mut failover = Failover::new(fleet.id.primary_replica().as_deref());
     let mut last_ok = Instant::now();
     let mut last_check = Instant::now();
     loop {
-        match session(
-            id,
+        let Some(target) = failover.target(&fleet.id.replica_peers()).cloned() else {
+            // `replica_peers` is never empty.
+            return Err(AgentError::Other(
+                "no coordinator replica known; re-enroll this host".into(),
+            ));
+        };
+        let ended = session(
+            &target,
+            fleet,
             cfg,
             stop.clone(),
             latest.clone(),
@@ -228,13 +442,15 @@ async fn stay_connected(
             events,
             &mut upgrades,
             metrics,
-            tun,
         )
-        .await
-        {
+        .await;
+        fleet.settle();
+        let pace = match ended {
             Ok(Ended::Stopped) => {
                 last_ok = Instant::now();
                 backoff.reset();
+                failover.established(&target.id);
+                Pace::Backoff
             }
             Ok(Ended::Restart(version)) => return Ok(Stopped::Restart { version }),
             Err(SessionError::Revoked(reason)) => return Err(AgentError::Revoked(reason)),
@@ -242,11 +458,30 @@ async fn stay_connected(
                 if established {
                     last_ok = Instant::now();
                     backoff.reset();
+                    failover.established(&target.id);
                 }
                 events.disconnected(&why);
-                tracing::warn!(reason = %why, backoff = ?backoff.base(), "fleet stream down; reconnecting");
+                let list = fleet.id.replica_peers();
+                let pace = failover.failed(&list, &target.id);
+                let wait = match pace {
+                    Pace::Prompt => format!("< {SWITCH_DELAY:?}"),
+                    Pace::Backoff => format!("~{:?}", backoff.base()),
+                };
+                tracing::warn!(replica = %target.id, reason = %why, %wait, "fleet stream down; reconnecting");
+                if let Some(next) = failover.target(&list)
+                    && next.id != target.id
+                {
+                    tracing::info!(
+                        from = %target.id,
+                        to = %next.id,
+                        to_fleet = %next.fleet_addr(),
+                        "moving the fleet stream to another coordinator replica"
+                    );
+                    metrics.replica_switch();
+                }
+                pace
             }
-        }
+        };
         if *stop.borrow() {
             return Ok(Stopped::Shutdown);
         }
@@ -255,9 +490,12 @@ async fn stay_connected(
             && last_check.elapsed() >= cfg.revocation_check_after.min(Duration::from_secs(60))
         {
             last_check = Instant::now();
-            check_revoked(id, key).await?;
+            check_revoked(&fleet.id, key).await?;
         }
-        let delay = backoff.next_delay(&mut rand::thread_rng());
+        let delay = match pace {
+            Pace::Prompt => SWITCH_DELAY.mul_f64(rand::thread_rng().gen_range(0.0..1.0)),
+            Pace::Backoff => backoff.next_delay(&mut rand::thread_rng()),
+        };
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
@@ -449,40 +687,11 @@ fn start_decommission(cfg: &Config, tx: &tokio::sync::mpsc::Sender<nimbus_proto:
     });
 }
 
-/// Switches the coordinator peer to the announced next key: recorded in identity.json first (a crash after it
-/// restarts on the new key, which the coordinator accepts during the overlap), then a handshake on it at once.
-/// The fleet stream runs on: the overlay addresses do not change.
-async fn follow_key_rotation(
-    tun: &tunnel::Tunnel,
-    state_dir: &std::path::Path,
-    k: &nimbus_proto::CoordinatorKeys,
-) -> Result<(), AgentError> {
-    let next = tunnel::keys::public_key_from_base64(&k.next)?;
-    let mut id = identity::load(state_dir)?.ok_or_else(|| {
-        AgentError::Config(vec![
-            "identity.json vanished while connected; re-enroll this host".into(),
-        ])
-    })?;
-    let known = tunnel::keys::public_key_from_base64(&id.coordinator_public_key)?;
-    if known == next {
-        return Ok(());
-    }
-    let current = tunnel::keys::public_key_from_base64(&k.current)?;
-    if current != known {
-        tracing::warn!(announced_current = %k.current, "key rotation names a current coordinator key this agent does not use; ignored");
-        return Ok(());
-    }
-    id.coordinator_public_key = k.next.clone();
-    identity::save(state_dir, &id)?;
-    tun.set_peer_public_key(&known, next).await?;
-    tracing::info!(next = %k.next, retire_at = k.retire_at_unix, "switched to the coordinator's new WireGuard key");
-    Ok(())
-}
-
-/// One fleet stream, from connect to its end.
+/// One fleet stream to the replica `replica`, from connect to its end.
 #[allow(clippy::too_many_arguments)]
 async fn session(
-    id: &Identity,
+    replica: &ReplicaPeer,
+    fleet: &mut Fleet<'_>,
     cfg: &Config,
     mut stop: watch::Receiver<bool>,
     mut latest: inventory::Latest,
@@ -490,27 +699,31 @@ async fn session(
     events: &dyn Events,
     upgrades: &mut UpgradeLink<'_>,
     metrics: &crate::metrics::AgentMetrics,
-    tun: &tunnel::Tunnel,
 ) -> Result<Ended, SessionError> {
     let windows = probes.windows();
     let mut windows = windows.lock().await;
-    let target = SocketAddr::new(IpAddr::V4(id.coordinator_overlay_ip), id.fleet_port);
+    let target = replica.fleet_addr();
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
         .map_err(|e| failed(false, e))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(15))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| failed(false, format!("cannot connect to {target} through the tunnel: {e}")))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        failed(
+            false,
+            format!(
+                "cannot connect to replica {} at {target} through the tunnel: {e}",
+                replica.id
+            ),
+        )
+    })?;
     let mut client = FleetClient::new(channel);
 
     let (tx, rx) = mpsc::channel::<AgentMessage>(16);
     let send = |m: AgentMsg| AgentMessage { msg: Some(m) };
     let _ = tx.try_send(send(AgentMsg::Hello(Hello {
-        node_id: id.node_id.clone(),
+        node_id: fleet.id.node_id.clone(),
         agent_version: crate::version().into(),
         probe_port: u32::from(probes.port),
     })));
@@ -541,7 +754,7 @@ async fn session(
         Ok(Err(s)) => return Err(failed(false, s.message())),
         Err(_) => return Err(failed(false, "no Welcome within 10 s")),
     };
-    tracing::info!(node = %id.node_name, "fleet stream open");
+    tracing::info!(node = %fleet.id.node_name, replica = %replica.id, fleet = %target, "fleet stream open");
     let _open = metrics.stream_opened();
     // `connected` (READY=1) waits for the first heartbeat answer: the coordinator handles the stream's messages
     // in order, so by then it has taken Hello and the first inventory report. The launcher counts READY as healthy.
@@ -554,7 +767,7 @@ async fn session(
             if let Some(observed) = crate::desired::apply(&cfg.state_dir, d.get_ref()) {
                 let _ = tx.try_send(send(AgentMsg::Observed(observed)));
             }
-            start_join(cfg, id, d.get_ref(), &tx);
+            start_join(cfg, &fleet.id, d.get_ref(), &tx);
             start_storage(cfg, d.get_ref(), false, &tx);
             upgrades.handle.offer(d.get_ref());
             last_desired = nimbus_proto::DesiredState {
@@ -622,7 +835,7 @@ async fn session(
                         last_ack = Instant::now();
                         if !announced {
                             announced = true;
-                            events.connected(id);
+                            events.connected(&fleet.id);
                             upgrades.handle.ready();
                         }
                     }
@@ -637,7 +850,7 @@ async fn session(
                         {
                             return Err(failed(true, "stream closed"));
                         }
-                        start_join(cfg, id, &d, &tx);
+                        start_join(cfg, &fleet.id, &d, &tx);
                         start_storage(cfg, &d, false, &tx);
                         upgrades.handle.offer(&d);
                         last_desired = nimbus_proto::DesiredState { join: None, ..d };
@@ -652,12 +865,17 @@ async fn session(
                         probes.configure(c);
                     }
                     Some(CoordMsg::CoordinatorKeys(k)) => {
-                        // Announced over this stream, i.e. by the holder of the current key. Until it is
+                        // Announced over this stream by a replica (they share the store, so any may announce
+                        // another's rotation); it applies to the replica whose key is `current`. Until it is
                         // followed, the old key keeps working for the overlap; a failure is retried at the next
                         // announcement (every reconnect).
-                        if let Err(e) = follow_key_rotation(tun, &cfg.state_dir, &k).await {
+                        if let Err(e) = fleet.follow_key_rotation(&k).await {
                             tracing::error!(error = %e, next = %k.next, "cannot switch to the coordinator's new WireGuard key");
                         }
+                    }
+                    Some(CoordMsg::Replicas(r)) => {
+                        tracing::debug!(replicas = r.replicas.len(), "replica list");
+                        fleet.apply_replicas(&r, &replica.id).await;
                     }
                     Some(CoordMsg::Welcome(_)) | None => {}
                 },
@@ -690,5 +908,227 @@ async fn session(
             },
             _ = stop.changed() => return Ok(Ended::Stopped),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::sync::Mutex;
+
+    use ipnet::IpNet;
+
+    /// The tunnel's peer table without a TUN device: the same `Router` the tunnel drives.
+    struct RouterPeers(Mutex<tunnel::Router>);
+
+    impl PeerTable for RouterPeers {
+        fn add_peer(&self, cfg: tunnel::PeerConfig) -> Result<(), tunnel::TunnelError> {
+            self.0.lock().unwrap().add_peer(cfg)
+        }
+
+        fn remove_peer(&self, key: &tunnel::PublicKey) -> bool {
+            self.0.lock().unwrap().remove_peer(key)
+        }
+
+        async fn set_peer_public_key(
+            &self,
+            old: &tunnel::PublicKey,
+            new: tunnel::PublicKey,
+        ) -> Result<(), tunnel::TunnelError> {
+            self.0.lock().unwrap().set_peer_public_key(old, new, &mut Vec::new())
+        }
+    }
+
+    impl RouterPeers {
+        /// key byte (all 32 bytes are the same in these tests) → (endpoint, allowed IPs).
+        fn peers(&self) -> BTreeMap<u8, (Option<SocketAddr>, Vec<IpNet>)> {
+            self.0
+                .lock()
+                .unwrap()
+                .stats()
+                .into_iter()
+                .map(|p| (p.public_key.as_bytes()[0], (p.endpoint, p.allowed_ips)))
+                .collect()
+        }
+    }
+
+    fn replica(id: &str, key: u8, n: u8) -> nimbus_proto::Replica {
+        nimbus_proto::Replica {
+            id: id.into(),
+            wg_public_key: vec![key; 32],
+            wg_endpoint: format!("192.0.2.{n}:51820"),
+            overlay_ip: format!("100.96.0.{n}"),
+            fleet_port: 7000,
+        }
+    }
+
+    fn msg(list: Vec<nimbus_proto::Replica>) -> nimbus_proto::Replicas {
+        nimbus_proto::Replicas { replicas: list }
+    }
+
+    fn peer(n: u8) -> (Option<SocketAddr>, Vec<IpNet>) {
+        (
+            Some(format!("192.0.2.{n}:51820").parse().unwrap()),
+            vec![format!("100.96.0.{n}/32").parse().unwrap()],
+        )
+    }
+
+    /// An identity enrolled with replica `a` (key 1) of a, b (key 2), c (key 3); the router has their peers.
+    fn setup(dir: &Path) -> (Identity, RouterPeers) {
+        let mut id = Identity {
+            node_id: "n1".into(),
+            node_name: "agent-1".into(),
+            overlay_ip: Ipv4Addr::new(100, 96, 0, 50),
+            overlay_prefix_len: 16,
+            coordinator_public_key: tunnel::keys::public_key_to_base64(&[1u8; 32].into()),
+            coordinator_wg_endpoint: "192.0.2.1:51820".parse().unwrap(),
+            coordinator_overlay_ip: Ipv4Addr::new(100, 96, 0, 1),
+            fleet_port: 7000,
+            mtu: 1420,
+            enroll_endpoint: "192.0.2.1:7443".into(),
+            ca_pin: "sha256:00".into(),
+            replicas: Vec::new(),
+        };
+        let list = vec![replica("a", 1, 1), replica("b", 2, 2), replica("c", 3, 3)];
+        let overlay = id.overlay_net().unwrap();
+        id.set_replicas(replicas::validate(&list, overlay, id.overlay_ip).unwrap());
+        identity::save(dir, &id).unwrap();
+        let router = RouterPeers(Mutex::new(tunnel::Router::new(tunnel::keys::generate_secret())));
+        for r in id.replica_peers() {
+            router.add_peer(replicas::peer_config(&r).unwrap()).unwrap();
+        }
+        (id, router)
+    }
+
+    fn fleet<'a>(id: Identity, router: &'a RouterPeers, dir: &'a Path) -> Fleet<'a, RouterPeers> {
+        Fleet {
+            overlay: id.overlay_net().unwrap(),
+            release_hosts: upgrade::ReleaseHosts::new(id.replica_peers().iter().map(|r| r.overlay_ip)),
+            id,
+            deferred: Vec::new(),
+            tun: router,
+            state_dir: dir,
+        }
+    }
+
+    fn ips(last: &[u8]) -> Vec<Ipv4Addr> {
+        last.iter().map(|n| Ipv4Addr::new(100, 96, 0, *n)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_replicas_message_reshapes_the_peers_and_keeps_the_one_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, router) = setup(dir.path());
+        let mut fleet = fleet(id, &router, dir.path());
+        assert_eq!(router.peers().into_keys().collect::<Vec<_>>(), [1, 2, 3]);
+
+        // The stream is on b. New list: a with a new key (11) and a moved endpoint, b gone, c as before, d new.
+        let mut a = replica("a", 11, 1);
+        a.wg_endpoint = "198.51.100.1:51820".into();
+        fleet
+            .apply_replicas(&msg(vec![a, replica("c", 3, 3), replica("d", 4, 4)]), "b")
+            .await;
+        let peers = router.peers();
+        assert_eq!(peers.keys().copied().collect::<Vec<_>>(), [2, 3, 4, 11], "{peers:?}");
+        assert_eq!(
+            peers[&11],
+            (
+                Some("198.51.100.1:51820".parse().unwrap()),
+                vec!["100.96.0.1/32".parse().unwrap()]
+            )
+        );
+        assert_eq!(peers[&2], peer(2), "the peer the stream is on stays");
+        assert_eq!(peers[&3], peer(3));
+        assert_eq!(peers[&4], peer(4));
+        // identity.json and the release allow-list follow; b waits for its stream to end.
+        let saved = identity::load(dir.path()).unwrap().unwrap();
+        assert_eq!(saved, fleet.id);
+        let ids: Vec<_> = saved.replica_peers().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, ["a", "c", "d"]);
+        assert_eq!(
+            saved.coordinator_public_key,
+            tunnel::keys::public_key_to_base64(&[1u8; 32].into()),
+            "coordinator_* fields only change by key rotation"
+        );
+        assert_eq!(fleet.release_hosts.get(), ips(&[1, 3, 4]));
+        assert_eq!(fleet.deferred.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["b"]);
+
+        // The stream on b ended: its peer goes.
+        fleet.settle();
+        assert_eq!(router.peers().into_keys().collect::<Vec<_>>(), [3, 4, 11]);
+        assert!(fleet.deferred.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unlisted_replica_that_comes_back_keeps_its_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, router) = setup(dir.path());
+        let mut fleet = fleet(id, &router, dir.path());
+        fleet
+            .apply_replicas(&msg(vec![replica("a", 1, 1), replica("c", 3, 3)]), "b")
+            .await;
+        fleet
+            .apply_replicas(
+                &msg(vec![replica("a", 1, 1), replica("b", 2, 2), replica("c", 3, 3)]),
+                "b",
+            )
+            .await;
+        fleet.settle();
+        assert_eq!(router.peers().into_keys().collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(router.peers()[&2], peer(2));
+    }
+
+    #[tokio::test]
+    async fn a_bad_or_unchanged_list_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, router) = setup(dir.path());
+        let before = id.clone();
+        let mut fleet = fleet(id, &router, dir.path());
+        // identity.json is written only when the list changed: gone, it stays gone.
+        std::fs::remove_file(identity::identity_path(dir.path())).unwrap();
+        let mut bad = replica("d", 4, 4);
+        bad.overlay_ip = "10.0.0.4".into();
+        for m in [
+            msg(vec![replica("a", 1, 1), bad]),
+            msg(vec![]),
+            msg(vec![replica("a", 1, 1), replica("b", 2, 2), replica("c", 3, 3)]),
+        ] {
+            fleet.apply_replicas(&m, "a").await;
+            assert_eq!(router.peers().into_keys().collect::<Vec<_>>(), [1, 2, 3]);
+            assert_eq!(fleet.id, before);
+            assert_eq!(fleet.release_hosts.get(), ips(&[1, 2, 3]));
+            assert!(!identity::identity_path(dir.path()).exists());
+        }
+    }
+
+    #[tokio::test]
+    async fn key_rotation_moves_the_announced_replicas_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, router) = setup(dir.path());
+        let mut fleet = fleet(id, &router, dir.path());
+        let b64 = |n: u8| tunnel::keys::public_key_to_base64(&[n; 32].into());
+        let keys = nimbus_proto::CoordinatorKeys {
+            current: b64(2),
+            next: b64(12),
+            retire_at_unix: 0,
+        };
+        fleet.follow_key_rotation(&keys).await.unwrap();
+        assert_eq!(router.peers().into_keys().collect::<Vec<_>>(), [1, 3, 12]);
+        assert_eq!(router.peers()[&12], peer(2));
+        let saved = identity::load(dir.path()).unwrap().unwrap();
+        assert_eq!(saved.replicas[1].public_key, b64(12));
+        assert_eq!(saved.coordinator_public_key, b64(1));
+        // Announced again on the next stream: nothing to do. An unknown key: ignored.
+        fleet.follow_key_rotation(&keys).await.unwrap();
+        let unknown = nimbus_proto::CoordinatorKeys {
+            current: b64(9),
+            next: b64(19),
+            retire_at_unix: 0,
+        };
+        fleet.follow_key_rotation(&unknown).await.unwrap();
+        assert_eq!(router.peers().into_keys().collect::<Vec<_>>(), [1, 3, 12]);
+        assert_eq!(identity::load(dir.path()).unwrap().unwrap(), saved);
     }
 }

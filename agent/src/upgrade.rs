@@ -6,7 +6,8 @@
 //!
 //! [`Executor::execute`] carries an upgrade out: the pinned release root (`release_root`, the repository's
 //! `1.root.json` installed with the agent) is read; the URLs the desired state gives must be `http://` on the
-//! coordinator's overlay address (defence in depth: TUF verifies every byte anyway); the metadata is loaded and
+//! overlay address of a coordinator replica this agent currently knows ([`ReleaseHosts`], updated with the
+//! replica list; defence in depth: TUF verifies every byte anyway); the metadata is loaded and
 //! verified (`release::Releases`, datastore `<state_dir>/releases`); the named target must be signed as the
 //! desired version, kind `binary`, this host's architecture; it is fetched to `<state_dir>/downloads/<target>`,
 //! staged and activated (`crate::versions`), and the download removed. The result is an ObservedState for the
@@ -145,13 +146,14 @@ pub enum UpgradeError {
     },
     #[error(
         "the desired state's {what} {url:?} {reason}; release URLs must be http:// on the coordinator's overlay address \
-         {coordinator}: check the coordinator's release settings"
+         {}: check the coordinator's release settings", ip_list(.allowed)
     )]
     BadUrl {
         what: &'static str,
         url: String,
         reason: String,
-        coordinator: Ipv4Addr,
+        /// The addresses allowed ([`ReleaseHosts`]).
+        allowed: Vec<Ipv4Addr>,
     },
     #[error(
         "the desired state names target {0:?}, which is not a plain file name; roll out a published target (`nimbusctl release list`)"
@@ -197,6 +199,14 @@ pub enum UpgradeError {
     Task(String),
 }
 
+/// `a, b, c` (or `(none)`), for [`UpgradeError::BadUrl`].
+fn ip_list(ips: &[Ipv4Addr]) -> String {
+    if ips.is_empty() {
+        return "(none known)".into();
+    }
+    ips.iter().map(Ipv4Addr::to_string).collect::<Vec<_>>().join(" or ")
+}
+
 /// The part of a desired state an upgrade acts on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -235,8 +245,8 @@ pub struct Executor {
     pub state_dir: PathBuf,
     /// The pinned root metadata file.
     pub release_root: PathBuf,
-    /// The coordinator's overlay address: the only host release URLs may name.
-    pub coordinator_ip: Ipv4Addr,
+    /// The coordinator replicas' overlay addresses: the only hosts release URLs may name.
+    pub release_hosts: ReleaseHosts,
     /// Whether `nimbus-agent launch` started this agent (env `NIMBUS_LAUNCHER=1`).
     pub under_launcher: bool,
     /// The running version ([`crate::version()`]).
@@ -253,11 +263,11 @@ pub struct Executor {
 
 impl Executor {
     /// For this process: running [`crate::version()`], launcher flag from the environment, default timeouts.
-    pub fn new(state_dir: PathBuf, release_root: PathBuf, coordinator_ip: Ipv4Addr) -> Executor {
+    pub fn new(state_dir: PathBuf, release_root: PathBuf, release_hosts: ReleaseHosts) -> Executor {
         Executor {
             state_dir,
             release_root,
-            coordinator_ip,
+            release_hosts,
             under_launcher: std::env::var(crate::launcher::LAUNCHER_ENV).is_ok_and(|v| v == "1"),
             running: crate::version().to_string(),
             arch: std::env::consts::ARCH.to_string(),
@@ -336,8 +346,9 @@ impl Executor {
             path: self.release_root.clone(),
             source,
         })?;
-        let metadata_url = check_url("metadata_url", &req.release.metadata_url, self.coordinator_ip)?;
-        let targets_url = check_url("targets_url", &req.release.targets_url, self.coordinator_ip)?;
+        let hosts = self.release_hosts.get();
+        let metadata_url = check_url("metadata_url", &req.release.metadata_url, &hosts)?;
+        let targets_url = check_url("targets_url", &req.release.targets_url, &hosts)?;
         let target = req.release.target.as_str();
         if !release::serve::valid_name(target) {
             return Err(UpgradeError::BadTarget(target.to_string()));
@@ -404,21 +415,21 @@ impl Executor {
     }
 }
 
-/// A release URL from the desired state: http:// on the coordinator's overlay address, no credentials. Made a
-/// directory URL (trailing `/`) so metadata file names join onto it.
-fn check_url(what: &'static str, raw: &str, coordinator: Ipv4Addr) -> Result<Url, UpgradeError> {
+/// A release URL from the desired state: http:// on one of the `allowed` overlay addresses (the coordinator
+/// replicas'), no credentials. Made a directory URL (trailing `/`) so metadata file names join onto it.
+fn check_url(what: &'static str, raw: &str, allowed: &[Ipv4Addr]) -> Result<Url, UpgradeError> {
     let bad = |reason: &str| UpgradeError::BadUrl {
         what,
         url: raw.to_string(),
         reason: reason.to_string(),
-        coordinator,
+        allowed: allowed.to_vec(),
     };
     let mut url = Url::parse(raw).map_err(|e| bad(&format!("is not a URL ({e})")))?;
     if url.scheme() != "http" {
         return Err(bad("is not http://"));
     }
-    if url.host() != Some(Host::Ipv4(coordinator)) {
-        return Err(bad("is not on the coordinator's overlay address"));
+    if !matches!(url.host(), Some(Host::Ipv4(ip)) if allowed.contains(&ip)) {
+        return Err(bad("is not on a coordinator's overlay address"));
     }
     if !url.username().is_empty() || url.password().is_some() {
         return Err(bad("carries credentials"));
@@ -477,6 +488,34 @@ pub fn failed_releases(state_dir: &Path) -> Vec<FailedRelease> {
             reason: f.reason,
         })
         .collect()
+}
+
+/// The overlay addresses release URLs may name: those of the coordinator replicas this agent currently knows.
+/// Clones share the list; the fleet stream replaces it when the replica set changes. A strict allow-list: an
+/// empty one allows nothing.
+#[derive(Debug, Clone, Default)]
+pub struct ReleaseHosts(Arc<Mutex<Vec<Ipv4Addr>>>);
+
+impl ReleaseHosts {
+    /// An allow-list of `ips`.
+    pub fn new(ips: impl IntoIterator<Item = Ipv4Addr>) -> ReleaseHosts {
+        let hosts = ReleaseHosts::default();
+        hosts.set(ips);
+        hosts
+    }
+
+    /// Replaces the list (for every clone).
+    pub fn set(&self, ips: impl IntoIterator<Item = Ipv4Addr>) {
+        let mut list: Vec<Ipv4Addr> = ips.into_iter().collect();
+        list.sort();
+        list.dedup();
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = list;
+    }
+
+    /// The current list, sorted.
+    pub fn get(&self) -> Vec<Ipv4Addr> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
 }
 
 /// The error of the last upgrade attempt and its generation, shared with the sender: every report for that
@@ -692,9 +731,9 @@ mod tests {
 
     #[test]
     fn release_urls_must_be_http_on_the_coordinator() {
-        let ip = Ipv4Addr::new(100, 64, 0, 1);
+        let ip = [Ipv4Addr::new(100, 64, 0, 1)];
         assert_eq!(
-            check_url("metadata_url", "http://100.64.0.1:7001/metadata", ip)
+            check_url("metadata_url", "http://100.64.0.1:7001/metadata", &ip)
                 .unwrap()
                 .as_str(),
             "http://100.64.0.1:7001/metadata/"
@@ -707,9 +746,31 @@ mod tests {
             ("http://100.64.0.1:7001/metadata/?x=1", "query"),
             ("not a url", "is not a URL"),
         ] {
-            let e = check_url("metadata_url", url, ip).unwrap_err().to_string();
+            let e = check_url("metadata_url", url, &ip).unwrap_err().to_string();
             assert!(e.contains(why) && e.contains("100.64.0.1"), "{url}: {e}");
         }
+    }
+
+    #[test]
+    fn release_urls_may_name_any_current_replica_and_nothing_else() {
+        let hosts = ReleaseHosts::new([Ipv4Addr::new(100, 64, 0, 2), Ipv4Addr::new(100, 64, 0, 1)]);
+        let shared = hosts.clone();
+        for url in ["http://100.64.0.1:7001/metadata/", "http://100.64.0.2:7001/metadata/"] {
+            assert!(check_url("metadata_url", url, &shared.get()).is_ok(), "{url}");
+        }
+        let e = check_url("metadata_url", "http://100.64.0.3:7001/metadata/", &shared.get())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("100.64.0.1 or 100.64.0.2"), "{e}");
+        // The replica set changed: a replica that left is no longer allowed, its successor is (in every clone).
+        hosts.set([Ipv4Addr::new(100, 64, 0, 1), Ipv4Addr::new(100, 64, 0, 3)]);
+        assert!(check_url("metadata_url", "http://100.64.0.3:7001/metadata/", &shared.get()).is_ok());
+        assert!(check_url("metadata_url", "http://100.64.0.2:7001/metadata/", &shared.get()).is_err());
+        // An empty list allows nothing.
+        let e = check_url("metadata_url", "http://100.64.0.1:7001/metadata/", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(none known)"), "{e}");
     }
 
     #[test]
@@ -799,7 +860,11 @@ mod tests {
 
         /// An executor for a fresh state dir, running `running` under the launcher.
         fn executor(&self, state: &Path, running: &str) -> Executor {
-            let mut ex = Executor::new(state.to_path_buf(), self.root(), Ipv4Addr::LOCALHOST);
+            let mut ex = Executor::new(
+                state.to_path_buf(),
+                self.root(),
+                ReleaseHosts::new([Ipv4Addr::LOCALHOST]),
+            );
             ex.running = running.into();
             ex.under_launcher = true;
             ex.arch = ARCH.into();
@@ -955,7 +1020,7 @@ mod tests {
         let e = report_error(ex.execute(&repo.request(4, "0.4.0", false)).await);
         assert!(e.contains("is not in the signed release metadata"), "{e}");
         // URLs off the coordinator's address are not even tried.
-        ex.coordinator_ip = Ipv4Addr::new(100, 64, 0, 1);
+        ex.release_hosts.set([Ipv4Addr::new(100, 64, 0, 1)]);
         let e = report_error(ex.execute(&repo.request(4, "0.2.0", false)).await);
         assert!(e.contains("overlay address 100.64.0.1"), "{e}");
         nothing_staged(state.path());

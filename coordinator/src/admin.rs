@@ -157,7 +157,7 @@ impl AdminService {
     }
 
     fn node_view(&self, n: NodeRecord, hw: Option<HardwareRecord>) -> Node {
-        let connected = self.ctx.sessions.is_connected(&n.id);
+        let connected = crate::replicas::connected(&self.ctx, &n.id);
         let state = match (n.status, connected) {
             (NodeStatus::Revoked, _) => "revoked",
             (NodeStatus::Pending, _) => "pending",
@@ -280,7 +280,8 @@ pub(crate) async fn revoke(ctx: &Ctx, name: String, reason: String) -> Result<(N
     let node = ctx
         .state(move |s| s.revoke_node(&name, &why, SystemTime::now()))
         .await?;
-    let was_connected = ctx.sessions.send(
+    let was_connected = crate::replicas::deliver(
+        ctx,
         &node.id,
         CoordinatorMessage {
             msg: Some(CoordMsg::Revoked(Revoked { reason: reason.clone() })),
@@ -289,7 +290,7 @@ pub(crate) async fn revoke(ctx: &Ctx, name: String, reason: String) -> Result<(N
     if was_connected {
         // Give the Revoked message time to cross the tunnel; the agent closes its stream when it has it.
         let deadline = tokio::time::Instant::now() + REVOKE_GRACE;
-        while ctx.sessions.is_connected(&node.id) && tokio::time::Instant::now() < deadline {
+        while crate::replicas::connected(ctx, &node.id) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -908,6 +909,13 @@ impl Admin for AdminService {
         self.audit(&who, "key.rotate", target, crate::auditlog::outcome_of(&result), detail)
             .await;
         result.map(Response::new)
+    }
+
+    async fn list_replicas(
+        &self,
+        _req: Request<nimbus_proto::ListReplicasRequest>,
+    ) -> Result<Response<nimbus_proto::ListReplicasResponse>, Status> {
+        Ok(Response::new(crate::replicas::list(&self.ctx)))
     }
 
     async fn who_am_i(

@@ -137,6 +137,19 @@ pub struct Settings {
     /// Allow http:// etcd endpoints without TLS. For tests on loopback only: never in production.
     #[arg(long, env = "NIMBUS_ETCD_PLAINTEXT")]
     pub etcd_plaintext: Option<bool>,
+    /// This replica's id among the coordinators sharing one etcd prefix (letters, digits, `-`, `_`, `.`; at
+    /// most 63). Keep it stable: it names the replica's WireGuard key and overlay address in the store.
+    /// [default: <advertise_address>-<enroll port>]
+    #[arg(long, env = "NIMBUS_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// File holding the base64 key-encryption key (mode 0600; `nimbus-coordinator kek generate FILE`). On etcd
+    /// the CA and the replicas' WireGuard keys are kept in the store sealed with it; backups are sealed with
+    /// it. Without kek_file or kek_command the key comes from the NIMBUS_KEK environment variable.
+    #[arg(long, env = "NIMBUS_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
+    /// Command printing the base64 KEK, run without a shell, e.g. "vault kv get -field=kek secret/nimbus".
+    #[arg(long, env = "NIMBUS_KEK_COMMAND")]
+    pub kek_command: Option<String>,
     /// Prometheus metrics (HTTP GET /metrics) listen address, or `off`. [default: 127.0.0.1:9464]
     #[arg(long, env = "NIMBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -215,20 +228,52 @@ pub struct EtcdSettings {
     /// CA, client certificate and key; `None` only with `etcd_plaintext` (tests).
     pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
     pub prefix: String,
+    /// This replica's id (`replica_id`).
+    pub replica_id: String,
+}
+
+/// Where the key-encryption key comes from: `kek_file`, `kek_command`, or else `NIMBUS_KEK`.
+fn kek_source(file: Option<PathBuf>, command: Option<String>, errs: &mut Vec<String>) -> crate::kek::KekSource {
+    match (file, command) {
+        (Some(_), Some(_)) => {
+            errs.push("kek_file and kek_command exclude each other: give one".into());
+            crate::kek::KekSource::Env
+        }
+        (Some(f), None) => crate::kek::KekSource::File(f),
+        (None, Some(c)) => match shlex::split(&c).filter(|v| !v.is_empty()) {
+            Some(argv) => crate::kek::KekSource::Command(argv),
+            None => {
+                errs.push(format!(
+                    "kek_command {c:?} is not a valid command line (check its quotes)"
+                ));
+                crate::kek::KekSource::Env
+            }
+        },
+        (None, None) => crate::kek::KekSource::Env,
+    }
+}
+
+/// Whether `id` is a valid replica id.
+pub fn valid_replica_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Default key prefix in etcd.
 pub const DEFAULT_ETCD_PREFIX: &str = "nimbus/";
 
 /// The store from the (merged) etcd keys of `k`.
-fn store_settings(k: Settings, errs: &mut Vec<String>) -> StoreSettings {
+fn store_settings(k: Settings, default_replica_id: Option<String>, errs: &mut Vec<String>) -> StoreSettings {
     let endpoints = k.etcd_endpoints.unwrap_or_default();
     let (ca, cert, key, prefix) = (k.etcd_ca, k.etcd_cert, k.etcd_key, k.etcd_prefix);
     let plaintext = k.etcd_plaintext.unwrap_or(false);
     if endpoints.is_empty() {
-        if ca.is_some() || cert.is_some() || key.is_some() || prefix.is_some() {
+        if ca.is_some() || cert.is_some() || key.is_some() || prefix.is_some() || k.replica_id.is_some() {
             errs.push(
-                "etcd_ca, etcd_cert, etcd_key and etcd_prefix need etcd_endpoints (or remove them for the sled store)"
+                "etcd_ca, etcd_cert, etcd_key, etcd_prefix and replica_id need etcd_endpoints (or remove them for the sled store)"
                     .into(),
             );
         }
@@ -256,7 +301,18 @@ fn store_settings(k: Settings, errs: &mut Vec<String>) -> StoreSettings {
             None
         }
     };
-    StoreSettings::Etcd(EtcdSettings { endpoints, tls, prefix })
+    let replica_id = k.replica_id.or(default_replica_id).unwrap_or_default();
+    if !valid_replica_id(&replica_id) {
+        errs.push(format!(
+            "replica_id {replica_id:?} must be 1 to 63 letters, digits, `-`, `_` or `.`, e.g. \"coordinator-0\""
+        ));
+    }
+    StoreSettings::Etcd(EtcdSettings {
+        endpoints,
+        tls,
+        prefix,
+        replica_id,
+    })
 }
 
 /// Default interval between signed audit checkpoints.
@@ -330,6 +386,8 @@ pub struct Config {
     pub store: StoreSettings,
     /// `None`: the admin API is on the local socket only.
     pub admin_remote: Option<RemoteAdmin>,
+    /// Where the key-encryption key comes from (needed on etcd, and by backup/restore).
+    pub kek: crate::kek::KekSource,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -507,8 +565,22 @@ impl Config {
                 etcd_key: o.etcd_key.or(file.etcd_key),
                 etcd_prefix: o.etcd_prefix.or(file.etcd_prefix),
                 etcd_plaintext: o.etcd_plaintext.or(file.etcd_plaintext),
+                replica_id: o.replica_id.or(file.replica_id),
                 ..Settings::default()
             },
+            // Stable across restarts of the same host and port, unique per replica.
+            advertise_address.map(|a| {
+                format!(
+                    "{}-{}",
+                    a.to_string().replace([':', '%'], "-"),
+                    enroll_listen.map_or(0, |l| l.port())
+                )
+            }),
+            &mut errs,
+        );
+        let kek = kek_source(
+            o.kek_file.or(file.kek_file),
+            o.kek_command.or(file.kek_command),
             &mut errs,
         );
         if cluster_sync_interval < Duration::from_secs(1) {
@@ -672,6 +744,7 @@ impl Config {
                     audit,
                     store,
                     admin_remote,
+                    kek,
                 })
             }
             _ => Err(errs),
@@ -688,7 +761,7 @@ impl daemon::reload::Reloadable for Config {
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
             data_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, release_port, tun_name, mtu,
-            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, cluster_sync_interval, rollout_node_timeout, packages, packages_tls, log_format, tls, audit, store, admin_remote)
+            admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, cluster_sync_interval, rollout_node_timeout, packages, packages_tls, log_format, tls, audit, store, admin_remote, kek)
     }
 }
 
@@ -743,14 +816,44 @@ mod tests {
             etcd_key: Some("/k".into()),
             ..base()
         };
-        let c = Config::resolve(Settings::default(), full).unwrap();
+        let c = Config::resolve(Settings::default(), full.clone()).unwrap();
         assert_eq!(
             c.store,
             StoreSettings::Etcd(EtcdSettings {
                 endpoints: vec!["https://etcd-0:2379".into()],
                 tls: Some(("/ca".into(), "/c".into(), "/k".into())),
                 prefix: DEFAULT_ETCD_PREFIX.into(),
+                // Derived from the advertised address and the enrollment port: stable and unique per replica.
+                replica_id: "192.0.2.1-7443".into(),
             })
+        );
+        let bad_id = Settings {
+            replica_id: Some("a/b".into()),
+            ..full.clone()
+        };
+        let e = Config::resolve(Settings::default(), bad_id).unwrap_err();
+        assert!(e.iter().any(|m| m.contains("replica_id")), "{e:?}");
+        let both_keks = Settings {
+            kek_file: Some("/k".into()),
+            kek_command: Some("vault kv get".into()),
+            ..full.clone()
+        };
+        let e = Config::resolve(Settings::default(), both_keks).unwrap_err();
+        assert!(e.iter().any(|m| m.contains("exclude each other")), "{e:?}");
+        let cmd = Settings {
+            kek_command: Some("vault kv get -field=kek 'secret/nimbus x'".into()),
+            ..full
+        };
+        let c = Config::resolve(Settings::default(), cmd).unwrap();
+        assert_eq!(
+            c.kek,
+            crate::kek::KekSource::Command(vec![
+                "vault".into(),
+                "kv".into(),
+                "get".into(),
+                "-field=kek".into(),
+                "secret/nimbus x".into()
+            ])
         );
         let plain = Settings {
             etcd_endpoints: Some(vec!["http://127.0.0.1:2379".into()]),

@@ -26,6 +26,13 @@ pub struct Ctx {
     pub cluster_sync: crate::clustersync::ClusterSync,
     /// The audit log: every state-changing call appends an entry (`crate::auditlog`).
     pub audit: Arc<crate::auditlog::Auditor>,
+    /// Leader election among replicas (always the leader for a single coordinator on sled).
+    pub leadership: Arc<crate::leader::Leadership>,
+    /// The state seen through [`crate::leader::FencedStore`]: singleton work writes through it, so a replica
+    /// that lost leadership (paused, partitioned) can never apply a write of it.
+    pub singleton: Arc<State>,
+    /// Membership among replicas on etcd; `None` for a single coordinator (sled).
+    pub replicas: Option<Arc<crate::replicas::Membership>>,
 }
 
 impl Ctx {
@@ -36,6 +43,24 @@ impl Ctx {
         F: FnOnce(&State) -> Result<T, StateError> + Send + 'static,
     {
         let state = Arc::clone(&self.state);
+        match tokio::task::spawn_blocking(move || f(&state)).await {
+            Ok(r) => r.map_err(tonic::Status::from),
+            Err(e) => {
+                tracing::error!(error = %e, "state task failed");
+                Err(tonic::Status::internal("internal error; see the coordinator log"))
+            }
+        }
+    }
+}
+
+impl Ctx {
+    /// Like [`Ctx::state`], through the fenced store: for singleton work (run only on the leader).
+    pub async fn singleton<T, F>(&self, f: F) -> Result<T, tonic::Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&State) -> Result<T, StateError> + Send + 'static,
+    {
+        let state = Arc::clone(&self.singleton);
         match tokio::task::spawn_blocking(move || f(&state)).await {
             Ok(r) => r.map_err(tonic::Status::from),
             Err(e) => {

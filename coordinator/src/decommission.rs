@@ -106,7 +106,8 @@ async fn run(
     // 2. kubeadm reset on the node itself.
     if node.status == NodeStatus::Active {
         let asked_at = unix_now();
-        let sent = ctx.sessions.send(
+        let sent = crate::replicas::deliver(
+            ctx,
             &id,
             CoordinatorMessage {
                 msg: Some(CoordMsg::Decommission(Decommission {

@@ -135,6 +135,9 @@ impl Enrollment for EnrollmentService {
             mtu: u32::from(self.ctx.config.mtu),
             labels: node.labels.clone().into_iter().collect(),
             pending,
+            replicas: self.ctx.replicas.as_ref().map_or_else(Vec::new, |m| {
+                m.all().iter().map(crate::replicas::ReplicaRecord::message).collect()
+            }),
         }))
     }
 

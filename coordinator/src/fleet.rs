@@ -121,6 +121,16 @@ impl Fleet for FleetService {
         if self.ctx.sessions.seen_before(&node.id) {
             self.ctx.metrics.stream_reconnects.inc();
         }
+        // With replicas: the agents learn every replica, and the others where this node's stream is.
+        if let Some(m) = &self.ctx.replicas {
+            if tx.send(Ok(m.message())).await.is_err() {
+                return Err(Status::cancelled("stream closed"));
+            }
+            let (m, id) = (Arc::clone(m), node.id.clone());
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || m.session_opened(&id)).await {
+                tracing::warn!(node = %node.name, error = %e, "session not recorded in the store; other replicas see the node as lost");
+            }
+        }
         let (sid, cancel) = self.ctx.sessions.open(&node.id, tx.clone(), SystemTime::now());
         match u16::try_from(hello.probe_port) {
             Ok(port) => self.ctx.probes.set_port(&node.id, port),
@@ -151,6 +161,14 @@ impl Fleet for FleetService {
                 }
             }
             ctx.sessions.close(&node.id, sid);
+            if let Some(m) = &ctx.replicas
+                && !ctx.sessions.is_connected(&node.id)
+            {
+                let (m, id) = (Arc::clone(m), node.id.clone());
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || m.session_closed(&id)).await {
+                    tracing::debug!(node = %node.name, error = %e, "session key not removed; it ends with this replica's lease");
+                }
+            }
             ctx.probes.mark_dirty();
             tracing::info!(node = %node.name, "agent disconnected");
         });

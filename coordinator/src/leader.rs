@@ -230,7 +230,7 @@ impl Shared {
 pub struct Leadership {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
-    done: Option<oneshot::Receiver<()>>,
+    done: Mutex<Option<oneshot::Receiver<()>>>,
     request_timeout: Duration,
     // Keeps the store's runtime (which runs the election task) alive.
     _store: Option<Arc<EtcdStore>>,
@@ -272,7 +272,7 @@ impl Leadership {
                 step_down: Notify::new(),
             }),
             stop,
-            done: None,
+            done: Mutex::new(None),
             request_timeout: Duration::from_secs(1),
             _store: None,
         }
@@ -315,7 +315,7 @@ impl Leadership {
         Ok(Leadership {
             shared,
             stop,
-            done: Some(done_rx),
+            done: Mutex::new(Some(done_rx)),
             request_timeout: store.request_timeout(),
             _store: Some(store),
         })
@@ -430,9 +430,10 @@ impl Leadership {
     }
 
     /// Stops campaigning: steps down if leading, revokes the lease, and waits (a few seconds at most) for it.
-    pub async fn resign(mut self) {
+    pub async fn resign(&self) {
         self.stop.send_replace(true);
-        if let Some(done) = self.done.take() {
+        let done = self.done.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(done) = done {
             let _ = tokio::time::timeout(self.request_timeout + Duration::from_secs(1), done).await;
         }
     }
@@ -818,6 +819,46 @@ async fn next_keepalive(
     match keeper {
         Some((_, stream)) => stream.message().await,
         None => std::future::pending().await,
+    }
+}
+
+/// A [`Store`] whose every transaction is fenced to the current leader term ([`Leadership::commit`]): the
+/// store singleton work writes through (see `Ctx::singleton`). Reads pass through. A transaction on a replica
+/// that does not lead fails with a store error naming the leader, and applies nothing.
+pub struct FencedStore {
+    inner: Arc<dyn Store>,
+    leadership: Arc<Leadership>,
+}
+
+impl FencedStore {
+    pub fn new(inner: Arc<dyn Store>, leadership: Arc<Leadership>) -> FencedStore {
+        FencedStore { inner, leadership }
+    }
+}
+
+impl Store for FencedStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<crate::store::KeyValue>, StoreError> {
+        self.inner.scan_prefix(prefix)
+    }
+    fn txn(&self, txn: Txn) -> Result<bool, StoreError> {
+        match self.leadership.commit(self.inner.as_ref(), txn) {
+            Ok(applied) => {
+                if !applied && !self.leadership.is_leader() {
+                    return Err(StoreError::Backend(
+                        "a fenced write was refused: this replica no longer leads; its singleton work stops".into(),
+                    ));
+                }
+                Ok(applied)
+            }
+            Err(LeaderError::Store(e)) => Err(e),
+            Err(e) => Err(StoreError::Backend(e.to_string())),
+        }
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
     }
 }
 

@@ -18,7 +18,6 @@
 //! * `state`    — typed repository (nodes, tokens, IP allocations) over `store`.
 //! * `store`    — the transactional key-value trait and its sled backend.
 //! * `rotation` — key rotation: WireGuard key (announced to agents, overlap), enrollment certificate, CA.
-//! * `rotation` — key rotation: WireGuard key (announced to agents, overlap), enrollment certificate, CA.
 //! * `token`    — join token format and hashing.
 //! * `ipam`     — overlay address plan.
 //! * `probes`   — the latency mesh: probe configs pushed to agents, reported windows kept per pair.
@@ -28,7 +27,10 @@
 //! * `moves`    — nodes leaving a cluster in a rollout are drained there before they are told.
 //! * `kek`      — the key-encryption key (file, NIMBUS_KEK, or a secret-manager command) and AES-GCM envelopes.
 //! * `backup`   — encrypted backup/restore of store + data_dir secrets, and the sled → etcd migration.
-//! * `leader`   — leader election on etcd (lease + fenced writes) for singleton work; always leader on sled.
+//! * `leader`   — leader election on etcd (lease + fenced writes, `FencedStore`) for singleton work; always leader
+//!   on sled.
+//! * `replicas` — several coordinators on one etcd prefix: registry, per-replica overlay address, CA and WireGuard
+//!   keys sealed in the store, fleet-wide sessions, mail between replicas, peers for every node.
 //! * `join`     — per-node bootstrap tokens for kubelet joins.
 //! * `clustersync` — node labels/taints kept in each environment's cluster through the Kubernetes API.
 //! * `decommission` — drain, reset, revoke, free IP and name.
@@ -57,6 +59,7 @@ pub mod packages;
 pub mod placement;
 pub mod probes;
 pub mod releases;
+pub mod replicas;
 pub mod replication;
 pub mod rollout;
 pub mod rotation;

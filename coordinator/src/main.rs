@@ -49,8 +49,6 @@ enum Cmd {
         #[arg(long)]
         to: PathBuf,
         #[command(flatten)]
-        kek: KekArgs,
-        #[command(flatten)]
         daemon: DaemonConfig,
     },
     /// Restore a backup into the configured store (must be empty) and data_dir.
@@ -61,8 +59,6 @@ enum Cmd {
         /// Replace key files that already exist in data_dir.
         #[arg(long)]
         force: bool,
-        #[command(flatten)]
-        kek: KekArgs,
         #[command(flatten)]
         daemon: DaemonConfig,
     },
@@ -96,35 +92,6 @@ enum Cmd {
 enum KekCmd {
     /// Write a new random KEK (base64, mode 0600) to FILE; never overwrites.
     Generate { file: PathBuf },
-}
-
-/// Where the KEK comes from: --kek-file, --kek-command, or else the NIMBUS_KEK environment variable.
-#[derive(clap::Args, Debug)]
-struct KekArgs {
-    /// File holding the base64 KEK (mode 0600).
-    #[arg(long, env = "NIMBUS_KEK_FILE", conflicts_with = "kek_command")]
-    kek_file: Option<PathBuf>,
-    /// Command printing the base64 KEK, run without a shell, e.g. "vault kv get -field=kek secret/nimbus".
-    #[arg(long, env = "NIMBUS_KEK_COMMAND")]
-    kek_command: Option<String>,
-}
-
-impl KekArgs {
-    fn source(&self) -> Result<kek::KekSource, String> {
-        Ok(match (&self.kek_file, &self.kek_command) {
-            (Some(f), _) => kek::KekSource::File(f.clone()),
-            (None, Some(c)) => kek::KekSource::Command(
-                shlex::split(c)
-                    .filter(|v| !v.is_empty())
-                    .ok_or_else(|| format!("--kek-command {c:?} is not a valid command line (check its quotes)"))?,
-            ),
-            (None, None) => kek::KekSource::Env,
-        })
-    }
-
-    fn load(&self) -> Result<kek::Kek, BackupError> {
-        kek::Kek::load(&self.source().map_err(BackupError::Usage)?).map_err(BackupError::Kek)
-    }
 }
 
 /// The daemon's configuration, for the commands that act on its store.
@@ -249,9 +216,9 @@ async fn command(cmd: Cmd) -> Result<String, BackupError> {
                 file.display()
             ))
         }
-        Cmd::Backup { to, kek, daemon } => {
+        Cmd::Backup { to, daemon } => {
             let config = daemon.resolve()?;
-            let k = kek.load()?;
+            let k = kek::Kek::load(&config.kek).map_err(BackupError::Kek)?;
             let s = backup::backup(&config, &k, &to).await?;
             Ok(format!(
                 "backup of {} written to {}: {} entries, {} files ({} bytes), sealed with KEK {}",
@@ -263,14 +230,9 @@ async fn command(cmd: Cmd) -> Result<String, BackupError> {
                 k.id()
             ))
         }
-        Cmd::Restore {
-            from,
-            force,
-            kek,
-            daemon,
-        } => {
+        Cmd::Restore { from, force, daemon } => {
             let config = daemon.resolve()?;
-            let k = kek.load()?;
+            let k = kek::Kek::load(&config.kek).map_err(BackupError::Kek)?;
             let opts = backup::RestoreOptions { force, progress: true };
             let s = backup::restore(&config, &k, &from, opts).await?;
             Ok(format!(

@@ -76,10 +76,10 @@ async fn drain_one(ctx: &Ctx, id: &str, server: &str) {
     };
     let lookup = id.to_string();
     let done = match result {
-        Ok(()) => ctx.state(move |s| s.finish_drain(&lookup)).await,
+        Ok(()) => ctx.singleton(move |s| s.finish_drain(&lookup)).await,
         Err(reason) => {
             tracing::error!(node = %name, %server, %reason, "drain failed: the node stays where it is and the rollout pauses");
-            ctx.state(move |s| s.drain_failed(&lookup, &reason)).await
+            ctx.singleton(move |s| s.drain_failed(&lookup, &reason)).await
         }
     };
     match done {

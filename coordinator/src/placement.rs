@@ -305,10 +305,7 @@ impl State {
     pub fn policy_revisions(&self) -> Result<Vec<PolicyRevisionRecord>, StateError> {
         let mut out = Vec::new();
         for kv in self.store().scan_prefix(REVISIONS.as_bytes())? {
-            let rec: PolicyRevisionRecord = serde_json::from_slice(&kv.1).map_err(|e| StateError::Corrupt {
-                key: String::from_utf8_lossy(&kv.0).into_owned(),
-                reason: e.to_string(),
-            })?;
+            let rec: PolicyRevisionRecord = crate::state::decode(&kv.0, &kv.1)?;
             out.push(rec);
         }
         out.reverse();
@@ -758,7 +755,7 @@ pub async fn push(ctx: &crate::context::Ctx, pushed: Vec<(String, DesiredRecord)
         let msg = nimbus_proto::CoordinatorMessage {
             msg: Some(nimbus_proto::coordinator_message::Msg::DesiredState(state)),
         };
-        let sent = ctx.sessions.send(&id, msg);
+        let sent = crate::replicas::deliver(ctx, &id, msg);
         tracing::info!(node_id = %id, generation = desired.generation, sent, "desired state changed");
     }
 }

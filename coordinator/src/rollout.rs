@@ -510,7 +510,7 @@ pub async fn run_deadlines(ctx: std::sync::Arc<crate::context::Ctx>, mut shutdow
             _ = shutdown.changed() => return,
         }
         let secs = timeout.as_secs().max(1);
-        match ctx.state(move |s| s.expire_rollout(now_unix(), secs)).await {
+        match ctx.singleton(move |s| s.expire_rollout(now_unix(), secs)).await {
             Ok((pushed, timed_out)) => {
                 ctx.metrics.rollout_timeouts.inc_by(timed_out as u64);
                 crate::placement::push(&ctx, pushed).await;

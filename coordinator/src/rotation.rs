@@ -352,6 +352,14 @@ pub async fn watch(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<boo
 
 /// The RotateKey RPC: `kind` × `phase`.
 pub async fn rotate(ctx: &Ctx, req: nimbus_proto::RotateKeyRequest) -> Result<RotateKeyResponse, Status> {
+    if ctx.replicas.is_some() {
+        // The rotation state lives in one replica's data dir, while the keys are sealed in the store for every
+        // replica: rotating here would leave the store's copies stale.
+        return Err(Status::failed_precondition(
+            "key rotation is not supported yet when the state is on etcd (the CA and the replicas' WireGuard keys \
+             are sealed in the store); nothing was changed",
+        ));
+    }
     let overlap = |default: Duration| {
         if req.overlap_secs == 0 {
             default

@@ -87,10 +87,7 @@ fn step(store: &dyn Store, from: u32) -> Result<Txn, StateError> {
 
 /// A rollout record with `"kind"` set to the policy kind when it has none.
 fn with_policy_kind(key: &[u8], raw: &[u8]) -> Result<Vec<u8>, StateError> {
-    let mut v: Value = serde_json::from_slice(raw).map_err(|e| StateError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: format!("not JSON: {e}"),
-    })?;
+    let mut v: Value = crate::state::decode(key, raw)?;
     let Some(obj) = v.as_object_mut() else {
         return Err(StateError::Corrupt {
             key: String::from_utf8_lossy(key).into_owned(),
@@ -99,10 +96,7 @@ fn with_policy_kind(key: &[u8], raw: &[u8]) -> Result<Vec<u8>, StateError> {
     };
     obj.entry("kind")
         .or_insert_with(|| serde_json::json!({"type": "policy"}));
-    serde_json::to_vec(&v).map_err(|e| StateError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: e.to_string(),
-    })
+    crate::state::encode(key, &v)
 }
 
 fn v1_to_v2(store: &dyn Store) -> Result<Txn, StateError> {

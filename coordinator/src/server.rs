@@ -36,8 +36,6 @@ pub struct Running {
     pub ctx: Arc<Ctx>,
     pub enroll_addr: SocketAddr,
     store: Arc<dyn Store>,
-    /// On etcd: this coordinator's hold on its prefix (released at shutdown).
-    sole: Option<crate::leader::Leadership>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), CoordError>>>,
 }
@@ -132,34 +130,74 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, CoordError> {
     }
 }
 
-/// How long a coordinator waits to hold an etcd prefix alone at start (a crashed predecessor's lease runs out
-/// within the leader TTL, 10 s).
-const SOLE_COORDINATOR_WAIT: Duration = Duration::from_secs(15);
+/// Loads the key-encryption key the configuration names (a command may take a while: off the async threads).
+async fn load_kek(config: &Config) -> Result<crate::kek::Kek, CoordError> {
+    let source = config.kek.clone();
+    tokio::task::spawn_blocking(move || crate::kek::Kek::load(&source))
+        .await
+        .map_err(|e| CoordError::Config(vec![format!("loading the KEK: {e}")]))?
+        .map_err(|e| {
+            CoordError::Config(vec![format!(
+                "on etcd the coordinator keeps its CA and WireGuard key sealed in the store and needs the \
+                 key-encryption key: {e} (set kek_file, kek_command or NIMBUS_KEK; create one with \
+                 `nimbus-coordinator kek generate FILE`, the same for every replica)"
+            )])
+        })
+}
 
-/// Until several replicas are supported, a coordinator on etcd holds the prefix alone: it takes the leader key
-/// (lease-bound, released when it stops or dies) and refuses to start while another coordinator holds it, so two
-/// coordinators never drive one fleet's state by mistake.
-async fn hold_prefix_alone(
-    store: Arc<crate::store::EtcdStore>,
-    config: &Config,
-) -> Result<crate::leader::Leadership, CoordError> {
-    let id = format!(
-        "{}-{}",
-        config.advertise_address.to_string().replace([':', '%'], "-"),
-        config.enroll_listen.port()
-    );
-    let leadership = crate::leader::Leadership::etcd(store, crate::leader::LeaderOptions::new(id))
-        .map_err(|e| CoordError::Config(vec![format!("etcd leader election: {e}")]))?;
-    if leadership.wait_leader(SOLE_COORDINATOR_WAIT).await.is_none() {
-        let holder = match leadership.role() {
-            crate::leader::Role::Follower { leader: Some(l) } => l,
-            _ => "unknown".into(),
-        };
-        return Err(CoordError::Config(vec![format!(
-            "another coordinator ({holder}) holds this etcd prefix; several replicas are not supported yet: stop it, or give this one its own etcd_prefix"
-        )]));
-    }
-    Ok(leadership)
+/// Runs a blocking secret-sharing step; its error stops the start.
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, crate::replicas::ReplicaError> + Send + 'static,
+) -> Result<T, CoordError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CoordError::Config(vec![format!("{what}: {e}")]))?
+        .map_err(|e| CoordError::Config(vec![format!("{what}: {e}")]))
+}
+
+/// Runs `task` only while this replica leads: started when it becomes the leader, told to stop (its shutdown
+/// receiver changes) when it steps down, started again on its next term. A single coordinator always leads.
+fn spawn_singleton<F, Fut>(
+    ctx: &Arc<Ctx>,
+    name: &'static str,
+    mut shutdown: watch::Receiver<bool>,
+    task: F,
+) -> tokio::task::JoinHandle<Result<(), CoordError>>
+where
+    F: Fn(Arc<Ctx>, watch::Receiver<bool>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let ctx = Arc::clone(ctx);
+    tokio::spawn(async move {
+        let mut roles = ctx.leadership.subscribe();
+        loop {
+            while !roles.borrow_and_update().is_leader() {
+                tokio::select! {
+                    r = roles.changed() => if r.is_err() { return Ok(()) },
+                    _ = shutdown.changed() => return Ok(()),
+                }
+            }
+            tracing::debug!(task = name, "this replica leads: singleton work started");
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let mut run = tokio::spawn(task(Arc::clone(&ctx), stop_rx));
+            let for_shutdown = loop {
+                tokio::select! {
+                    _ = &mut run => return Ok(()),
+                    r = roles.changed() => if r.is_err() || !roles.borrow_and_update().is_leader() { break false },
+                    _ = shutdown.changed() => break true,
+                }
+            };
+            let _ = stop_tx.send(true);
+            if tokio::time::timeout(DRAIN_DEADLINE, &mut run).await.is_err() {
+                run.abort();
+            }
+            if for_shutdown {
+                return Ok(());
+            }
+            tracing::warn!(task = name, "this replica no longer leads: singleton work stopped");
+        }
+    })
 }
 
 /// Connects to etcd as `e` says and checks it answers.
@@ -249,17 +287,98 @@ fn refusals_to_audit(ctx: &Arc<Ctx>) -> crate::auth::layer::OnRefused {
 pub async fn start(config: Config) -> Result<Running, CoordError> {
     pki::install_crypto_provider();
     prepare_data_dir(&config.data_dir)?;
-    let (store, sole): (Arc<dyn Store>, Option<crate::leader::Leadership>) = match &config.store {
+    let (store, etcd): (Arc<dyn Store>, Option<Arc<crate::store::EtcdStore>>) = match &config.store {
         crate::config::StoreSettings::Etcd(e) => {
             let etcd = connect_etcd(e).await?;
-            let sole = hold_prefix_alone(Arc::clone(&etcd), &config).await?;
-            (etcd, Some(sole))
+            (Arc::clone(&etcd) as Arc<dyn Store>, Some(etcd))
         }
         crate::config::StoreSettings::Sled => (open_store(&config).await?, None),
     };
+    let replica_id = match &config.store {
+        crate::config::StoreSettings::Etcd(e) => e.replica_id.clone(),
+        crate::config::StoreSettings::Sled => "coordinator".to_string(),
+    };
+    let kek = match &etcd {
+        Some(_) => Some(Arc::new(load_kek(&config).await?)),
+        None => None,
+    };
     let overlay = OverlayPlan::new(config.overlay_cidr).map_err(|e| CoordError::Config(vec![e.to_string()]))?;
-    let coordinator_ip = overlay.coordinator_ip;
     let state = Arc::new(State::open(Arc::clone(&store), overlay)?);
+    // On etcd every replica has its own overlay address (the first one the overlay's first host address).
+    let coordinator_ip = match &etcd {
+        Some(_) => {
+            let (s, id) = (Arc::clone(&state), replica_id.clone());
+            blocking("overlay address of this replica", move || {
+                crate::replicas::overlay_ip(&s, &id)
+            })
+            .await?
+        }
+        None => overlay.coordinator_ip,
+    };
+    if let Some(kek) = &kek {
+        // The CA (unless the operator gives the certificates) and this replica's WireGuard key, shared through
+        // the store sealed with the KEK.
+        if config.tls.is_none() {
+            let (st, k, dir) = (Arc::clone(&store), Arc::clone(kek), config.data_dir.join("pki"));
+            blocking("shared CA", move || {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)
+                    .map_err(|e| crate::replicas::ReplicaError::Secret(format!("{}: {e}", dir.display())))?;
+                let create = |d: &Path| {
+                    pki::CertificateAuthority::load_or_create(d)
+                        .map(|_| ())
+                        .map_err(|e| crate::replicas::ReplicaError::Secret(e.to_string()))
+                };
+                crate::replicas::share_files(
+                    st.as_ref(),
+                    &k,
+                    crate::replicas::SECRET_CA,
+                    &dir,
+                    &crate::replicas::regular_files,
+                    &create,
+                )
+            })
+            .await?;
+        }
+        let (st, k, dir, id) = (
+            Arc::clone(&store),
+            Arc::clone(kek),
+            config.data_dir.clone(),
+            replica_id.clone(),
+        );
+        blocking("this replica's WireGuard key", move || {
+            let create = |d: &Path| {
+                tunnel::keys::load_or_create_secret(&d.join("wg.key"))
+                    .map(|_| ())
+                    .map_err(|e| crate::replicas::ReplicaError::Secret(e.to_string()))
+            };
+            crate::replicas::share_files(
+                st.as_ref(),
+                &k,
+                &crate::replicas::secret_wg_key(&id),
+                &dir,
+                &|_| vec!["wg.key".to_string()],
+                &create,
+            )
+        })
+        .await?;
+    }
+    let leadership = Arc::new(match &etcd {
+        Some(e) => {
+            crate::leader::Leadership::etcd(Arc::clone(e), crate::leader::LeaderOptions::new(replica_id.clone()))
+                .map_err(|e| CoordError::Config(vec![format!("etcd leader election: {e}")]))?
+        }
+        None => crate::leader::Leadership::single(replica_id.clone()),
+    });
+    let singleton = Arc::new(State::new(
+        Arc::new(crate::leader::FencedStore::new(
+            Arc::clone(&store),
+            Arc::clone(&leadership),
+        )),
+        overlay,
+    ));
     let metrics = crate::metrics::Metrics::default();
     let audit = crate::auditlog::Auditor::open(&config.audit, &config.data_dir, Arc::clone(&store))
         .map_err(|e| CoordError::Config(vec![format!("audit log: {e}")]))?
@@ -380,6 +499,33 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         }
     };
 
+    let membership = match &etcd {
+        Some(e) => {
+            let record = crate::replicas::ReplicaRecord {
+                id: replica_id.clone(),
+                wg_public_key: tunnel::keys::public_key_to_base64(&tunnel.public_key()),
+                wg_endpoint: config.wg_endpoint(),
+                overlay_ip: coordinator_ip,
+                fleet_port: config.fleet_port,
+                enroll_endpoint: config.enroll_endpoint(),
+                lease: 0,
+            };
+            let e = Arc::clone(e);
+            let registered = blocking("replica registry", move || {
+                crate::replicas::Membership::register(e, record)
+            })
+            .await;
+            match registered {
+                Ok(m) => Some(m),
+                Err(err) => {
+                    let _ = std::fs::remove_file(&config.admin_socket);
+                    tunnel.shutdown().await;
+                    return Err(err);
+                }
+            }
+        }
+        None => None,
+    };
     let config_probe = (config.probe_interval, config.probe_window, config.probe_key_rotation);
     let rotations = crate::rotation::Rotations::new(
         &config.data_dir,
@@ -405,6 +551,9 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         join_tokens: crate::join::Issued::default(),
         cluster_sync: crate::clustersync::ClusterSync::default(),
         audit: Arc::new(audit),
+        leadership,
+        singleton,
+        replicas: membership,
     });
 
     // A WireGuard key rotation interrupted by a restart goes on where it was.
@@ -415,10 +564,12 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         .await
         .map_err(|e| CoordError::Config(vec![e.message().to_string()]))?;
     let mut peers = 0usize;
+    let mut known_peers = std::collections::HashSet::new();
     for n in nodes.iter().filter(|n| n.status == NodeStatus::Active) {
         match key_from_id(&n.public_key) {
             Some(k) => {
                 ctx.tunnel.add_peer(peer_for(n, k))?;
+                known_peers.insert(n.public_key.clone());
                 peers += 1;
             }
             None => tracing::error!(node = %n.name, "stored public key is invalid; node skipped"),
@@ -539,32 +690,37 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
             Ok(())
         }));
     }
-    {
-        let (c, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
-        let every = ctx.config.probe_window;
+    if let Some(m) = &ctx.replicas {
+        let (c, m, rx) = (Arc::clone(&ctx), Arc::clone(m), shutdown_rx.clone());
         tasks.push(tokio::spawn(async move {
-            crate::replication::watch_drift(c, every, rx).await;
+            crate::replicas::run(c, m, known_peers, rx).await;
             Ok(())
         }));
     }
-    {
-        let (c, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
-        let every = ctx.config.cluster_sync_interval;
-        tasks.push(tokio::spawn(async move {
-            crate::clustersync::run(c, every, rx).await;
-            Ok(())
-        }));
-        let (c, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
-        tasks.push(tokio::spawn(async move {
-            crate::rollout::run_deadlines(c, rx).await;
-            Ok(())
-        }));
-        let (c, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
-        tasks.push(tokio::spawn(async move {
-            crate::moves::run(c, rx).await;
-            Ok(())
-        }));
-    }
+    // Singleton work: only on the leader (always, for a single coordinator).
+    let every = ctx.config.probe_window;
+    tasks.push(spawn_singleton(
+        &ctx,
+        "replication drift",
+        shutdown_rx.clone(),
+        move |c, rx| crate::replication::watch_drift(c, every, rx),
+    ));
+    let every = ctx.config.cluster_sync_interval;
+    tasks.push(spawn_singleton(
+        &ctx,
+        "cluster sync",
+        shutdown_rx.clone(),
+        move |c, rx| crate::clustersync::run(c, every, rx),
+    ));
+    tasks.push(spawn_singleton(
+        &ctx,
+        "rollout deadlines",
+        shutdown_rx.clone(),
+        crate::rollout::run_deadlines,
+    ));
+    tasks.push(spawn_singleton(&ctx, "drains", shutdown_rx.clone(), |c, rx| {
+        crate::moves::run(c, rx)
+    }));
     {
         let releases = crate::releases::Releases::new(&ctx.config.data_dir);
         let server = Arc::new(release::RepoServer::new(releases.repo_dir()));
@@ -596,24 +752,16 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
             }
         }));
     }
-    {
-        let (auditor, every, rx) = (
-            Arc::clone(&ctx.audit),
-            ctx.config.audit.checkpoint_interval,
-            shutdown_rx.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            crate::auditlog::checkpoint_task(auditor, every, rx).await;
-            Ok(())
-        }));
-    }
-    {
-        let (ctx, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
-        tasks.push(tokio::spawn(async move {
-            crate::rotation::watch(ctx, rx).await;
-            Ok(())
-        }));
-    }
+    let every = ctx.config.audit.checkpoint_interval;
+    tasks.push(spawn_singleton(
+        &ctx,
+        "audit checkpoints",
+        shutdown_rx.clone(),
+        move |c, rx| crate::auditlog::checkpoint_task(Arc::clone(&c.audit), every, rx),
+    ));
+    tasks.push(spawn_singleton(&ctx, "key rotation", shutdown_rx.clone(), |c, rx| {
+        crate::rotation::watch(c, rx)
+    }));
     tasks.push(tokio::spawn(flush_last_seen(Arc::clone(&ctx), shutdown_rx)));
 
     tracing::info!(
@@ -625,7 +773,6 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         ctx,
         enroll_addr,
         store,
-        sole,
         shutdown_tx,
         tasks,
     })
@@ -674,10 +821,8 @@ impl Running {
         if let Err(e) = self.store.flush() {
             tracing::warn!(error = %e, "final store flush failed");
         }
-        if let Some(sole) = self.sole {
-            // The next coordinator on this prefix need not wait for the lease to run out.
-            sole.resign().await;
-        }
+        // Another replica takes over the singleton work at once instead of after the lease TTL.
+        self.ctx.leadership.resign().await;
         let _ = std::fs::remove_file(&self.ctx.config.admin_socket);
         self.ctx.tunnel.clone().shutdown().await;
     }

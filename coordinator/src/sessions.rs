@@ -132,6 +132,17 @@ impl Sessions {
         }
     }
 
+    /// The nodes with a stream on this coordinator.
+    pub fn local_ids(&self) -> Vec<String> {
+        self.lock().sessions.keys().cloned().collect()
+    }
+
+    /// Queue `msg` for every open stream (those with a full queue miss it). Returns how many took it.
+    pub fn broadcast(&self, msg: &CoordinatorMessage) -> usize {
+        let txs: Vec<_> = self.lock().sessions.values().map(|s| s.tx.clone()).collect();
+        txs.iter().filter(|tx| tx.try_send(Ok(msg.clone())).is_ok()).count()
+    }
+
     /// Queue a message for the node's stream. Returns false when the node has
     /// no open stream or its queue is full.
     pub fn send(&self, node_id: &str, msg: CoordinatorMessage) -> bool {

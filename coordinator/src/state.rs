@@ -879,7 +879,7 @@ impl State {
     /// A free overlay address: the lowest one (one scan) the first time, then the first free one after the last
     /// handed out, wrapping around. Free means no `ip/` record now; the enrollment transaction's `if_absent`
     /// settles races with other threads or replicas.
-    fn next_free_ip(&self) -> Result<Ipv4Addr, StateError> {
+    pub(crate) fn next_free_ip(&self) -> Result<Ipv4Addr, StateError> {
         let hint = *self.ip_hint.lock().unwrap_or_else(|p| p.into_inner());
         let Some(after) = hint else {
             return Ok(self.overlay.first_free(&self.used_ips()?)?);
@@ -1025,18 +1025,50 @@ pub(crate) fn invalid(msg: impl Into<String>) -> StateError {
     StateError::InvalidArgument(msg.into())
 }
 
-fn decode<T: DeserializeOwned>(key: &[u8], raw: &[u8]) -> Result<T, StateError> {
-    serde_json::from_slice(raw).map_err(|e| StateError::Corrupt {
+/// Records larger than this are stored gzip-compressed (a rollout of 10 000 nodes is about 1 MiB of JSON, near
+/// etcd's default 1.5 MiB request limit; compressed it is about a tenth).
+pub const COMPRESS_ABOVE: usize = 64 * 1024;
+/// Most bytes a compressed record may inflate to (a hostile or corrupt value cannot exhaust memory).
+pub const MAX_RECORD: u64 = 256 * 1024 * 1024;
+/// gzip's magic; a JSON record never starts with it.
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+pub(crate) fn decode<T: DeserializeOwned>(key: &[u8], raw: &[u8]) -> Result<T, StateError> {
+    let corrupt = |reason: String| StateError::Corrupt {
         key: lossy(key),
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    if raw.starts_with(&GZIP_MAGIC) {
+        use std::io::Read as _;
+        let mut json = Vec::new();
+        flate2::read::GzDecoder::new(raw)
+            .take(MAX_RECORD + 1)
+            .read_to_end(&mut json)
+            .map_err(|e| corrupt(format!("compressed record unreadable: {e}")))?;
+        if json.len() as u64 > MAX_RECORD {
+            return Err(corrupt(format!("compressed record inflates beyond {MAX_RECORD} bytes")));
+        }
+        return serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()));
+    }
+    serde_json::from_slice(raw).map_err(|e| corrupt(e.to_string()))
 }
 
 pub(crate) fn encode<T: Serialize>(key: &[u8], value: &T) -> Result<Vec<u8>, StateError> {
-    serde_json::to_vec(value).map_err(|e| StateError::Corrupt {
+    let json = serde_json::to_vec(value).map_err(|e| StateError::Corrupt {
         key: lossy(key),
         reason: format!("cannot encode record: {e}"),
-    })
+    })?;
+    if json.len() <= COMPRESS_ABOVE {
+        return Ok(json);
+    }
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(json.len() / 8), flate2::Compression::fast());
+    gz.write_all(&json)
+        .and_then(|()| gz.finish())
+        .map_err(|e| StateError::Corrupt {
+            key: lossy(key),
+            reason: format!("cannot compress record: {e}"),
+        })
 }
 
 fn lossy(key: &[u8]) -> String {
@@ -1059,6 +1091,33 @@ mod tests {
     use std::path::Path;
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn large_records_are_stored_compressed_and_read_back_small_ones_stay_plain_json() {
+        let small = vec!["n".to_string(); 10];
+        assert_eq!(encode(b"k", &small).unwrap(), serde_json::to_vec(&small).unwrap());
+        // A rollout-sized record: 10 000 similar entries.
+        let big: Vec<String> = (0..10_000)
+            .map(|i| format!("node-{i:05} pending wave 3 pool db"))
+            .collect();
+        let json = serde_json::to_vec(&big).unwrap();
+        let raw = encode(b"k", &big).unwrap();
+        assert!(
+            raw.len() * 4 < json.len(),
+            "{} bytes compressed from {}",
+            raw.len(),
+            json.len()
+        );
+        assert_eq!(decode::<Vec<String>>(b"k", &raw).unwrap(), big);
+        assert_eq!(
+            decode::<Vec<String>>(b"k", &json).unwrap(),
+            big,
+            "plain JSON still reads"
+        );
+        // A truncated or hostile compressed value is an error naming the key, never a panic.
+        let e = decode::<Vec<String>>(b"rollout/current", &raw[..raw.len() / 2]).unwrap_err();
+        assert!(e.to_string().contains("rollout/current"), "{e}");
+    }
 
     fn t0() -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_700_000_000)

@@ -549,3 +549,31 @@ fn a_refused_fenced_commit_steps_down_at_once_and_the_replica_campaigns_again() 
     wait_for(Duration::from_secs(5), "a to lead again", || a.is_leader());
     assert!(a.commit(&*store, Txn::new().put("work/x", "2")).unwrap());
 }
+
+#[test]
+fn a_fenced_store_writes_only_for_the_leader_of_the_current_term() {
+    use coordinator::leader::FencedStore;
+    let Some(etcd) = Etcd::start() else { return };
+    let (sa, a) = candidate(&etcd, "a", TTL);
+    let a = Arc::new(a);
+    wait_for(Duration::from_secs(10), "a to lead", || a.is_leader());
+    let (sb, b) = candidate(&etcd, "b", TTL);
+    let b = Arc::new(b);
+    let fa = FencedStore::new(sa.clone(), Arc::clone(&a));
+    let fb = FencedStore::new(sb.clone(), Arc::clone(&b));
+    assert!(fa.txn(Txn::new().put("work/y", "a1")).unwrap(), "the leader writes");
+    let e = fb.txn(Txn::new().put("work/y", "b1")).unwrap_err();
+    assert!(e.to_string().contains("not the leader"), "{e}");
+    // Reads pass through on any replica.
+    assert_eq!(fb.get(b"work/y").unwrap().as_deref(), Some(&b"a1"[..]));
+
+    // a hands over; b leads; a's store refuses from then on and nothing of it is applied.
+    block_on(a.resign());
+    wait_for(TTL + MARGIN, "b to take over", || b.is_leader());
+    assert!(
+        fa.txn(Txn::new().put("work/y", "a2")).is_err(),
+        "an old leader's write is refused"
+    );
+    assert!(fb.txn(Txn::new().put("work/y", "b2")).unwrap());
+    assert_eq!(sa.get(b"work/y").unwrap().as_deref(), Some(&b"b2"[..]));
+}

@@ -189,6 +189,9 @@ enum Cmd {
     /// remote context) and the roles it grants: viewer (read), operator (tokens, apply, rollouts, releases),
     /// admin (revoke, decommission, keys, release repository).
     Whoami,
+    /// The coordinator replicas sharing this fleet's store (several on etcd, one otherwise): id, overlay
+    /// address, endpoints, agents streaming to each, and which one leads (runs rollouts, drains, label sync).
+    Replicas,
     /// Rotate the coordinator's keys (admin role).
     #[command(subcommand)]
     Key(KeyCmd),
@@ -1400,6 +1403,44 @@ async fn admin(mut c: context::Client, output: Output, cmd: Cmd) -> Result<()> {
             }
             if r.kind == "wireguard" && r.state == "overlap" {
                 text.push_str(&format!("  agents told: {}\n", r.agents_notified));
+            }
+            emit(&text)?;
+        }
+        Cmd::Replicas => {
+            let r = c
+                .list_replicas(ListReplicasRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if output == Output::Json {
+                let rows: Vec<serde_json::Value> = r
+                    .replicas
+                    .iter()
+                    .map(|x| {
+                        serde_json::json!({
+                            "id": x.id, "overlay_ip": x.overlay_ip, "wg_endpoint": x.wg_endpoint,
+                            "enroll_endpoint": x.enroll_endpoint, "leader": x.leader, "this": x.this, "agents": x.agents,
+                        })
+                    })
+                    .collect();
+                return print_json(&serde_json::Value::Array(rows));
+            }
+            let mut text = format!(
+                "{:<28} {:<16} {:<22} {:<22} {:>7}  ROLE\n",
+                "REPLICA", "OVERLAY", "WIREGUARD", "ENROLL", "AGENTS"
+            );
+            for x in &r.replicas {
+                let mut role = if x.leader { "leader" } else { "follower" }.to_string();
+                if x.this {
+                    role.push_str(" (answered)");
+                }
+                text.push_str(&format!(
+                    "{:<28} {:<16} {:<22} {:<22} {:>7}  {role}\n",
+                    x.id, x.overlay_ip, x.wg_endpoint, x.enroll_endpoint, x.agents
+                ));
+            }
+            if r.leader.is_empty() {
+                text.push_str("no leader known right now (an election is under way, or etcd is unreachable)\n");
             }
             emit(&text)?;
         }

@@ -126,6 +126,12 @@ impl Admin for Fake {
     async fn who_am_i(&self, _: Request<nimbus_proto::WhoAmIRequest>) -> R<nimbus_proto::WhoAmIResponse> {
         Err(Status::unimplemented("fake"))
     }
+    async fn list_replicas(
+        &self,
+        _: Request<nimbus_proto::ListReplicasRequest>,
+    ) -> R<nimbus_proto::ListReplicasResponse> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn get_rollout(&self, _: Request<GetRolloutRequest>) -> R<RolloutStatus> {
         Ok(Response::new(paused_rollout()))
     }

@@ -163,6 +163,8 @@ struct Case {
     waves: u32,
     events: usize,
     stored_bytes: usize,
+    /// The same record gzip-compressed as the coordinator stores records over 64 KiB (`Compression::fast`).
+    stored_gzip: usize,
     heap_bytes: usize,
 }
 
@@ -206,6 +208,7 @@ impl Case {
         stored_bytes = stored_bytes
             .max(json_len(&before_decision.rollout))
             .max(json_len(&Rollout::new(targets.clone(), limits.clone()).expect("valid")));
+        let stored_gzip = gz_len(&before_decision.rollout);
         let (held, heap_bytes) = heap_of(|| before_decision.rollout.clone());
         drop(held);
 
@@ -218,9 +221,18 @@ impl Case {
             waves: sim.waves,
             events: sim.handled,
             stored_bytes,
+            stored_gzip,
             heap_bytes,
         }
     }
+}
+
+fn gz_len(rollout: &Rollout) -> usize {
+    use std::io::Write as _;
+    let json = serde_json::to_vec(rollout).expect("a rollout serializes");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&json).expect("in memory");
+    gz.finish().expect("in memory").len()
 }
 
 fn json_len(rollout: &Rollout) -> usize {
@@ -349,13 +361,13 @@ fn table(cases: &[Case], samples: &Samples) {
     );
     println!();
     println!(
-        "| nodes | waves | events | per-wave decision | other event | whole rollout | store (to_vec) | stored bytes | heap |"
+        "| nodes | waves | events | per-wave decision | other event | whole rollout | store (to_vec) | stored bytes | gzip (mid-rollout) | heap |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for case in cases {
         let n = case.nodes;
         println!(
-            "| {n} | {} | {} | {} | {} | {} | {} | {} ({}) | {} |",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} |",
             case.waves,
             case.events,
             fmt_time(samples.median(&format!("wave-decision/{n}"))),
@@ -364,6 +376,7 @@ fn table(cases: &[Case], samples: &Samples) {
             fmt_time(samples.median(&format!("store/{n}"))),
             fmt_bytes(case.stored_bytes),
             case.stored_bytes,
+            fmt_bytes(case.stored_gzip),
             fmt_bytes(case.heap_bytes),
         );
     }

@@ -102,7 +102,8 @@ pub fn required_role(method: &str) -> Option<Role> {
         | "GetRollout"
         | "ListReleases"
         | "ListAudit"
-        | "WhoAmI" => Viewer,
+        | "WhoAmI"
+        | "ListReplicas" => Viewer,
         "CreateToken" | "RevokeToken" | "AcceptNode" | "ApplyPolicy" | "RollbackPolicy" | "ControlRollout"
         | "AddRelease" | "StartUpgrade" => Operator,
         "RevokeNode" | "DecommissionNodes" | "InstallReleaseRepository" | "RotateKey" => Admin,

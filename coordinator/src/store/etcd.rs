@@ -33,8 +33,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare as EtcdCompare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions,
-    Txn as EtcdTxn, TxnOp,
+    Certificate, Client, Compare as EtcdCompare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    SortOrder, SortTarget, TlsOptions, Txn as EtcdTxn, TxnOp,
 };
 
 use super::{Compare, KeyValue, Op, Store, StoreError, Txn};
@@ -254,6 +254,85 @@ impl EtcdStore {
         k.extend_from_slice(&self.prefix);
         k.extend_from_slice(key);
         k
+    }
+
+    /// Grants a lease of `ttl` (whole seconds, at least 1) and returns its id: keys put with it vanish when it
+    /// is not renewed ([`EtcdStore::renew_lease`]) within the TTL — the replica registry and session keys.
+    pub fn grant_lease(&self, ttl: Duration) -> Result<i64, StoreError> {
+        let mut client = self.client.clone();
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        self.run("etcd lease grant", async move {
+            Ok(client.lease_grant(secs, None).await?.id())
+        })
+    }
+
+    /// Renews `lease` once. `Ok(false)` when etcd no longer knows it (expired or revoked: its keys are gone).
+    pub fn renew_lease(&self, lease: i64) -> Result<bool, StoreError> {
+        let mut client = self.client.clone();
+        self.run("etcd lease keep-alive", async move {
+            let (_keeper, mut stream) = match client.lease_keep_alive(lease).await {
+                Ok(ks) => ks,
+                Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            // Opening the stream renewed once; its answer carries the new TTL (0: the lease is gone).
+            Ok(stream.message().await?.is_some_and(|r| r.ttl() > 0))
+        })
+    }
+
+    /// Revokes `lease` (its keys are deleted at once). Errors are returned, a lease etcd no longer knows is not
+    /// one.
+    pub fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        self.run("etcd lease revoke", async move {
+            match client.lease_revoke(lease).await {
+                Ok(_) => Ok(()),
+                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("not found") => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    /// Puts `key` bound to `lease` (deleted when the lease ends).
+    pub fn put_leased(&self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        let k = self.full_key(key);
+        self.run("etcd put", async move {
+            client.put(k, value, Some(PutOptions::new().with_lease(lease))).await?;
+            Ok(())
+        })
+    }
+
+    /// A cheap fingerprint of everything under `prefix`: (number of keys, highest modification revision). It
+    /// changes when a key there is created, changed or deleted (deletion lowers the count), so a poller reads
+    /// the whole prefix only after a change.
+    pub fn fingerprint(&self, prefix: &[u8]) -> Result<(i64, i64), StoreError> {
+        let mut client = self.client.clone();
+        let full = self.full_key(prefix);
+        self.run("etcd fingerprint", async move {
+            let end = prefix_end(&full);
+            let count = client
+                .get(
+                    full.clone(),
+                    Some(GetOptions::new().with_range(end.clone()).with_count_only()),
+                )
+                .await?
+                .count();
+            let newest = client
+                .get(
+                    full,
+                    Some(
+                        GetOptions::new()
+                            .with_range(end)
+                            .with_keys_only()
+                            .with_limit(1)
+                            .with_sort(SortTarget::Mod, SortOrder::Descend),
+                    ),
+                )
+                .await?;
+            let rev = newest.kvs().first().map_or(0, |kv| kv.mod_revision());
+            Ok((count, rev))
+        })
     }
 
     /// Runs `fut` on the store's runtime and waits for it (with a margin over the request timeout).
