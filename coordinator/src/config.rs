@@ -51,6 +51,11 @@ pub struct Settings {
     /// State directory: sled store, CA, WireGuard key. [default: /var/lib/nimbus-coordinator]
     #[arg(long, env = "NIMBUS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The agent-release repository and its online keys. With several replicas, a directory every replica
+    /// mounts (a ReadWriteMany volume, NFS): agents fetch releases from the replica they stream to.
+    /// [default: <data_dir>/releases]
+    #[arg(long, env = "NIMBUS_RELEASES_DIR")]
+    pub releases_dir: Option<PathBuf>,
     /// Enrollment listener, TCP with TLS. [default: 0.0.0.0:7443]
     #[arg(long, env = "NIMBUS_ENROLL_LISTEN")]
     pub enroll_listen: Option<String>,
@@ -355,6 +360,8 @@ pub struct OidcSettings {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
+    /// The release repository's root (`releases_dir`).
+    pub releases_dir: PathBuf,
     pub enroll_listen: SocketAddr,
     pub wg_listen: SocketAddr,
     /// The address agents dial for enrollment and WireGuard.
@@ -402,7 +409,11 @@ impl Config {
     /// problem found, one line each.
     pub fn resolve(file: Settings, o: Settings) -> Result<Config, Vec<String>> {
         let mut errs = Vec::new();
-        let data_dir = o.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+        let data_dir: PathBuf = o.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+        let releases_dir = o
+            .releases_dir
+            .or(file.releases_dir)
+            .unwrap_or_else(|| data_dir.join("releases"));
         let enroll_listen = parse_addr(
             "enroll_listen",
             o.enroll_listen
@@ -719,6 +730,7 @@ impl Config {
             (Some(enroll_listen), Some(wg_listen), Some(advertise_address), Some(overlay_cidr)) if errs.is_empty() => {
                 Ok(Config {
                     data_dir,
+                    releases_dir,
                     enroll_listen,
                     wg_listen,
                     advertise_address,
@@ -760,7 +772,7 @@ impl daemon::reload::Reloadable for Config {
     /// Everything but `log_level` takes effect at restart.
     fn restart_needed_for(&self, new: &Config) -> Vec<&'static str> {
         daemon::changed_fields!(self, new;
-            data_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, release_port, tun_name, mtu,
+            data_dir, releases_dir, enroll_listen, wg_listen, advertise_address, overlay_cidr, fleet_port, release_port, tun_name, mtu,
             admin_socket, heartbeat_interval, last_seen_flush, metrics_listen, probe_interval, probe_window, probe_key_rotation, cluster_sync_interval, rollout_node_timeout, packages, packages_tls, log_format, tls, audit, store, admin_remote, kek)
     }
 }

@@ -33,6 +33,8 @@ pub struct Ctx {
     pub singleton: Arc<State>,
     /// Membership among replicas on etcd; `None` for a single coordinator (sled).
     pub replicas: Option<Arc<crate::replicas::Membership>>,
+    /// The key-encryption key (on etcd: secrets in the store are sealed with it).
+    pub kek: Option<Arc<crate::kek::Kek>>,
 }
 
 impl Ctx {

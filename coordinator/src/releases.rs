@@ -194,11 +194,22 @@ fn metadata_name(name: &str) -> bool {
 }
 
 impl Releases {
+    /// The repository in `<data_dir>/releases`.
     pub fn new(data_dir: &Path) -> Releases {
+        Releases::at(&data_dir.join("releases"))
+    }
+
+    /// The repository rooted at `root` (`releases_dir`).
+    pub fn at(root: &Path) -> Releases {
         Releases {
-            root: data_dir.join("releases"),
+            root: root.to_path_buf(),
             expiries: Expiries::default(),
         }
+    }
+
+    /// The online keys' directory (sealed into the store for every replica on etcd).
+    pub fn keys_path(&self) -> PathBuf {
+        self.keys_dir()
     }
 
     pub fn repo_dir(&self) -> PathBuf {
@@ -441,7 +452,7 @@ pub async fn install_rpc(
     by: &str,
     r: nimbus_proto::InstallReleaseRepositoryRequest,
 ) -> Result<nimbus_proto::ReleaseList, tonic::Status> {
-    let releases = Releases::new(&ctx.config.data_dir);
+    let releases = Releases::at(&ctx.config.releases_dir);
     let summary = releases
         .install(
             r.metadata.into_iter().collect(),
@@ -454,6 +465,7 @@ pub async fn install_rpc(
         root_version = summary.root_version,
         "release repository installed by an operator"
     );
+    crate::replicas::seal_release_keys(ctx, &releases.keys_path()).await;
     Ok(list_message(ctx, summary))
 }
 
@@ -464,7 +476,7 @@ pub async fn add_rpc(
     mut stream: tonic::Streaming<nimbus_proto::AddReleaseChunk>,
 ) -> Result<nimbus_proto::ReleaseList, tonic::Status> {
     use nimbus_proto::add_release_chunk::Part;
-    let releases = std::sync::Arc::new(Releases::new(&ctx.config.data_dir));
+    let releases = std::sync::Arc::new(Releases::at(&ctx.config.releases_dir));
     let header = match stream.message().await? {
         Some(nimbus_proto::AddReleaseChunk {
             part: Some(Part::Header(h)),
@@ -519,7 +531,7 @@ pub async fn upgrade_request(
     };
     let max_unavailable =
         crate::upgrade::MaxUnavailable::parse(&r.max_unavailable).map_err(tonic::Status::invalid_argument)?;
-    let summary = Releases::new(&ctx.config.data_dir).summary().await?;
+    let summary = Releases::at(&ctx.config.releases_dir).summary().await?;
     if summary.root_version == 0 {
         return Err(ReleaseError::NotInstalled.into());
     }
@@ -562,7 +574,7 @@ pub async fn upgrade_request(
 
 /// `ListReleases`.
 pub async fn list_rpc(ctx: &crate::context::Ctx) -> Result<nimbus_proto::ReleaseList, tonic::Status> {
-    let summary = Releases::new(&ctx.config.data_dir).summary().await?;
+    let summary = Releases::at(&ctx.config.releases_dir).summary().await?;
     Ok(list_message(ctx, summary))
 }
 

@@ -55,6 +55,8 @@ pub const SESSIONS: &[u8] = b"sessions/";
 pub const MAIL: &str = "mail/";
 /// The shared CA, sealed.
 pub const SECRET_CA: &[u8] = b"secrets/ca";
+/// The release repository's online keys, sealed.
+pub const SECRET_RELEASE_KEYS: &[u8] = b"secrets/release-keys";
 /// A replica's lease: its registry entry, its agents' session keys and mail for it vanish this long after it
 /// stopped renewing.
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
@@ -230,6 +232,61 @@ pub fn share_files(
         // Another replica sealed its copy first: take that one.
     }
     Err(secret(format!("{what}: the store kept changing; restart this replica")))
+}
+
+/// Seals the files `names` of `dir` into the store at `key`, replacing what is there.
+pub fn seal_files(store: &dyn Store, kek: &Kek, key: &[u8], dir: &Path, names: &[String]) -> Result<(), ReplicaError> {
+    let mut files = BTreeMap::new();
+    for name in names {
+        let path = dir.join(name);
+        let body =
+            std::fs::read(&path).map_err(|e| ReplicaError::Secret(format!("cannot read {}: {e}", path.display())))?;
+        files.insert(name.clone(), base64::engine::general_purpose::STANDARD.encode(body));
+    }
+    let plain = serde_json::to_vec(&SealedFiles { files }).map_err(|e| ReplicaError::Secret(e.to_string()))?;
+    let sealed = kek
+        .try_seal(&plain, key)
+        .map_err(|e| ReplicaError::Secret(format!("cannot seal {}: {e}", String::from_utf8_lossy(key))))?;
+    store.txn(Txn::new().put(key.to_vec(), sealed))?;
+    Ok(())
+}
+
+/// After `InstallReleaseRepository` on etcd: the new online keys sealed into the store, so every replica (and
+/// a replica restarted with an empty data dir) signs with them. Failures are logged: the install itself stands.
+pub async fn seal_release_keys(ctx: &Ctx, dir: &Path) {
+    let (Some(_), Some(kek)) = (&ctx.replicas, &ctx.kek) else {
+        return;
+    };
+    let (kek, dir, state) = (Arc::clone(kek), dir.to_path_buf(), Arc::clone(&ctx.state));
+    let sealed = tokio::task::spawn_blocking(move || {
+        seal_files(state.store(), &kek, SECRET_RELEASE_KEYS, &dir, &regular_files(&dir))
+    })
+    .await;
+    match sealed {
+        Ok(Ok(())) => tracing::info!("release online keys sealed into the store for every replica"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "release online keys not sealed into the store; other replicas keep the old ones")
+        }
+        Err(e) => tracing::error!(error = %e, "sealing the release keys failed"),
+    }
+}
+
+/// At start on etcd: the release online keys from the store into `dir` when the store has them; otherwise this
+/// replica's own keys (if any) are sealed for the others.
+pub fn share_release_keys(store: &dyn Store, kek: &Kek, dir: &Path) -> Result<(), ReplicaError> {
+    let secret = |e: std::io::Error| ReplicaError::Secret(format!("{}: {e}", dir.display()));
+    if store.get(SECRET_RELEASE_KEYS)?.is_some() {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(secret)?;
+    } else if regular_files(dir).is_empty() {
+        return Ok(());
+    }
+    share_files(store, kek, SECRET_RELEASE_KEYS, dir, &regular_files, &|_| Ok(()))?;
+    Ok(())
 }
 
 fn write_private(path: &Path, body: &[u8]) -> std::io::Result<()> {
@@ -715,6 +772,28 @@ mod tests {
         s.store().txn(Txn::new().put(secret_wg_key("x"), sealed)).unwrap();
         let e = share_files(s.store(), &kek, &secret_wg_key("x"), &second, &two_files, &never).unwrap_err();
         assert!(e.to_string().contains("cannot open"), "{e}");
+    }
+
+    #[test]
+    fn release_keys_follow_the_store_after_an_install_on_any_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = state(dir.path());
+        let kek = Kek::from_bytes(&[7; 32]);
+        let (a, b) = (dir.path().join("a/keys"), dir.path().join("b/keys"));
+        // No keys anywhere: nothing is created or sealed.
+        share_release_keys(s.store(), &kek, &b).unwrap();
+        assert!(!b.exists() && s.store().get(SECRET_RELEASE_KEYS).unwrap().is_none());
+        // Replica a installs a repository: its keys are sealed; b restores them at its start.
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::write(a.join("targets.key"), b"k1").unwrap();
+        seal_files(s.store(), &kek, SECRET_RELEASE_KEYS, &a, &regular_files(&a)).unwrap();
+        share_release_keys(s.store(), &kek, &b).unwrap();
+        assert_eq!(std::fs::read(b.join("targets.key")).unwrap(), b"k1");
+        // A later install replaces them.
+        std::fs::write(a.join("targets.key"), b"k2").unwrap();
+        seal_files(s.store(), &kek, SECRET_RELEASE_KEYS, &a, &regular_files(&a)).unwrap();
+        share_release_keys(s.store(), &kek, &b).unwrap();
+        assert_eq!(std::fs::read(b.join("targets.key")).unwrap(), b"k2");
     }
 
     #[test]

@@ -365,6 +365,13 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         })
         .await?;
     }
+    if let Some(kek) = &kek {
+        let (st, k, dir) = (Arc::clone(&store), Arc::clone(kek), config.releases_dir.join("keys"));
+        blocking("release online keys", move || {
+            crate::replicas::share_release_keys(st.as_ref(), &k, &dir)
+        })
+        .await?;
+    }
     let leadership = Arc::new(match &etcd {
         Some(e) => {
             crate::leader::Leadership::etcd(Arc::clone(e), crate::leader::LeaderOptions::new(replica_id.clone()))
@@ -554,6 +561,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         leadership,
         singleton,
         replicas: membership,
+        kek,
     });
 
     // A WireGuard key rotation interrupted by a restart goes on where it was.
@@ -722,7 +730,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         crate::moves::run(c, rx)
     }));
     {
-        let releases = crate::releases::Releases::new(&ctx.config.data_dir);
+        let releases = crate::releases::Releases::at(&ctx.config.releases_dir);
         let server = Arc::new(release::RepoServer::new(releases.repo_dir()));
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -738,8 +746,14 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
                     source,
                 })
         }));
-        let mut rx = shutdown_rx.clone();
-        tasks.push(tokio::spawn(async move {
+    }
+    // The timestamp is re-signed by the leader only (with replicas the repository is one shared directory).
+    tasks.push(spawn_singleton(
+        &ctx,
+        "release timestamp",
+        shutdown_rx.clone(),
+        |c, mut rx| async move {
+            let releases = crate::releases::Releases::at(&c.config.releases_dir);
             // At start (the coordinator may have been down past the timestamp's expiry), then periodically.
             loop {
                 if let Err(e) = releases.refresh().await {
@@ -747,11 +761,11 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(crate::releases::REFRESH_EVERY) => {}
-                    _ = rx.changed() => return Ok(()),
+                    _ = rx.changed() => return,
                 }
             }
-        }));
-    }
+        },
+    ));
     let every = ctx.config.audit.checkpoint_interval;
     tasks.push(spawn_singleton(
         &ctx,
