@@ -29,7 +29,7 @@ cargo build --workspace --bins --locked
 # The .deb test packages that dev build with the pinned cargo-deb: install it (once, about 1.5 minutes) and
 # build the packages here, so the test itself only inspects and installs them.
 ./packaging/build-deb.sh > /dev/null
-# The same for the .rpm packages with the pinned cargo-generate-rpm (installed once, about 4.5 minutes).
+# The same for the .rpm packages, with rpmbuild (Debian's rpm package).
 ./packaging/build-rpm.sh > /dev/null
 NIMBUS_REQUIRE_ROOT_TESTS=1 cargo test --workspace --locked
 df -h . | sed 's/^/test.sh: disk after the tests: /'

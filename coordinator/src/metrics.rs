@@ -325,6 +325,10 @@ pub struct Snapshot {
     /// Ordered probe pairs with a measurement, and the worst newest p50 among them (seconds).
     pub rtt_pairs: u64,
     pub rtt_worst_p50_seconds: f64,
+    /// Whether this coordinator holds the leader lease (always for a single coordinator).
+    pub leader: bool,
+    /// Live coordinator replicas on the store, this one included (1 for a single coordinator).
+    pub replicas: u64,
 }
 
 /// The Prometheus text exposition of `m` and `s`.
@@ -416,6 +420,16 @@ pub fn render(m: &Metrics, s: &Snapshot) -> String {
         "agents_connected",
         "Agents with an open fleet stream",
         ConstGauge::new(s.agents_connected as i64),
+    );
+    r.register(
+        "coordinator_leader",
+        "1 when this coordinator leads (runs rollout deadlines, drains, label sync, audit checkpoints), else 0",
+        ConstGauge::new(i64::from(s.leader)),
+    );
+    r.register(
+        "coordinator_replicas",
+        "Live coordinator replicas on this store, this one included",
+        ConstGauge::new(s.replicas as i64),
     );
     let nodes = Family::<StateLabel, Gauge>::default();
     for (state, n) in [
@@ -602,6 +616,8 @@ async fn snapshot(ctx: &Ctx) -> Snapshot {
         .unwrap_or(0);
     let rtt = ctx.probes.rtt_summary();
     Snapshot {
+        leader: ctx.leadership.is_leader(),
+        replicas: ctx.replicas.as_ref().map_or(1, |m| m.all().len() as u64),
         agents_connected: ctx.sessions.connected_count() as u64,
         nodes_active: count(NodeStatus::Active),
         nodes_revoked: count(NodeStatus::Revoked),
@@ -886,6 +902,8 @@ mod tests {
     /// A snapshot with every level set, so every metric renders.
     fn full_snapshot() -> Snapshot {
         Snapshot {
+            leader: true,
+            replicas: 2,
             agents_connected: 3,
             nodes_active: 3,
             nodes_revoked: 1,

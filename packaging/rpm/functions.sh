@@ -3,8 +3,9 @@
 #
 # RPM stores each scriptlet as text and runs it on its own: nothing can be sourced at install time. So
 # packaging/build-rpm.sh puts this file in place of the line `. "${NIMBUS_RPM_FUNCTIONS:?...}"` of every
-# scriptlet in packaging/rpm/<package>/. A package built without build-rpm.sh has scriptlets that stop at that
-# line with its message. (To run a scriptlet from the source tree: NIMBUS_RPM_FUNCTIONS=packaging/rpm/functions.sh.)
+# scriptlet in packaging/rpm/<package>/, and the spec files (packaging/rpm/<package>.spec) read those assembled
+# copies. A source scriptlet run on its own stops at that line with its message. (To run a scriptlet from the
+# source tree: NIMBUS_RPM_FUNCTIONS=packaging/rpm/functions.sh.)
 #
 # rpm runs scriptlets as root with / being the system it changes (`rpm --root` chroots first); $1 is the number
 # of instances of the package left after the step: %pre/%post 1 = first install, 2 = upgrade; %preun/%postun
@@ -108,7 +109,7 @@ before_erase() {
 }
 
 # after_erase "$1" PACKAGE (%postun): daemon-reload; on erase, the directories rpm created but does not own
-# (cargo-generate-rpm cannot package directory entries), when they are empty. The state directory stays.
+# (the spec files list files only), when they are empty. The state directory stays.
 after_erase() {
     if systemd_live; then
         systemctl daemon-reload || :

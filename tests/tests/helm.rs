@@ -2,8 +2,10 @@
 //! through `deploy/helm/render.py` (PyPI `helm-python-sdk`, installed by `deploy/helm/install-renderer.sh`).
 //! The checks read the parsed manifests, never substrings of the YAML; each replica's coordinator config is
 //! taken out of the rendered ConfigMap and put through the coordinator's own parser and validation
-//! (`daemon::config::parse_toml` + `coordinator::config::Config::resolve`), then compared with the pod spec
-//! (the paths it names are the mounts, its ports are the container's and the Services').
+//! (`daemon::config::parse_toml` + `coordinator::config::Config::resolve`), with the settings the container's
+//! environment gives (e.g. `NIMBUS_REPLICA_ID` from the pod name) applied the way the coordinator's command line
+//! reads them, then compared with the pod spec (the paths it names are the mounts, its ports are the
+//! container's and the Services').
 //!
 //! The renderer is `$NIMBUS_HELM_PYTHON`, else `/opt/nimbus-helm/bin/python`. Without it the tests are skipped
 //! with a message, or fail when `NIMBUS_REQUIRE_ROOT_TESTS=1` (CI).
@@ -15,7 +17,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use coordinator::config::{Config, Settings};
+use coordinator::config::{Config, Settings, StoreSettings, TlsFiles};
+use coordinator::kek::KekSource;
 use e2e::env::{REQUIRE_ROOT_ENV, workspace_dir};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -35,8 +38,8 @@ replicaEndpoints:
   - advertiseAddress: 192.0.2.10
 ";
 
-/// Three replicas with etcd (client TLS), one address each (one IPv6), a pinned LoadBalancer IP, a per-replica
-/// annotation and extra coordinator settings.
+/// Three replicas with etcd (client TLS) and the KEK Secret, one address each (one IPv6), a pinned LoadBalancer
+/// IP, a per-replica annotation and extra coordinator settings.
 const HA: &str = "
 replicas: 3
 replicaEndpoints:
@@ -52,13 +55,15 @@ etcd:
     - https://etcd-1.etcd:2379
     - https://etcd-2.etcd:2379
   tlsSecretName: etcd-client
+kek:
+  existingSecret: fleet-kek
 config:
   mtu: 1400
   log_level: info,coordinator=debug
 ";
 
-/// The config keys the chart writes from its own values (listeners, paths, TLS, etcd): not settable through
-/// `config`.
+/// The config keys the chart writes from its own values (listeners, paths, TLS, etcd, the KEK file; the replica
+/// id through `NIMBUS_REPLICA_ID`): not settable through `config`.
 const CHART_MANAGED_KEYS: &[&str] = &[
     "data_dir",
     "admin_socket",
@@ -73,6 +78,8 @@ const CHART_MANAGED_KEYS: &[&str] = &[
     "etcd_ca",
     "etcd_cert",
     "etcd_key",
+    "replica_id",
+    "kek_file",
 ];
 
 /// Coordinator settings the chart deliberately does not offer (documented in the chart README): the package
@@ -96,10 +103,22 @@ const NOT_IN_CHART: &[&str] = &[
     // The etcd prefix keeps its default (one fleet per etcd from the chart); plaintext etcd is for tests only.
     "etcd_prefix",
     "etcd_plaintext",
+    // It runs a secret-manager client (vault, aws, …), which the image does not have; the chart takes the KEK
+    // from a Secret (kek.existingSecret → kek_file).
+    "kek_command",
+    // The agent-release repository stays in each replica's data volume (<data_dir>/releases); a shared
+    // ReadWriteMany volume for it is not offered yet.
+    "releases_dir",
 ];
 
 /// The etcd settings the chart renders from `etcd` values.
 const ETCD_KEYS: &[&str] = &["etcd_endpoints", "etcd_ca", "etcd_cert", "etcd_key"];
+/// The Secret of the KEK in `HA`.
+const KEK_SECRET: &str = "fleet-kek";
+/// The container's variable that `$(POD_NAME)` in its args refers to (not a coordinator setting).
+const POD_NAME_ENV: &str = "POD_NAME";
+/// The variable that carries the replica id (checked against the coordinator's own `replica_id` setting).
+const REPLICA_ID_ENV: &str = "NIMBUS_REPLICA_ID";
 
 fn chart_dir() -> PathBuf {
     workspace_dir().join("deploy/helm/nimbus-coordinator")
@@ -285,14 +304,68 @@ fn configs(docs: &[Value]) -> BTreeMap<String, String> {
 
 /// Parses and validates one rendered config with the coordinator's own code, as `nimbus-coordinator --config`
 /// does before it binds anything: every key known and well typed (`parse_toml`), every value valid
-/// (`Config::resolve`).
-fn validate(origin: &str, toml_text: &str) -> Config {
+/// (`Config::resolve`), with `env` (the settings from the container's environment, [`pod_env_settings`]) over
+/// the file as the coordinator applies them.
+fn validate(origin: &str, toml_text: &str, env: Settings) -> Config {
     let parse = |text: &str| -> Settings {
         daemon::config::parse_toml(text, origin)
             .unwrap_or_else(|e| panic!("the coordinator refuses {origin}:\n{e}\n--- {origin}:\n{toml_text}"))
     };
-    Config::resolve(parse(toml_text), Settings::default())
-        .unwrap_or_else(|errs| panic!("the coordinator's validation refuses {origin}: {errs:?}\n{toml_text}"))
+    Config::resolve(parse(toml_text), env).unwrap_or_else(|errs| {
+        panic!("the coordinator's validation refuses {origin} (with the pod's environment): {errs:?}\n{toml_text}")
+    })
+}
+
+/// The coordinator settings the container's environment gives pod `<FULLNAME>-<index>`: each variable (other
+/// than `POD_NAME`) must be the `env` of one of the coordinator's settings, and is read by the coordinator's own
+/// clap definition, as its command line reads it. Values are literal or the pod name (downward API); the
+/// test process's own environment is left out.
+fn pod_env_settings(docs: &[Value], index: usize) -> Settings {
+    use clap::FromArgMatches as _;
+    let pod = format!("{FULLNAME}-{index}");
+    let cmd = <Settings as clap::Args>::augment_args(clap::Command::new("nimbus-coordinator"));
+    let by_env: BTreeMap<String, clap::Arg> = cmd
+        .get_arguments()
+        .filter_map(|a| Some((a.get_env()?.to_str()?.to_string(), a.clone())))
+        .collect();
+    let mut argv = vec!["nimbus-coordinator".to_string()];
+    let env = &container(find(docs, "StatefulSet", FULLNAME))["env"];
+    for var in array(env) {
+        let name = str_of(&var["name"]);
+        if name == POD_NAME_ENV {
+            continue;
+        }
+        let arg = by_env.get(name).unwrap_or_else(|| {
+            panic!("the container sets {name}, which is no coordinator setting's environment variable")
+        });
+        let value = match (&var["value"], &var["valueFrom"]["fieldRef"]["fieldPath"]) {
+            (Value::String(v), Value::Null) => v.clone(),
+            (Value::Null, Value::String(f)) if f == "metadata.name" => pod.clone(),
+            _ => panic!("{name}: a literal value or the pod name expected, found {var}"),
+        };
+        argv.push(format!("--{}={value}", arg.get_long().unwrap()));
+    }
+    // Without the `env` sources: only what the pod spec gives counts, not the environment of this test.
+    let cmd = cmd.mut_args(|a| a.env(None::<&str>));
+    let matches = cmd
+        .try_get_matches_from(&argv)
+        .unwrap_or_else(|e| panic!("the coordinator refuses the pod's environment {argv:?}: {e}"));
+    Settings::from_arg_matches(&matches).unwrap()
+}
+
+/// The config of pod `<FULLNAME>-<index>`, validated with its environment: (ConfigMap key, TOML, config).
+fn validated_pod(docs: &[Value], index: usize) -> (String, String, Config) {
+    let (key, toml_text) = config_of_pod(docs, index);
+    let config = validate(&key, &toml_text, pod_env_settings(docs, index));
+    (key, toml_text, config)
+}
+
+/// The names of the Secrets the pod mounts.
+fn secret_volumes(sts: &Value) -> BTreeSet<String> {
+    array(&sts["spec"]["template"]["spec"]["volumes"])
+        .iter()
+        .filter_map(|v| v["secret"]["secretName"].as_str().map(str::to_string))
+        .collect()
 }
 
 fn toml_table(text: &str) -> toml::Table {
@@ -424,10 +497,67 @@ fn check_pod_spec(docs: &[Value], config: &Config) {
     );
 
     // Enrollment TLS: the three files the config names come from the TLS Secret, key 0400.
-    let tls = config
-        .tls
-        .as_ref()
-        .expect("tls.enabled renders tls_cert, tls_key and tls_ca");
+    if let Some(tls) = &config.tls {
+        check_tls_mounts(sts, tls);
+    } else {
+        assert!(
+            !secret_volumes(sts).contains(&format!("{FULLNAME}-tls")),
+            "no TLS Secret without tls_cert"
+        );
+    }
+
+    // The KEK: the file the config names is the Secret's `kek`, read-only, 0400 (the coordinator refuses a KEK
+    // file others can read). Without kek_file no KEK Secret is mounted.
+    match &config.kek {
+        KekSource::File(file) => {
+            let (mount, volume) = mount_of(sts, file);
+            assert_eq!(mount["readOnly"], true, "{mount}");
+            let secret = &volume["secret"];
+            assert_eq!(secret["defaultMode"], 0o400, "{volume}");
+            let rel = file
+                .strip_prefix(str_of(&mount["mountPath"]))
+                .unwrap()
+                .to_str()
+                .unwrap();
+            assert_eq!(
+                secret["items"],
+                json!([{"key": "kek", "path": rel}]),
+                "{} is the Secret's key `kek`, and nothing else is mounted",
+                file.display()
+            );
+        }
+        other => {
+            assert_eq!(*other, KekSource::Env, "the chart offers no kek_command");
+            assert!(
+                array(&pod["volumes"]).iter().all(|v| v["name"] != "kek"),
+                "no KEK volume without kek_file"
+            );
+        }
+    }
+
+    // On etcd the replica id is the pod name (pod_env_settings has put NIMBUS_REPLICA_ID through the
+    // coordinator's settings); on sled the variable is absent (the coordinator refuses replica_id there).
+    let replica_env = array(&c["env"]).iter().find(|e| e["name"] == REPLICA_ID_ENV);
+    match &config.store {
+        StoreSettings::Etcd(etcd) => {
+            assert_eq!(etcd.replica_id, format!("{FULLNAME}-0"), "the pod name");
+            let var = replica_env.unwrap_or_else(|| panic!("{REPLICA_ID_ENV} is set on etcd"));
+            assert_eq!(var["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name", "{var}");
+        }
+        StoreSettings::Sled => assert!(replica_env.is_none(), "no {REPLICA_ID_ENV} on sled"),
+    }
+
+    // /dev/net/tun from the node.
+    let (tun_mount, tun_volume) = mount_of(sts, Path::new("/dev/net/tun"));
+    assert_eq!(tun_mount["mountPath"], "/dev/net/tun");
+    assert_eq!(
+        tun_volume["hostPath"],
+        json!({"path": "/dev/net/tun", "type": "CharDevice"})
+    );
+}
+
+/// The three TLS files `tls` names come from one TLS Secret, mounted read-only with mode 0400.
+fn check_tls_mounts(sts: &Value, tls: &TlsFiles) {
     let mut tls_volumes = BTreeSet::new();
     for (file, key) in [(&tls.cert, "tls.crt"), (&tls.key, "tls.key"), (&tls.ca, "ca.crt")] {
         let (mount, volume) = mount_of(sts, file);
@@ -452,14 +582,6 @@ fn check_pod_spec(docs: &[Value], config: &Config) {
         tls_volumes.insert(str_of(&secret["secretName"]).to_string());
     }
     assert_eq!(tls_volumes.len(), 1, "one TLS Secret: {tls_volumes:?}");
-
-    // /dev/net/tun from the node.
-    let (tun_mount, tun_volume) = mount_of(sts, Path::new("/dev/net/tun"));
-    assert_eq!(tun_mount["mountPath"], "/dev/net/tun");
-    assert_eq!(
-        tun_volume["hostPath"],
-        json!({"path": "/dev/net/tun", "type": "CharDevice"})
-    );
 }
 
 /// The per-replica Services: one per replica, selecting exactly that pod, with the WireGuard port over UDP
@@ -538,18 +660,19 @@ fn one_replica_renders_a_hardened_statefulset_whose_config_the_coordinator_accep
 
     let sts = find(&docs, "StatefulSet", FULLNAME);
     assert_eq!(sts["spec"]["replicas"], 1);
-    let (key, toml_text) = config_of_pod(&docs, 0);
+    let (_, toml_text, config) = validated_pod(&docs, 0);
     assert_eq!(configs(&docs).len(), 1, "one config per replica");
-    let config = validate(&key, &toml_text);
+    assert_eq!(config.store, StoreSettings::Sled);
+    assert_eq!(config.kek, KekSource::Env, "no kek_file without kek.existingSecret");
     assert_eq!(config.advertise_address.to_string(), "192.0.2.10");
     assert_eq!(config.enroll_endpoint(), "192.0.2.10:7443");
     assert_eq!(config.wg_endpoint(), "192.0.2.10:51820");
     assert_eq!(config.log_format, "json");
     let table = toml_table(&toml_text);
-    for k in ETCD_KEYS {
+    for k in ETCD_KEYS.iter().chain(&["replica_id", "kek_file"]) {
         assert!(
             !table.contains_key(*k),
-            "{k} is rendered only with etcd.endpoints:\n{toml_text}"
+            "{k} is rendered only with etcd.endpoints / kek.existingSecret:\n{toml_text}"
         );
     }
     assert!(
@@ -571,6 +694,27 @@ fn one_replica_renders_a_hardened_statefulset_whose_config_the_coordinator_accep
         format!("{FULLNAME}-tls"),
         "the default Secret name"
     );
+    assert_eq!(secret_volumes(sts), BTreeSet::from([format!("{FULLNAME}-tls")]));
+}
+
+/// On sled the KEK is optional (the key of `nimbus-coordinator backup`): with the Secret the config names it, and
+/// still no replica id (the coordinator refuses replica_id without etcd).
+#[test]
+fn one_replica_on_sled_may_have_the_kek_for_backups() {
+    let Some(py) = python() else { return };
+    let docs = try_render(
+        py,
+        MINIMAL,
+        &["--set-json", &format!("kek.existingSecret=\"{KEK_SECRET}\"")],
+    )
+    .unwrap();
+    let (_, toml_text, config) = validated_pod(&docs, 0);
+    assert_eq!(config.store, StoreSettings::Sled);
+    assert_eq!(config.kek, KekSource::File("/etc/nimbus/kek/kek".into()), "{toml_text}");
+    check_pod_spec(&docs, &config);
+    let sts = find(&docs, "StatefulSet", FULLNAME);
+    let (_, volume) = mount_of(sts, Path::new("/etc/nimbus/kek/kek"));
+    assert_eq!(volume["secret"]["secretName"], KEK_SECRET);
 }
 
 #[test]
@@ -588,9 +732,21 @@ fn three_replicas_with_etcd_get_one_config_and_one_service_each() {
     ];
     let mut first = None;
     for (i, address) in addresses.iter().enumerate() {
-        let (key, toml_text) = config_of_pod(&docs, i);
-        let config = validate(&key, &toml_text);
+        let (key, toml_text, config) = validated_pod(&docs, i);
         assert_eq!(config.advertise_address.to_string(), *address, "{key}");
+        // Each replica's id is its pod name (NIMBUS_REPLICA_ID from the downward API), on the shared prefix.
+        let StoreSettings::Etcd(etcd) = &config.store else {
+            panic!("{key}: etcd expected, found {:?}", config.store)
+        };
+        assert_eq!(etcd.replica_id, format!("{FULLNAME}-{i}"), "{key}");
+        assert_eq!(etcd.endpoints, endpoints, "{key}");
+        assert_eq!(etcd.prefix, "nimbus/", "{key}: every replica on one prefix");
+        // Every replica has the same KEK: the file of the one Secret.
+        let KekSource::File(kek_file) = &config.kek else {
+            panic!("{key}: kek_file expected, found {:?}", config.kek)
+        };
+        let (_, kek_volume) = mount_of(sts, kek_file);
+        assert_eq!(kek_volume["secret"]["secretName"], KEK_SECRET, "{key}");
         assert_eq!(config.mtu, 1400, "config.mtu reaches every replica");
         assert_eq!(config.log_level, "info,coordinator=debug");
         let table = toml_table(&toml_text);
@@ -609,6 +765,10 @@ fn three_replicas_with_etcd_get_one_config_and_one_service_each() {
     let config = first.unwrap();
     check_pod_spec(&docs, &config);
     check_replica_services(&docs, 3, &config);
+    assert_eq!(
+        secret_volumes(sts),
+        BTreeSet::from([format!("{FULLNAME}-tls"), "etcd-client".into(), KEK_SECRET.into()])
+    );
     let svc0 = find(&docs, "Service", &format!("{FULLNAME}-0"));
     assert_eq!(svc0["spec"]["loadBalancerIP"], "192.0.2.10");
     let svc1 = find(&docs, "Service", &format!("{FULLNAME}-1"));
@@ -624,6 +784,35 @@ fn three_replicas_with_etcd_get_one_config_and_one_service_each() {
         term["labelSelector"]["matchLabels"],
         sts["spec"]["selector"]["matchLabels"]
     );
+}
+
+/// Without tls.enabled the replicas share the coordinator's own CA through etcd (sealed with the KEK): any number
+/// of replicas renders, with no TLS Secret.
+#[test]
+fn three_replicas_on_etcd_without_tls_share_the_coordinators_ca() {
+    let Some(py) = python() else { return };
+    let args = ["--set-json", "tls.enabled=false"];
+    let docs = try_render(py, HA, &args).unwrap_or_else(|e| panic!("{e}"));
+    let sts = find(&docs, "StatefulSet", FULLNAME);
+    assert_eq!(sts["spec"]["replicas"], 3);
+    for i in 0..3 {
+        let (key, toml_text, config) = validated_pod(&docs, i);
+        assert!(config.tls.is_none(), "{key}: no tls_* keys:\n{toml_text}");
+        let StoreSettings::Etcd(etcd) = &config.store else {
+            panic!("{key}: etcd expected")
+        };
+        assert_eq!(etcd.replica_id, format!("{FULLNAME}-{i}"));
+        assert_eq!(config.kek, KekSource::File("/etc/nimbus/kek/kek".into()), "{key}");
+        if i == 0 {
+            check_pod_spec(&docs, &config);
+        }
+    }
+    assert_eq!(
+        secret_volumes(sts),
+        BTreeSet::from(["etcd-client".to_string(), KEK_SECRET.into()]),
+        "no TLS Secret"
+    );
+    try_render(py, HA, &["--lint", args[0], args[1]]).unwrap_or_else(|e| panic!("helm lint --strict:\n{e}"));
 }
 
 #[test]
@@ -671,10 +860,22 @@ fn values_that_cannot_work_fail_with_a_clear_message() {
             &["--set-json", "replicas=2"],
             &["replicaEndpoints has 3 entries but replicas is 2"],
         ),
+        // etcd without the KEK: the coordinator would refuse to start.
         (
             HA,
-            &["--set-json", "tls.enabled=false"],
-            &["replicas is 3 but tls.enabled is false", "agents pin one"],
+            &["--set-json", "kek.existingSecret=\"\""],
+            &[
+                "etcd.endpoints is set but kek.existingSecret is empty",
+                "refuses to start without one",
+                "nimbus-coordinator kek generate kek.b64",
+                "kubectl -n nimbus create secret generic fleet-nimbus-coordinator-kek --from-file=kek=kek.b64",
+                "set kek.existingSecret: fleet-nimbus-coordinator-kek",
+            ],
+        ),
+        (
+            MINIMAL,
+            &["--set-json", "etcd.endpoints=[\"https://etcd:2379\"]"],
+            &["etcd.endpoints is set but kek.existingSecret is empty"],
         ),
         (
             MINIMAL,
@@ -709,6 +910,16 @@ fn values_that_cannot_work_fail_with_a_clear_message() {
             MINIMAL,
             &["--set-json", "tls.enabled=\"yes\""],
             &["/tls/enabled", "want boolean"],
+        ),
+        (
+            MINIMAL,
+            &["--set-json", "kek.existingSecret=\"Fleet_KEK\""],
+            &["/kek/existingSecret", "does not match pattern"],
+        ),
+        (
+            MINIMAL,
+            &["--set-json", "kek.secretName=\"fleet-kek\""],
+            &["/kek", "'secretName' not allowed"],
         ),
         (
             MINIMAL,
@@ -779,8 +990,7 @@ fn config_keys_match_the_coordinators_settings() {
         .collect();
     let set = format!("config={}", Value::Object(examples.clone()));
     let docs = try_render(py, MINIMAL, &["--set-json", &set]).unwrap_or_else(|e| panic!("{set}: {e}"));
-    let (key, toml_text) = config_of_pod(&docs, 0);
-    validate(&key, &toml_text);
+    let (_, toml_text, _) = validated_pod(&docs, 0);
     let table = toml_table(&toml_text);
     for (k, example) in &examples {
         let rendered = serde_json::to_value(&table[k.as_str()]).unwrap();
@@ -834,8 +1044,7 @@ fn tun_from_a_device_plugin_and_other_service_types() {
         svc["spec"]["externalTrafficPolicy"].is_null(),
         "ClusterIP takes no externalTrafficPolicy"
     );
-    let (key, toml_text) = config_of_pod(&docs, 0);
-    let config = validate(&key, &toml_text);
+    let (_, _, config) = validated_pod(&docs, 0);
     assert_eq!(config.enroll_listen.to_string(), "[::]:7443");
     assert_eq!(config.metrics_listen.map(|a| a.to_string()), Some("[::]:9464".into()));
 }

@@ -1,5 +1,5 @@
-//! The `.rpm` packages (`packaging/build-rpm.sh`, cargo-generate-rpm), with Debian's `rpm`: built once from the
-//! dev binaries, then
+//! The `.rpm` packages (`packaging/build-rpm.sh`: rpmbuild with `packaging/rpm/*.spec`), with Debian's `rpm`: built
+//! once from the dev binaries, then
 //! - inspected: digests (`rpm -K`), file list with modes, owners and flags (config noreplace, doc), requires,
 //!   recommends and provides, and the scriptlets as shipped (complete, POSIX sh, shellcheck-clean, never start
 //!   a service);
@@ -15,8 +15,8 @@
 //! systemd and presets), and systemctl against a running systemd (daemon-reload, stop): systemd is not PID 1
 //! here, which is the "not live" branch the scriptlets take in chroots and containers.
 //!
-//! Needs root, `rpm`, systemd's `systemd-sysusers` and `systemctl`, `useradd`, `unshare`, overlayfs, and
-//! cargo-generate-rpm (packaging/build-rpm.sh installs the pinned version) plus the binaries of
+//! Needs root, `rpm` (with `rpmbuild`), `python3` (build-rpm.sh reads `cargo metadata`), systemd's
+//! `systemd-sysusers` and `systemctl`, `useradd`, `unshare`, overlayfs, and the binaries of
 //! `cargo build --workspace --bins`. Without them the tests are skipped, or fail under
 //! `NIMBUS_REQUIRE_ROOT_TESTS=1` (CI). The host's users, rpm database and `/var/lib/nimbus-*` are checked to be
 //! unchanged.
@@ -30,7 +30,7 @@ use std::sync::OnceLock;
 use e2e::env::workspace_dir;
 use e2e::packages::{
     AGENT, Built, COORDINATOR, SERVICE_USER, Snapshot, TIMEOUT, both, build_packages, entry_in, host_snapshot, id_in,
-    minimal_etc, missing_tool, mode_of, on_path, prerequisites_met, run, run_ok, succeeds, text,
+    minimal_etc, missing_tool, mode_of, on_path, prerequisites_met, run, run_ok, text,
 };
 
 /// The scriptlets' root prefix (packaging/rpm/functions.sh).
@@ -45,6 +45,8 @@ fn missing_prerequisite() -> Option<String> {
     }
     let tools = [
         "rpm",
+        "rpmbuild",
+        "python3",
         "systemd-sysusers",
         "systemctl",
         "useradd",
@@ -52,17 +54,14 @@ fn missing_prerequisite() -> Option<String> {
         "unshare",
         "mount",
     ];
-    if let Some(problem) = missing_tool(&tools, "Debian: apt-get install rpm systemd passwd util-linux mount") {
+    if let Some(problem) = missing_tool(
+        &tools,
+        "Debian: apt-get install rpm python3 systemd passwd util-linux mount",
+    ) {
         return Some(problem);
     }
     if !Path::new("/usr/lib/rpm/find-requires").is_file() {
         return Some("/usr/lib/rpm/find-requires is missing (apt-get install rpm)".into());
-    }
-    if !succeeds("cargo", &["generate-rpm", "--version"]) {
-        return Some(
-            "cargo-generate-rpm is not installed (run packaging/build-rpm.sh once: it installs the pinned version)"
-                .into(),
-        );
     }
     None
 }

@@ -72,8 +72,8 @@ ConfigMap and the StatefulSet, so nothing renders with values that cannot work.
 {{- if and (gt $replicas 1) (empty .Values.etcd.endpoints) }}
 {{- fail (printf "replicas is %d but etcd.endpoints is empty: the default store (sled) allows a single writer, so more than one replica needs etcd; set etcd.endpoints, or replicas: 1" $replicas) }}
 {{- end }}
-{{- if and (gt $replicas 1) (not .Values.tls.enabled) }}
-{{- fail (printf "replicas is %d but tls.enabled is false: each replica would make its own CA while agents pin one; set tls.enabled: true with a certificate from your CA (README.md, \"TLS\")" $replicas) }}
+{{- if and .Values.etcd.endpoints (not .Values.kek.existingSecret) }}
+{{- fail (printf "etcd.endpoints is set but kek.existingSecret is empty: on etcd the coordinator seals the shared CA and each replica's WireGuard key with a key-encryption key and refuses to start without one; create it once with `nimbus-coordinator kek generate kek.b64` and `kubectl -n %s create secret generic %s-kek --from-file=kek=kek.b64`, then set kek.existingSecret: %s-kek (README.md, \"etcd and HA\")" .Release.Namespace $fullname $fullname) }}
 {{- end }}
 {{- if and .Values.etcd.tlsSecretName (empty .Values.etcd.endpoints) }}
 {{- fail "etcd.tlsSecretName is set but etcd.endpoints is empty: give the etcd client URLs too, or remove etcd.tlsSecretName" }}
