@@ -122,16 +122,18 @@ impl Fleet for FleetService {
             self.ctx.metrics.stream_reconnects.inc();
         }
         // With replicas: the agents learn every replica, and the others where this node's stream is.
+        if let Some(m) = &self.ctx.replicas
+            && tx.send(Ok(m.message())).await.is_err()
+        {
+            return Err(Status::cancelled("stream closed"));
+        }
+        let (sid, cancel) = self.ctx.sessions.open(&node.id, tx.clone(), SystemTime::now());
         if let Some(m) = &self.ctx.replicas {
-            if tx.send(Ok(m.message())).await.is_err() {
-                return Err(Status::cancelled("stream closed"));
-            }
             let (m, id) = (Arc::clone(m), node.id.clone());
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || m.session_opened(&id)).await {
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || m.session_opened(&id, sid.number())).await {
                 tracing::warn!(node = %node.name, error = %e, "session not recorded in the store; other replicas see the node as lost");
             }
         }
-        let (sid, cancel) = self.ctx.sessions.open(&node.id, tx.clone(), SystemTime::now());
         match u16::try_from(hello.probe_port) {
             Ok(port) => self.ctx.probes.set_port(&node.id, port),
             Err(_) => tracing::warn!(node = %node.name, port = hello.probe_port, "invalid probe port ignored"),
@@ -161,11 +163,9 @@ impl Fleet for FleetService {
                 }
             }
             ctx.sessions.close(&node.id, sid);
-            if let Some(m) = &ctx.replicas
-                && !ctx.sessions.is_connected(&node.id)
-            {
+            if let Some(m) = &ctx.replicas {
                 let (m, id) = (Arc::clone(m), node.id.clone());
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || m.session_closed(&id)).await {
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || m.session_closed(&id, sid.number())).await {
                     tracing::debug!(node = %node.name, error = %e, "session key not removed; it ends with this replica's lease");
                 }
             }

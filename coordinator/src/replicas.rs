@@ -327,6 +327,8 @@ pub struct Membership {
     all: watch::Sender<Vec<ReplicaRecord>>,
     /// node id → replica id holding its stream (every replica's, this one's included).
     holders: Mutex<HashMap<String, String>>,
+    /// This replica's session keys: node id → `<replica>/<stream>` (put again when the lease is renewed anew).
+    mine: Mutex<HashMap<String, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -345,6 +347,7 @@ impl Membership {
             lease: AtomicI64::new(lease),
             all: watch::channel(Vec::new()).0,
             holders: Mutex::new(HashMap::new()),
+            mine: Mutex::new(HashMap::new()),
         });
         m.refresh_registry()?;
         Ok(m)
@@ -407,7 +410,7 @@ impl Membership {
 
     /// Renews the lease; when etcd lost it (an etcd outage longer than the TTL), takes a new one and puts the
     /// registry entry and every local session again.
-    fn keep_lease(&self, local_sessions: &[String]) -> Result<(), ReplicaError> {
+    fn keep_lease(&self) -> Result<(), ReplicaError> {
         let lease = self.lease.load(Ordering::Relaxed);
         if self.store.renew_lease(lease)? {
             return Ok(());
@@ -419,42 +422,54 @@ impl Membership {
             me.clone()
         };
         self.store.put_leased(&registry_key(&me.id), encode(&me), lease)?;
-        for node in local_sessions {
+        let mine: Vec<(String, String)> = lock(&self.mine).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (node, value) in &mine {
             self.store
-                .put_leased(&session_key(node), me.id.clone().into_bytes(), lease)?;
+                .put_leased(&session_key(node), value.clone().into_bytes(), lease)?;
         }
         self.lease.store(lease, Ordering::Relaxed);
         tracing::warn!(
             replica = %me.id,
-            sessions = local_sessions.len(),
+            sessions = mine.len(),
             "this replica's etcd lease had expired (etcd unreachable for longer than its TTL); registered again"
         );
         Ok(())
     }
 
-    /// Records that this replica holds `node`'s stream.
-    pub fn session_opened(&self, node: &str) -> Result<(), ReplicaError> {
+    /// Records that this replica holds `node`'s stream number `stream` (`<replica>/<stream>` in the store, so
+    /// the end of an older stream never removes a newer one's key).
+    pub fn session_opened(&self, node: &str, stream: u64) -> Result<(), ReplicaError> {
         let id = self.id();
+        let value = format!("{id}/{stream}");
+        lock(&self.mine).insert(node.to_string(), value.clone());
         self.store.put_leased(
             &session_key(node),
-            id.clone().into_bytes(),
+            value.into_bytes(),
             self.lease.load(Ordering::Relaxed),
         )?;
         lock(&self.holders).insert(node.to_string(), id);
         Ok(())
     }
 
-    /// Removes the session key if this replica still holds it (another replica may have taken the node).
-    pub fn session_closed(&self, node: &str) -> Result<(), ReplicaError> {
+    /// Removes the session key of stream `stream` if it is still the recorded one (a newer stream, here or on
+    /// another replica, keeps its own).
+    pub fn session_closed(&self, node: &str, stream: u64) -> Result<(), ReplicaError> {
         let id = self.id();
-        self.store.txn(
-            Txn::new()
-                .if_equals(session_key(node), id.clone())
-                .delete(session_key(node)),
-        )?;
-        let mut h = lock(&self.holders);
-        if h.get(node) == Some(&id) {
-            h.remove(node);
+        let value = format!("{id}/{stream}");
+        {
+            let mut mine = lock(&self.mine);
+            if mine.get(node) == Some(&value) {
+                mine.remove(node);
+            }
+        }
+        if self
+            .store
+            .txn(Txn::new().if_equals(session_key(node), value).delete(session_key(node)))?
+        {
+            let mut h = lock(&self.holders);
+            if h.get(node) == Some(&id) {
+                h.remove(node);
+            }
         }
         Ok(())
     }
@@ -466,7 +481,9 @@ impl Membership {
             .into_iter()
             .filter_map(|(k, v)| {
                 let node = String::from_utf8(k.get(SESSIONS.len()..)?.to_vec()).ok()?;
-                Some((node, String::from_utf8(v).ok()?))
+                let value = String::from_utf8(v).ok()?;
+                let replica = value.split_once('/').map_or(value.as_str(), |(r, _)| r);
+                Some((node, replica.to_string()))
             })
             .collect();
         *lock(&self.holders) = map;
@@ -571,8 +588,8 @@ pub async fn run(ctx: Arc<Ctx>, m: Arc<Membership>, mut known: HashSet<String>, 
         }
         // Lease: renewed every third of its TTL.
         if last_renew.elapsed() >= LEASE_TTL / 3 {
-            let (m2, local) = (Arc::clone(&m), ctx.sessions.local_ids());
-            match tokio::task::spawn_blocking(move || m2.keep_lease(&local)).await {
+            let m2 = Arc::clone(&m);
+            match tokio::task::spawn_blocking(move || m2.keep_lease()).await {
                 Ok(Ok(())) => last_renew = Instant::now(),
                 Ok(Err(e)) => tracing::warn!(error = %e, "replica lease not renewed; retrying"),
                 Err(e) => tracing::error!(error = %e, "replica lease task failed"),

@@ -37,6 +37,13 @@ pub struct Sessions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionId(u64);
 
+impl SessionId {
+    /// The stream's number (unique within this coordinator's life).
+    pub fn number(self) -> u64 {
+        self.0
+    }
+}
+
 impl Sessions {
     pub fn new() -> Self {
         Self::default()
@@ -132,11 +139,6 @@ impl Sessions {
         }
     }
 
-    /// The nodes with a stream on this coordinator.
-    pub fn local_ids(&self) -> Vec<String> {
-        self.lock().sessions.keys().cloned().collect()
-    }
-
     /// Queue `msg` for every open stream (those with a full queue miss it). Returns how many took it.
     pub fn broadcast(&self, msg: &CoordinatorMessage) -> usize {
         let txs: Vec<_> = self.lock().sessions.values().map(|s| s.tx.clone()).collect();
@@ -213,6 +215,17 @@ mod tests {
         assert!(s.take_dirty().is_empty());
         s.restore_dirty(&batch);
         assert_eq!(s.take_dirty().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn broadcast_reaches_every_open_stream() {
+        let s = Sessions::new();
+        let (tx1, mut rx1) = mpsc::channel(4);
+        let (tx2, mut rx2) = mpsc::channel(4);
+        s.open("n1", tx1, SystemTime::now());
+        s.open("n2", tx2, SystemTime::now());
+        assert_eq!(s.broadcast(&CoordinatorMessage::default()), 2);
+        assert!(rx1.recv().await.is_some() && rx2.recv().await.is_some());
     }
 
     #[tokio::test]
