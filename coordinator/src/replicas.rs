@@ -581,6 +581,7 @@ pub async fn run(ctx: Arc<Ctx>, m: Arc<Membership>, mut known: HashSet<String>, 
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_renew = Instant::now();
     let (mut nodes_fp, mut sessions_fp) = ((-1, -1), (-1, -1));
+    let mut failing_since: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -605,9 +606,20 @@ pub async fn run(ctx: Arc<Ctx>, m: Arc<Membership>, mut known: HashSet<String>, 
         })
         .await;
         let (registry_changed, sfp, nfp, mail) = match polled {
+            Ok(Ok(p)) if failing_since.is_some() => {
+                let down = failing_since.take().map(|t| t.elapsed()).unwrap_or_default();
+                tracing::info!(after = ?down, "replica poll works again");
+                p
+            }
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "replica poll failed (etcd unreachable?); retrying");
+                // Once per outage at warn; the rest at debug (it is retried every second).
+                if failing_since.is_none() {
+                    tracing::warn!(error = %e, "replica poll failed (etcd unreachable?); retrying every second");
+                    failing_since = Some(Instant::now());
+                } else {
+                    tracing::debug!(error = %e, "replica poll failed again");
+                }
                 continue;
             }
             Err(e) => {
