@@ -247,6 +247,18 @@ impl Failover {
         self.failed_in_row = 0;
     }
 
+    /// [`Failover::failed`] for the replica `peer` the stream ran on. When `replicas` lists it under another id
+    /// (the stream started on the single-coordinator placeholder, `coordinator`, before the agent learnt the
+    /// replicas' ids), it is found by its key, so the next attempt really goes to another replica.
+    pub fn failed_peer(&mut self, replicas: &[ReplicaPeer], peer: &ReplicaPeer) -> Pace {
+        let id = replicas
+            .iter()
+            .find(|r| r.id == peer.id)
+            .or_else(|| replicas.iter().find(|r| r.public_key == peer.public_key))
+            .map_or_else(|| peer.id.clone(), |r| r.id.clone());
+        self.failed(replicas, &id)
+    }
+
     /// The stream on `id` failed (to connect, or later): the next attempt goes to the replica after it in
     /// `replicas` ([`Pace::Prompt`]) unless every replica failed in a row; then [`Pace::Backoff`], and the next
     /// round starts with the replica that last worked (if still listed).
@@ -541,6 +553,20 @@ mod tests {
 
     #[test]
     fn failover_survives_a_changed_list() {
+        // A stream that ran on the placeholder id of a single coordinator: found again by its key.
+        let list = [peer("a", 1), peer("b", 2), peer("c", 3)];
+        let placeholder = ReplicaPeer {
+            id: crate::identity::SINGLE_REPLICA_ID.into(),
+            ..list[1].clone()
+        };
+        let mut f = Failover::new(None);
+        assert_eq!(f.failed_peer(&list, &placeholder), Pace::Prompt);
+        assert_eq!(
+            f.target(&list).unwrap().id,
+            list[2].id,
+            "moves past the dead replica, not back to it"
+        );
+
         let mut f = Failover::new(Some("gone"));
         let list = [peer("a", 1), peer("b", 2)];
         // The preferred replica is not listed: the first one.

@@ -462,7 +462,7 @@ async fn stay_connected(
                 }
                 events.disconnected(&why);
                 let list = fleet.id.replica_peers();
-                let pace = failover.failed(&list, &target.id);
+                let pace = failover.failed_peer(&list, &target);
                 let wait = match pace {
                     Pace::Prompt => format!("< {SWITCH_DELAY:?}"),
                     Pace::Backoff => format!("~{:?}", backoff.base()),

@@ -32,7 +32,7 @@ use crate::state::{HardwareRecord, NodeRecord, NodeStatus, TokenRecord};
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How long revocation waits for the agent to close its stream after the
 /// Revoked message before the peer is removed anyway.
-const REVOKE_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const REVOKE_GRACE: Duration = Duration::from_secs(2);
 
 pub struct AdminService {
     ctx: Arc<Ctx>,

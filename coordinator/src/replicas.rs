@@ -423,9 +423,11 @@ impl Membership {
         };
         self.store.put_leased(&registry_key(&me.id), encode(&me), lease)?;
         let mine: Vec<(String, String)> = lock(&self.mine).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        // Only where no other replica took the node meanwhile (its streams here may have died while this
+        // replica was paused or cut off; the ones still open are put again).
         for (node, value) in &mine {
             self.store
-                .put_leased(&session_key(node), value.clone().into_bytes(), lease)?;
+                .put_leased_if_absent(&session_key(node), value.clone().into_bytes(), lease)?;
         }
         self.lease.store(lease, Ordering::Relaxed);
         tracing::warn!(
@@ -639,8 +641,17 @@ pub async fn run(ctx: Arc<Ctx>, m: Arc<Membership>, mut known: HashSet<String>, 
             }
         }
         for (node, msg) in mail {
+            let revoked = matches!(msg.msg, Some(CoordMsg::Revoked(_)));
             let delivered = ctx.sessions.send(&node, msg);
             tracing::debug!(node_id = %node, delivered, "mail from another replica");
+            if revoked && delivered {
+                // As the revoking replica does with its own streams: a moment to read it, then the stream ends.
+                let ctx = Arc::clone(&ctx);
+                tokio::spawn(async move {
+                    tokio::time::sleep(crate::admin::REVOKE_GRACE).await;
+                    ctx.sessions.kick(&node);
+                });
+            }
         }
         if nfp != nodes_fp {
             match ctx.state(|s| s.list_nodes()).await {

@@ -318,3 +318,31 @@ fn state_opens_on_etcd_and_two_replicas_enroll_without_duplicate_ips() {
     assert_eq!(a.list_nodes().unwrap().len(), 20);
     assert_eq!(b.list_nodes().unwrap().len(), 20);
 }
+
+#[test]
+fn leases_bind_keys_renewals_keep_them_and_fingerprints_follow_changes() {
+    let Some(etcd) = Etcd::start() else { return };
+    let s = etcd.store("lease/");
+    let lease = s.grant_lease(Duration::from_secs(2)).unwrap();
+    s.put_leased(b"replicas/a", b"1".to_vec(), lease).unwrap();
+    assert!(!s.put_leased_if_absent(b"replicas/a", b"2".to_vec(), lease).unwrap(), "present: not replaced");
+    assert!(s.put_leased_if_absent(b"replicas/b", b"2".to_vec(), lease).unwrap());
+    let fp = s.fingerprint(b"replicas/").unwrap();
+    assert_eq!(fp.0, 2);
+    // Renewals keep the keys past the TTL; each answers at once (no waiting for a second reply).
+    for _ in 0..6 {
+        let t = Instant::now();
+        assert!(s.renew_lease(lease).unwrap());
+        assert!(t.elapsed() < Duration::from_secs(2), "renewal took {:?}", t.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(s.get(b"replicas/a").unwrap().as_deref(), Some(&b"1"[..]));
+    // A change moves the fingerprint; revoking the lease removes its keys and is then unknown to etcd.
+    s.put_leased(b"replicas/a", b"3".to_vec(), lease).unwrap();
+    assert_ne!(s.fingerprint(b"replicas/").unwrap(), fp);
+    s.revoke_lease(lease).unwrap();
+    assert!(s.get(b"replicas/a").unwrap().is_none() && s.get(b"replicas/b").unwrap().is_none());
+    assert_eq!(s.fingerprint(b"replicas/").unwrap().0, 0);
+    assert!(!s.renew_lease(lease).unwrap(), "a revoked lease is reported gone");
+    s.revoke_lease(lease).unwrap();
+}

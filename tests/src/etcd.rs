@@ -1,8 +1,10 @@
 //! A real etcd (Debian's etcd-server, `/usr/bin/etcd`) for the end-to-end tests and benchmarks: one member
 //! listening on loopback — of a lab namespace (the coordinator's, fixed ports) or of this one (free ports) —,
-//! plain HTTP, data in the test's work dir. Started and killed by PID through [`Process`]; [`Etcd::restart`]
-//! keeps the data dir (a restarted etcd has the same state).
+//! plain HTTP, data in the test's work dir. [`Etcd::start_reachable`] also listens on the host's underlay
+//! address, so coordinator replicas in other namespaces of the lab reach it at [`Etcd::endpoint`]. Started and
+//! killed by PID through [`Process`]; [`Etcd::restart`] keeps the data dir (a restarted etcd has the same state).
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,6 +24,8 @@ const PEER_PORT: u16 = 2380;
 pub struct Etcd {
     /// The lab namespace, or `None`: this process's.
     ns: Option<String>,
+    /// Also listen on this address of the namespace (its underlay IP), see [`Etcd::start_reachable`].
+    listen_ip: Option<Ipv4Addr>,
     client_port: u16,
     peer_port: u16,
     dir: PathBuf,
@@ -45,9 +49,21 @@ impl Etcd {
 
     /// Starts etcd in `ns` with its data and log under `dir`, and waits until it answers `/health`.
     pub fn start(ns: &Netns, dir: &Path) -> Result<Etcd> {
+        Etcd::start_in(ns, None, dir)
+    }
+
+    /// [`Etcd::start`], listening on the namespace's loopback **and** on `ip` (the host's underlay address,
+    /// which must already be configured in `ns`): processes in other namespaces of the lab reach it at
+    /// [`Etcd::endpoint`] (`http://IP:2379`), those in `ns` also at [`Etcd::local_endpoint`].
+    pub fn start_reachable(ns: &Netns, ip: Ipv4Addr, dir: &Path) -> Result<Etcd> {
+        Etcd::start_in(ns, Some(ip), dir)
+    }
+
+    fn start_in(ns: &Netns, listen_ip: Option<Ipv4Addr>, dir: &Path) -> Result<Etcd> {
         std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
         let mut etcd = Etcd {
             ns: Some(ns.name().to_string()),
+            listen_ip,
             client_port: CLIENT_PORT,
             peer_port: PEER_PORT,
             dir: dir.to_path_buf(),
@@ -69,6 +85,7 @@ impl Etcd {
         };
         let mut etcd = Etcd {
             ns: None,
+            listen_ip: None,
             client_port: port()?,
             peer_port: port()?,
             dir: dir.to_path_buf(),
@@ -79,13 +96,36 @@ impl Etcd {
         Ok(etcd)
     }
 
-    /// The client URL (inside the namespace for [`Etcd::start`]).
+    /// The client URL: `http://IP:PORT` for [`Etcd::start_reachable`] (reachable from the whole lab), else
+    /// the loopback one (inside the namespace for [`Etcd::start`]).
     pub fn endpoint(&self) -> String {
+        match self.listen_ip {
+            Some(ip) => format!("http://{ip}:{}", self.client_port),
+            None => self.local_endpoint(),
+        }
+    }
+
+    /// The loopback client URL (inside etcd's namespace).
+    pub fn local_endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
+    /// Whether etcd runs now (false after [`Etcd::kill`]).
+    pub fn is_running(&self) -> bool {
+        self.process.as_ref().is_some_and(Process::is_running)
+    }
+
+    /// The current run's log file (`etcd-N.log` under the dir given at start), for failure messages.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("etcd-{}.log", self.starts))
+    }
+
     fn spawn(&mut self, ns: Option<&Netns>) -> Result<()> {
-        let client = self.endpoint();
+        let local = self.local_endpoint();
+        let (listen, advertise) = match self.listen_ip {
+            Some(_) => (format!("{local},{}", self.endpoint()), self.endpoint()),
+            None => (local.clone(), local),
+        };
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         self.starts += 1;
         let log = self.dir.join(format!("etcd-{}.log", self.starts));
@@ -97,7 +137,7 @@ impl Etcd {
         let process = builder
             .args(["--name", "default", "--data-dir"])
             .arg(&data)
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-client-urls", &listen, "--advertise-client-urls", &advertise])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("default={peer}")])
             .spawn()?;
@@ -141,6 +181,17 @@ impl Etcd {
     /// Kills and starts etcd again on the same data dir (`ns`: the one it was started in, if any).
     pub fn restart(&mut self, ns: Option<&Netns>) -> Result<()> {
         self.kill();
+        self.spawn(ns)
+    }
+
+    /// Starts etcd again on the same data dir after [`Etcd::kill`] (`ns`: the one it was started in, if any);
+    /// misuse while it still runs.
+    pub fn start_again(&mut self, ns: Option<&Netns>) -> Result<()> {
+        if self.is_running() {
+            return Err(HarnessError::Misuse(
+                "etcd still runs: kill it first (or use Etcd::restart)".into(),
+            ));
+        }
         self.spawn(ns)
     }
 }

@@ -3,13 +3,21 @@
 //!
 //! Shared by the end-to-end tests (temp work dir, everything removed on drop, logs dumped on panic) and by
 //! `nimbus-lab` (fixed work dir, detached processes, state journaled to a file after every step).
+//!
+//! # Coordinator replicas
+//! On a bridge fleet whose coordinator keeps its state in etcd ([`FleetOptions::coordinator_args`] or
+//! [`Fleet::extend_coordinator_args`] with `--etcd-endpoints`, `--kek-file` ...), [`Fleet::start_replica`]`(n)`
+//! (n ≥ 2) adds host `coord-n` at underlay `.200+n` ([`REPLICA_HOST_BASE`]) and runs another coordinator there
+//! with its own data dir, admin socket and addresses and the same extra arguments. Replica 1 is the fleet's
+//! coordinator: every `*_on(n, ...)` / `replica*(n)` helper accepts `n = 1` and then means it.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use crate::delay::{DelayLab, DelayLabBuilder};
@@ -40,6 +48,10 @@ pub const COORD_HOST: u8 = 1;
 pub const AGENT_HOST_BASE: u8 = 10;
 /// Most agents a fleet can have (the /24 ends at .254).
 pub const MAX_AGENTS: usize = 200;
+/// Coordinator replica `n` (n ≥ 2) gets underlay host number `REPLICA_HOST_BASE + n` (`.202`, `.203`, ...).
+pub const REPLICA_HOST_BASE: u8 = 200;
+/// Most coordinator replicas a fleet can have (`.254` is the last host address).
+pub const MAX_REPLICAS: usize = 54;
 /// The file in an agent's state dir that holds its enrolled identity.
 pub const IDENTITY_FILE: &str = "identity.json";
 /// Environment variable: set to `1` to keep a test fleet's temp work dir (logs, data) after it is dropped.
@@ -48,6 +60,16 @@ pub const KEEP_ENV: &str = "NIMBUS_E2E_KEEP";
 /// Node name of agent `i` (1-based): `agent-i`.
 pub fn agent_name(i: usize) -> String {
     format!("agent-{i}")
+}
+
+/// Host role (and process name) of coordinator replica `n`: `coord` for 1 (the fleet's coordinator),
+/// `coord-n` for the others.
+pub fn replica_role(n: usize) -> String {
+    if n == 1 {
+        COORD_ROLE.to_string()
+    } else {
+        format!("{COORD_ROLE}-{n}")
+    }
 }
 
 /// Whether `ip` is in the default overlay 100.96.0.0/16.
@@ -283,6 +305,8 @@ pub struct Fleet {
     bins: Binaries,
     // Declared before `lab` and `work`, but Drop stops processes explicitly anyway.
     coordinator: Option<Process>,
+    /// Coordinator replicas 2.. ([`Fleet::start_replica`]); replica 1 is `coordinator`.
+    replicas: BTreeMap<usize, Process>,
     agents: BTreeMap<usize, Process>,
     lab: Option<Net>,
     work: Option<Work>,
@@ -358,6 +382,7 @@ impl Fleet {
         let mut fleet = Fleet {
             bins,
             coordinator: None,
+            replicas: BTreeMap::new(),
             agents: BTreeMap::new(),
             lab: None,
             work: Some(work),
@@ -622,7 +647,10 @@ impl Fleet {
     /// The coordinator's command-line arguments for data dir `data_dir` (ports, advertise address, admin
     /// socket, TUN name, text logs, plus [`FleetOptions::coordinator_args`]).
     pub fn coordinator_args(&self, data_dir: &Path) -> Vec<String> {
-        let ip = self.coordinator_ip();
+        self.coordinator_args_at(self.coordinator_ip(), data_dir, &self.admin_socket())
+    }
+
+    fn coordinator_args_at(&self, ip: Ipv4Addr, data_dir: &Path, admin_socket: &Path) -> Vec<String> {
         let mut args = vec![
             "--data-dir".to_string(),
             data_dir.display().to_string(),
@@ -633,7 +661,7 @@ impl Fleet {
             "--advertise-address".into(),
             ip.to_string(),
             "--admin-socket".into(),
-            self.admin_socket().display().to_string(),
+            admin_socket.display().to_string(),
             "--tun-name".into(),
             TUN_NAME.into(),
             "--log-format".into(),
@@ -641,6 +669,29 @@ impl Fleet {
         ];
         args.extend(self.opts.coordinator_args.iter().cloned());
         args
+    }
+
+    /// Appends `args` to [`FleetOptions::coordinator_args`] for every coordinator (and replica) started from
+    /// now on, e.g. the etcd endpoint of an etcd started after the lab, or a KEK file made in the work dir.
+    pub fn extend_coordinator_args<I, S>(&mut self, args: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.opts.coordinator_args.extend(args.into_iter().map(Into::into));
+    }
+
+    /// Writes a new key-encryption key to `WORK/kek` with `nimbus-coordinator kek generate` (mode 0600) and
+    /// returns its path; an existing one is kept. Give it to every replica with `--kek-file`.
+    pub fn generate_kek(&self) -> Result<PathBuf> {
+        let path = self.work_dir().join("kek");
+        if path.exists() {
+            return Ok(path);
+        }
+        let mut cmd = Command::new(&self.bins.coordinator);
+        cmd.args(["kek", "generate"]).arg(&path);
+        crate::process::run_checked(&mut cmd)?;
+        Ok(path)
     }
 
     /// A [`Command`] running the coordinator in its namespace with `args` (for startup-failure tests).
@@ -714,13 +765,235 @@ impl Fleet {
         }
     }
 
+    // ----- coordinator replicas -----------------------------------------------------------------
+
+    fn check_replica(&self, n: usize) -> Result<()> {
+        if n == 0 || n > MAX_REPLICAS {
+            return Err(HarnessError::Misuse(format!(
+                "replica {n}: replicas are numbered 1..={MAX_REPLICAS} (1 is the fleet's coordinator)"
+            )));
+        }
+        if n >= 2 && usize::from(AGENT_HOST_BASE) + self.opts.agents >= usize::from(REPLICA_HOST_BASE) + n {
+            return Err(HarnessError::Misuse(format!(
+                "replica {n} would take underlay .{} which agent hosts use: use fewer agents or replicas",
+                usize::from(REPLICA_HOST_BASE) + n
+            )));
+        }
+        Ok(())
+    }
+
+    /// Replica `n`'s underlay address: the coordinator's (`.1`) for 1, `.200+n` for the others.
+    pub fn replica_ip(&self, n: usize) -> Ipv4Addr {
+        if n <= 1 {
+            return self.coordinator_ip();
+        }
+        let host = u8::try_from(usize::from(REPLICA_HOST_BASE) + n).unwrap_or(u8::MAX);
+        host_addr(self.opts.subnet, host)
+    }
+
+    /// The enrollment endpoint of replica `n` (`IP:7443`).
+    pub fn replica_enroll_endpoint(&self, n: usize) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.replica_ip(n), ENROLL_PORT))
+    }
+
+    /// Replica `n`'s admin socket ([`Fleet::admin_socket`] for 1, `WORK/coord-n/admin.sock` for the others).
+    pub fn replica_admin_socket(&self, n: usize) -> PathBuf {
+        if n <= 1 {
+            self.admin_socket()
+        } else {
+            self.work_dir().join(replica_role(n)).join("admin.sock")
+        }
+    }
+
+    /// Replica `n`'s data dir ([`Fleet::coordinator_data_dir`] for 1, `WORK/coord-n/data` for the others).
+    pub fn replica_data_dir(&self, n: usize) -> PathBuf {
+        if n <= 1 {
+            self.coordinator_data_dir()
+        } else {
+            self.work_dir().join(replica_role(n)).join("data")
+        }
+    }
+
+    /// Replica `n`'s namespace.
+    ///
+    /// # Panics
+    /// If its host was never added (replica never started).
+    pub fn replica_ns(&self, n: usize) -> &Netns {
+        self.net().ns(&replica_role(n)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Replica `n`'s command-line arguments ([`Fleet::coordinator_args`] with its own addresses, data dir and
+    /// admin socket; the same [`FleetOptions::coordinator_args`]).
+    pub fn replica_args(&self, n: usize) -> Vec<String> {
+        self.coordinator_args_at(
+            self.replica_ip(n),
+            &self.replica_data_dir(n),
+            &self.replica_admin_socket(n),
+        )
+    }
+
+    /// Starts (or restarts, on the same data dir) coordinator replica `n` and waits until its admin socket
+    /// answers `nimbusctl nodes`; fails at once if it exits. For n ≥ 2 the host `coord-n` is added to the
+    /// bridge at the first start (bridge layout only). `n = 1` is [`Fleet::try_start_coordinator`].
+    pub fn try_start_replica(&mut self, n: usize) -> Result<&Process> {
+        self.check_replica(n)?;
+        if n == 1 {
+            return self.try_start_coordinator();
+        }
+        let role = replica_role(n);
+        if self.replicas.get(&n).is_some_and(Process::is_running) {
+            return Err(HarnessError::Misuse(format!(
+                "{role} is already running: kill or stop it first"
+            )));
+        }
+        if self.net().ns(&role).is_err() {
+            let ip = self.replica_ip(n);
+            match &mut self.lab {
+                Some(Net::Bridge(lab)) => {
+                    lab.add_host(&role, ip)?;
+                }
+                Some(Net::Zones(_)) => {
+                    return Err(HarnessError::Misuse(
+                        "coordinator replicas need the bridge layout (this fleet runs on zones)".into(),
+                    ));
+                }
+                None => return Err(HarnessError::Misuse("the fleet was detached".into())),
+            }
+        }
+        let data_dir = self.replica_data_dir(n);
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|e| HarnessError::io(format!("creating {}", data_dir.display()), e))?;
+        let args = self.replica_args(n);
+        let ns = self.replica_ns(n).name().to_string();
+        let program = self.bins.coordinator.clone();
+        let process = self.spawn(&role, &ns, &program, &args)?;
+        self.replicas.insert(n, process);
+        self.journal()?;
+        poll_until(
+            &format!("{role}'s admin socket to answer `nimbusctl nodes`"),
+            patience(),
+            DEFAULT_POLL,
+            || {
+                if let Some(p) = self.replicas.get(&n)
+                    && let Some(status) = p.try_status()
+                {
+                    return Attempt::Fail(format!(
+                        "{role} exited ({}); its log:\n{}",
+                        Process::describe_status(Some(status)),
+                        tail(&p.log(), 40)
+                    ));
+                }
+                match self.try_ctl_json_on(n, &["nodes"]) {
+                    Ok(_) => Attempt::Done(()),
+                    Err(e) => Attempt::Retry(e.to_string()),
+                }
+            },
+        )?;
+        self.replicas.get(&n).ok_or_else(|| HarnessError::GaveUp {
+            what: role,
+            reason: "vanished".into(),
+        })
+    }
+
+    /// [`Fleet::try_start_replica`], panicking on error.
+    pub fn start_replica(&mut self, n: usize) -> &Process {
+        if let Err(e) = self.try_start_replica(n) {
+            panic!("starting coordinator replica {n}: {e}");
+        }
+        self.replica(n)
+    }
+
+    /// Replica `n`'s current process (the coordinator for 1).
+    ///
+    /// # Panics
+    /// If it was never started.
+    pub fn replica(&self, n: usize) -> &Process {
+        if n == 1 {
+            return self.coordinator();
+        }
+        self.replicas
+            .get(&n)
+            .unwrap_or_else(|| panic!("coordinator replica {n} was not started"))
+    }
+
+    fn try_replica(&self, n: usize) -> Option<&Process> {
+        if n == 1 {
+            self.coordinator.as_ref()
+        } else {
+            self.replicas.get(&n)
+        }
+    }
+
+    /// SIGKILLs replica `n` (by its PID; a stopped one too) and waits for it to exit. Its data dir stays, so
+    /// [`Fleet::start_replica`] brings it back.
+    ///
+    /// # Panics
+    /// If it was never started or does not die within 10 s.
+    pub fn kill_replica(&self, n: usize) -> ExitStatus {
+        let p = self.replica(n);
+        let _ = p.kill9();
+        p.wait_exit(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{} (pid {}) did not die on SIGKILL", replica_role(n), p.pid()))
+    }
+
+    /// Stops replica `n`: SIGCONT (in case it was stopped), SIGTERM, SIGKILL after `grace`.
+    ///
+    /// # Panics
+    /// If it was never started.
+    pub fn stop_replica(&self, n: usize, grace: Duration) -> Option<ExitStatus> {
+        let p = self.replica(n);
+        let _ = p.signal(Signal::SIGCONT);
+        p.stop(grace)
+    }
+
+    /// `nimbusctl -o json replicas` through replica `n`'s admin socket: one object per live replica (`id`,
+    /// `overlay_ip`, `wg_endpoint`, `enroll_endpoint`, `leader`, `this`, `agents`).
+    pub fn try_replicas_on(&self, n: usize) -> Result<Vec<Value>> {
+        match self.try_ctl_json_on(n, &["replicas"])? {
+            Value::Array(items) => Ok(items),
+            other => Err(HarnessError::BadOutput {
+                what: "nimbusctl -o json replicas".into(),
+                reason: format!("expected a JSON array, got {other}"),
+            }),
+        }
+    }
+
+    /// `nimbusctl -o json nodes` through replica `n`.
+    pub fn try_nodes_on(&self, n: usize) -> Result<Vec<Value>> {
+        match self.try_ctl_json_on(n, &["nodes"])? {
+            Value::Array(nodes) => Ok(nodes),
+            other => Err(HarnessError::BadOutput {
+                what: "nimbusctl -o json nodes".into(),
+                reason: format!("expected a JSON array, got {other}"),
+            }),
+        }
+    }
+
+    /// [`Fleet::try_nodes_on`], panicking on error.
+    pub fn nodes_on(&self, n: usize) -> Vec<Value> {
+        self.try_nodes_on(n).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     // ----- nimbusctl ----------------------------------------------------------------------------
 
     /// Runs `nimbusctl --socket SOCK ARGS...` (from the root namespace), with a 30 s limit.
     pub fn try_ctl(&self, args: &[&str]) -> Result<Output> {
+        self.try_ctl_on(1, args)
+    }
+
+    /// [`Fleet::try_ctl`] through replica `n`'s admin socket ([`Fleet::replica_admin_socket`]).
+    pub fn try_ctl_on(&self, n: usize, args: &[&str]) -> Result<Output> {
         let mut cmd = Command::new(&self.bins.ctl);
-        cmd.arg("--socket").arg(self.admin_socket()).args(args);
+        cmd.arg("--socket").arg(self.replica_admin_socket(n)).args(args);
         run_with_timeout(&mut cmd, COMMAND_TIMEOUT)
+    }
+
+    /// [`Fleet::try_ctl_on`]; the [`Output`] is returned whatever the exit status.
+    ///
+    /// # Panics
+    /// If nimbusctl cannot be run or hangs.
+    pub fn ctl_on(&self, n: usize, args: &[&str]) -> Output {
+        self.try_ctl_on(n, args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// [`Fleet::try_ctl`]; the [`Output`] is returned whatever the exit status.
@@ -733,12 +1006,25 @@ impl Fleet {
 
     /// `nimbusctl -o json ARGS...`, requiring exit 0 and JSON on stdout.
     pub fn try_ctl_json(&self, args: &[&str]) -> Result<Value> {
+        self.try_ctl_json_on(1, args)
+    }
+
+    /// [`Fleet::ctl_json`] through replica `n`, panicking on error.
+    pub fn ctl_json_on(&self, n: usize, args: &[&str]) -> Value {
+        self.try_ctl_json_on(n, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Fleet::try_ctl_json`] through replica `n`'s admin socket.
+    pub fn try_ctl_json_on(&self, n: usize, args: &[&str]) -> Result<Value> {
         let mut full = vec!["-o", "json"];
         full.extend_from_slice(args);
-        let out = self.try_ctl(&full)?;
+        let out = self.try_ctl_on(n, &full)?;
         let what = format!("nimbusctl {}", full.join(" "));
         if !out.status.success() {
             let mut cmd = Command::new(&self.bins.ctl);
+            if n != 1 {
+                cmd.arg("--socket").arg(self.replica_admin_socket(n));
+            }
             cmd.args(&full);
             return Err(HarnessError::CommandFailed {
                 command: describe(&cmd),
@@ -873,7 +1159,12 @@ impl Fleet {
     /// Agent `i`'s arguments: enrollment endpoint, token and pin (if given), state dir, node name,
     /// machine id, TUN name, text logs, then `extra`.
     pub fn agent_args(&self, i: usize, token: Option<&JoinToken>, extra: &[&str]) -> Vec<String> {
-        let mut args = vec!["--coordinator".to_string(), self.enroll_endpoint().to_string()];
+        self.agent_args_via(1, i, token, extra)
+    }
+
+    /// [`Fleet::agent_args`] enrolling through replica `n` ([`Fleet::replica_enroll_endpoint`]).
+    pub fn agent_args_via(&self, n: usize, i: usize, token: Option<&JoinToken>, extra: &[&str]) -> Vec<String> {
+        let mut args = vec!["--coordinator".to_string(), self.replica_enroll_endpoint(n).to_string()];
         if let Some(t) = token {
             args.extend([
                 "--token".to_string(),
@@ -901,7 +1192,27 @@ impl Fleet {
     /// Starts agent `i` in its namespace (replacing, i.e. stopping, a previous process for it).
     /// Without a token it relies on the identity in its state dir.
     pub fn try_start_agent(&mut self, i: usize, token: Option<&JoinToken>, extra: &[&str]) -> Result<&Process> {
-        self.spawn_agent(i, token, None, extra)
+        self.spawn_agent(1, i, token, None, extra)
+    }
+
+    /// [`Fleet::try_start_agent`] enrolling through coordinator replica `n` (its `--coordinator` is replica
+    /// `n`'s enrollment endpoint).
+    pub fn try_start_agent_via(
+        &mut self,
+        n: usize,
+        i: usize,
+        token: Option<&JoinToken>,
+        extra: &[&str],
+    ) -> Result<&Process> {
+        self.spawn_agent(n, i, token, None, extra)
+    }
+
+    /// [`Fleet::try_start_agent_via`], panicking on error.
+    pub fn start_agent_via(&mut self, n: usize, i: usize, token: Option<&JoinToken>, extra: &[&str]) -> &Process {
+        if let Err(e) = self.try_start_agent_via(n, i, token, extra) {
+            panic!("starting {} through replica {n}: {e}", agent_name(i));
+        }
+        self.agent(i)
     }
 
     /// Starts agent `i` the way its systemd unit does: under `nimbus-agent launch` (the upgrade launcher) with
@@ -914,7 +1225,7 @@ impl Fleet {
         launch: &[&str],
         extra: &[&str],
     ) -> &Process {
-        if let Err(e) = self.spawn_agent(i, token, Some(launch), extra) {
+        if let Err(e) = self.spawn_agent(1, i, token, Some(launch), extra) {
             panic!("starting {} under the launcher: {e}", agent_name(i));
         }
         self.agent(i)
@@ -922,6 +1233,7 @@ impl Fleet {
 
     fn spawn_agent(
         &mut self,
+        via: usize,
         i: usize,
         token: Option<&JoinToken>,
         launch: Option<&[&str]>,
@@ -933,7 +1245,7 @@ impl Fleet {
         let state_dir = self.agent_state_dir(i);
         std::fs::create_dir_all(&state_dir)
             .map_err(|e| HarnessError::io(format!("creating {}", state_dir.display()), e))?;
-        let mut args = self.agent_args(i, token, extra);
+        let mut args = self.agent_args_via(via, i, token, extra);
         if let Some(launch) = launch {
             let mut wrapped = vec![
                 "launch".to_string(),
@@ -1008,6 +1320,17 @@ impl Fleet {
         self.agent_state_dir(i).join(IDENTITY_FILE).exists()
     }
 
+    /// Agent `i`'s enrolled identity ([`IDENTITY_FILE`], no secrets: node id, overlay address, the coordinator
+    /// replicas it knows with their public keys, ...) as JSON.
+    pub fn agent_identity(&self, i: usize) -> Result<Value> {
+        let path = self.agent_state_dir(i).join(IDENTITY_FILE);
+        let text = std::fs::read(&path).map_err(|e| HarnessError::io(format!("reading {}", path.display()), e))?;
+        serde_json::from_slice(&text).map_err(|e| HarnessError::BadOutput {
+            what: path.display().to_string(),
+            reason: format!("not JSON: {e}"),
+        })
+    }
+
     /// Waits until every node in `names` is listed as `connected`; fails early when one of our agent
     /// processes (or the coordinator) exits. `progress` gets a status line on every poll.
     pub fn try_wait_connected(
@@ -1016,15 +1339,33 @@ impl Fleet {
         timeout: Duration,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Vec<Value>> {
-        let what = format!("{} to be connected", names.join(", "));
+        self.try_wait_connected_on(1, names, timeout, progress)
+    }
+
+    /// [`Fleet::try_wait_connected`] as replica `n` sees it (its `nimbusctl nodes`); fails early when that
+    /// replica or one of the named agents exits.
+    pub fn try_wait_connected_on(
+        &self,
+        n: usize,
+        names: &[String],
+        timeout: Duration,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Vec<Value>> {
+        let what = if n == 1 {
+            format!("{} to be connected", names.join(", "))
+        } else {
+            format!("{} to be connected (as {} sees it)", names.join(", "), replica_role(n))
+        };
+        let who = if n == 1 {
+            "the coordinator".to_string()
+        } else {
+            replica_role(n)
+        };
         poll_until(&what, timeout, DEFAULT_POLL, || {
-            if let Some(c) = &self.coordinator
+            if let Some(c) = self.try_replica(n)
                 && let Some(status) = c.try_status()
             {
-                return Attempt::Fail(format!(
-                    "the coordinator exited ({})",
-                    Process::describe_status(Some(status))
-                ));
+                return Attempt::Fail(format!("{who} exited ({})", Process::describe_status(Some(status))));
             }
             for (i, p) in &self.agents {
                 if names.contains(&agent_name(*i))
@@ -1038,8 +1379,8 @@ impl Fleet {
                     ));
                 }
             }
-            let nodes = match self.try_nodes() {
-                Ok(n) => n,
+            let nodes = match self.try_nodes_on(n) {
+                Ok(nodes) => nodes,
                 Err(e) => return Attempt::Retry(e.to_string()),
             };
             let mut found = Vec::new();
@@ -1075,8 +1416,16 @@ impl Fleet {
     /// # Panics
     /// On timeout or when an agent exits, with the reason.
     pub fn wait_connected<S: AsRef<str>>(&self, names: &[S]) -> Vec<Value> {
+        self.wait_connected_on(1, names)
+    }
+
+    /// [`Fleet::wait_connected`] as replica `n` sees it.
+    ///
+    /// # Panics
+    /// On timeout or when an agent or that replica exits, with the reason.
+    pub fn wait_connected_on<S: AsRef<str>>(&self, n: usize, names: &[S]) -> Vec<Value> {
         let names: Vec<String> = names.iter().map(|s| s.as_ref().to_string()).collect();
-        self.try_wait_connected(&names, patience(), &mut |_| {})
+        self.try_wait_connected_on(n, &names, patience(), &mut |_| {})
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -1120,10 +1469,12 @@ impl Fleet {
     /// A snapshot of what exists now, as a [`LabState`].
     pub fn state(&self) -> LabState {
         let mut processes: Vec<_> = self.coordinator.iter().map(Process::record).collect();
+        processes.extend(self.replicas.values().map(Process::record));
         processes.extend(self.agents.values().map(Process::record));
         // The router last: stopped after the daemons whose packets it carries.
         processes.extend(self.lab.as_ref().and_then(Net::router));
         let mut data_dirs = vec![self.work_dir().join("coordinator")];
+        data_dirs.extend(self.replicas.keys().map(|n| self.work_dir().join(replica_role(*n))));
         data_dirs.extend((1..=self.opts.agents).map(|i| self.work_dir().join(agent_name(i))));
         LabState {
             format: STATE_FORMAT,
@@ -1162,6 +1513,9 @@ impl Fleet {
         if let Some(c) = self.coordinator.take() {
             c.detach()?;
         }
+        for (_, r) in std::mem::take(&mut self.replicas) {
+            r.detach()?;
+        }
         for (_, a) in std::mem::take(&mut self.agents) {
             a.detach()?;
         }
@@ -1174,7 +1528,8 @@ impl Fleet {
         Ok(state)
     }
 
-    /// Stops every process: SIGTERM to all agents, then the coordinator; SIGKILL after `grace`.
+    /// Stops every process: SIGTERM to all agents, then to the coordinator and its replicas (each after a
+    /// SIGCONT, in case a test left it stopped); SIGKILL after `grace`.
     pub fn stop_all(&mut self, grace: Duration) {
         for agent in self.agents.values() {
             let _ = agent.terminate();
@@ -1187,8 +1542,22 @@ impl Fleet {
             }
         }
         self.agents.clear();
-        if let Some(c) = self.coordinator.take() {
-            c.stop(grace);
+        let coordinators: Vec<Process> = self
+            .coordinator
+            .take()
+            .into_iter()
+            .chain(std::mem::take(&mut self.replicas).into_values())
+            .collect();
+        for c in &coordinators {
+            let _ = c.signal(Signal::SIGCONT);
+            let _ = c.terminate();
+        }
+        let deadline = Instant::now() + grace;
+        for c in &coordinators {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if c.wait_exit(left).is_none() {
+                c.stop(Duration::ZERO);
+            }
         }
     }
 }
@@ -1249,6 +1618,15 @@ mod tests {
         assert!(overlay_ip(&json!({})).is_err());
         assert!(in_overlay(Ipv4Addr::new(100, 96, 255, 1)));
         assert!(!in_overlay(Ipv4Addr::new(100, 97, 0, 1)));
+    }
+
+    #[test]
+    fn replica_roles_name_the_coordinator_host_and_numbered_ones() {
+        assert_eq!(replica_role(1), COORD_ROLE);
+        assert_eq!(replica_role(2), "coord-2");
+        assert_eq!(replica_role(12), "coord-12");
+        let last = usize::from(REPLICA_HOST_BASE) + MAX_REPLICAS;
+        assert_eq!(last, 254, "the last replica takes the last host address of the /24");
     }
 
     #[test]

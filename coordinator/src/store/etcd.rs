@@ -270,13 +270,13 @@ impl EtcdStore {
     pub fn renew_lease(&self, lease: i64) -> Result<bool, StoreError> {
         let mut client = self.client.clone();
         self.run("etcd lease keep-alive", async move {
-            let (_keeper, mut stream) = match client.lease_keep_alive(lease).await {
-                Ok(ks) => ks,
-                Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => return Ok(false),
-                Err(e) => return Err(e),
-            };
-            // Opening the stream renewed once; its answer carries the new TTL (0: the lease is gone).
-            Ok(stream.message().await?.is_some_and(|r| r.ttl() > 0))
+            // Opening the keep-alive stream renews once and reads etcd's answer: a lease etcd no longer knows
+            // comes back as "lease not found" (reading the stream again would wait for an answer never sent).
+            match client.lease_keep_alive(lease).await {
+                Ok(_) => Ok(true),
+                Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => Ok(false),
+                Err(e) => Err(e),
+            }
         })
     }
 
@@ -300,6 +300,18 @@ impl EtcdStore {
         self.run("etcd put", async move {
             client.put(k, value, Some(PutOptions::new().with_lease(lease))).await?;
             Ok(())
+        })
+    }
+
+    /// Puts `key` bound to `lease` unless the key exists. Returns whether it was put.
+    pub fn put_leased_if_absent(&self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<bool, StoreError> {
+        let mut client = self.client.clone();
+        let k = self.full_key(key);
+        self.run("etcd put", async move {
+            let txn = EtcdTxn::new()
+                .when([EtcdCompare::create_revision(k.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(k, value, Some(PutOptions::new().with_lease(lease)))]);
+            Ok(client.txn(txn).await?.succeeded())
         })
     }
 
