@@ -325,7 +325,10 @@ fn leases_bind_keys_renewals_keep_them_and_fingerprints_follow_changes() {
     let s = etcd.store("lease/");
     let lease = s.grant_lease(Duration::from_secs(2)).unwrap();
     s.put_leased(b"replicas/a", b"1".to_vec(), lease).unwrap();
-    assert!(!s.put_leased_if_absent(b"replicas/a", b"2".to_vec(), lease).unwrap(), "present: not replaced");
+    assert!(
+        !s.put_leased_if_absent(b"replicas/a", b"2".to_vec(), lease).unwrap(),
+        "present: not replaced"
+    );
     assert!(s.put_leased_if_absent(b"replicas/b", b"2".to_vec(), lease).unwrap());
     let fp = s.fingerprint(b"replicas/").unwrap();
     assert_eq!(fp.0, 2);
