@@ -300,6 +300,7 @@ pub(crate) async fn revoke(ctx: &Ctx, name: String, reason: String) -> Result<(N
     }
     ctx.metrics.node_revocations.inc();
     ctx.probes.forget(&node.id);
+    crate::probeshare::forget(ctx, &node.id);
     tracing::warn!(node = %node.name, node_id = %node.id, %reason, was_connected, "node revoked; WireGuard peer removed");
     Ok((node, was_connected))
 }

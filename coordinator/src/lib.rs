@@ -21,6 +21,7 @@
 //! * `token`    — join token format and hashing.
 //! * `ipam`     — overlay address plan.
 //! * `probes`   — the latency mesh: probe configs pushed to agents, reported windows kept per pair.
+//! * `probeshare` — the mesh across replicas: members, the probe key (sealed) and windows shared through the store.
 //! * `replication` — stores.yaml planned against measured latency (nimbus-planner), drift watch.
 //! * `placement` — the fleet policy in the store: revisions, live placement, desired/observed per node.
 //! * `rollout`  — disruptive changes in waves: health gates, deadlines, pause/resume/abort.
@@ -58,6 +59,7 @@ pub mod moves;
 pub mod packages;
 pub mod placement;
 pub mod probes;
+pub mod probeshare;
 pub mod releases;
 pub mod replicas;
 pub mod replication;

@@ -58,9 +58,10 @@ pub struct Probes {
     key: Mutex<latency::ProbeKey>,
     timing: ProbeTiming,
     generation: AtomicU64,
-    round: AtomicU64,
-    /// node id -> announced probe port
+    /// node id -> announced probe port (agents streaming to this coordinator)
     ports: Mutex<HashMap<String, u16>>,
+    /// Members streaming to other replicas: node id -> probe address (`crate::probeshare`).
+    remote: Mutex<HashMap<String, SocketAddr>>,
     /// (from id, to id) -> windows, oldest first
     series: Mutex<HashMap<(String, String), VecDeque<LatencyWindow>>>,
     dirty: Notify,
@@ -76,8 +77,8 @@ impl Probes {
             key: Mutex::new(latency::ProbeKey::generate(rand::random())),
             timing,
             generation: AtomicU64::new(0),
-            round: AtomicU64::new(0),
             ports: Mutex::new(HashMap::new()),
+            remote: Mutex::new(HashMap::new()),
             series: Mutex::new(HashMap::new()),
             dirty: Notify::new(),
         }
@@ -114,6 +115,74 @@ impl Probes {
         lock(&self.key).id()
     }
 
+    /// The current fleet key (to seal it into the store for the other replicas).
+    pub fn key(&self) -> latency::ProbeKey {
+        lock(&self.key).clone()
+    }
+
+    /// Takes the fleet key the replicas share (from the store); marks the mesh dirty when it changed.
+    pub fn set_key(&self, key: latency::ProbeKey) {
+        let mut k = lock(&self.key);
+        if k.id() != key.id() || k.expose_secret() != key.expose_secret() {
+            *k = key;
+            self.dirty.notify_one();
+        }
+    }
+
+    /// The members other replicas hold (replaces the previous set); marks the mesh dirty when it changed.
+    pub fn set_remote(&self, members: HashMap<String, SocketAddr>) {
+        let mut r = lock(&self.remote);
+        if *r != members {
+            *r = members;
+            self.dirty.notify_one();
+        }
+    }
+
+    /// The other replicas' members.
+    pub fn remote(&self) -> Vec<(String, SocketAddr)> {
+        let mut v: Vec<_> = lock(&self.remote).iter().map(|(k, v)| (k.clone(), *v)).collect();
+        v.sort();
+        v
+    }
+
+    /// Nodes streaming to this coordinator that announced a probe port.
+    pub fn local_ids(&self) -> Vec<String> {
+        lock(&self.ports).keys().cloned().collect()
+    }
+
+    /// The newest windows measured by `from` (one per peer), as stored for other replicas.
+    pub fn latest_of(&self, from: &str) -> Vec<LatencyWindow> {
+        let series = lock(&self.series);
+        let mut out: Vec<LatencyWindow> = series
+            .iter()
+            .filter(|((a, _), _)| a == from)
+            .filter_map(|(_, q)| q.iter().rev().find(|w| w.sent > 0).or(q.back()).cloned())
+            .collect();
+        out.sort_by(|a, b| a.peer_node_id.cmp(&b.peer_node_id));
+        out
+    }
+
+    /// Windows of `from` measured through another replica: each one newer than the pair's newest is appended.
+    /// Returns how many were new.
+    pub fn import(&self, from: &str, windows: Vec<LatencyWindow>) -> usize {
+        let mut series = lock(&self.series);
+        let mut added = 0;
+        for w in windows {
+            if w.peer_node_id.is_empty() || w.peer_node_id == from {
+                continue;
+            }
+            let q = series.entry((from.to_string(), w.peer_node_id.clone())).or_default();
+            if q.back().is_none_or(|b| b.start_unix_ms < w.start_unix_ms) {
+                q.push_back(w);
+                while q.len() > MAX_WINDOWS_PER_PAIR {
+                    q.pop_front();
+                }
+                added += 1;
+            }
+        }
+        added
+    }
+
     /// Membership changed in a way `set_port` does not see (a stream closed, a node was revoked).
     pub fn mark_dirty(&self) {
         self.dirty.notify_one();
@@ -123,10 +192,12 @@ impl Probes {
     /// node cannot grow the coordinator's memory with made-up peers.
     pub fn record(&self, from: &str, windows: Vec<LatencyWindow>) -> usize {
         let ports = lock(&self.ports);
+        let remote = lock(&self.remote);
         let mut series = lock(&self.series);
         let mut kept = 0;
         for w in windows {
-            if w.peer_node_id == from || !ports.contains_key(&w.peer_node_id) {
+            if w.peer_node_id == from || !(ports.contains_key(&w.peer_node_id) || remote.contains_key(&w.peer_node_id))
+            {
                 continue;
             }
             let q = series.entry((from.to_string(), w.peer_node_id.clone())).or_default();
@@ -229,7 +300,10 @@ impl Probes {
     /// Configurations for every member, from members `(node id, probe address, zone)`.
     pub fn configs(&self, members: &[(String, SocketAddr, Option<String>)]) -> Vec<(String, ProbeConfig)> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let round = self.round.load(Ordering::Relaxed);
+        // From the clock, so every replica samples the same peers for the same members.
+        let round = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / ROTATION.as_secs().max(1));
         let mesh_members: Vec<latency::Member> = members
             .iter()
             .map(|(id, _, zone)| latency::Member {
@@ -277,13 +351,17 @@ impl Probes {
     }
 }
 
-/// Current members: connected nodes that announced a probe port and whose underlay endpoint is known.
-async fn members(ctx: &Ctx) -> Vec<(String, SocketAddr, Option<String>)> {
+/// Current members: connected nodes that announced a probe port and whose underlay endpoint is known — this
+/// coordinator's own (also returned apart, by probe address) and, with replicas, the other replicas' (as they
+/// published them, `crate::probeshare`).
+async fn members(ctx: &Ctx) -> (HashMap<String, SocketAddr>, Vec<(String, SocketAddr, Option<String>)>) {
     let ports: Vec<(String, u16)> = lock(&ctx.probes.ports).iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let remote = ctx.probes.remote();
     let ids: Vec<String> = ports
         .iter()
         .map(|(id, _)| id.clone())
         .filter(|id| ctx.sessions.is_connected(id))
+        .chain(remote.iter().map(|(id, _)| id.clone()))
         .collect();
     let facts = ctx
         .state(move |s| {
@@ -293,25 +371,49 @@ async fn members(ctx: &Ctx) -> Vec<(String, SocketAddr, Option<String>)> {
         })
         .await
         .unwrap_or_default();
+    let mut local = HashMap::new();
     let mut out = Vec::new();
     for (node, zone) in facts {
         let Some(node) = node else { continue };
-        let Some(port) = ports.iter().find(|(id, _)| *id == node.id).map(|(_, p)| *p) else {
-            continue;
-        };
-        let endpoint = key_from_id(&node.public_key)
-            .and_then(|k| ctx.tunnel.peer_stats(&k))
-            .and_then(|s| s.endpoint);
-        if let Some(ep) = endpoint {
-            out.push((node.id, SocketAddr::new(ep.ip(), port), zone));
+        if let Some(port) = ports.iter().find(|(id, _)| *id == node.id).map(|(_, p)| *p) {
+            let endpoint = key_from_id(&node.public_key)
+                .and_then(|k| ctx.tunnel.peer_stats(&k))
+                .and_then(|s| s.endpoint);
+            if let Some(ep) = endpoint {
+                let addr = SocketAddr::new(ep.ip(), port);
+                local.insert(node.id.clone(), addr);
+                out.push((node.id, addr, zone));
+            }
+        } else if let Some((_, addr)) = remote.iter().find(|(id, _)| *id == node.id) {
+            out.push((node.id, *addr, zone));
         }
     }
     out.sort();
-    out
+    (local, out)
 }
 
-/// Writes the latency checkpoint; a failure is logged (the next one retries), never fatal.
-async fn save_snapshot(ctx: &Ctx) {
+/// Writes the latency checkpoint; a failure is logged (the next one retries), never fatal. With replicas: this
+/// replica's agents' newest windows, one value per node, and the other replicas' imported
+/// (`crate::probeshare`).
+async fn save_snapshot(ctx: &std::sync::Arc<Ctx>) {
+    if ctx.replicas.is_some() {
+        let c = std::sync::Arc::clone(ctx);
+        let shared = tokio::task::spawn_blocking(move || {
+            let local = c.probes.local_ids();
+            let written = crate::probeshare::write_windows(&c, &local)?;
+            let imported = crate::probeshare::import_windows(&c, &local)?;
+            Ok::<_, crate::replicas::ReplicaError>((written, imported))
+        })
+        .await;
+        match shared {
+            Ok(Ok((written, imported))) => {
+                tracing::debug!(written, imported, "latency windows shared with the other replicas")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "latency windows not shared this time; retried next window"),
+            Err(e) => tracing::warn!(error = %e, "latency sharing task failed"),
+        }
+        return;
+    }
     let bytes = ctx.probes.snapshot();
     match ctx.state(move |s| s.put_config_blob(SNAPSHOT_BLOB, &bytes)).await {
         Ok(()) => tracing::debug!("latency checkpoint written"),
@@ -319,8 +421,22 @@ async fn save_snapshot(ctx: &Ctx) {
     }
 }
 
-/// Loads the checkpoint at startup.
-pub async fn load_snapshot(ctx: &Ctx) {
+/// Loads the checkpoint at startup (with replicas: the shared probe key and every node's stored windows).
+pub async fn load_snapshot(ctx: &std::sync::Arc<Ctx>) {
+    if let (Some(_), Some(kek)) = (&ctx.replicas, &ctx.kek) {
+        let (c, k) = (std::sync::Arc::clone(ctx), std::sync::Arc::clone(kek));
+        let loaded = tokio::task::spawn_blocking(move || {
+            crate::probeshare::sync_key(c.state.store(), &k, &c.probes)?;
+            crate::probeshare::import_windows(&c, &[])
+        })
+        .await;
+        match loaded {
+            Ok(Ok(pairs)) => tracing::info!(pairs, "latency windows loaded from the store"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "shared latency state not loaded; it comes with the next poll"),
+            Err(e) => tracing::warn!(error = %e, "latency loading task failed"),
+        }
+        return;
+    }
     match ctx.state(|s| s.config_blob(SNAPSHOT_BLOB)).await {
         Ok(Some(bytes)) => {
             let pairs = ctx.probes.restore(&bytes);
@@ -333,11 +449,19 @@ pub async fn load_snapshot(ctx: &Ctx) {
 
 /// Push configurations whenever the mesh is dirty (coalesced), and rotate the sample periodically.
 pub async fn run(ctx: std::sync::Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+    // What this replica last published of its members (`crate::probeshare`).
+    let published = std::sync::Arc::new(Mutex::new(HashMap::new()));
     let mut rotate = tokio::time::interval(ROTATION);
     rotate.tick().await;
     let mut new_key = tokio::time::interval(ctx.probes.timing.key_rotation);
     new_key.tick().await;
-    let mut checkpoint = tokio::time::interval(SNAPSHOT_EVERY);
+    // With replicas the windows are shared every probe window (the others' view stays that fresh).
+    let every = if ctx.replicas.is_some() {
+        ctx.probes.timing.window.max(Duration::from_secs(1))
+    } else {
+        SNAPSHOT_EVERY
+    };
+    let mut checkpoint = tokio::time::interval(every);
     checkpoint.tick().await;
     loop {
         tokio::select! {
@@ -346,11 +470,31 @@ pub async fn run(ctx: std::sync::Arc<Ctx>, mut shutdown: watch::Receiver<bool>) 
                 save_snapshot(&ctx).await;
                 continue;
             }
-            _ = rotate.tick() => { ctx.probes.round.fetch_add(1, Ordering::Relaxed); }
+            _ = rotate.tick() => {}
             _ = new_key.tick() => {
-                let key_id = ctx.probes.rotate_key();
-                ctx.metrics.probe_key_rotations.inc();
-                tracing::info!(key_id, "latency probe key rotated; pushing it to every member");
+                // With replicas the leader rotates and shares the key; the others take it from the store.
+                let key_id = match (&ctx.replicas, &ctx.kek) {
+                    (Some(_), Some(kek)) if ctx.leadership.is_leader() => {
+                        let (c, k) = (std::sync::Arc::clone(&ctx), std::sync::Arc::clone(kek));
+                        match tokio::task::spawn_blocking(move || crate::probeshare::rotate_key(&c, &k)).await {
+                            Ok(Ok(id)) => Some(id),
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %e, "probe key not rotated (store); the old one stays in use");
+                                None
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "probe key task failed");
+                                None
+                            }
+                        }
+                    }
+                    (Some(_), _) => None,
+                    (None, _) => Some(ctx.probes.rotate_key()),
+                };
+                if let Some(key_id) = key_id {
+                    ctx.metrics.probe_key_rotations.inc();
+                    tracing::info!(key_id, "latency probe key rotated; pushing it to every member");
+                }
             }
             _ = shutdown.changed() => {
                 save_snapshot(&ctx).await;
@@ -359,7 +503,18 @@ pub async fn run(ctx: std::sync::Arc<Ctx>, mut shutdown: watch::Receiver<bool>) 
         }
         // Let a burst of connects settle into one recomputation.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let members = members(&ctx).await;
+        let (local, members) = members(&ctx).await;
+        if let Some(m) = &ctx.replicas {
+            let (m, last_sent) = (std::sync::Arc::clone(m), std::sync::Arc::clone(&published));
+            let published_now = tokio::task::spawn_blocking(move || {
+                let mut last = lock(&last_sent);
+                crate::probeshare::publish_members(&m, &local, &mut last)
+            })
+            .await;
+            if let Ok(Err(e)) = published_now {
+                tracing::warn!(error = %e, "probe members not published to the other replicas; retried at the next change");
+            }
+        }
         let configs = ctx.probes.configs(&members);
         let mut pushed = 0;
         for (id, cfg) in configs {

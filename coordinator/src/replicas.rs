@@ -26,7 +26,7 @@
 //!   replica).
 //!
 //! Singleton work (rollout deadlines, drains, cluster label sync, audit checkpoints) runs only on the leader
-//! (`crate::leader`), see `crate::server`; the latency mesh runs per replica over the agents streaming to it.
+//! (`crate::leader`), see `crate::server`; the latency mesh spans the replicas (`crate::probeshare`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -527,6 +527,16 @@ impl Membership {
         Ok(out)
     }
 
+    /// Puts `key` bound to this replica's lease (gone when the replica is).
+    pub fn put_leased(&self, key: &[u8], value: Vec<u8>) -> Result<(), ReplicaError> {
+        Ok(self.store.put_leased(key, value, self.lease.load(Ordering::Relaxed))?)
+    }
+
+    /// The etcd store the replicas share.
+    pub fn store(&self) -> &EtcdStore {
+        &self.store
+    }
+
     /// Leaves the registry at shutdown: revokes the lease (entry, session keys and mail go at once).
     pub fn leave(&self) {
         if let Err(e) = self.store.revoke_lease(self.lease.load(Ordering::Relaxed)) {
@@ -584,6 +594,7 @@ pub async fn run(ctx: Arc<Ctx>, m: Arc<Membership>, mut known: HashSet<String>, 
     let mut last_renew = Instant::now();
     let (mut nodes_fp, mut sessions_fp) = ((-1, -1), (-1, -1));
     let mut failing_since: Option<Instant> = None;
+    let members_fp = Arc::new(Mutex::new((-1i64, -1i64)));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -598,11 +609,20 @@ pub async fn run(ctx: Arc<Ctx>, m: Arc<Membership>, mut known: HashSet<String>, 
                 Err(e) => tracing::error!(error = %e, "replica lease task failed"),
             }
         }
-        let m2 = Arc::clone(&m);
+        let (m2, c2, members_fp) = (Arc::clone(&m), Arc::clone(&ctx), Arc::clone(&members_fp));
         let polled = tokio::task::spawn_blocking(move || -> Result<_, ReplicaError> {
             let changed = m2.refresh_registry()?;
             let sfp = m2.store.fingerprint(SESSIONS)?;
             let nfp = m2.store.fingerprint(b"nodes/")?;
+            let pfp = m2.store.fingerprint(crate::probeshare::MEMBERS)?;
+            if pfp != *lock(&members_fp) {
+                let remote = crate::probeshare::read_members(&m2, &c2.probes.local_ids())?;
+                c2.probes.set_remote(remote);
+                *lock(&members_fp) = pfp;
+            }
+            if let Some(kek) = &c2.kek {
+                crate::probeshare::sync_key(m2.store(), kek, &c2.probes)?;
+            }
             let mail = m2.take_mail()?;
             Ok((changed, sfp, nfp, mail))
         })

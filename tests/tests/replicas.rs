@@ -250,6 +250,11 @@ fn replicas_share_the_fleet_elect_one_leader_and_fail_over() {
         kek.display().to_string(),
         "--heartbeat-interval".into(),
         format!("{}s", HEARTBEAT.as_secs()),
+        // Short probe windows: the latency phase sees a fleet-wide matrix within seconds.
+        "--probe-interval".into(),
+        "200ms".into(),
+        "--probe-window".into(),
+        "2s".into(),
     ]);
     fleet.start_replica(1);
     fleet.start_replica(2);
@@ -357,6 +362,34 @@ fn replicas_share_the_fleet_elect_one_leader_and_fail_over() {
             replica_role(first_leader)
         ),
     );
+
+    // ----- a2. one latency mesh across the replicas ----------------------------------------------------------
+    // Agents on replica 1 probe agents on replica 2 and back (members and the probe key shared through the
+    // store), and either replica shows the whole matrix (windows shared through the store).
+    let want = AGENTS * (AGENTS - 1);
+    for n in [1, 2] {
+        wait_for(
+            &format!("a2: every ordered pair measured, as replica {n} shows it"),
+            patience(),
+            || {
+                let v = fleet.try_ctl_json_on(n, &["latency"]).map_err(|e| e.to_string())?;
+                let measured: BTreeSet<(String, String)> = v["pairs"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|p| p["samples"].as_u64().unwrap_or(0) > 0)
+                    .map(|p| (str_field(p, "from").to_string(), str_field(p, "to").to_string()))
+                    .collect();
+                if measured.len() == want {
+                    Ok(())
+                } else {
+                    Err(format!("{} of {want} pairs measured: {measured:?}", measured.len()))
+                }
+            },
+        );
+    }
+    phase(start, "a2: one latency matrix across both replicas, on each");
 
     // ----- d. mail: revoke through replica 1 a node whose stream replica 2 holds -----------------------------
     let out = fleet.ctl_on(
