@@ -212,6 +212,16 @@ pub fn share_files(
                 }
                 write_private(&path, &body).map_err(|e| secret(format!("cannot write {}: {e}", path.display())))?;
             }
+            // The managed files are exactly the sealed set: one the store does not have (e.g. the next key of
+            // a rotation finished elsewhere) goes.
+            for name in names(dir) {
+                if !files.files.contains_key(&name) {
+                    let path = dir.join(&name);
+                    tracing::warn!(file = %path.display(), "removed: not in the copy every replica shares");
+                    std::fs::remove_file(&path)
+                        .map_err(|e| secret(format!("cannot remove {}: {e}", path.display())))?;
+                }
+            }
             return Ok(true);
         }
         create(dir)?;
@@ -302,6 +312,37 @@ fn write_private(path: &Path, body: &[u8]) -> std::io::Result<()> {
     f.write_all(body)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// The files of a replica's WireGuard secret set present in `dir`: the key, and during a rotation the next key and
+/// the rotation record.
+pub fn wireguard_files(dir: &Path) -> Vec<String> {
+    [
+        "wg.key",
+        crate::rotation::NEXT_WG_KEY,
+        crate::rotation::WG_ROTATION_FILE,
+    ]
+    .iter()
+    .filter(|n| dir.join(n).is_file())
+    .map(|n| n.to_string())
+    .collect()
+}
+
+/// After a WireGuard key rotation step on this replica: its key files sealed into the store again and its
+/// registry entry carrying the key agents must use (the new one from the start of the overlap).
+pub fn rotated_wireguard(ctx: &Ctx) -> Result<(), ReplicaError> {
+    let (Some(m), Some(kek)) = (&ctx.replicas, &ctx.kek) else {
+        return Ok(());
+    };
+    let dir = &ctx.config.data_dir;
+    seal_files(
+        ctx.state.store(),
+        kek,
+        &secret_wg_key(&m.id()),
+        dir,
+        &wireguard_files(dir),
+    )?;
+    m.set_public_key(&tunnel::keys::public_key_to_base64(&ctx.tunnel.public_key()))
 }
 
 /// The regular files of `dir` (not hidden): the CA directory's contents.
@@ -525,6 +566,23 @@ impl Membership {
             }
         }
         Ok(out)
+    }
+
+    /// This replica's WireGuard public key changed (a rotation): the registry entry is put again, and every
+    /// agent learns it with the next `Replicas` message.
+    pub fn set_public_key(&self, key: &str) -> Result<(), ReplicaError> {
+        let me = {
+            let mut me = lock(&self.me);
+            if me.wg_public_key == key {
+                return Ok(());
+            }
+            me.wg_public_key = key.to_string();
+            me.clone()
+        };
+        self.store
+            .put_leased(&registry_key(&me.id), encode(&me), self.lease.load(Ordering::Relaxed))?;
+        self.refresh_registry()?;
+        Ok(())
     }
 
     /// Puts `key` bound to this replica's lease (gone when the replica is).

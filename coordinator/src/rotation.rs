@@ -156,6 +156,7 @@ pub async fn start_wireguard(ctx: &Ctx, overlap: Duration) -> Result<RotateKeyRe
         .start_key_rotation(secret)
         .map_err(|e| internal("starting the WireGuard key rotation")(&e))?;
     *rot.wg.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+    sealed_for_replicas(ctx);
     let notified = announce_all(ctx).await;
     tracing::info!(
         old = %tunnel::keys::public_key_to_base64(&old),
@@ -172,6 +173,19 @@ pub async fn start_wireguard(ctx: &Ctx, overlap: Duration) -> Result<RotateKeyRe
         retire_at_unix: state.retire_at,
         agents_notified: u32::try_from(notified).unwrap_or(u32::MAX),
     })
+}
+
+/// With replicas: this replica's key files sealed into the store again and its registry entry updated
+/// (`crate::replicas::rotated_wireguard`). A failure is logged: the local rotation stands, and a restart with an
+/// empty data dir would bring back the sealed (older) key.
+fn sealed_for_replicas(ctx: &Ctx) {
+    if let Err(e) = crate::replicas::rotated_wireguard(ctx) {
+        tracing::error!(
+            error = %e,
+            "the rotated WireGuard key is not sealed into the store (etcd unreachable?); keep this replica's data dir, \
+             or rotate again once etcd answers"
+        );
+    }
 }
 
 /// Tells every connected agent of the running WireGuard rotation. Returns how many were told.
@@ -199,6 +213,8 @@ pub fn finish_wireguard(ctx: &Ctx) -> Result<RotateKeyResponse, Status> {
         .map_err(|e| internal("installing the new WireGuard key")(&e))?;
     let _ = std::fs::remove_file(rot.data_dir.join(WG_ROTATION_FILE));
     *guard = None;
+    drop(guard);
+    sealed_for_replicas(ctx);
     let new = ctx.tunnel.public_key();
     if stranded > 0 {
         tracing::warn!(
@@ -352,12 +368,12 @@ pub async fn watch(ctx: Arc<Ctx>, mut shutdown: tokio::sync::watch::Receiver<boo
 
 /// The RotateKey RPC: `kind` × `phase`.
 pub async fn rotate(ctx: &Ctx, req: nimbus_proto::RotateKeyRequest) -> Result<RotateKeyResponse, Status> {
-    if ctx.replicas.is_some() {
-        // The rotation state lives in one replica's data dir, while the keys are sealed in the store for every
-        // replica: rotating here would leave the store's copies stale.
+    if ctx.replicas.is_some() && req.kind == "ca" {
+        // Every replica would have to reload the new CA and re-issue its enrollment certificate at once.
         return Err(Status::failed_precondition(
-            "key rotation is not supported yet when the state is on etcd (the CA and the replicas' WireGuard keys \
-             are sealed in the store); nothing was changed",
+            "CA rotation is not supported yet with the state on etcd (replicas share one CA sealed in the store); \
+             nothing was changed. WireGuard keys and enrollment certificates rotate per replica: run the command \
+             against each replica",
         ));
     }
     let overlap = |default: Duration| {

@@ -359,7 +359,7 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
                 &k,
                 &crate::replicas::secret_wg_key(&id),
                 &dir,
-                &|_| vec!["wg.key".to_string()],
+                &crate::replicas::wireguard_files,
                 &create,
             )
         })
@@ -564,8 +564,16 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         kek,
     });
 
-    // A WireGuard key rotation interrupted by a restart goes on where it was.
+    // A WireGuard key rotation interrupted by a restart goes on where it was (the registry then names the next
+    // key, which agents use during the overlap).
     ctx.rotations.resume_wireguard(&ctx.tunnel)?;
+    if let Some(m) = &ctx.replicas {
+        let (m, key) = (
+            Arc::clone(m),
+            tunnel::keys::public_key_to_base64(&ctx.tunnel.public_key()),
+        );
+        blocking("replica registry", move || m.set_public_key(&key)).await?;
+    }
     // Every active node is a WireGuard peer again after a restart.
     let nodes = ctx
         .state(|s| s.list_nodes())
@@ -773,9 +781,14 @@ pub async fn start(config: Config) -> Result<Running, CoordError> {
         shutdown_rx.clone(),
         move |c, rx| crate::auditlog::checkpoint_task(Arc::clone(&c.audit), every, rx),
     ));
-    tasks.push(spawn_singleton(&ctx, "key rotation", shutdown_rx.clone(), |c, rx| {
-        crate::rotation::watch(c, rx)
-    }));
+    {
+        // Every replica rotates its own WireGuard key, so each one watches its own rotation's retire time.
+        let (c, rx) = (Arc::clone(&ctx), shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            crate::rotation::watch(c, rx).await;
+            Ok(())
+        }));
+    }
     tasks.push(tokio::spawn(flush_last_seen(Arc::clone(&ctx), shutdown_rx)));
 
     tracing::info!(

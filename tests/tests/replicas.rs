@@ -391,6 +391,42 @@ fn replicas_share_the_fleet_elect_one_leader_and_fail_over() {
     }
     phase(start, "a2: one latency matrix across both replicas, on each");
 
+    // ----- a3. a replica rotates its own WireGuard key; CA rotation is refused on etcd --------------------------
+    // Every agent — those streaming to replica 2 (told on their stream) and those on replica 1 (told by the
+    // replica list) — moves its peer for replica 2 to the new key; after --finish only the new key is answered
+    // and every agent is still connected; the store's sealed copy is the new key (checked by the restart phase
+    // below, which expects the replica to come back with the wg.key it has then).
+    let r = fleet.ctl_json_on(2, &["key", "rotate", "wireguard", "--overlap", "10m"]);
+    assert_eq!(r["state"], "overlap", "rotation on replica 2: {r}");
+    let new_key = str_field(&r, "new_key").to_string();
+    for i in 1..=AGENTS {
+        wait_for(
+            &format!("a3: agent-{i} uses replica 2's new WireGuard key"),
+            patience(),
+            || {
+                let known = agent_replicas(&fleet, i)?;
+                match known.get(&ids[&2]) {
+                    Some((key, _)) if *key == new_key => Ok(()),
+                    other => Err(format!("replica 2 as agent-{i} knows it: {other:?}")),
+                }
+            },
+        );
+    }
+    let r = fleet.ctl_json_on(2, &["key", "rotate", "wireguard", "--finish"]);
+    assert_eq!(r["state"], "done", "finishing the rotation on replica 2: {r}");
+    fleet.wait_connected_on(1, &all);
+    fleet.wait_connected_on(2, &all);
+    let refused = fleet.ctl_on(1, &["key", "rotate", "ca"]);
+    assert!(
+        !refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("not supported yet"),
+        "CA rotation on etcd must be refused with a reason: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    phase(
+        start,
+        "a3: replica 2 rotated its WireGuard key; every agent followed; CA rotation refused",
+    );
+
     // ----- d. mail: revoke through replica 1 a node whose stream replica 2 holds -----------------------------
     let out = fleet.ctl_on(
         1,
