@@ -135,6 +135,10 @@ pub fn decide(
 /// Why an upgrade did not happen (the part after `upgrade to V: `).
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
+    /// The same release is now offered from another coordinator replica (the stream moved): not an error to
+    /// report, the install starts again from there.
+    #[error("superseded: the release is offered by another coordinator replica now")]
+    Superseded,
     #[error(
         "no release root pinned at {}: install the repository's 1.root.json there (nimbusctl release init printed it); {source}",
         .path.display()
@@ -288,6 +292,13 @@ impl Executor {
 
     /// Decides about `req` and carries an upgrade out. Never panics, never exits: the caller acts on the outcome.
     pub async fn execute(&mut self, req: &Request) -> Outcome {
+        self.execute_until(req, std::future::pending()).await
+    }
+
+    /// [`Executor::execute`], given up while the release is still being fetched when `superseded` resolves (the
+    /// same release offered from another coordinator replica: the caller starts again there). Once the new
+    /// version is being staged it runs to its end.
+    pub async fn execute_until(&mut self, req: &Request, superseded: impl Future<Output = ()>) -> Outcome {
         let failed = match versions::load(&self.state_dir) {
             Ok(st) => st.failed,
             Err(e) => {
@@ -312,13 +323,20 @@ impl Executor {
                 }
                 Outcome::Report(self.observed(req, error))
             }
-            Decision::Upgrade(plan) => match self.install(req, &plan).await {
+            Decision::Upgrade(plan) => match self.install(req, &plan, superseded).await {
                 Ok(()) => {
                     tracing::info!(version = %plan.version, from = %plan.current, "restarting into the new agent version");
                     Outcome::Restart {
                         version: plan.version.to_string(),
                         observed: self.observed(req, String::new()),
                     }
+                }
+                Err(UpgradeError::Superseded) => {
+                    tracing::info!(
+                        version = %plan.version,
+                        "upgrade: the release is now offered by another coordinator replica; fetching it there"
+                    );
+                    Outcome::Nothing
                 }
                 Err(e) => {
                     let error = format!("upgrade to {}: {e}", plan.version);
@@ -329,7 +347,13 @@ impl Executor {
         }
     }
 
-    async fn install(&self, req: &Request, plan: &Plan) -> Result<(), UpgradeError> {
+    async fn install(
+        &self,
+        req: &Request,
+        plan: &Plan,
+        superseded: impl Future<Output = ()>,
+    ) -> Result<(), UpgradeError> {
+        tokio::pin!(superseded);
         let version = plan.version.to_string();
         // The launcher would start `version` already, yet this process is not it: exiting 75 would loop.
         if versions::resolve(&self.state_dir, Path::new(""))
@@ -359,18 +383,21 @@ impl Executor {
             after: self.timeout,
         };
         tracing::info!(%version, step = ?plan.step, url = %metadata_url, "upgrade: loading the release metadata");
-        let releases = tokio::time::timeout_at(
+        let releases_dir = self.state_dir.join(RELEASES_DIR);
+        let load = tokio::time::timeout_at(
             deadline,
             Releases::load(
                 &root,
                 HttpRangeTransport::with_config(self.transport),
                 metadata_url,
                 targets_url,
-                &self.state_dir.join(RELEASES_DIR),
+                &releases_dir,
             ),
-        )
-        .await
-        .map_err(|_| timed_out("loading the release metadata"))??;
+        );
+        let releases = tokio::select! {
+            r = load => r.map_err(|_| timed_out("loading the release metadata"))??,
+            () = &mut superseded => return Err(UpgradeError::Superseded),
+        };
         let info = releases
             .releases()
             .into_iter()
@@ -392,9 +419,14 @@ impl Executor {
         empty_downloads(&downloads)?;
         let dest = downloads.join(target);
         tracing::info!(%version, target, bytes = info.length, "upgrade: fetching the new agent");
-        let fetched = tokio::time::timeout_at(deadline, releases.fetch(target, &dest))
-            .await
-            .map_err(|_| timed_out("downloading the new agent"))??;
+        let fetch = tokio::time::timeout_at(deadline, releases.fetch(target, &dest));
+        let fetched = tokio::select! {
+            r = fetch => r.map_err(|_| timed_out("downloading the new agent"))??,
+            () = &mut superseded => {
+                let _ = std::fs::remove_file(&dest);
+                return Err(UpgradeError::Superseded);
+            }
+        };
         tracing::info!(%version, sha256 = %fetched.sha256, bytes = fetched.length, "upgrade: new agent verified");
 
         let (state_dir, v, file) = (self.state_dir.clone(), version.clone(), dest.clone());
@@ -608,7 +640,26 @@ async fn work(
             last_error.set(None);
             continue;
         };
-        match executor.execute(&req).await {
+        // The same release offered from another replica (the stream moved after the one serving the download
+        // died) gives up this attempt while it is still fetching; the loop then takes the new offer.
+        let mut watcher = desired.clone();
+        let current = req.release.clone();
+        let superseded = async move {
+            loop {
+                if watcher.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                let moved = watcher.borrow_and_update().as_ref().is_some_and(|n| {
+                    n.release.version == current.version
+                        && (n.release.metadata_url != current.metadata_url
+                            || n.release.targets_url != current.targets_url)
+                });
+                if moved {
+                    return;
+                }
+            }
+        };
+        match executor.execute_until(&req, superseded).await {
             Outcome::Nothing => last_error.set(None),
             restart @ Outcome::Restart { .. } => {
                 last_error.set(None);
@@ -892,6 +943,33 @@ mod tests {
     fn nothing_staged(state: &Path) {
         assert!(!state.join(versions::VERSIONS_DIR).exists(), "nothing may be staged");
         assert!(versions::linked_version(state).is_none(), "current must not move");
+    }
+
+    #[tokio::test]
+    async fn a_fetch_from_a_dead_replica_gives_way_to_the_same_release_offered_elsewhere() {
+        let repo = Repo::new(&["0.2.0"]).await;
+        // A "replica" that accepts connections and never answers (it died with the sockets half open).
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let mut ex = repo.executor(state.path(), "0.1.0");
+        let mut stuck = repo.request(4, "0.2.0", false);
+        stuck.release.metadata_url = format!("http://{dead_addr}/metadata/");
+        stuck.release.targets_url = format!("http://{dead_addr}/targets/");
+        let started = std::time::Instant::now();
+        let out = ex
+            .execute_until(&stuck, tokio::time::sleep(Duration::from_millis(300)))
+            .await;
+        assert!(matches!(out, Outcome::Nothing), "given up without a report: {out:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "at once, not after the transport's retries"
+        );
+        nothing_staged(state.path());
+        // The same release from the live replica then installs.
+        let out = ex.execute(&repo.request(4, "0.2.0", false)).await;
+        assert!(matches!(out, Outcome::Restart { .. }), "{out:?}");
+        drop(dead);
     }
 
     #[tokio::test]

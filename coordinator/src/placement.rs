@@ -723,8 +723,8 @@ pub fn desired_message(
         agent: d.agent.as_ref().map(|a| nimbus_proto::AgentRelease {
             version: a.version.clone(),
             target: a.target.clone(),
-            metadata_url: format!("{release_url}metadata/"),
-            targets_url: format!("{release_url}targets/"),
+            metadata_url: crate::releases::metadata_url(release_url),
+            targets_url: crate::releases::targets_url(release_url),
             allow_downgrade: a.allow_downgrade,
         }),
     }

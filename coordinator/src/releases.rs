@@ -425,6 +425,16 @@ pub fn url(ctx: &crate::context::Ctx) -> String {
     format!("http://{}:{}/", ctx.coordinator_ip, ctx.config.release_port)
 }
 
+/// The metadata URL under a repository base URL ([`url`]).
+pub fn metadata_url(base: &str) -> String {
+    format!("{base}metadata/")
+}
+
+/// The targets URL under a repository base URL ([`url`]).
+pub fn targets_url(base: &str) -> String {
+    format!("{base}targets/")
+}
+
 fn list_message(ctx: &crate::context::Ctx, s: Summary) -> nimbus_proto::ReleaseList {
     nimbus_proto::ReleaseList {
         releases: s

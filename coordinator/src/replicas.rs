@@ -718,8 +718,16 @@ pub async fn run(ctx: Arc<Ctx>, m: Arc<Membership>, mut known: HashSet<String>, 
                 sessions_fp = sfp;
             }
         }
-        for (node, msg) in mail {
+        for (node, mut msg) in mail {
             let revoked = matches!(msg.msg, Some(CoordMsg::Revoked(_)));
+            // The agent fetches releases from the replica it streams to (this one), not from the sender.
+            if let Some(CoordMsg::DesiredState(d)) = &mut msg.msg
+                && let Some(a) = &mut d.agent
+            {
+                let url = crate::releases::url(&ctx);
+                a.metadata_url = crate::releases::metadata_url(&url);
+                a.targets_url = crate::releases::targets_url(&url);
+            }
             let delivered = ctx.sessions.send(&node, msg);
             tracing::debug!(node_id = %node, delivered, "mail from another replica");
             if revoked && delivered {
