@@ -1225,8 +1225,21 @@ impl Fleet {
         launch: &[&str],
         extra: &[&str],
     ) -> &Process {
-        if let Err(e) = self.spawn_agent(1, i, token, Some(launch), extra) {
-            panic!("starting {} under the launcher: {e}", agent_name(i));
+        self.start_agent_launched_via(1, i, token, launch, extra)
+    }
+
+    /// [`Fleet::start_agent_launched`] enrolling through coordinator replica `n` (its `--coordinator` is
+    /// replica `n`'s enrollment endpoint).
+    pub fn start_agent_launched_via(
+        &mut self,
+        n: usize,
+        i: usize,
+        token: Option<&JoinToken>,
+        launch: &[&str],
+        extra: &[&str],
+    ) -> &Process {
+        if let Err(e) = self.spawn_agent(n, i, token, Some(launch), extra) {
+            panic!("starting {} under the launcher through replica {n}: {e}", agent_name(i));
         }
         self.agent(i)
     }
