@@ -276,11 +276,20 @@ fn example_keys(config: &str) -> BTreeSet<String> {
 }
 
 /// The same file with every `#key = value` example switched on.
+/// Examples that are an alternative to another one (they exclude each other): listed like every key, left off
+/// when every example is turned on.
+const ALTERNATIVES: &[&str] = &["kek_command"];
+
 fn all_examples_on(config: &str) -> String {
     config
         .lines()
         .map(|l| match l.strip_prefix('#') {
-            Some(rest) if !example_keys(l).is_empty() => rest,
+            Some(rest)
+                if !example_keys(l).is_empty()
+                    && !example_keys(l).iter().any(|k| ALTERNATIVES.contains(&k.as_str())) =>
+            {
+                rest
+            }
             _ => l,
         })
         .collect::<Vec<_>>()
