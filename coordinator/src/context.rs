@@ -44,31 +44,29 @@ impl Ctx {
         T: Send + 'static,
         F: FnOnce(&State) -> Result<T, StateError> + Send + 'static,
     {
-        let state = Arc::clone(&self.state);
-        match tokio::task::spawn_blocking(move || f(&state)).await {
-            Ok(r) => r.map_err(tonic::Status::from),
-            Err(e) => {
-                tracing::error!(error = %e, "state task failed");
-                Err(tonic::Status::internal("internal error; see the coordinator log"))
-            }
-        }
+        blocking(Arc::clone(&self.state), f).await
     }
-}
 
-impl Ctx {
     /// Like [`Ctx::state`], through the fenced store: for singleton work (run only on the leader).
     pub async fn singleton<T, F>(&self, f: F) -> Result<T, tonic::Status>
     where
         T: Send + 'static,
         F: FnOnce(&State) -> Result<T, StateError> + Send + 'static,
     {
-        let state = Arc::clone(&self.singleton);
-        match tokio::task::spawn_blocking(move || f(&state)).await {
-            Ok(r) => r.map_err(tonic::Status::from),
-            Err(e) => {
-                tracing::error!(error = %e, "state task failed");
-                Err(tonic::Status::internal("internal error; see the coordinator log"))
-            }
+        blocking(Arc::clone(&self.singleton), f).await
+    }
+}
+
+async fn blocking<T, F>(state: Arc<State>, f: F) -> Result<T, tonic::Status>
+where
+    T: Send + 'static,
+    F: FnOnce(&State) -> Result<T, StateError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(move || f(&state)).await {
+        Ok(r) => r.map_err(tonic::Status::from),
+        Err(e) => {
+            tracing::error!(error = %e, "state task failed");
+            Err(tonic::Status::internal("internal error; see the coordinator log"))
         }
     }
 }

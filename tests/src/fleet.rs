@@ -694,6 +694,29 @@ impl Fleet {
         Ok(path)
     }
 
+    /// The replica tests' store: etcd on the coordinator host (on loopback and its underlay address, so replicas
+    /// on other lab hosts reach it), a fresh KEK, and every coordinator started from now on pointed at both
+    /// under `prefix` (plain HTTP: a test etcd).
+    pub fn with_shared_etcd(&mut self, prefix: &str) -> Result<crate::etcd::Etcd> {
+        let etcd = crate::etcd::Etcd::start_reachable(
+            self.coordinator_ns(),
+            self.coordinator_ip(),
+            &self.work_dir().join("etcd"),
+        )?;
+        let kek = self.generate_kek()?;
+        self.extend_coordinator_args([
+            "--etcd-endpoints".to_string(),
+            etcd.endpoint(),
+            "--etcd-plaintext".into(),
+            "true".into(),
+            "--etcd-prefix".into(),
+            prefix.to_string(),
+            "--kek-file".into(),
+            kek.display().to_string(),
+        ]);
+        Ok(etcd)
+    }
+
     /// A [`Command`] running the coordinator in its namespace with `args` (for startup-failure tests).
     pub fn coordinator_command(&self, args: &[String]) -> Command {
         let mut cmd = self.coordinator_ns().exec(&self.bins.coordinator);

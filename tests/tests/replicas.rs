@@ -232,23 +232,9 @@ fn replicas_share_the_fleet_elect_one_leader_and_fail_over() {
     })
     .unwrap();
     // etcd on replica 1's host, on loopback and its underlay address: replica 2 (another namespace) reaches it.
-    let mut etcd = Etcd::start_reachable(
-        fleet.coordinator_ns(),
-        fleet.coordinator_ip(),
-        &fleet.work_dir().join("etcd"),
-    )
-    .unwrap();
-    let kek = fleet.generate_kek().unwrap();
+    let mut etcd = fleet.with_shared_etcd("e2e-replicas/").unwrap();
     fleet.extend_coordinator_args([
-        "--etcd-endpoints".to_string(),
-        etcd.endpoint(),
-        "--etcd-plaintext".into(),
-        "true".into(),
-        "--etcd-prefix".into(),
-        "e2e-replicas/".into(),
-        "--kek-file".into(),
-        kek.display().to_string(),
-        "--heartbeat-interval".into(),
+        "--heartbeat-interval".to_string(),
         format!("{}s", HEARTBEAT.as_secs()),
         // Short probe windows: the latency phase sees a fleet-wide matrix within seconds.
         "--probe-interval".into(),

@@ -226,26 +226,12 @@ fn killing_the_leader_mid_rollout_the_survivor_finishes_it_without_double_upgrad
     })
     .unwrap();
     // etcd on replica 1's host, on loopback and its underlay address: replica 2 (another namespace) reaches it.
-    let etcd = Etcd::start_reachable(
-        fleet.coordinator_ns(),
-        fleet.coordinator_ip(),
-        &fleet.work_dir().join("etcd"),
-    )
-    .unwrap();
-    let kek = fleet.generate_kek().unwrap();
+    let _etcd = fleet.with_shared_etcd("e2e-replicas-rollout/").unwrap();
     // One release repository for both replicas (in production a ReadWriteMany volume).
     let releases_dir = fleet.work_dir().join("releases");
     std::fs::create_dir_all(&releases_dir).unwrap();
     fleet.extend_coordinator_args([
-        "--etcd-endpoints".to_string(),
-        etcd.endpoint(),
-        "--etcd-plaintext".into(),
-        "true".into(),
-        "--etcd-prefix".into(),
-        "e2e-replicas-rollout/".into(),
-        "--kek-file".into(),
-        kek.display().to_string(),
-        "--heartbeat-interval".into(),
+        "--heartbeat-interval".to_string(),
         format!("{}s", HEARTBEAT.as_secs()),
         "--releases-dir".into(),
         releases_dir.display().to_string(),
