@@ -186,7 +186,9 @@ fn zones_delays_and_loss_are_measured_inferred_and_planned() {
         let base = router_cost;
         let expected = injected + base;
         let p50 = w["p50_ns"].as_i64().unwrap();
-        let tolerance = (expected / 10).max(100_000);
+        // A userspace router and six agents on a shared 2-core machine: scheduling moves a window's p50 by up to
+        // ~150 µs (seen on CI under load), far less than the gaps between inside, near and far.
+        let tolerance = (expected * 15 / 100).max(150_000);
         report.push(format!(
             "{from}->{to}: p50 {p50} ns, expected {expected} ns (±{tolerance})"
         ));
