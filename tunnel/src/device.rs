@@ -20,6 +20,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -432,6 +433,7 @@ async fn udp_task(
     initiations: tokio::sync::mpsc::Sender<QueuedInitiation>,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut tun_buf = Vec::new();
     let mut actions = Vec::new();
     loop {
         match udp.recv_from(&mut buf).await {
@@ -442,12 +444,46 @@ async fn udp_task(
             }
             Ok((n, src)) => {
                 lock(&router).handle_datagram(canonical(src), &buf[..n], &mut actions);
+                let wrote_tun = actions.iter().any(|a| matches!(a, Action::WriteTun(_)));
                 perform(&mut actions, &tun, &udp, is_v6).await;
+                if wrote_tun {
+                    answer_inline(&router, &tun, &udp, is_v6, &mut tun_buf, &mut actions).await;
+                }
             }
             Err(e) => {
                 tracing::debug!(error = %e, "WireGuard UDP receive failed");
                 tokio::time::sleep(ERROR_BACKOFF).await;
             }
+        }
+    }
+}
+
+/// Most packets [`answer_inline`] takes from the TUN in one go (the TUN task reads the rest).
+const INLINE_ANSWERS: usize = 8;
+
+/// Right after the UDP task wrote packets to the TUN, reads what the kernel already queued in
+/// reply (an echo reply, a TCP ACK: generated while the write ran) and sends it at once, instead
+/// of leaving it to the TUN task, which only sees it after the next turn of the reactor. Reads
+/// behind tokio's back are fine: the TUN task then finds the queue empty.
+async fn answer_inline(
+    router: &Mutex<Router>,
+    tun: &AsyncDevice,
+    udp: &UdpSocket,
+    is_v6: bool,
+    buf: &mut Vec<u8>,
+    actions: &mut Vec<Action>,
+) {
+    if buf.is_empty() {
+        buf.resize(MAX_IP_PACKET, 0);
+    }
+    for _ in 0..INLINE_ANSWERS {
+        // The device is non-blocking: an empty queue is EAGAIN.
+        match nix::unistd::read(tun.as_fd(), buf) {
+            Ok(n) if n > 0 => {
+                lock(router).handle_tun_packet(&buf[..n], actions);
+                perform(actions, tun, udp, is_v6).await;
+            }
+            _ => return,
         }
     }
 }
