@@ -34,4 +34,8 @@ export PATH="$PATH:$cargo_bin"
 
 # The agent-footprint section measures the release daemons (what operators run).
 cargo build --release -p nimbus-bench -p nimbus-agent -p nimbus-coordinator -p nimbusctl
-exec "${CARGO_TARGET_DIR:-target}/release/nimbus-bench" "$@"
+build_secs=$SECONDS
+status=0
+"${CARGO_TARGET_DIR:-target}/release/nimbus-bench" "$@" || status=$?
+echo "run.sh: total $((SECONDS / 60)) min $((SECONDS % 60)) s (build and tool installs $build_secs s, measurements $((SECONDS - build_secs)) s)" >&2
+exit "$status"

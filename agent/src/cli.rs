@@ -265,8 +265,23 @@ fn storage_dry_run(cfg: &Config) -> ExitCode {
     }
 }
 
+/// Largest allocation glibc serves from its heaps; larger ones are mmapped and unmapped when freed.
+const MMAP_THRESHOLD: i32 = 128 * 1024;
+
+/// Fixes glibc's mmap threshold at its default (128 KiB). Left dynamic, glibc raises it to the largest
+/// block freed so far: after the first inventory pass has read and freed the dpkg database (0.8 MB on a
+/// Debian host), the same read every inventory interval comes from a heap and its pages stay resident —
+/// +0.8 MB RSS (6 % of an idle agent) for the agent's life. Setting the threshold turns the adjustment off.
+fn fixed_mmap_threshold() {
+    // SAFETY: mallopt only sets an allocator parameter; it is called before any other thread exists.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) } != 1 {
+        eprintln!("nimbus-agent: note: could not fix the malloc mmap threshold; RSS may be higher");
+    }
+}
+
 /// The whole program: `nimbus-agent [FLAGS] [bootstrap|launch ...]`.
 pub fn main() -> ExitCode {
+    fixed_mmap_threshold();
     let matches = Args::command().version(crate::version()).get_matches();
     let args = match Args::from_arg_matches(&matches) {
         Ok(a) => a,

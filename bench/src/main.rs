@@ -6,11 +6,13 @@
 //!
 //! # Layout
 //! - [`report`]: the machine description and the markdown table type every section returns.
+//! - [`neigh`]: room in the kernel's neighbour (ARP) table, which all of a lab's namespaces share.
 //! - one module per section (see [`Section`]).
 
 mod agent_footprint;
 mod coordinator_scale;
 mod enrollment;
+mod neigh;
 mod report;
 mod sim;
 mod tunnel_compare;
@@ -59,8 +61,11 @@ fn main() -> ExitCode {
         args.only.clone()
     };
     println!("{}", report::machine());
+    let started = std::time::Instant::now();
+    let mut timings = Vec::new();
     let mut failed = false;
     for s in sections {
+        let section_start = std::time::Instant::now();
         let result: anyhow::Result<Vec<report::Table>> = match s {
             Section::CoordinatorScale => coordinator_scale::run(args.quick),
             Section::Enrollment => enrollment::run(args.quick),
@@ -79,7 +84,12 @@ fn main() -> ExitCode {
                 eprintln!("nimbus-bench: {s:?}: {e:#}");
             }
         }
-        let _ = args.quick;
+        timings.push(format!("{s:?} {:.0} s", section_start.elapsed().as_secs_f64()));
     }
+    println!(
+        "Total wall time of the sections: {:.0} s ({}).",
+        started.elapsed().as_secs_f64(),
+        timings.join(", ")
+    );
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }

@@ -4,6 +4,12 @@
 //! Every figure is a ratio against the plain veth measured in the same run, plus ours against boringtun-cli.
 //! This kernel has no WireGuard module, so kernel WireGuard is not compared.
 //!
+//! All tunnels are up at once, each on its own UDP port and overlay /24, so the paths can be measured in
+//! interleaved rounds: in every round each path gets a burst of pings (the order rotates from round to
+//! round) and, in the throughput rounds, an iperf3 run. A path's figure is the median of its round medians,
+//! and the spread of the round medians is printed beside it, so drift and noise of the shared machine show
+//! instead of hiding in one sequential pass.
+//!
 //! Our tunnel runs inside this process: one thread per namespace enters the namespace (`setns`) and runs a
 //! multi-thread tokio runtime (one worker per core, like the agent) with a [`tunnel::Tunnel`]; threads it
 //! spawns inherit the namespace, and the TUN device and UDP socket are created there. The other
@@ -25,22 +31,67 @@ use crate::report::Table;
 /// Underlay (veth) addresses.
 const UNDER_A: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 1);
 const UNDER_B: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 2);
-/// Overlay (tunnel) addresses.
-const OVER_A: Ipv4Addr = Ipv4Addr::new(10, 232, 0, 1);
-const OVER_B: Ipv4Addr = Ipv4Addr::new(10, 232, 0, 2);
-const WG_PORT: u16 = 51820;
 const IPERF_PORT: u16 = 5201;
 /// The tunnels' MTU (wg-quick's default; also our `DEFAULT_MTU`).
 const MTU: u16 = 1420;
+/// Pause between echo requests.
+const PING_INTERVAL: Duration = Duration::from_millis(20);
 
-/// One measured path.
+/// One measured path: the per-round figures.
+#[derive(Default)]
 struct Measured {
-    /// Receiver-side TCP throughput, bit/s.
-    bps: f64,
-    /// Median ping RTT.
-    rtt_p50: Duration,
-    /// Pings lost.
+    /// Receiver-side TCP throughput of each throughput round, bit/s.
+    bps: Vec<f64>,
+    /// Median ping RTT of each ping round.
+    rtt_p50: Vec<Duration>,
+    /// Pings sent and lost over all rounds.
+    pings: u32,
     lost: u32,
+    /// CPU time both ends of the tunnel used during the ping rounds, ns (`None`: the kernel's).
+    ping_cpu_ns: Option<u64>,
+}
+
+impl Measured {
+    fn bps(&self) -> f64 {
+        median_f64(&self.bps)
+    }
+
+    fn rtt(&self) -> Duration {
+        let mut v = self.rtt_p50.clone();
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    }
+
+    /// `min–max` of the round medians as a ratio to `reference`.
+    fn rtt_spread(&self, reference: Duration) -> String {
+        let min = self.rtt_p50.iter().min().copied().unwrap_or_default();
+        let max = self.rtt_p50.iter().max().copied().unwrap_or_default();
+        format!("{:.2}–{:.2}", ratio(min, reference), ratio(max, reference))
+    }
+
+    /// Tunnel CPU per echo (request and reply through both ends), µs.
+    fn cpu_per_echo_us(&self) -> Option<f64> {
+        let replies = self.pings.saturating_sub(self.lost);
+        self.ping_cpu_ns
+            .filter(|_| replies > 0)
+            .map(|ns| ns as f64 / 1e3 / f64::from(replies))
+    }
+
+    fn bps_spread(&self, reference: f64) -> String {
+        let min = self.bps.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = self.bps.iter().copied().fold(0.0, f64::max);
+        format!("{:.3}–{:.3}", min / reference, max / reference)
+    }
+}
+
+fn median_f64(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Which implementation carries the overlay.
@@ -61,23 +112,96 @@ impl Kind {
             Kind::Ours => "nimbus embedded tunnel (tunnel::Tunnel)",
         }
     }
+
+    /// The address pinged and iperf'd in namespace `b` over this path.
+    fn target(self) -> Ipv4Addr {
+        match self {
+            Kind::Plain => UNDER_B,
+            other => other.overlay(2),
+        }
+    }
+
+    /// Overlay address `host` of this tunnel (each tunnel has its own /24).
+    fn overlay(self, host: u8) -> Ipv4Addr {
+        let net = match self {
+            Kind::Plain => 231,
+            Kind::WireguardGo => 232,
+            Kind::BoringtunCli => 233,
+            Kind::Ours => 234,
+        };
+        Ipv4Addr::new(10, net, 0, host)
+    }
+
+    /// The tunnel's UDP port (both ends).
+    fn port(self) -> u16 {
+        match self {
+            Kind::Plain => 0,
+            Kind::WireguardGo => 51820,
+            Kind::BoringtunCli => 51821,
+            Kind::Ours => 51822,
+        }
+    }
 }
 
 struct Params {
     iperf_secs: u32,
-    pings: u32,
+    iperf_rounds: usize,
+    ping_rounds: usize,
+    pings_per_round: u32,
+}
+
+/// A tunnel that is up; stopped on drop.
+enum Running {
+    Userspace(Box<(UserspaceWg, UserspaceWg)>),
+    Ours(OurEndpoint, OurEndpoint),
+}
+
+/// Name of our tunnel's runtime threads (both ends), whose CPU time is counted.
+const OUR_THREADS: &str = "nbtun-ours";
+
+impl Running {
+    fn kind(&self) -> Kind {
+        match self {
+            Running::Userspace(ends) if ends.0.kind == Kind::WireguardGo => Kind::WireguardGo,
+            Running::Userspace(..) => Kind::BoringtunCli,
+            Running::Ours(..) => Kind::Ours,
+        }
+    }
+
+    /// CPU time (ns) used so far by both ends: every thread of the two processes, or our runtime threads.
+    fn cpu_ns(&self) -> u64 {
+        match self {
+            Running::Userspace(ends) => process_cpu_ns(ends.0.process.pid()) + process_cpu_ns(ends.1.process.pid()),
+            Running::Ours(..) => threads_cpu_ns(std::process::id(), OUR_THREADS),
+        }
+    }
+
+    fn stop(self) {
+        match self {
+            Running::Userspace(ends) => drop(ends),
+            Running::Ours(a, b) => {
+                a.stop();
+                b.stop();
+            }
+        }
+    }
 }
 
 pub fn run(quick: bool) -> anyhow::Result<Vec<Table>> {
     let params = if quick {
         Params {
-            iperf_secs: 3,
-            pings: 20,
+            iperf_secs: 2,
+            iperf_rounds: 1,
+            ping_rounds: 3,
+            pings_per_round: 20,
         }
     } else {
+        // Odd round counts: the median is a measured round.
         Params {
-            iperf_secs: 10,
-            pings: 50,
+            iperf_secs: 4,
+            iperf_rounds: 3,
+            ping_rounds: 7,
+            pings_per_round: 30,
         }
     };
     let started = Instant::now();
@@ -93,65 +217,105 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Table>> {
         &[
             "path",
             "TCP throughput (× plain veth)",
+            "rounds (min–max)",
             "ping RTT p50 (× plain veth)",
+            "rounds (min–max)",
             "pings lost",
+            "tunnel CPU per echo (µs, both ends)",
         ],
     );
-    let mut results: Vec<(Kind, Measured)> = Vec::new();
 
-    let plain = measure(&pair, UNDER_B, &params, work.path()).context("plain veth")?;
-    table.note(format!(
-        "Reference (plain veth, this run): {:.2} Gbit/s, ping p50 {:.3} ms. iperf3 TCP {} s, one stream, \
-         receiver side; ping: {} echo requests 20 ms apart, median.",
-        plain.bps / 1e9,
-        ms(plain.rtt_p50),
-        params.iperf_secs,
-        params.pings
-    ));
-    results.push((Kind::Plain, plain));
-
+    // Every path up at once (each tunnel on its own port and /24), then measured in interleaved rounds.
+    let mut paths = vec![Kind::Plain];
+    let mut running = Vec::new();
     for kind in [Kind::WireguardGo, Kind::BoringtunCli, Kind::Ours] {
-        match measure_tunnel(kind, &pair, &params, work.path()) {
-            Ok(m) => results.push((kind, m)),
+        match start_tunnel(kind, &pair, work.path()).and_then(|r| {
+            wait_path(&pair, kind.target())?;
+            Ok(r)
+        }) {
+            Ok(r) => {
+                running.push(r);
+                paths.push(kind);
+            }
             Err(e) => table.note(format!("{}: not measured: {e:#}", kind.label())),
         }
     }
+    let result = measure_rounds(&pair, &paths, &running, &params, work.path());
+    for r in running {
+        r.stop();
+    }
+    let results = result?;
 
     let plain = &results[0].1;
+    let (plain_bps, plain_rtt) = (plain.bps(), plain.rtt());
+    table.note(format!(
+        "Reference (plain veth, this run): {:.2} Gbit/s, ping p50 {:.3} ms. Interleaved: {} ping rounds of {} echo \
+         requests {} ms apart per path (order rotating each round; figure = median of the round medians), {} \
+         iperf3 rounds of {} s (one TCP stream, receiver side; figure = median of the rounds); all tunnels up \
+         throughout.",
+        plain_bps / 1e9,
+        ms(plain_rtt),
+        params.ping_rounds,
+        params.pings_per_round,
+        PING_INTERVAL.as_millis(),
+        params.iperf_rounds,
+        params.iperf_secs,
+    ));
     table.note(format!(
         "Absolute figures of this run (for orientation only): {}.",
         results
             .iter()
-            .map(|(k, m)| format!("{} {:.0} Mbit/s, {:.3} ms", k.label(), m.bps / 1e6, ms(m.rtt_p50)))
+            .map(|(k, m)| format!("{} {:.0} Mbit/s, {:.3} ms", k.label(), m.bps() / 1e6, ms(m.rtt())))
             .collect::<Vec<_>>()
             .join("; ")
     ));
     for (kind, m) in &results {
         table.row(vec![
             kind.label().to_string(),
-            format!("{:.3}×", m.bps / plain.bps),
-            format!("{:.2}×", ratio(m.rtt_p50, plain.rtt_p50)),
-            format!("{}/{}", m.lost, params.pings),
+            format!("{:.3}×", m.bps() / plain_bps),
+            m.bps_spread(plain_bps),
+            format!("{:.2}×", ratio(m.rtt(), plain_rtt)),
+            m.rtt_spread(plain_rtt),
+            format!("{}/{}", m.lost, m.pings),
+            m.cpu_per_echo_us()
+                .map_or_else(|| "– (kernel)".to_string(), |us| format!("{us:.0}")),
         ]);
     }
     let find = |k: Kind| results.iter().find(|(kind, _)| *kind == k).map(|(_, m)| m);
     if let (Some(ours), Some(bt)) = (find(Kind::Ours), find(Kind::BoringtunCli)) {
-        let tput = ours.bps / bt.bps;
-        let rtt = ratio(ours.rtt_p50, bt.rtt_p50);
+        let tput = ours.bps() / bt.bps();
+        let rtt = ratio(ours.rtt(), bt.rtt());
+        // Per round, ours against boringtun-cli in the same round: how often ours was faster.
+        let rounds = ours.rtt_p50.len().min(bt.rtt_p50.len());
+        let better = (0..rounds).filter(|&r| ours.rtt_p50[r] <= bt.rtt_p50[r]).count();
+        let per_round: Vec<String> = (0..rounds)
+            .map(|r| format!("{:.2}", ratio(ours.rtt_p50[r], bt.rtt_p50[r])))
+            .collect();
         table.row(vec![
             "**ours vs boringtun-cli** (goal ≥ 0.9× throughput, RTT ≤ 1×)".into(),
             format!("{tput:.2}× ({})", if tput >= 0.9 { "meets goal" } else { "BELOW goal" }),
-            format!("{rtt:.2}× ({})", if rtt <= 1.0 { "meets goal" } else { "worse" }),
             String::new(),
+            format!("{rtt:.2}× ({})", if rtt <= 1.0 { "meets goal" } else { "worse" }),
+            format!("per round: {}", per_round.join(", ")),
+            String::new(),
+            match (ours.cpu_per_echo_us(), bt.cpu_per_echo_us()) {
+                (Some(o), Some(b)) if b > 0.0 => format!("{:.2}×", o / b),
+                _ => String::new(),
+            },
         ]);
+        table.note(format!(
+            "Ours against boringtun-cli round by round (RTT p50 ratio, same round): {}; ours was as fast or faster \
+             in {better} of {rounds} rounds.",
+            per_round.join(", ")
+        ));
     }
     if let Some(bt) = find(Kind::BoringtunCli)
         && let Some(wg) = find(Kind::WireguardGo)
     {
         table.note(format!(
             "boringtun-cli vs wireguard-go: {:.2}× throughput, {:.2}× RTT.",
-            bt.bps / wg.bps,
-            ratio(bt.rtt_p50, wg.rtt_p50)
+            bt.bps() / wg.bps(),
+            ratio(bt.rtt(), wg.rtt())
         ));
     }
     table.note(
@@ -171,6 +335,49 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Table>> {
     ));
     drop(pair);
     Ok(vec![table])
+}
+
+/// Interleaved rounds over `paths`: pings first (all rounds), then throughput.
+fn measure_rounds(
+    pair: &Pair,
+    paths: &[Kind],
+    running: &[Running],
+    p: &Params,
+    work: &Path,
+) -> anyhow::Result<Vec<(Kind, Measured)>> {
+    let mut results: Vec<(Kind, Measured)> = paths.iter().map(|&k| (k, Measured::default())).collect();
+    let n = results.len();
+    for round in 0..p.ping_rounds {
+        for i in 0..n {
+            let (kind, m) = &mut results[(i + round) % n];
+            let tunnel = running.iter().find(|r| r.kind() == *kind);
+            let cpu0 = tunnel.map(Running::cpu_ns);
+            let pings = e2e::ping_rtts(&pair.a, kind.target(), p.pings_per_round, PING_INTERVAL)
+                .with_context(|| format!("pinging over {}", kind.label()))?;
+            if let (Some(t), Some(c0)) = (tunnel, cpu0) {
+                let used = t.cpu_ns().saturating_sub(c0);
+                m.ping_cpu_ns = Some(m.ping_cpu_ns.unwrap_or(0) + used);
+            }
+            let mut rtts = pings.rtts.clone();
+            rtts.sort();
+            let Some(p50) = rtts.get(rtts.len() / 2).copied() else {
+                bail!("no ping replies over {} in round {round}", kind.label());
+            };
+            m.rtt_p50.push(p50);
+            m.pings += pings.transmitted;
+            m.lost += pings.transmitted.saturating_sub(pings.received);
+        }
+    }
+    // Every path is measured once per round, so index r of each path's figures is round r.
+    for round in 0..p.iperf_rounds {
+        for i in 0..n {
+            let (kind, m) = &mut results[(i + round) % n];
+            let bps = iperf(pair, kind.target(), p.iperf_secs, work)
+                .with_context(|| format!("iperf3 over {}", kind.label()))?;
+            m.bps.push(bps);
+        }
+    }
+    Ok(results)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -211,73 +418,77 @@ impl Pair {
     }
 }
 
-/// iperf3 from `a` to `target` (server in `b`) and pings from `a` to `target`.
-fn measure(pair: &Pair, target: Ipv4Addr, p: &Params, work: &Path) -> anyhow::Result<Measured> {
-    // Warm up the path (handshake, ARP) and check it works at all.
+/// Waits until `target` answers pings from `a` (handshake done, ARP resolved).
+fn wait_path(pair: &Pair, target: Ipv4Addr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match pair.a.ping(target.into()) {
-            Ok(()) => break,
+            Ok(()) => return Ok(()),
             Err(e) if Instant::now() > deadline => bail!("{target} does not answer pings from the peer: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
-    let pings = e2e::ping_rtts(&pair.a, target, p.pings, Duration::from_millis(20))?;
-    let mut rtts = pings.rtts.clone();
-    rtts.sort();
-    let Some(rtt_p50) = rtts.get(rtts.len() / 2).copied() else {
-        bail!("no ping replies from {target}");
-    };
-    let lost = pings.transmitted.saturating_sub(pings.received);
+}
 
+/// iperf3 from `a` to `target` (server in `b`): receiver-side bit/s. The client is retried until the
+/// server answers (it may not listen yet) for up to 5 s.
+fn iperf(pair: &Pair, target: Ipv4Addr, secs: u32, work: &Path) -> anyhow::Result<f64> {
     let server = Process::builder("iperf3-server", "iperf3", work.join(format!("iperf3-{target}.log")))
         .netns(&pair.b)
         .args(["-s", "-1", "-p", &IPERF_PORT.to_string(), "-B", &target.to_string()])
         .spawn()?;
-    let mut out = None;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while out.is_none() {
+    let result = loop {
         let mut cmd = pair.a.exec("iperf3");
         cmd.args(["-c", &target.to_string(), "-p", &IPERF_PORT.to_string(), "-J", "-t"])
-            .arg(p.iperf_secs.to_string());
-        let o = run_with_timeout(&mut cmd, Duration::from_secs(u64::from(p.iperf_secs) + 20))?;
-        if o.status.success() {
-            out = Some(o);
-        } else if Instant::now() > deadline {
-            bail!(
-                "iperf3 client failed: {} {}; server log: {}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr),
-                server.log()
-            );
-        } else {
-            std::thread::sleep(Duration::from_millis(200));
+            .arg(secs.to_string());
+        let o = run_with_timeout(&mut cmd, Duration::from_secs(u64::from(secs) + 20))?;
+        // iperf3 -J reports some failures (e.g. "unable to connect") in the JSON with exit status 0.
+        let json: Option<serde_json::Value> = serde_json::from_slice(&o.stdout).ok();
+        let bps = json
+            .as_ref()
+            .and_then(|j| j.pointer("/end/sum_received/bits_per_second"))
+            .and_then(serde_json::Value::as_f64);
+        match bps {
+            Some(bps) if o.status.success() => break Ok(bps),
+            _ if Instant::now() > deadline => {
+                let error = json
+                    .as_ref()
+                    .and_then(|j| j.get("error"))
+                    .and_then(serde_json::Value::as_str)
+                    .map_or_else(|| String::from_utf8_lossy(&o.stderr).trim().to_string(), str::to_string);
+                break Err(anyhow::anyhow!(
+                    "iperf3 client to {target} gave no result ({}): {error}; server log: {}",
+                    o.status,
+                    server.log()
+                ));
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
         }
-    }
+    };
     server.stop(Duration::from_secs(2));
-    let json: serde_json::Value =
-        serde_json::from_slice(&out.map(|o| o.stdout).unwrap_or_default()).context("iperf3 -J printed no JSON")?;
-    let bps = json
-        .pointer("/end/sum_received/bits_per_second")
-        .and_then(serde_json::Value::as_f64)
-        .context("iperf3 JSON without end.sum_received.bits_per_second")?;
-    Ok(Measured { bps, rtt_p50, lost })
+    result
 }
 
-fn measure_tunnel(kind: Kind, pair: &Pair, p: &Params, work: &Path) -> anyhow::Result<Measured> {
+/// Starts both ends of tunnel `kind` (its own port and overlay /24).
+fn start_tunnel(kind: Kind, pair: &Pair, work: &Path) -> anyhow::Result<Running> {
     let sa = tunnel::keys::generate_secret();
     let sb = tunnel::keys::generate_secret();
     let pa = tunnel::keys::public_key_of(&sa);
     let pb = tunnel::keys::public_key_of(&sb);
+    let (oa, ob, port) = (kind.overlay(1), kind.overlay(2), kind.port());
     match kind {
-        Kind::Plain => measure(pair, UNDER_B, p, work),
+        Kind::Plain => bail!("the plain veth is not a tunnel"),
         Kind::Ours => {
-            let ea = OurEndpoint::start(&pair.a, sa, pb, UNDER_B, OVER_A)?;
-            let eb = OurEndpoint::start(&pair.b, sb, pa, UNDER_A, OVER_B)?;
-            let m = measure(pair, OVER_B, p, work);
-            ea.stop();
-            eb.stop();
-            m
+            let ea = OurEndpoint::start(&pair.a, sa, pb, UNDER_B, oa, ob, port)?;
+            let eb = match OurEndpoint::start(&pair.b, sb, pa, UNDER_A, ob, oa, port) {
+                Ok(e) => e,
+                Err(e) => {
+                    ea.stop();
+                    return Err(e);
+                }
+            };
+            Ok(Running::Ours(ea, eb))
         }
         Kind::WireguardGo | Kind::BoringtunCli => {
             let (program, args): (&str, &[&str]) = if kind == Kind::WireguardGo {
@@ -292,14 +503,11 @@ fn measure_tunnel(kind: Kind, pair: &Pair, p: &Params, work: &Path) -> anyhow::R
             let tag = if kind == Kind::WireguardGo { "g" } else { "b" };
             let name_a = format!("nb{}{tag}a", std::process::id() % 1_000_000);
             let name_b = format!("nb{}{tag}b", std::process::id() % 1_000_000);
-            let da = UserspaceWg::start(&program, args, &pair.a, &name_a, work)?;
-            let db = UserspaceWg::start(&program, args, &pair.b, &name_b, work)?;
-            da.configure(&sa, &pb, UNDER_B, OVER_A, OVER_B, work)?;
-            db.configure(&sb, &pa, UNDER_A, OVER_B, OVER_A, work)?;
-            let m = measure(pair, OVER_B, p, work);
-            drop(da);
-            drop(db);
-            m
+            let da = UserspaceWg::start(kind, &program, args, &pair.a, &name_a, work)?;
+            let db = UserspaceWg::start(kind, &program, args, &pair.b, &name_b, work)?;
+            da.configure(&sa, &pb, UNDER_B, oa, ob, port, work)?;
+            db.configure(&sb, &pa, UNDER_A, ob, oa, port, work)?;
+            Ok(Running::Userspace(Box::new((da, db))))
         }
     }
 }
@@ -309,10 +517,18 @@ struct UserspaceWg {
     process: Process,
     ns: String,
     name: String,
+    kind: Kind,
 }
 
 impl UserspaceWg {
-    fn start(program: &Path, args: &[&str], ns: &Netns, name: &str, work: &Path) -> anyhow::Result<UserspaceWg> {
+    fn start(
+        kind: Kind,
+        program: &Path,
+        args: &[&str],
+        ns: &Netns,
+        name: &str,
+        work: &Path,
+    ) -> anyhow::Result<UserspaceWg> {
         let process = Process::builder(name, program, work.join(format!("{name}.log")))
             .netns(ns)
             .args(args)
@@ -336,9 +552,11 @@ impl UserspaceWg {
             process,
             ns: ns.name().to_string(),
             name: name.to_string(),
+            kind,
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn configure(
         &self,
         secret: &tunnel::StaticSecret,
@@ -346,6 +564,7 @@ impl UserspaceWg {
         peer_under: Ipv4Addr,
         own: Ipv4Addr,
         peer_over: Ipv4Addr,
+        port: u16,
         work: &Path,
     ) -> anyhow::Result<()> {
         let key_path = work.join(format!("{}.key", self.name));
@@ -355,13 +574,13 @@ impl UserspaceWg {
         )?;
         let ns = Netns::existing(&self.ns)?;
         let mut cmd = ns.exec("wg");
-        cmd.args(["set", &self.name, "listen-port", &WG_PORT.to_string(), "private-key"])
+        cmd.args(["set", &self.name, "listen-port", &port.to_string(), "private-key"])
             .arg(&key_path)
             .args([
                 "peer",
                 &tunnel::keys::public_key_to_base64(peer),
                 "endpoint",
-                &format!("{peer_under}:{WG_PORT}"),
+                &format!("{peer_under}:{port}"),
                 "allowed-ips",
                 &format!("{peer_over}/32"),
             ]);
@@ -413,6 +632,8 @@ impl OurEndpoint {
         peer: tunnel::PublicKey,
         peer_under: Ipv4Addr,
         own: Ipv4Addr,
+        peer_over: Ipv4Addr,
+        port: u16,
     ) -> anyhow::Result<OurEndpoint> {
         let path = PathBuf::from("/var/run/netns").join(ns.name());
         let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
@@ -425,7 +646,11 @@ impl OurEndpoint {
                 let _ = ready_tx.send(Err(std::io::Error::last_os_error()).context("setns"));
                 return;
             }
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .thread_name(OUR_THREADS)
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e).context("tokio runtime"));
@@ -435,15 +660,14 @@ impl OurEndpoint {
             rt.block_on(async move {
                 let cfg = tunnel::TunnelConfig {
                     mtu: MTU,
-                    ..tunnel::TunnelConfig::new(secret, (Ipv4Addr::UNSPECIFIED, WG_PORT).into(), "nbtun0", own, 24)
+                    ..tunnel::TunnelConfig::new(secret, (Ipv4Addr::UNSPECIFIED, port).into(), "nbtun0", own, 24)
                 };
                 let started = async {
                     let t = tunnel::Tunnel::start(cfg).await?;
-                    let allowed = if own == OVER_A { OVER_B } else { OVER_A };
                     t.add_peer(tunnel::PeerConfig {
                         public_key: peer,
-                        endpoint: Some((peer_under, WG_PORT).into()),
-                        allowed_ips: vec![format!("{allowed}/32").parse()?],
+                        endpoint: Some((peer_under, port).into()),
+                        allowed_ips: vec![format!("{peer_over}/32").parse()?],
                         persistent_keepalive: Some(25),
                     })?;
                     anyhow::Ok(t)
@@ -477,6 +701,29 @@ impl OurEndpoint {
     }
 }
 
+/// CPU time (ns) of every thread of process `pid` (`/proc/PID/task/*/schedstat`); 0 if it is gone.
+fn process_cpu_ns(pid: u32) -> u64 {
+    threads_cpu_ns(pid, "")
+}
+
+/// CPU time (ns) of the threads of `pid` whose name starts with `prefix`.
+fn threads_cpu_ns(pid: u32, prefix: &str) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim_end().starts_with(prefix)))
+        .filter_map(|e| {
+            std::fs::read_to_string(e.path().join("schedstat"))
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// `program` on PATH or in ~/.cargo/bin.
 fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -495,4 +742,47 @@ fn tool_version(program: &str, args: &[&str]) -> Option<String> {
     let text = String::from_utf8_lossy(&out.stdout);
     let first = text.lines().next().unwrap_or("").trim().to_string();
     (!first.is_empty()).then_some(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_are_medians_of_rounds_with_their_spread() {
+        assert_eq!(median_f64(&[]), 0.0);
+        assert_eq!(median_f64(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median_f64(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        let ms = |v: u64| Duration::from_micros(v);
+        let m = Measured {
+            bps: vec![100.0, 300.0, 200.0],
+            rtt_p50: vec![ms(220), ms(200), ms(260)],
+            pings: 90,
+            lost: 0,
+            ping_cpu_ns: Some(90 * 250_000),
+        };
+        assert_eq!(m.bps(), 200.0);
+        assert_eq!(m.rtt(), ms(220), "the median round, not the mean");
+        assert_eq!(m.rtt_spread(ms(200)), "1.00–1.30");
+        assert_eq!(m.bps_spread(100.0), "1.000–3.000");
+        assert_eq!(m.cpu_per_echo_us(), Some(250.0));
+        let kernel = Measured {
+            ping_cpu_ns: None,
+            ..Measured::default()
+        };
+        assert_eq!(kernel.cpu_per_echo_us(), None);
+    }
+
+    #[test]
+    fn every_tunnel_has_its_own_port_and_overlay() {
+        let kinds = [Kind::WireguardGo, Kind::BoringtunCli, Kind::Ours];
+        for (i, a) in kinds.iter().enumerate() {
+            for b in &kinds[i + 1..] {
+                assert_ne!(a.port(), b.port());
+                assert_ne!(a.overlay(1), b.overlay(1));
+            }
+            assert_eq!(a.target(), a.overlay(2));
+        }
+        assert_eq!(Kind::Plain.target(), UNDER_B);
+    }
 }

@@ -12,10 +12,22 @@
 //! 2. memory: RSS and malloc'd bytes before/after configuring N peers, and after every peer has a
 //!    session (the generator's own share is removed by dropping it at the end);
 //! 3. handshakes per second at increasing offered load (open loop), then closed loop at the
-//!    maximum; the knee is the last load the coordinator keeps up with (≥ 90 % completed);
+//!    maximum; the knee is the last load the coordinator keeps up with (≥ 90 % completed). The
+//!    generator completes every handshake it is answered (its own Diffie-Hellman work shares the
+//!    two cores with the coordinator);
 //! 4. CPU of the coordinator threads (`/proc/self/task/*/schedstat`) with N established, silent
 //!    peers (the idle reference), then with every peer sending a keepalive every 25 s (N/25 per
-//!    second, spread evenly like desynchronised agents).
+//!    second, spread evenly like desynchronised agents);
+//! 5. capacity: the coordinator alone, answering one pre-formed initiation per peer as fast as
+//!    it can (the generator only sends and counts), with the rate limit lifted, on a runtime with
+//!    one worker thread and on one with a worker per core: how many handshakes per second the
+//!    coordinator answers and how many cores it uses (a second tunnel with the same key and peers
+//!    in the same namespace, threads `wg-cap`);
+//! 6. where a handshake's CPU goes: the three steps of answering an initiation
+//!    (`Router::accept_initiation` under the router lock, `Initiation::answer` without it,
+//!    `Router::finish_initiation` under it again) timed with the thread's CPU clock on a plain
+//!    `Router` with the same peers, no I/O. The share under the lock bounds how many cores
+//!    handshakes can use (Amdahl).
 //!
 //! Figures are counts (bytes, packets) or ratios to a reference taken in the same run.
 
@@ -27,7 +39,7 @@ use anyhow::{Context, Result, bail};
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use e2e::Netns;
-use tunnel::{PeerConfig, PublicKey, StaticSecret, Tunnel, TunnelConfig};
+use tunnel::{PeerConfig, PublicKey, Router, StaticSecret, Tunnel, TunnelConfig};
 
 use crate::report::Table;
 
@@ -35,6 +47,11 @@ use crate::report::Table;
 const KEEPALIVE_SECS: u64 = 25;
 /// Name prefix of the coordinator-side runtime threads (what the CPU figures add up).
 const COORD_THREAD: &str = "wg-coord";
+/// Name prefix of the capacity tunnels' runtime threads.
+const CAPACITY_THREAD: &str = "wg-cap";
+/// Initiations in flight during the capacity measurement (below what the coordinator's socket
+/// buffer holds, about 270 datagrams at the default 208 KiB).
+const CAPACITY_WINDOW: usize = 128;
 /// Closed-loop window: handshakes in flight at once when the offered load is "max".
 const MAX_IN_FLIGHT: usize = 256;
 /// A handshake not answered within this is counted lost and its peer becomes free again.
@@ -75,7 +92,7 @@ impl Params {
                     None,
                 ],
                 level_time: Duration::from_secs(4),
-                cpu_window: Duration::from_secs(25),
+                cpu_window: Duration::from_secs(15),
             }
         }
     }
@@ -97,8 +114,9 @@ pub fn run(quick: bool) -> Result<Vec<Table>> {
         })
         .context("entering the namespace")?
         .context("starting the coordinator runtime")?;
+    let secret = tunnel::keys::generate_secret();
     let cfg = TunnelConfig::new(
-        tunnel::keys::generate_secret(),
+        secret.clone(),
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         "nbwg0",
         Ipv4Addr::new(10, 200, 0, 1),
@@ -109,7 +127,7 @@ pub fn run(quick: bool) -> Result<Vec<Table>> {
         .block_on(rt.spawn(Tunnel::start(cfg)))
         .context("coordinator tunnel task")?
         .context("starting the coordinator tunnel")?;
-    let result = measure(&p, &ns, &tun, dh_per_sec);
+    let result = measure(&p, &ns, &tun, &secret, dh_per_sec);
     rt.block_on(tun.shutdown());
     drop(rt);
     drop(ns);
@@ -127,7 +145,7 @@ struct Mem {
     heap: u64,
 }
 
-fn measure(p: &Params, ns: &Netns, tun: &Tunnel, dh_per_sec: f64) -> Result<Vec<Table>> {
+fn measure(p: &Params, ns: &Netns, tun: &Tunnel, secret: &StaticSecret, dh_per_sec: f64) -> Result<Vec<Table>> {
     let n = p.peers;
     let coord_key = tun.public_key();
     let coord_addr = tun.local_udp_addr();
@@ -198,6 +216,7 @@ fn measure(p: &Params, ns: &Netns, tun: &Tunnel, dh_per_sec: f64) -> Result<Vec<
         ]);
         results.push((*level, r));
     }
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let best = results.iter().map(|(_, r)| r.rate).fold(0.0, f64::max);
     let knee = results
         .iter()
@@ -217,24 +236,28 @@ fn measure(p: &Params, ns: &Netns, tun: &Tunnel, dh_per_sec: f64) -> Result<Vec<
             best / dh_per_sec,
             top.coord_cpu,
             top.gen_cpu,
-            if top.coord_cpu >= 0.85 {
-                "Limit: the coordinator. Every datagram goes through one UDP task and the router mutex, so \
-                 handshakes (Diffie-Hellman) are processed on one core at a time; beyond that its socket buffer \
-                 overflows (the drops in the lost column)."
+            if top.coord_cpu + top.gen_cpu >= 0.85 * cores as f64 {
+                "Limit: the machine. The generator completes every handshake too (about as much \
+                 Diffie-Hellman work as the coordinator's), and both share the same cores; the capacity rows \
+                 show the coordinator alone."
             } else {
-                "Limit: not the coordinator's single UDP task (below one core): the two cores are shared with \
-                 the generator and the rest of the machine; the ratio column (CPU per handshake in DH \
-                 equivalents) is the figure that carries over to another machine."
+                "Limit: not CPU (below the cores available): socket buffers and the generator's single \
+                 thread; the ratio column (CPU per handshake in DH equivalents) is the figure that carries over \
+                 to another machine."
             }
         ));
     }
-    hs.note(
-        "Cookie replies: the router's handshake rate limiter (tunnel::router::HANDSHAKE_RATE_LIMIT = 100 \
-         messages per second, each initiation counted twice) answers initiations beyond ~50/s with a cookie; \
-         the generator resends at once with the cookie (as WireGuard's under-load mode intends), so each \
-         such handshake costs one extra round trip but no extra Diffie-Hellman. All generator peers share \
-         one source address here; real agents each have their own.",
-    );
+    hs.note(format!(
+        "Cookie replies: the router's handshake rate limit grows with the peers (tunnel::handshake_rate_limit: \
+         one handshake message per second per 10 peers, at least 100; {} per second at {n} peers; rekeys of \
+         {n} sessions need {:.0}/s); beyond it initiations are answered with a cookie. The generator resends at \
+         once with the cookie (as WireGuard's under-load mode intends), so each such handshake costs one extra \
+         round trip and one more initiation on the generator's side, but no Diffie-Hellman at the coordinator \
+         for the refused one. All generator peers share one source address here; real agents each have their \
+         own.",
+        tunnel::handshake_rate_limit(n),
+        n as f64 / 120.0
+    ));
 
     // Every peer needs a session before the keepalive phase.
     generator.establish_all(Duration::from_secs(if n > 2_000 { 30 } else { 10 }))?;
@@ -249,6 +272,61 @@ fn measure(p: &Params, ns: &Netns, tun: &Tunnel, dh_per_sec: f64) -> Result<Vec<
     let ka_sent = generator.keepalives_sent - ka_before;
     let rejected = tun.counters().rejected;
 
+    // Capacity: the coordinator alone, one worker thread and then one per core.
+    let mut capacities = Vec::new();
+    for workers in [1, cores] {
+        let c = capacity(ns, secret, &mut generator, workers, Duration::from_secs(8))
+            .with_context(|| format!("capacity with {workers} worker thread(s)"))?;
+        hs.row(vec![
+            format!("capacity: pre-formed, limit lifted, {workers} worker thread(s)"),
+            format!("{:.0}", c.rate),
+            format!("{:.4}", c.rate / dh_per_sec),
+            format!("{} / {} answered", c.answered, c.sent),
+            c.cookies.to_string(),
+            format!("{} ({})", c.sent.saturating_sub(c.answered), c.drops),
+            format!("{:.2}", c.coord_cpu),
+            if c.rate > 0.0 {
+                format!("{:.1}", c.coord_cpu / c.rate * dh_per_sec)
+            } else {
+                "–".to_string()
+            },
+            format!("{:.2}", c.gen_cpu),
+        ]);
+        capacities.push((workers, c));
+    }
+    let split = split_profile(secret, &mut generator, n.min(3_000)).context("profiling the handshake steps")?;
+    let dh_us = 1e6 / dh_per_sec;
+    hs.note(format!(
+        "Where a handshake's CPU goes ({} initiations answered by a plain Router with the same {n} peers, thread \
+         CPU clock, no I/O): under the router lock {:.0} µs ({:.1} DH) for MAC1, rate limit and finding the peer \
+         (decrypting the initiator's static key takes one Diffie-Hellman) plus {:.1} µs to record the answer; \
+         outside it {:.0} µs ({:.1} DH) in the peer's session (the same Diffie-Hellman again inside boringtun, \
+         the ephemeral key, two more for the response). {:.0} % of the work holds the router lock, so handshakes \
+         can use up to {:.1} cores (before this split all of it did: one core).",
+        split.count,
+        split.accept_us,
+        split.accept_us / dh_us,
+        split.finish_us,
+        split.answer_us,
+        split.answer_us / dh_us,
+        100.0 * split.serial_fraction(),
+        1.0 / split.serial_fraction().max(1e-9)
+    ));
+    if let [(w1, one), .., (wn, all)] = capacities.as_slice() {
+        hs.note(format!(
+            "Capacity rows: one pre-formed initiation per peer, {CAPACITY_WINDOW} in flight, the rate limit lifted, \
+             the generator only counts the responses (no Diffie-Hellman on its side), a fresh tunnel with the same \
+             key and peers. {w1} worker thread: {:.0} handshakes/s on {:.2} cores; {wn} worker threads: {:.0}/s on \
+             {:.2} cores ({:.2}× one worker). Initiations are answered by one handshake task per runtime worker \
+             (the coordinator's runtime has one worker per core); the router lock covers only the MAC, rate-limit \
+             and peer-lookup step, the peer's own session does the rest without it.",
+            one.rate,
+            one.coord_cpu,
+            all.rate,
+            all.coord_cpu,
+            all.rate / one.rate.max(1e-9)
+        ));
+    }
     let gen_stats = (generator.handshakes_completed, generator.cookies);
     drop(generator);
     let m4 = mem();
@@ -335,6 +413,169 @@ fn measure(p: &Params, ns: &Netns, tun: &Tunnel, dh_per_sec: f64) -> Result<Vec<
         gen_stats.0, gen_stats.1
     ));
     Ok(vec![hs, cpu, mem_t])
+}
+
+/// Mean thread-CPU time of each step of answering an initiation.
+struct Split {
+    count: usize,
+    accept_us: f64,
+    answer_us: f64,
+    finish_us: f64,
+}
+
+impl Split {
+    /// Share of the work done under the router lock.
+    fn serial_fraction(&self) -> f64 {
+        let locked = self.accept_us + self.finish_us;
+        locked / (locked + self.answer_us).max(1e-9)
+    }
+}
+
+/// CPU time of the calling thread (`CLOCK_THREAD_CPUTIME_ID`), in nanoseconds.
+fn thread_clock_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec we own; the clock id is a constant.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Answers `count` pre-formed initiations with a plain [`Router`] (same key and peers as the
+/// coordinator tunnel) and times each step on this thread's CPU clock.
+fn split_profile(secret: &StaticSecret, generator: &mut Generator, count: usize) -> Result<Split> {
+    let mut router = Router::new(secret.clone());
+    for (i, key) in generator.keys.iter().enumerate() {
+        router
+            .add_peer(PeerConfig {
+                public_key: *key,
+                endpoint: None,
+                allowed_ips: vec![format!("{}/32", overlay_ip(i)).parse().context("overlay address")?],
+                persistent_keepalive: None,
+            })
+            .with_context(|| format!("adding peer {i}"))?;
+    }
+    router.set_handshake_rate_limit(Some(u64::MAX));
+    let inits = generator.preform();
+    let src = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
+    let mut buf = vec![0u8; tunnel::router::SCRATCH_LEN];
+    let mut out = Vec::new();
+    let (mut accept, mut answer, mut finish, mut done) = (0u64, 0u64, 0u64, 0usize);
+    for init in inits.iter().take(count) {
+        let t0 = thread_clock_ns();
+        let Some(initiation) = router.accept_initiation(src, init, &mut out) else {
+            continue;
+        };
+        let t1 = thread_clock_ns();
+        let answered = initiation.answer(&mut buf);
+        let t2 = thread_clock_ns();
+        router.finish_initiation(answered, &mut out);
+        let t3 = thread_clock_ns();
+        out.clear();
+        accept += t1 - t0;
+        answer += t2 - t1;
+        finish += t3 - t2;
+        done += 1;
+    }
+    if done == 0 {
+        bail!(
+            "the router accepted none of {} initiations: {:?}",
+            inits.len().min(count),
+            router.counters()
+        );
+    }
+    let us = |ns: u64| ns as f64 / 1e3 / done as f64;
+    Ok(Split {
+        count: done,
+        accept_us: us(accept),
+        answer_us: us(answer),
+        finish_us: us(finish),
+    })
+}
+
+/// What one capacity run measured.
+#[derive(Debug, Default)]
+struct Capacity {
+    rate: f64,
+    sent: u64,
+    answered: u64,
+    cookies: u64,
+    /// Datagrams the kernel dropped at a full socket buffer meanwhile (namespace-wide).
+    drops: u64,
+    coord_cpu: f64,
+    gen_cpu: f64,
+}
+
+/// Starts a second coordinator tunnel (same key, same peers, another UDP port, TUN and overlay
+/// prefix) on a runtime with `workers` worker threads, lifts its handshake rate limit, and has the
+/// generator send it one pre-formed initiation per peer, `CAPACITY_WINDOW` in flight, for at
+/// most `time`.
+fn capacity(
+    ns: &Netns,
+    secret: &StaticSecret,
+    generator: &mut Generator,
+    workers: usize,
+    time: Duration,
+) -> Result<Capacity> {
+    let rt = ns
+        .run_in(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .thread_name(format!("{CAPACITY_THREAD}{workers}"))
+                .enable_all()
+                .build()
+        })
+        .context("entering the namespace")?
+        .context("starting the capacity runtime")?;
+    let cfg = TunnelConfig::new(
+        secret.clone(),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        format!("nbwgc{workers}"),
+        Ipv4Addr::new(10, 201, 0, 1),
+        16,
+    );
+    let tun = rt
+        .block_on(rt.spawn(Tunnel::start(cfg)))
+        .context("capacity tunnel task")?
+        .context("starting the capacity tunnel")?;
+    let result = (|| {
+        for (i, key) in generator.keys.iter().enumerate() {
+            let ip = Ipv4Addr::from(u32::from(overlay_ip(i)) + (1 << 16));
+            tun.add_peer(PeerConfig {
+                public_key: *key,
+                endpoint: None,
+                allowed_ips: vec![format!("{ip}/32").parse().context("overlay address")?],
+                persistent_keepalive: None,
+            })
+            .with_context(|| format!("adding peer {i}"))?;
+        }
+        tun.set_handshake_rate_limit(Some(u64::MAX));
+        let inits = generator.preform();
+        let drops0 = udp_rcvbuf_errors(ns);
+        let c0 = threads_cpu_ns(&format!("{CAPACITY_THREAD}{workers}"));
+        let g0 = this_thread_cpu_ns();
+        let (sent, answered, cookies, busy) = generator.blast(tun.local_udp_addr(), &inits, time)?;
+        let secs = busy.as_secs_f64().max(1e-3);
+        let c1 = threads_cpu_ns(&format!("{CAPACITY_THREAD}{workers}"));
+        let g1 = this_thread_cpu_ns();
+        // Late answers must not reach the generator's sessions with the main tunnel.
+        generator.discard(Duration::from_millis(300))?;
+        Ok(Capacity {
+            rate: answered as f64 / secs,
+            sent,
+            answered,
+            cookies,
+            drops: udp_rcvbuf_errors(ns).saturating_sub(drops0),
+            coord_cpu: c1.saturating_sub(c0) as f64 / 1e9 / secs,
+            gen_cpu: g1.saturating_sub(g0) as f64 / 1e9 / secs,
+        })
+    })();
+    rt.block_on(tun.shutdown());
+    drop(rt);
+    result
 }
 
 /// Overlay address of peer `i` (10.200.0.2 upwards).
@@ -657,6 +898,78 @@ impl Generator {
         })
     }
 
+    /// One fresh initiation per peer (their handshakes restart; sessions already made stay).
+    fn preform(&mut self) -> Vec<Vec<u8>> {
+        let Generator { peers, buf, .. } = self;
+        peers
+            .iter_mut()
+            .filter_map(|p| match p.tunn.format_handshake_initiation(buf, true) {
+                TunnResult::WriteToNetwork(pkt) => Some(pkt.to_vec()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Sends `inits` to `to`, [`CAPACITY_WINDOW`] in flight, counting the answers by type only
+    /// (no decryption: the generator does no Diffie-Hellman here). Stops when all are answered,
+    /// when nothing has come back for 0.5 s, or after `time`. Returns (sent, responses, cookies,
+    /// time from the first send to the last answer).
+    fn blast(&mut self, to: SocketAddr, inits: &[Vec<u8>], time: Duration) -> Result<(u64, u64, u64, Duration)> {
+        let start = Instant::now();
+        let (mut sent, mut answered, mut cookies) = (0usize, 0u64, 0u64);
+        let mut last_answer = Instant::now();
+        while start.elapsed() < time {
+            let in_flight = sent.saturating_sub(answered as usize + cookies as usize);
+            let mut burst = CAPACITY_WINDOW.saturating_sub(in_flight);
+            while burst > 0 && sent < inits.len() {
+                // A full socket buffer drops the initiation, as the network would: it counts as unanswered.
+                let _ = self.sock.send_to(&inits[sent], to);
+                sent += 1;
+                burst -= 1;
+            }
+            let mut got = 0;
+            loop {
+                match self.sock.recv_from(&mut self.rx) {
+                    Ok((len, _)) if len > 0 => {
+                        got += 1;
+                        match self.rx[0] {
+                            MSG_RESPONSE => answered += 1,
+                            MSG_COOKIE => cookies += 1,
+                            _ => {}
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e).context("generator receive"),
+                }
+            }
+            if got > 0 {
+                last_answer = Instant::now();
+            } else if last_answer.elapsed() > Duration::from_millis(500) {
+                break;
+            } else {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            if sent == inits.len() && answered + cookies >= sent as u64 {
+                break;
+            }
+        }
+        Ok((sent as u64, answered, cookies, last_answer.duration_since(start)))
+    }
+
+    /// Reads and drops every datagram arriving for `time`.
+    fn discard(&mut self, time: Duration) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < time {
+            match self.sock.recv_from(&mut self.rx) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => return Err(e).context("generator receive"),
+            }
+        }
+        Ok(())
+    }
+
     /// Lets answers in flight arrive (not counted toward any level's rate).
     fn drain(&mut self, time: Duration) -> Result<()> {
         let start = Instant::now();
@@ -740,4 +1053,21 @@ fn set_buffers(sock: &UdpSocket) {
     use nix::sys::socket::{setsockopt, sockopt};
     let _ = setsockopt(sock, sockopt::RcvBuf, &(4 << 20));
     let _ = setsockopt(sock, sockopt::SndBuf, &(4 << 20));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_locked_share_bounds_the_cores() {
+        let split = Split {
+            count: 10,
+            accept_us: 20.0,
+            answer_us: 75.0,
+            finish_us: 5.0,
+        };
+        assert!((split.serial_fraction() - 0.25).abs() < 1e-9);
+        assert!(thread_clock_ns() > 0, "the thread CPU clock is readable");
+    }
 }

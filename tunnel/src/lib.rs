@@ -10,13 +10,16 @@
 //!   ([`keys::load_or_create_secret`]: created atomically with mode 0600, refused when group/other
 //!   can read it).
 //! - [`router`]: the sans-IO driver ([`Router`]). It owns one [`boringtun::noise::Tunn`] per
-//!   peer, the allowed-IPs table (longest prefix match) and the shared handshake
-//!   [`boringtun::noise::rate_limiter::RateLimiter`]. It takes packets and datagrams and returns
+//!   peer, the allowed-IPs table (longest prefix match) and the handshake rate limit (scaled with
+//!   the number of peers; cookies through boringtun's
+//!   [`boringtun::noise::rate_limiter::RateLimiter`] beyond it). It takes packets and datagrams and returns
 //!   [`Action`]s. No sockets, no TUN, no clock of its own beyond what boringtun reads: it is
 //!   tested entirely in memory.
 //! - [`device`]: the I/O shell ([`Tunnel`]): creates the TUN device (address, prefix, MTU, up),
-//!   binds the UDP socket and runs three tokio tasks that feed the `Router` (kept behind a
-//!   `std::sync::Mutex` that is never held across `.await`).
+//!   binds the UDP socket and runs the tokio tasks that feed the `Router` (kept behind a
+//!   `std::sync::Mutex` that is never held across `.await`): TUN reader, UDP reader, timer, and
+//!   one handshake task per runtime worker that answers initiations with most of the Diffie-Hellman work
+//!   outside the router lock ([`Initiation`]).
 //! - [`error`]: [`TunnelError`], one variant per cause, each message saying what to do.
 //!
 //! # Data path
@@ -26,6 +29,8 @@
 //!  network ──datagram──▶ UDP ──recv task──▶ Router::handle_datagram ──WriteTun──▶ TUN write ──▶ kernel
 //!                                           Router::handle_datagram ──SendDatagram──▶ UDP (handshake
 //!                                                                     responses, cookies, queued data)
+//!  handshake initiations ──recv task──▶ queue ──handshake tasks (one per worker thread)──▶
+//!      Router::accept_initiation ─▶ Initiation::answer (no router lock) ─▶ Router::finish_initiation ─▶ UDP
 //!  timer task, every 250 ms (TICK_INTERVAL) ──▶ Router::tick ──▶ keepalives, handshake retries
 //! ```
 //!
@@ -56,4 +61,7 @@ pub use device::{DEFAULT_MTU, Tunnel, TunnelConfig};
 pub use error::TunnelError;
 pub use handshakes::HandshakeCounter;
 pub use keys::{PublicKey, StaticSecret};
-pub use router::{Action, LocalKey, PeerConfig, PeerStats, Router, RouterCounters, TICK_INTERVAL};
+pub use router::{
+    Action, AnsweredInitiation, Initiation, LocalKey, PeerConfig, PeerStats, Router, RouterCounters, TICK_INTERVAL,
+    handshake_rate_limit,
+};

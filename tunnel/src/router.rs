@@ -1,7 +1,7 @@
 //! The sans-IO WireGuard driver: many peers behind one (virtual) UDP socket and one (virtual) TUN.
 //!
-//! [`Router`] owns one boringtun [`Tunn`] per peer, the allowed-IPs table and a shared handshake
-//! [`RateLimiter`]. Callers feed it IP packets read from the TUN
+//! [`Router`] owns one boringtun [`Tunn`] per peer, the allowed-IPs table and the handshake
+//! rate limit. Callers feed it IP packets read from the TUN
 //! ([`Router::handle_tun_packet`]), datagrams received on the UDP socket
 //! ([`Router::handle_datagram`]) and a periodic [`Router::tick`] (every [`TICK_INTERVAL`]); it
 //! answers with [`Action`]s to perform. It performs no I/O itself.
@@ -15,6 +15,16 @@
 //!   24-bit slot, and boringtun puts that slot in the upper 24 bits of every index it hands
 //!   out, so `receiver_idx >> 8` names the session and through it the peer (as in boringtun's
 //!   own device).
+//!
+//! # Handshake rate limit
+//!
+//! Handshake messages with a valid MAC1 (initiations, and responses to our initiations) are
+//! counted per second; up to [`Router::handshake_rate_limit`] (by default
+//! [`handshake_rate_limit`] of the number of peers: 100, or one per 10 peers) are processed.
+//! Beyond it a message is processed only with a valid cookie for its source address, otherwise
+//! it is answered with a cookie reply before any Diffie-Hellman (WireGuard's under-load mode,
+//! through boringtun's [`RateLimiter`]). Each message is counted once (boringtun's own device
+//! counts an initiation twice: before the peer lookup and again inside `Tunn`).
 //!
 //! # Key rotation
 //!
@@ -41,7 +51,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
@@ -63,10 +73,36 @@ pub const MAX_IP_PACKET: usize = 65_535;
 /// Largest UDP datagram accepted from the network.
 pub const MAX_DATAGRAM: usize = 65_535;
 
-/// Handshake messages per second accepted before cookies are demanded (boringtun's device
-/// uses the same value). Initiations pass the limiter twice — once before the peer lookup and
-/// once inside `Tunn` — so about half as many initiations per second go through unchallenged.
+/// Least handshake messages (initiations and responses with a valid MAC1) per second the
+/// router accepts before it demands cookies; boringtun's device uses this value for any number
+/// of peers. See [`handshake_rate_limit`] for the limit that scales with the peers.
 pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// Configured peers per handshake message per second of the default limit
+/// ([`handshake_rate_limit`]): 10 000 peers get 1 000 per second.
+pub const PEERS_PER_HANDSHAKE_PER_SEC: u64 = 10;
+
+/// The default handshake rate limit for a router with `peers` configured peers: one message
+/// per second per [`PEERS_PER_HANDSHAKE_PER_SEC`] peers, at least [`HANDSHAKE_RATE_LIMIT`].
+///
+/// Every WireGuard session is renewed after 120 s, so `peers` sessions cost `peers / 120`
+/// handshakes per second in steady state: the limit leaves 12× headroom for that (10 000 peers:
+/// 83/s of 1 000/s), and lets a tenth of the fleet reconnect per second without cookies (all of
+/// it within 10 s after a coordinator restart). Beyond the limit the router answers with cookie
+/// replies (WireGuard's under-load mode): an initiator that owns its source address retries with
+/// the cookie and is served, a flood from spoofed addresses costs no Diffie-Hellman.
+pub const fn handshake_rate_limit(peers: usize) -> u64 {
+    let scaled = peers as u64 / PEERS_PER_HANDSHAKE_PER_SEC;
+    if scaled > HANDSHAKE_RATE_LIMIT {
+        scaled
+    } else {
+        HANDSHAKE_RATE_LIMIT
+    }
+}
+
+/// How long one count of handshake messages lasts (the limit is per second): the first message
+/// after a window has ended starts the next one.
+const HANDSHAKE_WINDOW: Duration = Duration::from_secs(1);
 
 /// WireGuard data message overhead: 16-byte header + 16-byte AEAD tag.
 const DATA_OVERHEAD: usize = 32;
@@ -74,6 +110,12 @@ const DATA_OVERHEAD: usize = 32;
 const BUF_LEN: usize = MAX_IP_PACKET + DATA_OVERHEAD + 32;
 /// WireGuard message type of a cookie reply.
 const MSG_COOKIE_REPLY: u8 = 3;
+/// WireGuard message type and size of a handshake initiation.
+const MSG_HANDSHAKE_INIT: u8 = 1;
+const HANDSHAKE_INIT_LEN: usize = 148;
+/// Scratch space [`Initiation::answer`] needs: a queued packet may be as large as the largest
+/// IP packet, plus WireGuard overhead.
+pub const SCRATCH_LEN: usize = BUF_LEN;
 /// Bound on the queued-packet flush loop (boringtun queues at most 256 packets per peer).
 const MAX_FLUSH: usize = 1024;
 /// How long a session replaced by a key change keeps decrypting packets still in flight.
@@ -161,41 +203,137 @@ pub struct RouterCounters {
     pub cookies_sent: u64,
 }
 
-/// One of this router's static key pairs, with the handshake rate limiter bound to it (MAC1 of
-/// an initiation is keyed by the responder's public key, so each local key needs its own).
+/// One of this router's static key pairs, with the two boringtun [`RateLimiter`]s bound to it
+/// (MAC1 and cookies are keyed by the receiver's public key, so each local key needs its own).
+///
+/// The router counts handshake messages itself (the limit follows the number of peers, which a
+/// boringtun limiter cannot change) and uses the limiters only for their checks:
+/// - `macs` never finds itself under load: it checks MAC1 only. Every `Tunn` of this key gets
+///   it, so the check inside `Tunn::decapsulate` neither counts a message a second time nor
+///   demands a cookie on its own.
+/// - `cookies` is always under load: it checks MAC1 and MAC2 (the cookie) and formats cookie
+///   replies. The router asks it only while over the limit.
 struct LocalKeyPair {
     private: StaticSecret,
     public: PublicKey,
-    rate_limiter: Arc<RateLimiter>,
+    macs: Arc<RateLimiter>,
+    cookies: RateLimiter,
 }
 
 impl LocalKeyPair {
     fn new(private: StaticSecret) -> Self {
         let public = PublicKey::from(&private);
         LocalKeyPair {
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            macs: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            cookies: RateLimiter::new(&public, 0),
             private,
             public,
         }
     }
 }
 
+/// Handshake messages counted in the current one-second window, and the limit.
+struct HandshakeBudget {
+    /// Set by [`Router::set_handshake_rate_limit`]; `None` follows [`handshake_rate_limit`].
+    fixed: Option<u64>,
+    count: u64,
+    window_start: Instant,
+}
+
 /// One boringtun `Tunn`: a (local key, peer key) pair and its own 24-bit index slot.
+///
+/// The `Tunn` has a lock of its own so that answering a handshake initiation (three of its
+/// five Diffie-Hellman operations) can run outside the router: see [`Initiation`]. Every other
+/// use locks it briefly while the router itself is borrowed; nothing holds a `Tunn` lock while
+/// it waits for the router.
 struct Session {
-    tunn: Tunn,
+    tunn: Arc<Mutex<Tunn>>,
     slot: u32,
     local: LocalKey,
     peer_key: PublicKey,
 }
 
 impl Session {
+    fn tunn(&self) -> MutexGuard<'_, Tunn> {
+        lock_tunn(&self.tunn)
+    }
+
     fn has_session(&self) -> bool {
-        self.tunn.time_since_last_handshake().is_some()
+        self.tunn().time_since_last_handshake().is_some()
     }
 
     fn tx(&self) -> u64 {
-        self.tunn.stats().1 as u64
+        self.tunn().stats().1 as u64
     }
+}
+
+/// A `Tunn` lock; a panic while it was held (inside boringtun) leaves a session that at worst
+/// fails its next packet, so poisoning is ignored.
+fn lock_tunn(tunn: &Mutex<Tunn>) -> MutexGuard<'_, Tunn> {
+    tunn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A handshake initiation that passed the router's checks: MAC1, the rate limit (or a valid
+/// cookie), the initiator's static key (decrypted with our key) naming a configured peer. What
+/// remains — the `Tunn` checks the timestamp, derives the session and writes the response, three
+/// Diffie-Hellman operations — needs only that peer's session: [`Initiation::answer`] runs it
+/// without the router, so several initiations can be answered on several cores while the router
+/// serves other datagrams. [`Router::finish_initiation`] then records the result.
+///
+/// [`Router::handle_datagram`] does all three steps in a row.
+pub struct Initiation {
+    src: SocketAddr,
+    id: u32,
+    slot: u32,
+    tunn: Arc<Mutex<Tunn>>,
+    datagram: Vec<u8>,
+}
+
+/// The outcome of [`Initiation::answer`], for [`Router::finish_initiation`].
+pub struct AnsweredInitiation {
+    src: SocketAddr,
+    id: u32,
+    slot: u32,
+    /// The handshake response followed by any packets queued for the peer, or why not.
+    result: Result<Vec<Vec<u8>>, WireGuardError>,
+}
+
+impl Initiation {
+    /// Lets the peer's `Tunn` process the initiation (locks only that session). `buf` is
+    /// scratch space of at least [`SCRATCH_LEN`] bytes.
+    pub fn answer(self, buf: &mut [u8]) -> AnsweredInitiation {
+        let mut tunn = lock_tunn(&self.tunn);
+        let result = match tunn.decapsulate(Some(self.src.ip()), &self.datagram, buf) {
+            TunnResult::WriteToNetwork(data) => {
+                let mut packets = vec![data.to_vec()];
+                // Packets queued while the handshake was in flight.
+                for _ in 0..MAX_FLUSH {
+                    match tunn.decapsulate(None, &[], buf) {
+                        TunnResult::WriteToNetwork(data) => packets.push(data.to_vec()),
+                        _ => break,
+                    }
+                }
+                Ok(packets)
+            }
+            TunnResult::Err(e) => Err(e),
+            // An initiation yields a response or an error; anything else is not an answer.
+            TunnResult::Done | TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                Err(WireGuardError::UnexpectedPacket)
+            }
+        };
+        AnsweredInitiation {
+            src: self.src,
+            id: self.id,
+            slot: self.slot,
+            result,
+        }
+    }
+}
+
+/// Whether `datagram` looks like a handshake initiation (type and size only; nothing is
+/// checked). The I/O layer uses it to hand initiations to [`Router::accept_initiation`].
+pub fn is_handshake_initiation(datagram: &[u8]) -> bool {
+    datagram.len() == HANDSHAKE_INIT_LEN && datagram.first() == Some(&MSG_HANDSHAKE_INIT)
 }
 
 /// Which of a peer's sessions a datagram belongs to.
@@ -230,7 +368,7 @@ struct Peer {
 
 impl Peer {
     fn stats(&self) -> PeerStats {
-        let age = self.main.tunn.time_since_last_handshake();
+        let age = self.main.tunn().time_since_last_handshake();
         let pending_tx = self.pending.as_deref().map_or(0, Session::tx);
         PeerStats {
             public_key: self.public_key,
@@ -241,6 +379,14 @@ impl Peer {
             rx_bytes: self.rx_bytes,
             tx_bytes: self.tx_base.saturating_add(self.main.tx()).saturating_add(pending_tx),
             allowed_ips: self.allowed_ips.clone(),
+        }
+    }
+
+    fn session(&self, which: Which) -> Option<&Session> {
+        match which {
+            Which::Main => Some(&self.main),
+            Which::Pending => self.pending.as_deref(),
+            Which::Retired => self.retired.as_ref().map(|(s, _)| &**s),
         }
     }
 
@@ -344,6 +490,16 @@ pub struct Router {
     table: AllowedIps,
     buf: Box<[u8]>,
     counters: RouterCounters,
+    handshakes: HandshakeBudget,
+}
+
+/// What [`Router::admit_handshake`] decided.
+enum Admission {
+    /// Within the limit, or over it with a valid cookie: process the message.
+    Process,
+    /// Over the limit without a valid cookie: a cookie reply was queued (or nothing, if it
+    /// could not be formatted); drop the message.
+    Refused,
 }
 
 impl Router {
@@ -358,6 +514,65 @@ impl Router {
             table: AllowedIps::default(),
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
             counters: RouterCounters::default(),
+            handshakes: HandshakeBudget {
+                fixed: None,
+                count: 0,
+                window_start: Instant::now(),
+            },
+        }
+    }
+
+    /// Handshake messages per second accepted before cookies are demanded: the value set with
+    /// [`Router::set_handshake_rate_limit`], else [`handshake_rate_limit`] of the number of
+    /// configured peers.
+    pub fn handshake_rate_limit(&self) -> u64 {
+        self.handshakes
+            .fixed
+            .unwrap_or_else(|| handshake_rate_limit(self.peers.len()))
+    }
+
+    /// Fixes the handshake rate limit (messages per second; 0 demands a cookie for every
+    /// handshake), or with `None` lets it follow the number of peers again (the default).
+    pub fn set_handshake_rate_limit(&mut self, limit: Option<u64>) {
+        self.handshakes.fixed = limit;
+    }
+
+    /// Counts a handshake message whose MAC1 is valid for `local` and decides whether it may
+    /// cost a Diffie-Hellman: within the limit it may; over it only with a valid cookie (MAC2)
+    /// for `src`, otherwise a cookie reply goes back to `src`.
+    fn admit_handshake(
+        &mut self,
+        local: LocalKey,
+        src: SocketAddr,
+        datagram: &[u8],
+        out: &mut Vec<Action>,
+    ) -> Admission {
+        let limit = self.handshake_rate_limit();
+        let now = Instant::now();
+        if now.duration_since(self.handshakes.window_start) >= HANDSHAKE_WINDOW {
+            self.handshakes.count = 0;
+            self.handshakes.window_start = now;
+        }
+        let count = self.handshakes.count;
+        self.handshakes.count = count.saturating_add(1);
+        if count < limit {
+            return Admission::Process;
+        }
+        let Some(kp) = self.key_pair(local) else {
+            return Admission::Refused;
+        };
+        let mut reply = [0u8; 64];
+        match kp.cookies.verify_packet(Some(src.ip()), datagram, &mut reply) {
+            Ok(_) => Admission::Process,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                out.push(Action::SendDatagram {
+                    to: src,
+                    data: cookie.to_vec(),
+                });
+                self.counters.cookies_sent += 1;
+                Admission::Refused
+            }
+            Err(_) => Admission::Refused,
         }
     }
 
@@ -528,10 +743,10 @@ impl Router {
         let Some(peer) = self.peers.get_mut(&id) else {
             return Err(TunnelError::InvalidPeer("peer table is inconsistent".to_string()));
         };
-        let mut session = new_session(&self.local, LocalKey::Current, new, peer.keepalive, slot);
+        let session = new_session(&self.local, LocalKey::Current, new, peer.keepalive, slot);
         self.by_slot.insert(slot, id);
         if let Some(endpoint) = peer.endpoint
-            && let TunnResult::WriteToNetwork(data) = session.tunn.format_handshake_initiation(&mut self.buf, false)
+            && let TunnResult::WriteToNetwork(data) = session.tunn().format_handshake_initiation(&mut self.buf, false)
         {
             out.push(Action::SendDatagram {
                 to: endpoint,
@@ -736,7 +951,7 @@ impl Router {
             Some(p) if !peer.main.has_session() => p,
             _ => &mut peer.main,
         };
-        match session.tunn.encapsulate(packet, &mut self.buf) {
+        match session.tunn().encapsulate(packet, &mut self.buf) {
             TunnResult::WriteToNetwork(data) => out.push(Action::SendDatagram {
                 to: endpoint,
                 data: data.to_vec(),
@@ -765,12 +980,32 @@ impl Router {
         };
 
         let (id, which) = match packet {
-            Packet::HandshakeInit(ref init) => match self.route_initiation(src, datagram, init, out) {
-                Some(found) => found,
-                None => return,
-            },
+            Packet::HandshakeInit(ref init) => {
+                if let Some(initiation) = self.accept_parsed_initiation(src, datagram, init, out) {
+                    let answered = initiation.answer(&mut self.buf);
+                    self.finish_initiation(answered, out);
+                }
+                return;
+            }
             Packet::HandshakeResponse(ref p) => match self.route_index(src, p.receiver_idx) {
-                Some(found) => found,
+                Some(found) => {
+                    // Counted like initiations (boringtun's limiter counts both): MAC1 is keyed
+                    // by our key of the session the response answers.
+                    let local = self
+                        .peers
+                        .get(&found.0)
+                        .and_then(|peer| peer.session(found.1))
+                        .map(|s| s.local);
+                    let Some(local) = local.filter(|&l| self.mac1_valid(l, src, datagram)) else {
+                        self.counters.rejected += 1;
+                        tracing::trace!(%src, "handshake response with bad MAC; dropped");
+                        return;
+                    };
+                    if let Admission::Refused = self.admit_handshake(local, src, datagram, out) {
+                        return;
+                    }
+                    found
+                }
                 None => return,
             },
             Packet::PacketCookieReply(ref p) => match self.route_index(src, p.receiver_idx) {
@@ -808,7 +1043,7 @@ impl Router {
         let mut authenticated = false;
         let mut flush = false;
         let mut delivered: Option<(Vec<u8>, IpAddr)> = None;
-        match session.tunn.decapsulate(Some(src.ip()), datagram, buf) {
+        match session.tunn().decapsulate(Some(src.ip()), datagram, buf) {
             TunnResult::Done => authenticated = !is_cookie,
             TunnResult::Err(e) => {
                 counters.rejected += 1;
@@ -857,14 +1092,78 @@ impl Router {
 
         if flush && let Some(session) = peer.session_mut(which) {
             // Packets queued while the handshake was in flight.
+            let mut tunn = session.tunn();
             for _ in 0..MAX_FLUSH {
-                match session.tunn.decapsulate(None, &[], buf) {
+                match tunn.decapsulate(None, &[], buf) {
                     TunnResult::WriteToNetwork(data) => out.push(Action::SendDatagram {
                         to: src,
                         data: data.to_vec(),
                     }),
                     _ => break,
                 }
+            }
+        }
+    }
+
+    /// First step of answering a handshake initiation received from `src` (see [`Initiation`]):
+    /// everything that needs the router. `None` when the datagram is not an initiation, fails
+    /// MAC1, is over the rate limit (a cookie reply is then in `out`), cannot be decrypted or
+    /// comes from an unknown key; the drop is counted as in [`Router::handle_datagram`].
+    pub fn accept_initiation(&mut self, src: SocketAddr, datagram: &[u8], out: &mut Vec<Action>) -> Option<Initiation> {
+        match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(ref init)) => self.accept_parsed_initiation(src, datagram, init, out),
+            _ => {
+                self.counters.malformed += 1;
+                tracing::trace!(%src, len = datagram.len(), "not a WireGuard handshake initiation");
+                None
+            }
+        }
+    }
+
+    fn accept_parsed_initiation(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        init: &boringtun::noise::HandshakeInit,
+        out: &mut Vec<Action>,
+    ) -> Option<Initiation> {
+        let (id, which) = self.route_initiation(src, datagram, init, out)?;
+        let session = self.peers.get(&id)?.session(which)?;
+        Some(Initiation {
+            src,
+            id,
+            slot: session.slot,
+            tunn: Arc::clone(&session.tunn),
+            datagram: datagram.to_vec(),
+        })
+    }
+
+    /// Last step of answering a handshake initiation: sends the response (and packets that were
+    /// queued for the peer) and moves the peer's endpoint to where the initiation came from. If
+    /// the peer or its session went away meanwhile, the answer is dropped.
+    pub fn finish_initiation(&mut self, answered: AnsweredInitiation, out: &mut Vec<Action>) {
+        let AnsweredInitiation { src, id, slot, result } = answered;
+        let Some(peer) = self.peers.get_mut(&id).filter(|p| p.which(slot).is_some()) else {
+            self.counters.unknown_index += 1;
+            tracing::debug!(%src, "WireGuard peer removed while its handshake was answered; answer dropped");
+            return;
+        };
+        match result {
+            Ok(packets) => {
+                out.extend(packets.into_iter().map(|data| Action::SendDatagram { to: src, data }));
+                if peer.endpoint != Some(src) {
+                    tracing::debug!(
+                        peer = %public_key_to_base64(&peer.public_key),
+                        from = ?peer.endpoint,
+                        to = %src,
+                        "WireGuard peer endpoint updated"
+                    );
+                    peer.endpoint = Some(src);
+                }
+            }
+            Err(e) => {
+                self.counters.rejected += 1;
+                log_decap_error(src, &e);
             }
         }
     }
@@ -880,32 +1179,14 @@ impl Router {
         init: &boringtun::noise::HandshakeInit,
         out: &mut Vec<Action>,
     ) -> Option<(u32, Which)> {
-        let mut cookie = [0u8; 64];
-        let mut addressed = None;
-        for which in [LocalKey::Current, LocalKey::Previous] {
-            let Some(kp) = self.key_pair(which) else { break };
-            match kp.rate_limiter.verify_packet(Some(src.ip()), datagram, &mut cookie) {
-                Ok(_) => {
-                    addressed = Some(which);
-                    break;
-                }
-                Err(TunnResult::Err(WireGuardError::InvalidMac)) => {}
-                Err(TunnResult::WriteToNetwork(reply)) => {
-                    self.counters.cookies_sent += 1;
-                    out.push(Action::SendDatagram {
-                        to: src,
-                        data: reply.to_vec(),
-                    });
-                    return None;
-                }
-                Err(_) => break,
-            }
-        }
-        let Some(local) = addressed else {
+        let Some(local) = self.mac1_key(src, datagram) else {
             self.counters.rejected += 1;
             tracing::trace!(%src, "handshake initiation with bad MAC; dropped");
             return None;
         };
+        if let Admission::Refused = self.admit_handshake(local, src, datagram, out) {
+            return None;
+        }
         let kp = self.key_pair(local)?;
         let half = match parse_handshake_anon(&kp.private, &kp.public, init) {
             Ok(h) => h,
@@ -955,6 +1236,21 @@ impl Router {
         Some((id, Which::Pending))
     }
 
+    /// Which of our keys the handshake message's MAC1 is valid for (no Diffie-Hellman, no
+    /// counting).
+    fn mac1_key(&self, src: SocketAddr, datagram: &[u8]) -> Option<LocalKey> {
+        [LocalKey::Current, LocalKey::Previous]
+            .into_iter()
+            .find(|&which| self.mac1_valid(which, src, datagram))
+    }
+
+    /// Whether the handshake message's MAC1 is keyed by our key `which`.
+    fn mac1_valid(&self, which: LocalKey, src: SocketAddr, datagram: &[u8]) -> bool {
+        let mut unused = [0u8; 64];
+        self.key_pair(which)
+            .is_some_and(|kp| kp.macs.verify_packet(Some(src.ip()), datagram, &mut unused).is_ok())
+    }
+
     /// Finds the peer and session by our receiver index (`index >> 8` is the session slot).
     fn route_index(&mut self, src: SocketAddr, receiver_idx: u32) -> Option<(u32, Which)> {
         let slot = receiver_idx >> 8;
@@ -970,13 +1266,9 @@ impl Router {
         found
     }
 
-    /// Timers: keepalives, handshake retries and rekeys for every peer, plus the rate limiter's
-    /// per-second reset. Call every [`TICK_INTERVAL`].
+    /// Timers: keepalives, handshake retries and rekeys for every peer. Call every
+    /// [`TICK_INTERVAL`].
     pub fn tick(&mut self, out: &mut Vec<Action>) {
-        self.local.rate_limiter.reset_count();
-        if let Some(prev) = &self.previous {
-            prev.rate_limiter.reset_count();
-        }
         let Router {
             peers, by_slot, buf, ..
         } = self;
@@ -1029,14 +1321,14 @@ impl Router {
 
 fn new_session(kp: &LocalKeyPair, local: LocalKey, peer_key: PublicKey, keepalive: Option<u16>, slot: u32) -> Session {
     Session {
-        tunn: Tunn::new(
+        tunn: Arc::new(Mutex::new(Tunn::new(
             kp.private.clone(),
             peer_key,
             None,
             keepalive,
             slot,
-            Some(Arc::clone(&kp.rate_limiter)),
-        ),
+            Some(Arc::clone(&kp.macs)),
+        ))),
         slot,
         local,
         peer_key,
@@ -1069,10 +1361,11 @@ fn tick_session(
     key: &PublicKey,
     out: &mut Vec<Action>,
 ) {
+    let mut tunn = session.tunn();
     let result = if initiate && endpoint.is_some() {
-        session.tunn.format_handshake_initiation(buf, false)
+        tunn.format_handshake_initiation(buf, false)
     } else {
-        match session.tunn.update_timers(buf) {
+        match tunn.update_timers(buf) {
             TunnResult::Err(WireGuardError::ConnectionExpired) if retry_expired => {
                 // Like kernel WireGuard with persistent keepalive: keep trying. A new
                 // attempt starts only after the previous one gave up (90 s).
@@ -1080,7 +1373,7 @@ fn tick_session(
                     peer = %public_key_to_base64(key),
                     "WireGuard session expired; starting a new handshake"
                 );
-                session.tunn.format_handshake_initiation(buf, false)
+                tunn.format_handshake_initiation(buf, false)
             }
             other => other,
         }

@@ -433,30 +433,28 @@ fn own_key_is_refused_and_no_endpoint_is_counted() {
     assert_eq!(r.counters().malformed, 2);
 }
 
-#[test]
-fn handshake_flood_gets_cookie_replies() {
-    let a_secret = generate_secret();
-    let a_pub = PublicKey::from(&a_secret);
-    let mut b = Router::new(generate_secret());
-    b.add_peer(peer(a_pub, None, &["10.0.0.1/32"])).unwrap();
-    let mut tunn = Tunn::new(a_secret, b.public_key(), None, None, 7, None);
+/// Feeds `n` fresh initiations from `tunn` (source `src`) to `b`; returns (responses, cookie
+/// replies) and the last cookie reply.
+fn initiations(b: &mut Router, tunn: &mut Tunn, src: SocketAddr, n: u64) -> (u64, u64, Option<Vec<u8>>) {
     let mut buf = vec![0u8; 256];
-    let mut cookies = 0;
-    let mut responses = 0;
-    for _ in 0..(HANDSHAKE_RATE_LIMIT * 2) {
+    let (mut responses, mut cookies, mut last_cookie) = (0, 0, None);
+    for _ in 0..n {
         let init = match tunn.format_handshake_initiation(&mut buf, true) {
             TunnResult::WriteToNetwork(d) => d.to_vec(),
             _ => panic!("no initiation"),
         };
         let mut out = Vec::new();
-        b.handle_datagram(sa(A_ADDR), &init, &mut out);
+        b.handle_datagram(src, &init, &mut out);
         for a in out {
             match a {
                 Action::SendDatagram { to, data } => {
-                    assert_eq!(to, sa(A_ADDR));
+                    assert_eq!(to, src);
                     match data[0] {
                         2 => responses += 1,
-                        3 => cookies += 1,
+                        3 => {
+                            cookies += 1;
+                            last_cookie = Some(data);
+                        }
                         t => panic!("unexpected message type {t}"),
                     }
                 }
@@ -464,9 +462,103 @@ fn handshake_flood_gets_cookie_replies() {
             }
         }
     }
-    assert!(responses > 0, "some handshakes are answered");
-    assert!(cookies > 0, "a flood is answered with cookies");
+    (responses, cookies, last_cookie)
+}
+
+/// Router B with peer A configured; A's initiator `Tunn`.
+fn responder_and_initiator() -> (Router, Tunn) {
+    let a_secret = generate_secret();
+    let a_pub = PublicKey::from(&a_secret);
+    let mut b = Router::new(generate_secret());
+    b.add_peer(peer(a_pub, None, &["10.0.0.1/32"])).unwrap();
+    let tunn = Tunn::new(a_secret, b.public_key(), None, None, 7, None);
+    (b, tunn)
+}
+
+#[test]
+fn handshake_flood_gets_cookie_replies() {
+    let (mut b, mut tunn) = responder_and_initiator();
+    assert_eq!(b.handshake_rate_limit(), HANDSHAKE_RATE_LIMIT, "one peer: the floor");
+    let (responses, cookies, _) = initiations(&mut b, &mut tunn, sa(A_ADDR), HANDSHAKE_RATE_LIMIT * 2);
+    // Each initiation is counted once: the whole limit is answered (boringtun's device, which
+    // counts an initiation twice, answers half).
+    assert_eq!(responses, HANDSHAKE_RATE_LIMIT, "the limit is answered");
+    assert_eq!(cookies, HANDSHAKE_RATE_LIMIT, "the rest of the flood gets cookies");
     assert_eq!(b.counters().cookies_sent, cookies);
+}
+
+#[test]
+fn the_default_limit_covers_the_rekeys_of_many_peers() {
+    assert_eq!(handshake_rate_limit(0), HANDSHAKE_RATE_LIMIT);
+    assert_eq!(handshake_rate_limit(1_000), HANDSHAKE_RATE_LIMIT);
+    assert_eq!(handshake_rate_limit(2_000), 200);
+    // Every session is renewed after 120 s: 10 000 peers rekey ~83 times a second.
+    let rekeys_per_sec = 10_000 / 120;
+    assert_eq!(handshake_rate_limit(10_000), 1_000);
+    assert!(handshake_rate_limit(10_000) >= 10 * rekeys_per_sec);
+    assert!(handshake_rate_limit(100_000) >= 10 * (100_000 / 120));
+}
+
+#[test]
+fn the_limit_follows_the_configured_peers() {
+    let mut r = Router::new(generate_secret());
+    // Peer keys only need to be distinct points; no handshake is made.
+    for i in 0..1_100u32 {
+        let mut k = [9u8; 32];
+        k[..4].copy_from_slice(&i.to_le_bytes());
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+        r.add_peer(peer(PublicKey::from(k), None, &[&format!("{ip}/32")]))
+            .unwrap();
+    }
+    assert_eq!(r.peer_count(), 1_100);
+    assert_eq!(r.handshake_rate_limit(), 110);
+    r.set_handshake_rate_limit(Some(5));
+    assert_eq!(r.handshake_rate_limit(), 5, "a fixed limit wins");
+    r.set_handshake_rate_limit(None);
+    assert_eq!(r.handshake_rate_limit(), 110, "and can be undone");
+}
+
+#[test]
+fn over_the_limit_a_valid_cookie_gets_through_from_its_address_only() {
+    let (mut b, mut tunn) = responder_and_initiator();
+    b.set_handshake_rate_limit(Some(3));
+    let (responses, cookies, cookie) = initiations(&mut b, &mut tunn, sa(A_ADDR), 5);
+    assert_eq!((responses, cookies), (3, 2));
+    // The initiator takes the cookie; its next initiation carries MAC2 for A's address.
+    let cookie = cookie.unwrap();
+    let mut buf = vec![0u8; 256];
+    assert!(matches!(
+        tunn.decapsulate(Some(sa(B_ADDR).ip()), &cookie, &mut buf),
+        TunnResult::Done
+    ));
+    let (responses, cookies, _) = initiations(&mut b, &mut tunn, sa(A_ADDR), 1);
+    assert_eq!(
+        (responses, cookies),
+        (1, 0),
+        "a cookie from the right address is served"
+    );
+    // The same cookie does not help another source address.
+    let (responses, cookies, _) = initiations(&mut b, &mut tunn, sa(C_ADDR), 1);
+    assert_eq!((responses, cookies), (0, 1), "another address must prove itself");
+}
+
+#[test]
+fn the_count_starts_again_every_second() {
+    let (mut b, mut tunn) = responder_and_initiator();
+    b.set_handshake_rate_limit(Some(1));
+    assert_eq!(initiations(&mut b, &mut tunn, sa(A_ADDR), 2).0, 1);
+    assert_eq!(
+        initiations(&mut b, &mut tunn, sa(A_ADDR), 1).0,
+        0,
+        "within the second the count holds"
+    );
+    // The window is measured on the real clock: one second must pass.
+    std::thread::sleep(HANDSHAKE_WINDOW);
+    assert_eq!(
+        initiations(&mut b, &mut tunn, sa(A_ADDR), 2).0,
+        1,
+        "a new second, a new budget"
+    );
 }
 
 #[test]
@@ -539,4 +631,72 @@ fn set_peer_public_key_checks_its_arguments() {
     assert_eq!(r.peer_count(), 2);
     assert!(r.remove_peer(&k3));
     assert_eq!(r.peer_count(), 1);
+}
+
+#[test]
+fn initiations_are_answered_outside_the_router_on_another_thread() {
+    let (mut b, mut a_tunn) = responder_and_initiator();
+    let mut buf = vec![0u8; 256];
+    let init = match a_tunn.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!("no initiation"),
+    };
+    assert!(is_handshake_initiation(&init));
+    assert!(!is_handshake_initiation(&init[..100]));
+
+    let mut out = Vec::new();
+    let initiation = b.accept_initiation(sa(A_ADDR), &init, &mut out).expect("accepted");
+    assert!(out.is_empty(), "nothing to send before the answer");
+    // The router keeps serving while the answer is computed elsewhere.
+    b.tick(&mut out);
+    let answered = std::thread::spawn(move || initiation.answer(&mut vec![0u8; SCRATCH_LEN]))
+        .join()
+        .unwrap();
+    b.finish_initiation(answered, &mut out);
+    assert_eq!(out.len(), 1, "{out:?}");
+    let Action::SendDatagram { to, data } = out.remove(0) else {
+        panic!("expected a datagram")
+    };
+    assert_eq!(
+        (to, data[0]),
+        (sa(A_ADDR), 2),
+        "the handshake response, to the initiator"
+    );
+    let a_key = b.stats()[0].public_key;
+    assert_eq!(
+        b.peer_stats(&a_key).unwrap().endpoint,
+        Some(sa(A_ADDR)),
+        "endpoint learned"
+    );
+
+    // A completes the handshake; its keepalive confirms the session at B.
+    let mut rbuf = vec![0u8; 256];
+    let keepalive = match a_tunn.decapsulate(Some(sa(B_ADDR).ip()), &data, &mut rbuf) {
+        TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!("A did not accept the response"),
+    };
+    b.handle_datagram(sa(A_ADDR), &keepalive, &mut out);
+    assert!(b.peer_stats(&a_key).unwrap().last_handshake_age.is_some());
+    assert_eq!(b.counters(), RouterCounters::default(), "nothing dropped");
+}
+
+#[test]
+fn an_answer_for_a_removed_peer_is_dropped() {
+    let (mut b, mut a_tunn) = responder_and_initiator();
+    let mut buf = vec![0u8; 256];
+    let TunnResult::WriteToNetwork(init) = a_tunn.format_handshake_initiation(&mut buf, false) else {
+        panic!("no initiation")
+    };
+    let init = init.to_vec();
+    let mut out = Vec::new();
+    let initiation = b.accept_initiation(sa(A_ADDR), &init, &mut out).unwrap();
+    let a_key = b.stats()[0].public_key;
+    assert!(b.remove_peer(&a_key));
+    let answered = initiation.answer(&mut vec![0u8; SCRATCH_LEN]);
+    b.finish_initiation(answered, &mut out);
+    assert!(out.is_empty(), "no response for a peer that is gone: {out:?}");
+    assert_eq!(b.counters().unknown_index, 1);
+    // Not an initiation at all: refused and counted, nothing sent.
+    assert!(b.accept_initiation(sa(A_ADDR), &[4u8; 32], &mut out).is_none());
+    assert_eq!(b.counters().malformed, 1);
 }
