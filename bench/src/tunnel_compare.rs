@@ -158,6 +158,10 @@ enum Running {
 
 /// Name of our tunnel's runtime threads (both ends), whose CPU time is counted.
 const OUR_THREADS: &str = "nbtun-ours";
+/// Our tunnel's TUN (both ends, each in its namespace).
+const OUR_TUN: &str = "nbtun0";
+/// Name of our tunnel's packet threads (the tunnel names them `wg-<tun name>`), counted too.
+const OUR_PACKET_THREADS: &str = "wg-nbtun0";
 
 impl Running {
     fn kind(&self) -> Kind {
@@ -172,7 +176,9 @@ impl Running {
     fn cpu_ns(&self) -> u64 {
         match self {
             Running::Userspace(ends) => process_cpu_ns(ends.0.process.pid()) + process_cpu_ns(ends.1.process.pid()),
-            Running::Ours(..) => threads_cpu_ns(std::process::id(), OUR_THREADS),
+            Running::Ours(..) => {
+                threads_cpu_ns(std::process::id(), OUR_THREADS) + threads_cpu_ns(std::process::id(), OUR_PACKET_THREADS)
+            }
         }
     }
 
@@ -660,7 +666,7 @@ impl OurEndpoint {
             rt.block_on(async move {
                 let cfg = tunnel::TunnelConfig {
                     mtu: MTU,
-                    ..tunnel::TunnelConfig::new(secret, (Ipv4Addr::UNSPECIFIED, port).into(), "nbtun0", own, 24)
+                    ..tunnel::TunnelConfig::new(secret, (Ipv4Addr::UNSPECIFIED, port).into(), OUR_TUN, own, 24)
                 };
                 let started = async {
                     let t = tunnel::Tunnel::start(cfg).await?;

@@ -45,10 +45,15 @@ use crate::report::Table;
 
 /// Persistent keepalive of an agent toward the coordinator (seconds).
 const KEEPALIVE_SECS: u64 = 25;
-/// Name prefix of the coordinator-side runtime threads (what the CPU figures add up).
-const COORD_THREAD: &str = "wg-coord";
-/// Name prefix of the capacity tunnels' runtime threads.
-const CAPACITY_THREAD: &str = "wg-cap";
+/// TUN of the coordinator-side tunnel.
+const COORD_TUN: &str = "nbwg0";
+/// Name prefix of the coordinator-side threads (what the CPU figures add up): the runtime's
+/// threads and the tunnel's packet thread, which the tunnel names `wg-<tun name>`.
+const COORD_THREAD: &str = "wg-nbwg0";
+/// TUN name prefix of the capacity tunnels (the number of runtime workers follows).
+const CAPACITY_TUN: &str = "nbwgc";
+/// Name prefix of the capacity tunnels' threads (runtime and packet thread, as above).
+const CAPACITY_THREAD: &str = "wg-nbwgc";
 /// Initiations in flight during the capacity measurement (below what the coordinator's socket
 /// buffer holds, about 270 datagrams at the default 208 KiB).
 const CAPACITY_WINDOW: usize = 128;
@@ -118,7 +123,7 @@ pub fn run(quick: bool) -> Result<Vec<Table>> {
     let cfg = TunnelConfig::new(
         secret.clone(),
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        "nbwg0",
+        COORD_TUN,
         Ipv4Addr::new(10, 200, 0, 1),
         16,
     );
@@ -533,7 +538,7 @@ fn capacity(
     let cfg = TunnelConfig::new(
         secret.clone(),
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        format!("nbwgc{workers}"),
+        format!("{CAPACITY_TUN}{workers}"),
         Ipv4Addr::new(10, 201, 0, 1),
         16,
     );

@@ -1,36 +1,48 @@
-//! The I/O shell around [`Router`]: a TUN device, one UDP socket and tokio tasks.
+//! The I/O shell around [`Router`]: a TUN device, one UDP socket, one packet thread and tokio
+//! tasks.
 //!
-//! - TUN task: `tun.recv` → [`Router::handle_tun_packet`] → UDP `send_to`.
-//! - UDP task: `recv_from` → [`Router::handle_datagram`] → TUN write / UDP `send_to`; handshake
-//!   initiations are handed to the handshake tasks instead (a bounded queue; when it is full the
-//!   initiation is dropped like a datagram at a full socket buffer, and the peer retries). After
-//!   a TUN write it also reads what the kernel queued on the TUN in reply meanwhile (echo
-//!   replies, TCP ACKs) and sends it at once (`answer_inline`) rather than leaving it for the
-//!   TUN task's next turn of the reactor: 1.08× → 1.38× boringtun-cli's TCP throughput and
-//!   1.12× → 1.07× its ping RTT in nimbus-bench `tunnel` (medians of runs on a shared 2-core VM).
-//! - Handshake tasks, one per runtime worker thread: [`Router::accept_initiation`] (MAC1, rate limit, peer
-//!   lookup), then [`Initiation::answer`] without the router lock (the peer's `Tunn` derives the
-//!   session: most of the Diffie-Hellman work), then [`Router::finish_initiation`] → UDP
-//!   `send_to`. Many peers hand-shaking at once (a coordinator restart) thus use every core,
-//!   while data keeps flowing in order through the UDP task.
+//! - Packet thread (`wg-<tun name>`, a plain OS thread blocking in `epoll_wait` on the UDP
+//!   socket, the TUN and a stop eventfd): the data path in both directions, as boringtun's own
+//!   device runs it.
+//!   - TUN readable: `read` → [`Router::handle_tun_packet`] → UDP `send_to`.
+//!   - UDP readable: `recv_from` → [`Router::handle_datagram`] → TUN write / UDP `send_to`.
+//!     After a TUN write it reads what the kernel queued on the TUN in reply meanwhile (echo
+//!     replies, TCP ACKs) and sends it at once. Handshake initiations are handed to the
+//!     handshake tasks instead (a bounded queue; when it is full the initiation is dropped like a
+//!     datagram at a full socket buffer, and the peer retries).
+//!
+//!   A packet costs the kernel's wake-up of this one thread and nothing else: with the data path
+//!   on tokio tasks every packet also went through the runtime's reactor and scheduler, which
+//!   measured 1.11× boringtun-cli's ping RTT (nimbus-bench `tunnel`).
+//! - Handshake tasks, one per runtime worker thread: [`Router::accept_initiation`] (MAC1, rate
+//!   limit, peer lookup), then [`Initiation::answer`] without the router lock (the peer's `Tunn`
+//!   derives the session: most of the Diffie-Hellman work), then [`Router::finish_initiation`] →
+//!   UDP `send_to`. Many peers hand-shaking at once (a coordinator restart) thus use every core,
+//!   while data keeps flowing in order through the packet thread.
 //! - Timer task: every [`TICK_INTERVAL`] → [`Router::tick`] → UDP `send_to`.
 //!
-//! The router sits behind a `std::sync::Mutex`; each task locks it only to compute actions and
-//! performs the actions after unlocking (the lock is never held across `.await`).
+//! The router sits behind a `std::sync::Mutex`; each user locks it only to compute actions and
+//! performs the actions after unlocking (the lock is never held across `.await` or I/O). Both
+//! descriptors are non-blocking; the tokio side never registers them with its reactor (it only
+//! sends, and a send that finds the socket buffer full drops the datagram, as a full network
+//! would; the peer retransmits).
 //!
-//! The tasks own the only references to the TUN device and the socket, so stopping them
-//! ([`Tunnel::shutdown`], or dropping the last [`Tunnel`] handle) closes the TUN file
-//! descriptor and the kernel removes the interface.
+//! The packet thread owns the only reference to the TUN device and, with the tasks, the socket,
+//! so stopping them ([`Tunnel::shutdown`], or dropping the last [`Tunnel`] handle) closes the
+//! TUN file descriptor and the kernel removes the interface.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use tokio::net::UdpSocket;
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::task::JoinHandle;
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::error::TunnelError;
 use crate::keys::{PublicKey, StaticSecret};
@@ -57,7 +69,21 @@ const HANDSHAKE_QUEUE: usize = 1024;
 /// Most handshake tasks (one per runtime worker thread up to this).
 const MAX_HANDSHAKE_TASKS: usize = 8;
 
-/// A handshake initiation on its way from the UDP task to a handshake task.
+/// Datagrams (or TUN packets) the packet thread handles per readiness event before it looks at
+/// the other descriptor; epoll is level-triggered, so the rest is read on the next turn.
+const BATCH: usize = 64;
+/// Most packets the packet thread takes from the TUN right after a TUN write (replies the
+/// kernel generated during the write); the rest waits for the TUN's own readiness event.
+const INLINE_ANSWERS: usize = 8;
+/// How long the packet thread waits for room when the UDP socket buffer is full, once per
+/// datagram, before it drops the datagram (a full network drops too; TCP inside retransmits).
+const SEND_WAIT_MS: u16 = 10;
+/// epoll tokens of the packet thread's descriptors.
+const TOKEN_STOP: u64 = 0;
+const TOKEN_UDP: u64 = 1;
+const TOKEN_TUN: u64 = 2;
+
+/// A handshake initiation on its way from the packet thread to a handshake task.
 type QueuedInitiation = (SocketAddr, Vec<u8>);
 
 /// How to start a [`Tunnel`].
@@ -158,13 +184,33 @@ struct Inner {
     udp: Weak<UdpSocket>,
     is_v6_socket: bool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    packets: Mutex<Option<PacketThread>>,
+}
+
+/// The running packet thread and how to stop it.
+struct PacketThread {
+    stop: Arc<EventFd>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl PacketThread {
+    /// Asks the thread to return (it does within one turn of its loop); does not wait.
+    fn signal_stop(&self) {
+        if let Err(e) = self.stop.write(1) {
+            tracing::warn!(error = %e, "cannot signal the WireGuard packet thread to stop");
+        }
+    }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Last handle gone without shutdown(): stop the tasks; they own the TUN and socket.
+        // Last handle gone without shutdown(): stop the tasks and the packet thread; they own
+        // the TUN and socket.
         for task in lock(&self.tasks).drain(..) {
             task.abort();
+        }
+        if let Some(packets) = lock(&self.packets).take() {
+            packets.signal_stop();
         }
     }
 }
@@ -175,13 +221,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Tunnel {
-    /// Binds the UDP socket, creates the TUN device (name, address/prefix, MTU, up) and spawns
-    /// the reader and timer tasks. Must be called inside a tokio runtime.
+    /// Binds the UDP socket, creates the TUN device (name, address/prefix, MTU, up), starts the
+    /// packet thread and spawns the handshake and timer tasks. Must be called inside a tokio
+    /// runtime.
     pub async fn start(cfg: TunnelConfig) -> Result<Tunnel, TunnelError> {
         cfg.validate()?;
 
-        let udp = UdpSocket::bind(cfg.listen)
-            .await
+        let udp = UdpSocket::bind(cfg.listen).map_err(|source| udp_error(cfg.listen, source))?;
+        udp.set_nonblocking(true)
             .map_err(|source| udp_error(cfg.listen, source))?;
         let local_addr = udp.local_addr().map_err(|source| udp_error(cfg.listen, source))?;
 
@@ -190,7 +237,8 @@ impl Tunnel {
             .mtu(cfg.mtu)
             .ipv4(cfg.address, cfg.prefix_len, None)
             .enable(true)
-            .build_async()
+            .build_sync()
+            .and_then(|tun| tun.set_nonblocking(true).map(|()| tun))
             .map_err(|source| TunnelError::TunCreate {
                 name: cfg.tun_name.clone(),
                 source,
@@ -199,30 +247,23 @@ impl Tunnel {
 
         let router = Router::new(cfg.private_key);
         let router = Arc::new(Mutex::new(router));
-        let tun = Arc::new(tun);
         let udp = Arc::new(udp);
         let is_v6_socket = local_addr.is_ipv6();
         let udp_weak = Arc::downgrade(&udp);
 
         let (initiations_tx, initiations_rx) = tokio::sync::mpsc::channel::<QueuedInitiation>(HANDSHAKE_QUEUE);
         let initiations_rx = Arc::new(tokio::sync::Mutex::new(initiations_rx));
-        let mut tasks = vec![
-            tokio::spawn(tun_task(
-                Arc::clone(&router),
-                Arc::clone(&tun),
-                Arc::clone(&udp),
-                is_v6_socket,
-            )),
-            tokio::spawn(udp_task(
-                Arc::clone(&router),
-                Arc::clone(&tun),
-                Arc::clone(&udp),
-                is_v6_socket,
-                initiations_tx,
-            )),
-        ];
+        let packets = PacketPath {
+            router: Arc::clone(&router),
+            tun,
+            udp: Arc::clone(&udp),
+            is_v6: is_v6_socket,
+            initiations: initiations_tx,
+        }
+        .spawn(&name)?;
+        let mut tasks = Vec::new();
         // As many as the runtime has worker threads: a current-thread runtime (or one worker)
-        // answers handshakes one at a time, as before.
+        // answers handshakes one at a time.
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
         for _ in 0..workers.clamp(1, MAX_HANDSHAKE_TASKS) {
             tasks.push(tokio::spawn(handshake_task(
@@ -234,7 +275,6 @@ impl Tunnel {
         }
         tasks.push(tokio::spawn(timer_task(
             Arc::clone(&router),
-            tun,
             Arc::clone(&udp),
             is_v6_socket,
         )));
@@ -255,6 +295,7 @@ impl Tunnel {
                 udp: udp_weak,
                 is_v6_socket,
                 tasks: Mutex::new(tasks),
+                packets: Mutex::new(Some(packets)),
             }),
         })
     }
@@ -340,19 +381,14 @@ impl Tunnel {
         let Some(udp) = self.inner.udp.upgrade() else {
             return Ok(());
         };
-        for action in actions {
-            if let Action::SendDatagram { to, data } = action
-                && let Err(e) = udp.send_to(&data, for_socket(to, self.inner.is_v6_socket)).await
-            {
-                // The handshake is retried by the timer task.
-                tracing::debug!(%to, error = %e, "WireGuard UDP send failed");
-            }
-        }
+        // A handshake lost here is retried by the timer task.
+        send_datagrams(&mut actions, &udp, self.inner.is_v6_socket);
         Ok(())
     }
 
-    /// Stops the tasks and waits for them; this closes the TUN (the interface disappears) and
-    /// the UDP socket. Other clones of this handle stay valid but no longer move packets.
+    /// Stops the packet thread and the tasks and waits for them; this closes the TUN (the
+    /// interface disappears) and the UDP socket. Other clones of this handle stay valid but no
+    /// longer move packets.
     pub async fn shutdown(self) {
         let tasks: Vec<JoinHandle<()>> = lock(&self.inner.tasks).drain(..).collect();
         for task in &tasks {
@@ -361,6 +397,14 @@ impl Tunnel {
         for task in tasks {
             // Cancelled is the expected outcome; a panic has already been reported.
             let _ = task.await;
+        }
+        let packets = lock(&self.inner.packets).take();
+        if let Some(packets) = packets {
+            packets.signal_stop();
+            let thread = packets.thread;
+            if let Ok(Err(_)) = tokio::task::spawn_blocking(move || thread.join()).await {
+                tracing::error!(tun = %self.inner.name, "the WireGuard packet thread had panicked");
+            }
         }
         tracing::info!(tun = %self.inner.name, "WireGuard tunnel shut down");
     }
@@ -394,107 +438,172 @@ fn for_socket(addr: SocketAddr, is_v6_socket: bool) -> SocketAddr {
     }
 }
 
-async fn perform(actions: &mut Vec<Action>, tun: &AsyncDevice, udp: &UdpSocket, is_v6: bool) {
+/// Sends the datagrams among `actions` (and drains them) without waiting: a full socket buffer
+/// drops the datagram. For the tokio side, which only sends handshake messages and keepalives,
+/// all of them retried by the timers.
+fn send_datagrams(actions: &mut Vec<Action>, udp: &UdpSocket, is_v6: bool) {
     for action in actions.drain(..) {
         match action {
-            Action::SendDatagram { to, data } => {
-                if let Err(e) = udp.send_to(&data, for_socket(to, is_v6)).await {
-                    tracing::debug!(%to, error = %e, "WireGuard UDP send failed");
-                }
-            }
-            Action::WriteTun(packet) => {
-                if let Err(e) = tun.send(&packet).await {
-                    tracing::debug!(error = %e, "TUN write failed");
-                }
-            }
+            Action::SendDatagram { to, data } => send_datagram(udp, to, &data, is_v6, false),
+            // Handshakes and timers never decrypt anything for the TUN.
+            Action::WriteTun(_) => tracing::debug!("unexpected TUN packet from a handshake or timer; dropped"),
         }
     }
 }
 
-async fn tun_task(router: Arc<Mutex<Router>>, tun: Arc<AsyncDevice>, udp: Arc<UdpSocket>, is_v6: bool) {
-    let mut buf = vec![0u8; MAX_IP_PACKET];
-    let mut actions = Vec::new();
-    loop {
-        match tun.recv(&mut buf).await {
-            Ok(0) => {}
-            Ok(n) => {
-                lock(&router).handle_tun_packet(&buf[..n], &mut actions);
-                perform(&mut actions, &tun, &udp, is_v6).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "TUN read failed");
-                tokio::time::sleep(ERROR_BACKOFF).await;
-            }
+/// Sends one datagram on the non-blocking socket. With `wait`, a full socket buffer is waited on
+/// once, for at most [`SEND_WAIT_MS`]; otherwise (or still full) the datagram is dropped.
+fn send_datagram(udp: &UdpSocket, to: SocketAddr, data: &[u8], is_v6: bool, wait: bool) {
+    let dst = for_socket(to, is_v6);
+    let result = match udp.send_to(data, dst) {
+        Err(e) if wait && e.kind() == io::ErrorKind::WouldBlock => {
+            let mut fds = [PollFd::new(udp.as_fd(), PollFlags::POLLOUT)];
+            let _ = poll(&mut fds, PollTimeout::from(SEND_WAIT_MS));
+            udp.send_to(data, dst)
         }
+        other => other,
+    };
+    if let Err(e) = result {
+        tracing::debug!(%to, error = %e, "WireGuard UDP send failed; datagram dropped");
     }
 }
 
-async fn udp_task(
+/// What the packet thread owns: the data path of [`Tunnel`] (see the module docs).
+struct PacketPath {
     router: Arc<Mutex<Router>>,
-    tun: Arc<AsyncDevice>,
+    tun: SyncDevice,
     udp: Arc<UdpSocket>,
     is_v6: bool,
     initiations: tokio::sync::mpsc::Sender<QueuedInitiation>,
-) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut tun_buf = Vec::new();
-    let mut actions = Vec::new();
-    loop {
-        match udp.recv_from(&mut buf).await {
-            Ok((n, src)) if is_handshake_initiation(&buf[..n]) => {
-                if initiations.try_send((canonical(src), buf[..n].to_vec())).is_err() {
-                    tracing::debug!(%src, "WireGuard handshake queue full; initiation dropped (the peer retries)");
-                }
+}
+
+impl PacketPath {
+    /// Starts the packet thread, named `wg-<tun name>` (as `top -H` shows it).
+    fn spawn(self, tun_name: &str) -> Result<PacketThread, TunnelError> {
+        let setup = |what: &'static str| {
+            move |e: Errno| TunnelError::PacketThread {
+                what,
+                source: io::Error::from(e),
             }
-            Ok((n, src)) => {
-                lock(&router).handle_datagram(canonical(src), &buf[..n], &mut actions);
-                let wrote_tun = actions.iter().any(|a| matches!(a, Action::WriteTun(_)));
-                perform(&mut actions, &tun, &udp, is_v6).await;
-                if wrote_tun {
-                    answer_inline(&router, &tun, &udp, is_v6, &mut tun_buf, &mut actions).await;
+        };
+        let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(setup("eventfd"))?;
+        let stop = Arc::new(stop);
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(setup("epoll"))?;
+        for (fd, token) in [
+            (stop.as_fd(), TOKEN_STOP),
+            (self.udp.as_fd(), TOKEN_UDP),
+            (self.tun.as_fd(), TOKEN_TUN),
+        ] {
+            epoll
+                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
+                .map_err(setup("epoll_ctl"))?;
+        }
+        let name: String = format!("wg-{tun_name}").chars().take(15).collect();
+        // The thread keeps the eventfd open: closing it would take it out of the epoll set
+        // together with a stop signal written just before.
+        let stop_open = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                self.run(&epoll);
+                drop(stop_open);
+            })
+            .map_err(|source| TunnelError::PacketThread { what: "thread", source })?;
+        Ok(PacketThread { stop, thread })
+    }
+
+    fn run(self, epoll: &Epoll) {
+        let mut events = [EpollEvent::empty(); 3];
+        let mut udp_buf = vec![0u8; MAX_DATAGRAM];
+        let mut tun_buf = vec![0u8; MAX_IP_PACKET];
+        let mut actions = Vec::new();
+        loop {
+            let ready = match epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "WireGuard packet thread: epoll_wait failed; retrying");
+                    std::thread::sleep(ERROR_BACKOFF);
+                    continue;
                 }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "WireGuard UDP receive failed");
-                tokio::time::sleep(ERROR_BACKOFF).await;
+            };
+            for event in &events[..ready] {
+                match event.data() {
+                    TOKEN_UDP => self.network_readable(&mut udp_buf, &mut tun_buf, &mut actions),
+                    TOKEN_TUN => self.tun_readable(&mut tun_buf, BATCH, &mut actions),
+                    _ => return,
+                }
             }
         }
     }
-}
 
-/// Most packets [`answer_inline`] takes from the TUN in one go (the TUN task reads the rest).
-const INLINE_ANSWERS: usize = 8;
-
-/// Right after the UDP task wrote packets to the TUN, reads what the kernel already queued in
-/// reply (an echo reply, a TCP ACK: generated while the write ran) and sends it at once, instead
-/// of leaving it to the TUN task, which only sees it after the next turn of the reactor. Reads
-/// behind tokio's back are fine: the TUN task then finds the queue empty.
-async fn answer_inline(
-    router: &Mutex<Router>,
-    tun: &AsyncDevice,
-    udp: &UdpSocket,
-    is_v6: bool,
-    buf: &mut Vec<u8>,
-    actions: &mut Vec<Action>,
-) {
-    if buf.is_empty() {
-        buf.resize(MAX_IP_PACKET, 0);
-    }
-    for _ in 0..INLINE_ANSWERS {
-        // The device is non-blocking: an empty queue is EAGAIN.
-        match nix::unistd::read(tun.as_fd(), buf) {
-            Ok(n) if n > 0 => {
-                lock(router).handle_tun_packet(&buf[..n], actions);
-                perform(actions, tun, udp, is_v6).await;
+    /// Datagrams from the network: decrypted into the TUN, or handshake work.
+    fn network_readable(&self, buf: &mut [u8], tun_buf: &mut [u8], actions: &mut Vec<Action>) {
+        for _ in 0..BATCH {
+            match self.udp.recv_from(buf) {
+                Ok((n, src)) if is_handshake_initiation(&buf[..n]) => {
+                    if self.initiations.try_send((canonical(src), buf[..n].to_vec())).is_err() {
+                        tracing::debug!(%src, "WireGuard handshake queue full; initiation dropped (the peer retries)");
+                    }
+                }
+                Ok((n, src)) => {
+                    lock(&self.router).handle_datagram(canonical(src), &buf[..n], actions);
+                    let wrote_tun = actions.iter().any(|a| matches!(a, Action::WriteTun(_)));
+                    self.perform(actions);
+                    if wrote_tun {
+                        // Replies the kernel generated while the write ran (an echo reply, a TCP
+                        // ACK) go out now rather than after another epoll turn.
+                        self.tun_readable(tun_buf, INLINE_ANSWERS, actions);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "WireGuard UDP receive failed");
+                    std::thread::sleep(ERROR_BACKOFF);
+                    return;
+                }
             }
-            _ => return,
+        }
+    }
+
+    /// Up to `limit` packets from the TUN, encrypted to their peers.
+    fn tun_readable(&self, buf: &mut [u8], limit: usize, actions: &mut Vec<Action>) {
+        for _ in 0..limit {
+            match self.tun.recv(buf) {
+                Ok(0) => {}
+                Ok(n) => {
+                    lock(&self.router).handle_tun_packet(&buf[..n], actions);
+                    self.perform(actions);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "TUN read failed");
+                    std::thread::sleep(ERROR_BACKOFF);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn perform(&self, actions: &mut Vec<Action>) {
+        for action in actions.drain(..) {
+            match action {
+                Action::SendDatagram { to, data } => send_datagram(&self.udp, to, &data, self.is_v6, true),
+                Action::WriteTun(packet) => {
+                    if let Err(e) = self.tun.send(&packet) {
+                        tracing::debug!(error = %e, "TUN write failed; packet dropped");
+                    }
+                }
+            }
         }
     }
 }
 
 /// Answers queued handshake initiations; see the module docs. The Diffie-Hellman work of
 /// [`Initiation::answer`] (about 0.1 ms) runs on this task without the router lock, so other
-/// handshake tasks and the UDP task proceed meanwhile.
+/// handshake tasks and the packet thread proceed meanwhile.
 async fn handshake_task(
     router: Arc<Mutex<Router>>,
     initiations: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<QueuedInitiation>>>,
@@ -512,25 +621,18 @@ async fn handshake_task(
             let answered = initiation.answer(&mut buf);
             lock(&router).finish_initiation(answered, &mut actions);
         }
-        // Answering a handshake only ever sends datagrams (nothing is decrypted for the TUN).
-        for action in actions.drain(..) {
-            if let Action::SendDatagram { to, data } = action
-                && let Err(e) = udp.send_to(&data, for_socket(to, is_v6)).await
-            {
-                tracing::debug!(%to, error = %e, "WireGuard UDP send failed");
-            }
-        }
+        send_datagrams(&mut actions, &udp, is_v6);
     }
 }
 
-async fn timer_task(router: Arc<Mutex<Router>>, tun: Arc<AsyncDevice>, udp: Arc<UdpSocket>, is_v6: bool) {
+async fn timer_task(router: Arc<Mutex<Router>>, udp: Arc<UdpSocket>, is_v6: bool) {
     let mut interval = tokio::time::interval(TICK_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut actions = Vec::new();
     loop {
         interval.tick().await;
         lock(&router).tick(&mut actions);
-        perform(&mut actions, &tun, &udp, is_v6).await;
+        send_datagrams(&mut actions, &udp, is_v6);
     }
 }
 

@@ -27,6 +27,18 @@ pub enum TunnelError {
         source: io::Error,
     },
 
+    /// The packet thread could not be set up (its epoll, its stop eventfd or the thread).
+    #[error(
+        "cannot start the WireGuard packet thread ({what}): {source}; the host is out of a \
+         per-process resource (open files or threads): check `ulimit -n` and the service's \
+         LimitNOFILE and TasksMax"
+    )]
+    PacketThread {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
     /// The UDP socket could not be set up for another reason than the port being in use.
     #[error(
         "cannot set up WireGuard UDP socket on {addr}: {source}; check that the address is \
