@@ -1,8 +1,8 @@
 //! Section `wg-peers`: WireGuard peer scale at the coordinator (issue 12, item 2).
 //!
 //! The coordinator side is the production I/O shell, [`tunnel::Tunnel`] (TUN device + one UDP
-//! socket + the sans-IO `Router` behind a mutex), started on its own tokio runtime whose threads
-//! are named `wg-coord` inside a fresh network namespace. The generator side is N in-process
+//! socket + the sans-IO `Router` behind a mutex), started on its own tokio runtime inside a
+//! fresh network namespace; its threads and the tunnel's packet thread are named `wg-nbwg0`. The generator side is N in-process
 //! boringtun `Tunn`s (one per simulated agent, keepalive 25 s like the agent) behind one UDP
 //! socket on the namespace's loopback, driven from the calling thread.
 //!
@@ -22,7 +22,7 @@
 //!    it can (the generator only sends and counts), with the rate limit lifted, on a runtime with
 //!    one worker thread and on one with a worker per core: how many handshakes per second the
 //!    coordinator answers and how many cores it uses (a second tunnel with the same key and peers
-//!    in the same namespace, threads `wg-cap`);
+//!    in the same namespace, threads `wg-nbwgc<workers>`);
 //! 6. where a handshake's CPU goes: the three steps of answering an initiation
 //!    (`Router::accept_initiation` under the router lock, `Initiation::answer` without it,
 //!    `Router::finish_initiation` under it again) timed with the thread's CPU clock on a plain

@@ -16,20 +16,20 @@
 //!   [`Action`]s. No sockets, no TUN, no clock of its own beyond what boringtun reads: it is
 //!   tested entirely in memory.
 //! - [`device`]: the I/O shell ([`Tunnel`]): creates the TUN device (address, prefix, MTU, up),
-//!   binds the UDP socket and runs the tokio tasks that feed the `Router` (kept behind a
-//!   `std::sync::Mutex` that is never held across `.await`): TUN reader, UDP reader, timer, and
-//!   one handshake task per runtime worker that answers initiations with most of the Diffie-Hellman work
-//!   outside the router lock ([`Initiation`]).
+//!   binds the UDP socket and feeds the `Router` (kept behind a `std::sync::Mutex` that is never
+//!   held across I/O or `.await`) from one packet thread (the data path, blocking in `epoll_wait`),
+//!   one tokio handshake task per runtime worker that answers initiations with most of the
+//!   Diffie-Hellman work outside the router lock ([`Initiation`]), and a tokio timer task.
 //! - [`error`]: [`TunnelError`], one variant per cause, each message saying what to do.
 //!
 //! # Data path
 //!
 //! ```text
-//!  kernel ──IP packet──▶ TUN ──read task──▶ Router::handle_tun_packet ──SendDatagram──▶ UDP send_to
-//!  network ──datagram──▶ UDP ──recv task──▶ Router::handle_datagram ──WriteTun──▶ TUN write ──▶ kernel
-//!                                           Router::handle_datagram ──SendDatagram──▶ UDP (handshake
-//!                                                                     responses, cookies, queued data)
-//!  handshake initiations ──recv task──▶ queue ──handshake tasks (one per worker thread)──▶
+//!  kernel ──IP packet──▶ TUN ──packet thread──▶ Router::handle_tun_packet ──SendDatagram──▶ UDP send_to
+//!  network ──datagram──▶ UDP ──packet thread──▶ Router::handle_datagram ──WriteTun──▶ TUN write ──▶ kernel
+//!                                             Router::handle_datagram ──SendDatagram──▶ UDP (handshake
+//!                                                                       responses, cookies, queued data)
+//!  handshake initiations ──packet thread──▶ queue ──handshake tasks (one per worker thread)──▶
 //!      Router::accept_initiation ─▶ Initiation::answer (no router lock) ─▶ Router::finish_initiation ─▶ UDP
 //!  timer task, every 250 ms (TICK_INTERVAL) ──▶ Router::tick ──▶ keepalives, handshake retries
 //! ```
