@@ -11,6 +11,7 @@
 
 mod agent_footprint;
 mod coordinator_scale;
+mod cpu;
 mod enrollment;
 mod neigh;
 mod report;

@@ -27,6 +27,7 @@ use anyhow::{Context, bail};
 use base64::Engine;
 use e2e::{Netns, Process, run_with_timeout};
 
+use crate::cpu::{own_threads_cpu_ns, threads_cpu_ns};
 use crate::report::Table;
 
 /// Underlay (veth) addresses.
@@ -177,9 +178,7 @@ impl Running {
     fn cpu_ns(&self) -> u64 {
         match self {
             Running::Userspace(ends) => process_cpu_ns(ends.0.process.pid()) + process_cpu_ns(ends.1.process.pid()),
-            Running::Ours(..) => {
-                threads_cpu_ns(std::process::id(), OUR_THREADS) + threads_cpu_ns(std::process::id(), OUR_PACKET_THREADS)
-            }
+            Running::Ours(..) => own_threads_cpu_ns(OUR_THREADS) + own_threads_cpu_ns(OUR_PACKET_THREADS),
         }
     }
 
@@ -717,24 +716,6 @@ impl OurEndpoint {
 /// CPU time (ns) of every thread of process `pid` (`/proc/PID/task/*/schedstat`); 0 if it is gone.
 fn process_cpu_ns(pid: u32) -> u64 {
     threads_cpu_ns(pid, "")
-}
-
-/// CPU time (ns) of the threads of `pid` whose name starts with `prefix`.
-fn threads_cpu_ns(pid: u32, prefix: &str) -> u64 {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    dir.flatten()
-        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim_end().starts_with(prefix)))
-        .filter_map(|e| {
-            std::fs::read_to_string(e.path().join("schedstat"))
-                .ok()?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
 }
 
 /// `program` on PATH or in ~/.cargo/bin.

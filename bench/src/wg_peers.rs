@@ -41,6 +41,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use e2e::Netns;
 use tunnel::{PeerConfig, PublicKey, Router, StaticSecret, Tunnel, TunnelConfig};
 
+use crate::cpu::own_threads_cpu_ns;
 use crate::report::Table;
 
 /// Persistent keepalive of an agent toward the coordinator (seconds).
@@ -560,11 +561,11 @@ fn capacity(
         tun.set_handshake_rate_limit(Some(u64::MAX));
         let inits = generator.preform();
         let drops0 = udp_rcvbuf_errors(ns);
-        let c0 = threads_cpu_ns(&format!("{CAPACITY_THREAD}{workers}"));
+        let c0 = own_threads_cpu_ns(&format!("{CAPACITY_THREAD}{workers}"));
         let g0 = this_thread_cpu_ns();
         let (sent, answered, cookies, busy) = generator.blast(tun.local_udp_addr(), &inits, time)?;
         let secs = busy.as_secs_f64().max(1e-3);
-        let c1 = threads_cpu_ns(&format!("{CAPACITY_THREAD}{workers}"));
+        let c1 = own_threads_cpu_ns(&format!("{CAPACITY_THREAD}{workers}"));
         let g1 = this_thread_cpu_ns();
         // Late answers must not reach the generator's sessions with the main tunnel.
         generator.discard(Duration::from_millis(300))?;
@@ -644,24 +645,6 @@ fn udp_rcvbuf_errors(ns: &Netns) -> u64 {
         .unwrap_or(0)
 }
 
-/// Nanoseconds on CPU of this process's threads whose name starts with `prefix`.
-fn threads_cpu_ns(prefix: &str) -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    dir.flatten()
-        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim_end().starts_with(prefix)))
-        .filter_map(|e| {
-            std::fs::read_to_string(e.path().join("schedstat"))
-                .ok()?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
-
 /// CPU nanoseconds of the calling thread.
 fn this_thread_cpu_ns() -> u64 {
     std::fs::read_to_string("/proc/thread-self/schedstat")
@@ -672,13 +655,13 @@ fn this_thread_cpu_ns() -> u64 {
 
 /// Coordinator CPU (in cores) while `work` is called repeatedly for `window`.
 fn coord_cpu_over(window: Duration, mut work: impl FnMut() -> Result<()>) -> Result<f64> {
-    let c0 = threads_cpu_ns(COORD_THREAD);
+    let c0 = own_threads_cpu_ns(COORD_THREAD);
     let start = Instant::now();
     while start.elapsed() < window {
         work()?;
         std::thread::sleep(Duration::from_millis(5));
     }
-    let c1 = threads_cpu_ns(COORD_THREAD);
+    let c1 = own_threads_cpu_ns(COORD_THREAD);
     Ok((c1.saturating_sub(c0)) as f64 / 1e9 / start.elapsed().as_secs_f64())
 }
 
@@ -866,7 +849,7 @@ impl Generator {
 
     fn run_level(&mut self, rate: Option<f64>, time: Duration) -> Result<LevelResult> {
         let (done0, cookies0, lost0) = (self.handshakes_completed, self.cookies, self.lost);
-        let c0 = threads_cpu_ns(COORD_THREAD);
+        let c0 = own_threads_cpu_ns(COORD_THREAD);
         let g0 = this_thread_cpu_ns();
         let start = Instant::now();
         let mut issued = 0u64;
@@ -892,7 +875,7 @@ impl Generator {
             }
         }
         let elapsed = start.elapsed().as_secs_f64();
-        let c1 = threads_cpu_ns(COORD_THREAD);
+        let c1 = own_threads_cpu_ns(COORD_THREAD);
         let g1 = this_thread_cpu_ns();
         Ok(LevelResult {
             rate: (self.handshakes_completed - done0) as f64 / elapsed,
@@ -1029,7 +1012,7 @@ impl Generator {
     fn keepalive_phase(&mut self, window: Duration) -> Result<f64> {
         let n = self.peers.len();
         let rate = n as f64 / KEEPALIVE_SECS as f64;
-        let c0 = threads_cpu_ns(COORD_THREAD);
+        let c0 = own_threads_cpu_ns(COORD_THREAD);
         let start = Instant::now();
         let mut sent = 0u64;
         while start.elapsed() < window {
@@ -1048,7 +1031,7 @@ impl Generator {
             self.pump(false)?;
             std::thread::sleep(Duration::from_millis(2));
         }
-        let c1 = threads_cpu_ns(COORD_THREAD);
+        let c1 = own_threads_cpu_ns(COORD_THREAD);
         Ok((c1.saturating_sub(c0)) as f64 / 1e9 / start.elapsed().as_secs_f64())
     }
 }

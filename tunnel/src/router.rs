@@ -382,6 +382,19 @@ impl Peer {
         }
     }
 
+    /// Moves the endpoint to where an authenticated message came from (WireGuard roaming).
+    fn roam_to(&mut self, src: SocketAddr) {
+        if self.endpoint != Some(src) {
+            tracing::debug!(
+                peer = %public_key_to_base64(&self.public_key),
+                from = ?self.endpoint,
+                to = %src,
+                "WireGuard peer endpoint updated"
+            );
+            self.endpoint = Some(src);
+        }
+    }
+
     fn session(&self, which: Which) -> Option<&Session> {
         match which {
             Which::Main => Some(&self.main),
@@ -1074,14 +1087,8 @@ impl Router {
             deliver(peer, table, counters, &data, from, out);
         }
 
-        if authenticated && peer.endpoint != Some(src) {
-            tracing::debug!(
-                peer = %public_key_to_base64(&peer.public_key),
-                from = ?peer.endpoint,
-                to = %src,
-                "WireGuard peer endpoint updated"
-            );
-            peer.endpoint = Some(src);
+        if authenticated {
+            peer.roam_to(src);
         }
 
         let mut which = which;
@@ -1151,15 +1158,7 @@ impl Router {
         match result {
             Ok(packets) => {
                 out.extend(packets.into_iter().map(|data| Action::SendDatagram { to: src, data }));
-                if peer.endpoint != Some(src) {
-                    tracing::debug!(
-                        peer = %public_key_to_base64(&peer.public_key),
-                        from = ?peer.endpoint,
-                        to = %src,
-                        "WireGuard peer endpoint updated"
-                    );
-                    peer.endpoint = Some(src);
-                }
+                peer.roam_to(src);
             }
             Err(e) => {
                 self.counters.rejected += 1;

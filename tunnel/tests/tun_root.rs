@@ -222,9 +222,19 @@ async fn tunnel_on_a_real_tun_device() {
     assert!(a.stats().is_empty());
     assert!(a.peer_stats(&peer_key).is_none());
 
-    // Shutdown removes the interfaces; dropping the last handle does too.
+    // Each tunnel moves its packets on a thread named after its TUN.
+    assert_eq!(thread_count(&format!("wg-{NAME_A}")), 1);
+    assert_eq!(thread_count(&format!("wg-{NAME_B}")), 1);
+
+    // Shutdown removes the interface and has stopped the packet thread when it returns;
+    // dropping the last handle removes the interface and stops the thread too.
     let a_clone = a.clone();
     a.shutdown().await;
+    assert_eq!(
+        thread_count(&format!("wg-{NAME_A}")),
+        0,
+        "shutdown waits for the packet thread"
+    );
     wait_until("nt-test-a disappears after shutdown", || !link_exists(NAME_A)).await;
     drop(a_clone);
     drop(b);
@@ -232,4 +242,18 @@ async fn tunnel_on_a_real_tun_device() {
         !link_exists(NAME_B)
     })
     .await;
+    wait_until(
+        "the packet thread of nt-test-b ends after the last handle is dropped",
+        || thread_count(&format!("wg-{NAME_B}")) == 0,
+    )
+    .await;
+}
+
+/// Threads of this process named `name` (`/proc/self/task/*/comm`).
+fn thread_count(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
+        .count()
 }
