@@ -190,12 +190,15 @@ fn one_size(n: usize, measure: Duration) -> anyhow::Result<Vec<String>> {
     let mut child = Command::new(exe)
         .args(["--only", "coordinator-scale"])
         .env(SIM_ENV, &plan_path)
-        .stdin(Stdio::null())
+        // Closed by this side once it has read the coordinator's session count after SIM-DONE: the
+        // simulator keeps its streams open until then.
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .context("starting the agent simulator process")?;
     let child_pid = child.id();
+    let mut hold_streams = child.stdin.take();
     let stdout = child.stdout.take().context("simulator stdout")?;
     let mut ready: Option<(Instant, Duration, f64)> = None;
     let mut done: Option<(Instant, Duration, u64, usize, serde_json::Value)> = None;
@@ -228,6 +231,8 @@ fn one_size(n: usize, measure: Duration) -> anyhow::Result<Vec<String>> {
                 ctx.sessions.connected_count(),
                 v,
             ));
+            // Counted: the simulator may close its streams now.
+            drop(hold_streams.take());
         }
     }
     if done.is_none() {
@@ -385,6 +390,10 @@ fn simulate(plan_path: &str) -> anyhow::Result<()> {
         });
         println!("SIM-DONE {result}");
         let _ = std::io::stdout().flush();
+        // Streams stay open until the coordinator side has counted its sessions and closed our
+        // stdin (bounded, should it never do so).
+        let held = tokio::task::spawn_blocking(|| std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new()));
+        let _ = tokio::time::timeout(Duration::from_secs(30), held).await;
         joins.abort_all();
         anyhow::Ok(())
     })?;
