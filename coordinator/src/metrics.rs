@@ -486,12 +486,14 @@ pub fn render(m: &Metrics, s: &Snapshot) -> String {
         ("no_endpoint", t.no_endpoint),
         ("malformed", t.malformed),
         ("rejected", t.rejected),
+        ("handshake_queue_full", t.handshake_queue_full),
     ] {
         drops.get_or_create(&ReasonLabel { reason }).inc_by(n);
     }
     r.register(
         "wireguard_dropped_packets",
-        "Packets the tunnel dropped, by reason (spoofed_source: a peer sent from an address not its own)",
+        "Packets the tunnel dropped, by reason (spoofed_source: a peer sent from an address not its own; \
+         handshake_queue_full: initiations arrived faster than the cores answer them)",
         drops,
     );
     r.register(
@@ -911,6 +913,7 @@ mod tests {
             wireguard_peers: 3,
             tunnel: tunnel::RouterCounters {
                 spoofed_source: 7,
+                handshake_queue_full: 2,
                 ..Default::default()
             },
             handshakes: 4,
@@ -971,6 +974,7 @@ mod tests {
             "nimbus_nodes{state=\"revoked\"} 1",
             "nimbus_nodes{state=\"pending\"} 2",
             "nimbus_wireguard_dropped_packets_total{reason=\"spoofed_source\"} 7",
+            "nimbus_wireguard_dropped_packets_total{reason=\"handshake_queue_full\"} 2",
             "# HELP nimbus_wireguard_peers",
             "nimbus_wireguard_handshakes_total 4",
             "nimbus_wireguard_peer_rx_bytes_total{node=\"db-1\"} 1000",

@@ -543,6 +543,7 @@ impl PacketPath {
             match self.udp.recv_from(buf) {
                 Ok((n, src)) if is_handshake_initiation(&buf[..n]) => {
                     if self.initiations.try_send((canonical(src), buf[..n].to_vec())).is_err() {
+                        lock(&self.router).count_initiation_dropped();
                         tracing::debug!(%src, "WireGuard handshake queue full; initiation dropped (the peer retries)");
                     }
                 }

@@ -201,6 +201,10 @@ pub struct RouterCounters {
     pub rejected: u64,
     /// Cookie replies sent because handshakes arrived faster than the rate limit.
     pub cookies_sent: u64,
+    /// Handshake initiations the I/O layer dropped before the router saw them, because its queue
+    /// to the handshake workers was full (initiations arriving faster than the cores answer them;
+    /// the initiators retry after 5 s). See [`Router::count_initiation_dropped`].
+    pub handshake_queue_full: u64,
 }
 
 /// One of this router's static key pairs, with the two boringtun [`RateLimiter`]s bound to it
@@ -533,6 +537,12 @@ impl Router {
                 window_start: Instant::now(),
             },
         }
+    }
+
+    /// Counts a handshake initiation the I/O layer dropped because its handshake queue was full
+    /// ([`RouterCounters::handshake_queue_full`]).
+    pub fn count_initiation_dropped(&mut self) {
+        self.counters.handshake_queue_full += 1;
     }
 
     /// Handshake messages per second accepted before cookies are demanded: the value set with

@@ -488,6 +488,20 @@ fn handshake_flood_gets_cookie_replies() {
 }
 
 #[test]
+fn initiations_dropped_at_a_full_queue_are_counted() {
+    let mut r = Router::new(generate_secret());
+    assert_eq!(r.counters().handshake_queue_full, 0);
+    r.count_initiation_dropped();
+    r.count_initiation_dropped();
+    assert_eq!(r.counters().handshake_queue_full, 2);
+    assert_eq!(
+        r.counters().rejected,
+        0,
+        "a drop at the queue is not a rejected handshake"
+    );
+}
+
+#[test]
 fn the_default_limit_covers_the_rekeys_of_many_peers() {
     assert_eq!(handshake_rate_limit(0), HANDSHAKE_RATE_LIMIT);
     assert_eq!(handshake_rate_limit(1_000), HANDSHAKE_RATE_LIMIT);
