@@ -11,7 +11,7 @@
 //! with its own data dir, admin socket and addresses and the same extra arguments. Replica 1 is the fleet's
 //! coordinator: every `*_on(n, ...)` / `replica*(n)` helper accepts `n = 1` and then means it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
@@ -70,6 +70,62 @@ pub fn replica_role(n: usize) -> String {
     } else {
         format!("{COORD_ROLE}-{n}")
     }
+}
+
+/// `nimbusctl -o json replicas` through replica `n`, as a message on error.
+pub fn replica_view(fleet: &Fleet, n: usize) -> std::result::Result<Vec<Value>, String> {
+    fleet
+        .try_replicas_on(n)
+        .map_err(|e| format!("replicas through {}: {e}", replica_role(n)))
+}
+
+/// The ids of the entries of a replica view marked leader.
+pub fn replica_leaders(view: &[Value]) -> Vec<String> {
+    view.iter()
+        .filter(|r| r["leader"] == true)
+        .map(|r| str_field(r, "id").to_string())
+        .collect()
+}
+
+/// The entry of a replica view for the replica that answered (`this`).
+pub fn replica_this(view: &[Value]) -> Option<&Value> {
+    view.iter().find(|r| r["this"] == true)
+}
+
+/// Replicas 1 and 2 both list both (same ids), each marks itself `this`, and all agree on exactly one
+/// leader. Returns (replica number → id, the leader's replica number), or what is not so yet.
+pub fn settled_replica_pair(fleet: &Fleet) -> std::result::Result<(BTreeMap<usize, String>, usize), String> {
+    let mut ids = BTreeMap::new();
+    let mut seen_leaders = BTreeSet::new();
+    let mut sets = Vec::new();
+    for n in [1, 2] {
+        let v = replica_view(fleet, n)?;
+        let me = replica_this(&v).ok_or_else(|| format!("{} marks no entry as `this`: {v:?}", replica_role(n)))?;
+        ids.insert(n, str_field(me, "id").to_string());
+        let l = replica_leaders(&v);
+        if l.len() != 1 {
+            return Err(format!("{} sees {} leaders ({l:?}): {v:?}", replica_role(n), l.len()));
+        }
+        seen_leaders.extend(l);
+        sets.push(
+            v.iter()
+                .map(|r| str_field(r, "id").to_string())
+                .collect::<BTreeSet<_>>(),
+        );
+    }
+    if sets.iter().any(|s| s.len() != 2) || sets[0] != sets[1] {
+        return Err(format!("the replicas do not both list the same two replicas: {sets:?}"));
+    }
+    if seen_leaders.len() != 1 {
+        return Err(format!("the replicas disagree on the leader: {seen_leaders:?}"));
+    }
+    let leader_id = seen_leaders.into_iter().next().unwrap_or_default();
+    let leader = ids
+        .iter()
+        .find(|(_, id)| **id == leader_id)
+        .map(|(n, _)| *n)
+        .ok_or_else(|| format!("the leader {leader_id} is neither replica: {ids:?}"))?;
+    Ok((ids, leader))
 }
 
 /// Whether `ip` is in the default overlay 100.96.0.0/16.

@@ -30,7 +30,10 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use e2e::etcd::Etcd;
-use e2e::fleet::{OVERLAY_COORDINATOR, agent_name, in_overlay, overlay_ip, replica_role, str_field};
+use e2e::fleet::{
+    OVERLAY_COORDINATOR, agent_name, in_overlay, overlay_ip, replica_role, replica_this as this, replica_view as view,
+    settled_replica_pair as settled_pair, str_field,
+};
 use e2e::scrape::{self, AGENT_METRICS};
 use e2e::{Attempt, Fleet, FleetOptions, patience, poll_until, require_root};
 
@@ -58,26 +61,7 @@ fn names(agents: &[usize]) -> Vec<String> {
     agents.iter().map(|i| agent_name(*i)).collect()
 }
 
-/// `nimbusctl -o json replicas` through replica `n`, as a message on error.
-fn view(fleet: &Fleet, n: usize) -> Result<Vec<Value>, String> {
-    fleet
-        .try_replicas_on(n)
-        .map_err(|e| format!("replicas through {}: {e}", replica_role(n)))
-}
-
-/// The ids of the entries marked leader.
-fn leaders(view: &[Value]) -> Vec<String> {
-    view.iter()
-        .filter(|r| r["leader"] == true)
-        .map(|r| str_field(r, "id").to_string())
-        .collect()
-}
-
-/// The entry of the replica that answered (`this`).
-fn this(view: &[Value]) -> Option<&Value> {
-    view.iter().find(|r| r["this"] == true)
-}
-
+/// The entry of replica `id` in a replica view.
 fn entry<'a>(view: &'a [Value], id: &str) -> Option<&'a Value> {
     view.iter().find(|r| str_field(r, "id") == id)
 }
@@ -107,42 +91,6 @@ fn all_connected(fleet: &Fleet, n: usize, names: &[String]) -> Result<(), String
     } else {
         Err(format!("through {}: {}", replica_role(n), waiting.join(", ")))
     }
-}
-
-/// Both replicas list both (same ids), each marks itself `this`, and all agree on exactly one leader.
-/// Returns (replica number → id, leader's replica number).
-fn settled_pair(fleet: &Fleet) -> Result<(BTreeMap<usize, String>, usize), String> {
-    let mut ids = BTreeMap::new();
-    let mut seen_leaders = BTreeSet::new();
-    let mut sets = Vec::new();
-    for n in [1, 2] {
-        let v = view(fleet, n)?;
-        let me = this(&v).ok_or_else(|| format!("{} marks no entry as `this`: {v:?}", replica_role(n)))?;
-        ids.insert(n, str_field(me, "id").to_string());
-        let l = leaders(&v);
-        if l.len() != 1 {
-            return Err(format!("{} sees {} leaders ({l:?}): {v:?}", replica_role(n), l.len()));
-        }
-        seen_leaders.extend(l);
-        sets.push(
-            v.iter()
-                .map(|r| str_field(r, "id").to_string())
-                .collect::<BTreeSet<_>>(),
-        );
-    }
-    if sets.iter().any(|s| s.len() != 2) || sets[0] != sets[1] {
-        return Err(format!("the replicas do not both list the same two replicas: {sets:?}"));
-    }
-    if seen_leaders.len() != 1 {
-        return Err(format!("the replicas disagree on the leader: {seen_leaders:?}"));
-    }
-    let leader_id = seen_leaders.into_iter().next().unwrap_or_default();
-    let leader = ids
-        .iter()
-        .find(|(_, id)| **id == leader_id)
-        .map(|(n, _)| *n)
-        .ok_or_else(|| format!("the leader {leader_id} is neither replica: {ids:?}"))?;
-    Ok((ids, leader))
 }
 
 /// The replica agent `i`'s fleet stream went to last, from its log (`fleet stream open ... replica=ID`). The

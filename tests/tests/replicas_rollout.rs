@@ -25,13 +25,16 @@
 //! Needs root, etcd-server and the daemon binaries (`cargo build --workspace --bins`).
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use e2e::etcd::Etcd;
-use e2e::fleet::{agent_name, replica_role, str_field};
+use e2e::fleet::{
+    agent_name, replica_leaders as leaders, replica_role, replica_this, replica_view as view,
+    settled_replica_pair as settled_pair, str_field,
+};
 use e2e::{Attempt, Fleet, FleetOptions, expect_success, poll_until, require_root};
 
 const AGENTS: usize = 4;
@@ -81,55 +84,9 @@ fn wait_for<T>(what: &str, timeout: Duration, poll: Duration, mut f: impl FnMut(
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// `nimbusctl -o json replicas` through replica `n`.
-fn view(fleet: &Fleet, n: usize) -> Result<Vec<Value>, String> {
-    fleet
-        .try_replicas_on(n)
-        .map_err(|e| format!("replicas through {}: {e}", replica_role(n)))
-}
-
-/// The ids of the entries marked leader.
-fn leaders(view: &[Value]) -> Vec<String> {
-    view.iter()
-        .filter(|r| r["leader"] == true)
-        .map(|r| str_field(r, "id").to_string())
-        .collect()
-}
-
 /// The id of the replica that answered (`this`).
 fn this_id(view: &[Value]) -> Option<String> {
-    view.iter()
-        .find(|r| r["this"] == true)
-        .map(|r| str_field(r, "id").to_string())
-}
-
-/// Both replicas list both and agree on one leader: (replica number → id, the leader's number).
-fn settled_pair(fleet: &Fleet) -> Result<(BTreeMap<usize, String>, usize), String> {
-    let mut ids = BTreeMap::new();
-    let mut seen = BTreeSet::new();
-    for n in [1, 2] {
-        let v = view(fleet, n)?;
-        let me = this_id(&v).ok_or_else(|| format!("{} marks no entry `this`: {v:?}", replica_role(n)))?;
-        ids.insert(n, me);
-        if v.len() != 2 {
-            return Err(format!("{} lists {} replicas: {v:?}", replica_role(n), v.len()));
-        }
-        let l = leaders(&v);
-        if l.len() != 1 {
-            return Err(format!("{} sees leaders {l:?}: {v:?}", replica_role(n)));
-        }
-        seen.extend(l);
-    }
-    if seen.len() != 1 {
-        return Err(format!("the replicas disagree on the leader: {seen:?}"));
-    }
-    let leader_id = seen.into_iter().next().unwrap_or_default();
-    let leader = ids
-        .iter()
-        .find(|(_, id)| **id == leader_id)
-        .map(|(n, _)| *n)
-        .ok_or_else(|| format!("the leader {leader_id} is neither replica: {ids:?}"))?;
-    Ok((ids, leader))
+    replica_this(view).map(|r| str_field(r, "id").to_string())
 }
 
 /// Each node's name → (agent version, state) as replica `n` lists them.
